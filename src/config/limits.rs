@@ -1,0 +1,91 @@
+//! Every bound Pilotfish enforces, with its default and the reason for it.
+//!
+//! Defaults are used when the config file is silent; hard maxima cap what a
+//! config may ask for, so a typo cannot turn a limit into "unbounded".
+//! Relations between limits are checked at compile time below.
+
+use std::time::Duration;
+
+/// Workers the config may ask for. One pinned thread per core; past a few
+/// hundred the per-worker listener sockets and pools cost more than they buy.
+pub const WORKERS_MAX: usize = 512;
+
+/// Concurrent client connections per worker before it stops accepting (the
+/// kernel backlog then queues, and past that refuses). Bounds fds and memory:
+/// each proxied pair holds two sockets and, with buffered copy, two buffers.
+pub const MAX_CONNECTIONS_PER_WORKER_DEFAULT: usize = 10_000;
+/// Hard cap on `max_connections_per_worker`: far above what one core serves,
+/// low enough that memory per worker stays bounded (2 × 64 KiB × 262k = 32 GiB
+/// is already absurd, so no more).
+pub const MAX_CONNECTIONS_PER_WORKER_MAX: usize = 262_144;
+
+/// An L4 pair with no bytes moving either way for this long is closed. Long
+/// enough for chatty keep-alive protocols, short enough that dead peers
+/// without TCP keepalive do not pin fds forever.
+pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(300);
+
+/// Upstream connect timeout. On loopback or in one cluster a healthy connect
+/// takes well under a millisecond; a second means the endpoint is gone.
+pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
+
+/// Time in-flight connections get to finish after SIGTERM before they are cut.
+/// Kept below systemd's default `TimeoutStopSec` (90 s) so we exit on our own.
+pub const DRAIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// Connect attempts per client connection (the first try plus retries, each
+/// to the next endpoint). Bounds the time a client waits to
+/// `attempts × connect_timeout`.
+pub const CONNECT_ATTEMPTS_DEFAULT: u32 = 3;
+/// A config may not ask for more: past this, the client has long given up.
+pub const CONNECT_ATTEMPTS_MAX: u32 = 16;
+
+/// Any configured duration must be at least this: a zero timeout would fire
+/// before the first byte could move.
+pub const DURATION_MIN: Duration = Duration::from_millis(1);
+/// And at most this (a day): longer "timeouts" are typos that pin resources.
+pub const DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// Bytes per read in the buffered copy path, one buffer per direction. 64 KiB
+/// matches the default pipe and socket buffer sizes, so one read drains what
+/// loopback TCP delivers at once (measured fastest in ../shared/NOTES.md).
+pub const COPY_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Bytes per splice(2) call in the splice copy path. A pipe holds 64 KiB by
+/// default; asking for more only returns short counts.
+pub const SPLICE_CHUNK_BYTES: u32 = 64 * 1024;
+
+/// Buffers a worker keeps for reuse after connections close. Buffers beyond
+/// this are freed, so a burst does not leave memory held forever.
+pub const COPY_BUFFER_POOL_MAX: usize = 1024;
+
+/// Endpoints per cluster. Round robin and health state are per endpoint, per
+/// worker; thousands of endpoints in one sidecar cluster is a config error.
+pub const ENDPOINTS_PER_CLUSTER_MAX: usize = 4096;
+
+/// Listeners and clusters per config: each listener is a socket per worker.
+pub const LISTENERS_MAX: usize = 256;
+/// See [`LISTENERS_MAX`].
+pub const CLUSTERS_MAX: usize = 1024;
+
+/// Config file size we are willing to parse; bounds start-up memory.
+pub const CONFIG_FILE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Pending control messages per worker mailbox. Control traffic is rare
+/// (drain, snapshots); a full mailbox means the worker is wedged, and the
+/// sender gets an error instead of queueing without bound.
+pub const MAILBOX_CAPACITY: usize = 64;
+
+/// How often a worker checks its mailbox. Control messages wait at most this
+/// long; an idle worker wakes this often (cheap: one try_recv).
+pub const MAILBOX_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Accept backlog per listener socket, per worker.
+pub const LISTEN_BACKLOG: i32 = 1024;
+
+/// Pause after an accept error such as EMFILE, so a worker out of fds does not
+/// spin; connections wait in the backlog meanwhile.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+const _: () = assert!(SPLICE_CHUNK_BYTES as usize <= COPY_BUFFER_BYTES);
+const _: () = assert!(MAX_CONNECTIONS_PER_WORKER_DEFAULT <= MAX_CONNECTIONS_PER_WORKER_MAX);
+const _: () = assert!(CONNECT_ATTEMPTS_DEFAULT <= CONNECT_ATTEMPTS_MAX);

@@ -1,0 +1,580 @@
+//! The config: TOML text in, a validated, immutable [`Config`] out.
+//!
+//! What must hold: unknown keys are errors; every error names the file, the
+//! line and the key; every limit has a default from [`limits`] and a hard
+//! maximum; cross-field rules (a listener's cluster exists, names and binds
+//! are unique, clusters have endpoints) are checked here so the rest of the
+//! proxy never sees an inconsistent config.
+
+pub mod duration;
+pub mod error;
+pub mod limits;
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+pub use error::ConfigError;
+
+use duration::HumanDuration;
+
+/// A validated config. Cheap to clone; workers each hold one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    /// Number of data-plane worker threads, one per core.
+    pub workers: usize,
+    /// Which I/O driver the workers run.
+    pub driver: DriverChoice,
+    /// Admin socket settings (served by the admin issue; accepted now).
+    pub admin: Admin,
+    /// Cap on concurrent client connections per worker.
+    pub max_connections_per_worker: usize,
+    /// Time in-flight connections get to finish after SIGTERM.
+    #[serde(with = "humantime_serde_compat")]
+    pub drain_timeout: Duration,
+    pub listeners: Vec<Listener>,
+    pub clusters: Vec<Cluster>,
+}
+
+/// Which I/O driver a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverChoice {
+    /// io_uring where the kernel allows it, else epoll. The environment
+    /// variable `MONOIO_FORCE_LEGACY_DRIVER=1` forces epoll.
+    Auto,
+    /// io_uring or fail to start.
+    IoUring,
+    /// The epoll ("legacy") driver.
+    Epoll,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Admin {
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub protocol: Protocol,
+    /// Index into [`Config::clusters`].
+    pub cluster: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    pub copy: CopyMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Tcp,
+    Http,
+}
+
+/// How an L4 listener moves plaintext bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMode {
+    /// read(2) into a pooled buffer, write(2) the same buffer. Measured
+    /// faster on these machines (bench: `pilotfish-bench l4`), so default.
+    Buffered,
+    /// splice(2) socket → pipe → socket; no user-space copy.
+    Splice,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub endpoints: Vec<SocketAddr>,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    pub connect_attempts: u32,
+}
+
+/// The file format. Kept separate from [`Config`] so that serde's view of
+/// the text (with spans for error messages) never leaks into the proxy.
+mod raw {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        pub workers: Option<Spanned<Workers>>,
+        pub drain_timeout: Option<HumanDuration>,
+        pub max_connections_per_worker: Option<Spanned<usize>>,
+        #[serde(default)]
+        pub runtime: Runtime,
+        #[serde(default)]
+        pub admin: Admin,
+        #[serde(default)]
+        pub listeners: Vec<Listener>,
+        #[serde(default)]
+        pub clusters: Vec<Cluster>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(untagged)]
+    pub enum Workers {
+        Count(usize),
+        Named(String),
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Runtime {
+        pub driver: Option<DriverChoice>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        pub socket: Option<PathBuf>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Listener {
+        pub name: Spanned<String>,
+        pub bind: Spanned<String>,
+        pub protocol: Spanned<Protocol>,
+        pub cluster: Option<Spanned<String>>,
+        pub idle_timeout: Option<HumanDuration>,
+        pub copy: Option<CopyMode>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Cluster {
+        pub name: Spanned<String>,
+        pub endpoints: Spanned<Vec<Spanned<String>>>,
+        pub connect_timeout: Option<HumanDuration>,
+        pub connect_attempts: Option<Spanned<u32>>,
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| ConfigError::whole_file(path, format!("cannot read: {e}")))?;
+        if meta.len() > limits::CONFIG_FILE_BYTES_MAX {
+            return Err(ConfigError::whole_file(
+                path,
+                format!(
+                    "file is {} bytes; the limit is {} bytes",
+                    meta.len(),
+                    limits::CONFIG_FILE_BYTES_MAX
+                ),
+            ));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::whole_file(path, format!("cannot read: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `file` is used in error messages.
+    pub fn parse(file: impl Into<PathBuf>, text: &str) -> Result<Config, ConfigError> {
+        let file = file.into();
+        let raw: raw::File = toml::from_str(text).map_err(|e| {
+            ConfigError::at(&file, text, e.span(), None, e.message().trim().to_string())
+        })?;
+        Validator { file, text }.validate(raw)
+    }
+
+    /// Number of workers `"auto"` means here: the CPUs this process may use.
+    pub fn available_cores() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// The cluster a listener forwards to.
+    pub fn cluster_of(&self, listener: &Listener) -> &Cluster {
+        &self.clusters[listener.cluster]
+    }
+
+    /// A short human summary, printed by `pilotfish check`.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "workers: {} (driver {:?}), max {} connections per worker, drain {}\n",
+            self.workers,
+            self.driver,
+            self.max_connections_per_worker,
+            humantime::format_duration(self.drain_timeout)
+        );
+        for l in &self.listeners {
+            let c = self.cluster_of(l);
+            out += &format!(
+                "listener {:?}: {} {:?} -> cluster {:?} (idle {}, copy {:?})\n",
+                l.name,
+                l.bind,
+                l.protocol,
+                c.name,
+                humantime::format_duration(l.idle_timeout),
+                l.copy
+            );
+        }
+        for c in &self.clusters {
+            out += &format!(
+                "cluster {:?}: {} endpoint(s), connect timeout {}, {} attempt(s)\n",
+                c.name,
+                c.endpoints.len(),
+                humantime::format_duration(c.connect_timeout),
+                c.connect_attempts
+            );
+        }
+        out
+    }
+}
+
+/// Turns the file's view into a [`Config`], checking every cross-field rule.
+struct Validator<'a> {
+    file: PathBuf,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn error<T>(&self, spanned: &Spanned<T>, key: String, message: String) -> ConfigError {
+        ConfigError::at(
+            &self.file,
+            self.text,
+            Some(spanned.span()),
+            Some(key),
+            message,
+        )
+    }
+
+    fn validate(&self, raw: raw::File) -> Result<Config, ConfigError> {
+        let workers = self.workers(raw.workers.as_ref())?;
+        let max_connections_per_worker = match &raw.max_connections_per_worker {
+            None => limits::MAX_CONNECTIONS_PER_WORKER_DEFAULT,
+            Some(n) if (1..=limits::MAX_CONNECTIONS_PER_WORKER_MAX).contains(n.get_ref()) => {
+                *n.get_ref()
+            }
+            Some(n) => {
+                return Err(self.error(
+                    n,
+                    "max_connections_per_worker".into(),
+                    format!(
+                        "must be between 1 and {}",
+                        limits::MAX_CONNECTIONS_PER_WORKER_MAX
+                    ),
+                ))
+            }
+        };
+        let clusters = self.clusters(&raw.clusters)?;
+        let listeners = self.listeners(&raw.listeners, &raw.clusters)?;
+        Ok(Config {
+            workers,
+            driver: raw.runtime.driver.unwrap_or(DriverChoice::Auto),
+            admin: Admin {
+                socket: raw.admin.socket,
+            },
+            max_connections_per_worker,
+            drain_timeout: raw
+                .drain_timeout
+                .map_or(limits::DRAIN_TIMEOUT_DEFAULT, |d| d.0),
+            listeners,
+            clusters,
+        })
+    }
+
+    fn workers(&self, workers: Option<&Spanned<raw::Workers>>) -> Result<usize, ConfigError> {
+        let Some(spanned) = workers else {
+            return Ok(Config::available_cores());
+        };
+        let n = match spanned.get_ref() {
+            raw::Workers::Named(name) if name == "auto" => Config::available_cores(),
+            raw::Workers::Named(name) => {
+                return Err(self.error(
+                    spanned,
+                    "workers".into(),
+                    format!("expected a number or \"auto\", found {name:?}"),
+                ))
+            }
+            raw::Workers::Count(n) => *n,
+        };
+        if !(1..=limits::WORKERS_MAX).contains(&n) {
+            return Err(self.error(
+                spanned,
+                "workers".into(),
+                format!("must be between 1 and {}", limits::WORKERS_MAX),
+            ));
+        }
+        Ok(n)
+    }
+
+    fn clusters(&self, raw: &[raw::Cluster]) -> Result<Vec<Cluster>, ConfigError> {
+        if raw.len() > limits::CLUSTERS_MAX {
+            return Err(ConfigError::whole_file(
+                &self.file,
+                format!(
+                    "{} clusters; the limit is {}",
+                    raw.len(),
+                    limits::CLUSTERS_MAX
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, c) in raw.iter().enumerate() {
+            let key = |field: &str| format!("clusters[{i}].{field}");
+            if c.name.get_ref().is_empty() {
+                return Err(self.error(&c.name, key("name"), "must not be empty".into()));
+            }
+            if !names.insert(c.name.get_ref().as_str()) {
+                return Err(self.error(
+                    &c.name,
+                    key("name"),
+                    format!("duplicate cluster name {:?}", c.name.get_ref()),
+                ));
+            }
+            let list = c.endpoints.get_ref();
+            if list.is_empty() || list.len() > limits::ENDPOINTS_PER_CLUSTER_MAX {
+                return Err(self.error(
+                    &c.endpoints,
+                    key("endpoints"),
+                    format!(
+                        "needs between 1 and {} endpoints, found {}",
+                        limits::ENDPOINTS_PER_CLUSTER_MAX,
+                        list.len()
+                    ),
+                ));
+            }
+            let mut endpoints = Vec::with_capacity(list.len());
+            for (j, e) in list.iter().enumerate() {
+                let addr = e.get_ref().parse::<SocketAddr>().map_err(|_| {
+                    self.error(
+                        e,
+                        format!("clusters[{i}].endpoints[{j}]"),
+                        format!("expected IP:port, found {:?}", e.get_ref()),
+                    )
+                })?;
+                endpoints.push(addr);
+            }
+            let connect_attempts = match &c.connect_attempts {
+                None => limits::CONNECT_ATTEMPTS_DEFAULT,
+                Some(n) if (1..=limits::CONNECT_ATTEMPTS_MAX).contains(n.get_ref()) => *n.get_ref(),
+                Some(n) => {
+                    return Err(self.error(
+                        n,
+                        key("connect_attempts"),
+                        format!("must be between 1 and {}", limits::CONNECT_ATTEMPTS_MAX),
+                    ))
+                }
+            };
+            out.push(Cluster {
+                name: c.name.get_ref().clone(),
+                endpoints,
+                connect_timeout: c
+                    .connect_timeout
+                    .map_or(limits::CONNECT_TIMEOUT_DEFAULT, |d| d.0),
+                connect_attempts,
+            });
+        }
+        Ok(out)
+    }
+
+    fn listeners(
+        &self,
+        raw: &[raw::Listener],
+        clusters: &[raw::Cluster],
+    ) -> Result<Vec<Listener>, ConfigError> {
+        if raw.len() > limits::LISTENERS_MAX {
+            return Err(ConfigError::whole_file(
+                &self.file,
+                format!(
+                    "{} listeners; the limit is {}",
+                    raw.len(),
+                    limits::LISTENERS_MAX
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, l) in raw.iter().enumerate() {
+            let key = |field: &str| format!("listeners[{i}].{field}");
+            if l.name.get_ref().is_empty() {
+                return Err(self.error(&l.name, key("name"), "must not be empty".into()));
+            }
+            if !names.insert(l.name.get_ref().as_str()) {
+                return Err(self.error(
+                    &l.name,
+                    key("name"),
+                    format!("duplicate listener name {:?}", l.name.get_ref()),
+                ));
+            }
+            let bind = l.bind.get_ref().parse::<SocketAddr>().map_err(|_| {
+                self.error(
+                    &l.bind,
+                    key("bind"),
+                    format!("expected IP:port, found {:?}", l.bind.get_ref()),
+                )
+            })?;
+            // Port 0 asks the OS for a port; two such listeners never clash.
+            if bind.port() != 0 && !binds.insert(bind) {
+                return Err(self.error(
+                    &l.bind,
+                    key("bind"),
+                    format!("duplicate bind address {bind}: another listener already uses it"),
+                ));
+            }
+            if *l.protocol.get_ref() == Protocol::Http {
+                return Err(self.error(
+                    &l.protocol,
+                    key("protocol"),
+                    "protocol \"http\" is not available in this build yet; use \"tcp\"".into(),
+                ));
+            }
+            let Some(cluster_name) = &l.cluster else {
+                return Err(self.error(
+                    &l.name,
+                    key("cluster"),
+                    "a tcp listener needs `cluster`: the cluster it forwards to".into(),
+                ));
+            };
+            let cluster = clusters
+                .iter()
+                .position(|c| c.name.get_ref() == cluster_name.get_ref())
+                .ok_or_else(|| {
+                    self.error(
+                        cluster_name,
+                        key("cluster"),
+                        format!("no cluster named {:?} is defined", cluster_name.get_ref()),
+                    )
+                })?;
+            out.push(Listener {
+                name: l.name.get_ref().clone(),
+                bind,
+                protocol: *l.protocol.get_ref(),
+                cluster,
+                idle_timeout: l.idle_timeout.map_or(limits::IDLE_TIMEOUT_DEFAULT, |d| d.0),
+                copy: l.copy.unwrap_or(CopyMode::Buffered),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Durations serialize as human strings, the same form they are read in.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+workers = 2
+[admin]
+socket = "/run/pilotfish/admin.sock"
+[[listeners]]
+name = "app-out"
+bind = "127.0.0.1:15001"
+protocol = "tcp"
+cluster = "backend"
+[[clusters]]
+name = "backend"
+endpoints = ["127.0.0.1:8080", "127.0.0.1:8081"]
+connect_timeout = "1s"
+"#;
+
+    #[test]
+    fn the_issue_example_parses_with_defaults() {
+        let c = Config::parse("good.toml", GOOD).unwrap();
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.listeners[0].cluster, 0);
+        assert_eq!(c.clusters[0].endpoints.len(), 2);
+        assert_eq!(c.listeners[0].idle_timeout, limits::IDLE_TIMEOUT_DEFAULT);
+        assert_eq!(
+            c.clusters[0].connect_attempts,
+            limits::CONNECT_ATTEMPTS_DEFAULT
+        );
+        assert_eq!(c.drain_timeout, limits::DRAIN_TIMEOUT_DEFAULT);
+    }
+
+    #[test]
+    fn workers_auto_means_available_cores() {
+        let c = Config::parse("a.toml", &GOOD.replace("workers = 2", "workers = \"auto\""));
+        assert_eq!(c.unwrap().workers, Config::available_cores());
+    }
+
+    /// Each bad variant must fail, and the message must name the key and line.
+    #[test]
+    fn bad_configs_name_file_line_and_key() {
+        let cases = [
+            ("workers = 2", "workers = 2\nbogus = 1", "bogus", 3),
+            (
+                "cluster = \"backend\"",
+                "cluster = \"nope\"",
+                "listeners[0].cluster",
+                9,
+            ),
+            (
+                "connect_timeout = \"1s\"",
+                "connect_timeout = \"1 parsec\"",
+                "connect_timeout",
+                13,
+            ),
+            ("workers = 2", "workers = 0", "workers", 2),
+            ("workers = 2", "workers = \"many\"", "workers", 2),
+            (
+                "\"127.0.0.1:8081\"]",
+                "\"localhost\"]",
+                "clusters[0].endpoints[1]",
+                12,
+            ),
+            (
+                "endpoints = [\"127.0.0.1:8080\", \"127.0.0.1:8081\"]",
+                "endpoints = []",
+                "clusters[0].endpoints",
+                12,
+            ),
+            ("protocol = \"tcp\"", "protocol = \"udp\"", "protocol", 8),
+        ];
+        for (from, to, key, line) in cases {
+            let text = GOOD.replace(from, to);
+            assert_ne!(text, GOOD, "case {to:?} did not change the text");
+            let err = Config::parse("bad.toml", &text).unwrap_err();
+            let shown = err.to_string();
+            assert!(
+                shown.starts_with(&format!("bad.toml:{line}:")),
+                "{to:?}: {shown}"
+            );
+            assert!(shown.contains(key), "{to:?}: {shown}");
+        }
+    }
+
+    #[test]
+    fn duplicate_names_and_binds_are_rejected() {
+        let two = format!(
+            "{GOOD}[[listeners]]\nname = \"app-out\"\nbind = \"127.0.0.1:15002\"\nprotocol = \"tcp\"\ncluster = \"backend\"\n"
+        );
+        let err = Config::parse("d.toml", &two).unwrap_err().to_string();
+        assert!(
+            err.contains("listeners[1].name") && err.contains("duplicate"),
+            "{err}"
+        );
+        let same_bind = two.replace(
+            "name = \"app-out\"\nbind = \"127.0.0.1:15002\"",
+            "name = \"b\"\nbind = \"127.0.0.1:15001\"",
+        );
+        let err = Config::parse("d.toml", &same_bind).unwrap_err().to_string();
+        assert!(
+            err.contains("listeners[1].bind") && err.contains("duplicate bind"),
+            "{err}"
+        );
+    }
+}

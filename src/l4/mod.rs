@@ -1,0 +1,73 @@
+//! L4 (TCP) proxying: accepted client → chosen endpoint, bytes both ways.
+//!
+//! What must hold: the client is closed promptly when no endpoint accepts
+//! within `connect_attempts × connect_timeout`; a FIN in one direction is
+//! passed on while the other keeps flowing; an error in either direction
+//! closes both; a pair with no bytes moving for `idle_timeout` is closed.
+
+pub mod connect;
+pub mod copy;
+
+use std::{cell::Cell, net::SocketAddr, rc::Rc, time::Duration};
+
+use monoio::net::TcpStream;
+
+use crate::{
+    metrics,
+    worker::{gate::Slot, Worker},
+};
+
+/// Serves one accepted client connection to completion.
+///
+/// `_slot` is held for the connection's lifetime: it is what bounds
+/// connections per worker and what drain waits on.
+pub async fn serve(
+    worker: Rc<Worker>,
+    listener_index: usize,
+    client: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    _slot: Slot,
+) {
+    let _active = metrics::ActiveGuard::new(&worker.counters.connections_active);
+    let listener = &worker.config.listeners[listener_index];
+    let Some((upstream, endpoint)) = connect::connect(&worker, listener.cluster).await else {
+        metrics::add(&worker.counters.connections_unrouted, 1);
+        tracing::debug!(conn_id, %peer, listener = %listener.name, "no endpoint accepted; closing client");
+        return;
+    };
+    // Small writes are the proxied application's business, not ours to delay.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    tracing::debug!(conn_id, %peer, %endpoint, "proxying");
+
+    let activity = Cell::new(0u64);
+    let copied = copy::both_ways(&worker, listener.copy, client, upstream, &activity);
+    let outcome = monoio::select! {
+        r = copied => Some(r),
+        _ = idle(&activity, listener.idle_timeout) => None,
+    };
+    match outcome {
+        Some(Ok(())) => tracing::debug!(conn_id, "closed cleanly"),
+        Some(Err(e)) => tracing::debug!(conn_id, error = %e, "closed on error"),
+        None => {
+            metrics::add(&worker.counters.idle_timeouts, 1);
+            tracing::debug!(conn_id, "idle timeout");
+        }
+    }
+}
+
+/// Completes when `activity` has not moved for a whole `timeout`.
+///
+/// Checking a counter once per period instead of re-arming a timer on every
+/// read keeps the data path free of timer work; the price is precision: an
+/// idle pair closes between one and two periods after its last byte.
+async fn idle(activity: &Cell<u64>, timeout: Duration) {
+    loop {
+        let seen = activity.get();
+        monoio::time::sleep(timeout).await;
+        if activity.get() == seen {
+            return;
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Pilotfish: a thread-per-core service-mesh sidecar proxy on io_uring.
+//!
+//! The module tree mirrors the architecture:
+//! - [`config`]: TOML → validated, immutable [`config::Config`]; every limit.
+//! - [`worker`]: one pinned thread per core with its own runtime, listeners,
+//!   buffers and counters; a mailbox for control.
+//! - [`l4`]: TCP proxying: connect with retries, two-way copy, idle timeout.
+//! - [`balance`]: endpoint pickers, pure and per worker.
+//! - [`metrics`]: per-worker counters and their merged snapshots.
+//! - [`proxy`]: starting, draining and stopping the set of workers.
+//! - [`lifecycle`]: signals, systemd notify, the process's exit.
+
+pub mod balance;
+pub mod config;
+pub mod l4;
+pub mod lifecycle;
+pub mod metrics;
+pub mod proxy;
+pub mod worker;
+
+pub use config::Config;
+pub use proxy::Proxy;

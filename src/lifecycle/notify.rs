@@ -1,0 +1,92 @@
+//! The systemd notify protocol (sd_notify(3)), spoken directly.
+//!
+//! When `NOTIFY_SOCKET` is set, state lines (`READY=1`, `STOPPING=1`,
+//! `STATUS=…`) are sent as datagrams to that Unix socket; a leading `@`
+//! names an abstract socket. Without the variable every call is a no-op, so
+//! the same binary runs by hand, under systemd, or in a container.
+
+use std::{io, os::unix::net::UnixDatagram, path::PathBuf};
+
+#[derive(Debug)]
+pub struct Notifier {
+    target: Option<Target>,
+}
+
+#[derive(Debug)]
+enum Target {
+    Path(PathBuf),
+    Abstract(Vec<u8>),
+}
+
+impl Notifier {
+    /// Reads `NOTIFY_SOCKET` from the environment.
+    pub fn from_env() -> Self {
+        let target = std::env::var_os("NOTIFY_SOCKET").and_then(|v| {
+            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(v.as_os_str()).to_vec();
+            match bytes.first() {
+                None => None,
+                Some(b'@') => Some(Target::Abstract(bytes[1..].to_vec())),
+                Some(_) => Some(Target::Path(PathBuf::from(v))),
+            }
+        });
+        Self { target }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// Sends one state message (newline-separated `KEY=VALUE` lines).
+    pub fn notify(&self, state: &str) -> io::Result<()> {
+        let Some(target) = &self.target else {
+            return Ok(());
+        };
+        let socket = UnixDatagram::unbound()?;
+        match target {
+            Target::Path(path) => socket.send_to(state.as_bytes(), path)?,
+            Target::Abstract(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                socket.send_to_addr(state.as_bytes(), &addr)?
+            }
+        };
+        Ok(())
+    }
+
+    /// Like [`Notifier::notify`], logging instead of failing: a lost status
+    /// line must never stop the proxy.
+    pub fn send(&self, state: &str) {
+        if let Err(e) = self.notify(state) {
+            tracing::warn!(error = %e, state, "systemd notify failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sends_datagrams_to_the_socket_path() {
+        let dir = std::env::temp_dir().join(format!("pf-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier {
+            target: Some(Target::Path(path.clone())),
+        };
+        n.notify("READY=1\nSTATUS=serving").unwrap();
+        let mut buf = [0u8; 64];
+        let len = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"READY=1\nSTATUS=serving");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_a_socket_it_is_a_no_op() {
+        let n = Notifier { target: None };
+        assert!(!n.enabled());
+        n.notify("READY=1").unwrap();
+    }
+}

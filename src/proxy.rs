@@ -1,0 +1,192 @@
+//! The running proxy as its owner sees it: start the workers, wait until
+//! every one has bound every listener, then drain, stop, report, join.
+//!
+//! What must hold: [`Proxy::start`] returns only when every worker serves,
+//! or returns an error after stopping the workers that did start; listener
+//! ports asked as 0 are resolved once so that all workers share them.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use crossbeam_channel::Receiver;
+use serde::Serialize;
+
+use crate::{
+    config::Config,
+    metrics::Snapshot,
+    worker::{self, listener, Command, WorkerHandle, WorkerReport},
+};
+
+/// How long start-up waits for every worker to bind. Binding is immediate;
+/// a worker silent this long is stuck, and start-up fails rather than hangs.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener {listener:?} cannot bind {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start worker thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("{0}")]
+    Worker(String),
+    #[error("workers did not start within {START_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// Counters merged over all workers, plus each worker's own.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub total: Snapshot,
+    pub workers: Vec<WorkerReport>,
+}
+
+#[derive(Debug)]
+pub struct Proxy {
+    config: Arc<Config>,
+    handles: Vec<WorkerHandle>,
+    listeners: Vec<(String, SocketAddr)>,
+    exited: Receiver<()>,
+}
+
+impl Proxy {
+    /// Starts every worker and returns once all of them serve.
+    pub fn start(config: Config) -> Result<Proxy, StartError> {
+        let config = Arc::new(config);
+        // Resolve port 0 once; the reservations hold the ports until every
+        // worker has bound its own socket to them.
+        let mut reservations = Vec::new();
+        let mut binds = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let (addr, held) = listener::reserve(l.bind).map_err(|source| StartError::Bind {
+                listener: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
+            binds.push(addr);
+            reservations.push(held);
+        }
+        let binds = Arc::new(binds);
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let (started_tx, started_rx) = crossbeam_channel::bounded(config.workers);
+        let (alive_tx, exited) = crossbeam_channel::bounded(0);
+        let mut handles = Vec::with_capacity(config.workers);
+        for id in 0..config.workers {
+            let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let spawned = worker::spawn(
+                id,
+                core,
+                Arc::clone(&config),
+                Arc::clone(&binds),
+                started_tx.clone(),
+                alive_tx.clone(),
+            );
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    stop_all(handles);
+                    return Err(StartError::Spawn(e));
+                }
+            }
+        }
+        drop((started_tx, alive_tx));
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        for _ in 0..config.workers {
+            let failure = match started_rx.recv_deadline(deadline) {
+                Ok(worker::Started { result: Ok(_), .. }) => continue,
+                Ok(worker::Started { result: Err(e), .. }) => StartError::Worker(e),
+                Err(_) => StartError::Timeout,
+            };
+            stop_all(handles);
+            return Err(failure);
+        }
+        drop(reservations);
+        let listeners = config
+            .listeners
+            .iter()
+            .zip(binds.iter())
+            .map(|(l, a)| (l.name.clone(), *a))
+            .collect();
+        Ok(Proxy {
+            config,
+            handles,
+            listeners,
+            exited,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Every listener's name and the address it is bound to.
+    pub fn listeners(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// The bound address of the listener called `name`.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// A receiver that disconnects once every worker thread has exited.
+    pub fn exited(&self) -> Receiver<()> {
+        self.exited.clone()
+    }
+
+    /// Stops accepting on every worker; connections get the drain timeout.
+    pub fn drain(&self) {
+        self.broadcast(|| Command::Drain);
+    }
+
+    /// Asks every worker for its counters and merges them.
+    pub fn stats(&self) -> Stats {
+        let workers = worker::collect_reports(&self.handles);
+        let mut total = Snapshot::default();
+        for r in &workers {
+            total.merge(&r.counters);
+        }
+        Stats { total, workers }
+    }
+
+    /// Waits for every worker thread to exit.
+    pub fn join(self) {
+        for h in self.handles {
+            if h.thread.join().is_err() {
+                tracing::error!(worker = h.id, "worker thread panicked");
+            }
+        }
+    }
+
+    /// Stops every worker now and waits for them.
+    pub fn shutdown(self) {
+        self.broadcast(|| Command::Stop);
+        self.join();
+    }
+
+    fn broadcast(&self, command: impl Fn() -> Command) {
+        for h in &self.handles {
+            if let Err(e) = h.mailbox.try_send(command()) {
+                tracing::warn!(worker = h.id, error = %e, "worker mailbox refused a command");
+            }
+        }
+    }
+}
+
+fn stop_all(handles: Vec<WorkerHandle>) {
+    for h in &handles {
+        let _ = h.mailbox.try_send(Command::Stop);
+    }
+    for h in handles {
+        let _ = h.thread.join();
+    }
+}

@@ -1,0 +1,326 @@
+//! One pinned thread per core, each with its own runtime, listeners,
+//! balancers, buffers and counters.
+//!
+//! What must hold: nothing on the data path is shared between workers; a
+//! worker's state lives in `Rc`/`Cell` on its own thread. Other threads talk
+//! to a worker only through its mailbox (a bounded crossbeam channel, polled
+//! every [`MAILBOX_POLL_INTERVAL`] so the event loop never blocks on it).
+
+pub mod buffers;
+pub mod gate;
+pub mod isolate;
+pub mod listener;
+pub mod runtime;
+
+use std::{
+    cell::Cell,
+    net::SocketAddr,
+    rc::Rc,
+    sync::Arc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use serde::Serialize;
+
+use crate::{
+    balance::RoundRobin,
+    config::{
+        limits::{ACCEPT_ERROR_BACKOFF, MAILBOX_CAPACITY, MAILBOX_POLL_INTERVAL},
+        Config,
+    },
+    l4,
+    metrics::{self, Counters, Snapshot},
+};
+use buffers::BufferPool;
+use gate::{Slots, Trigger};
+pub use runtime::Driver;
+
+/// What other threads may ask of a worker.
+#[derive(Debug)]
+pub enum Command {
+    /// Stop accepting; let connections finish until the drain timeout.
+    Drain,
+    /// Exit now, closing every connection.
+    Stop,
+    /// Send a copy of this worker's counters.
+    Snapshot(Sender<WorkerReport>),
+}
+
+/// A worker's answer to [`Command::Snapshot`].
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerReport {
+    pub worker: usize,
+    pub core: Option<usize>,
+    pub driver: Driver,
+    pub draining: bool,
+    pub counters: Snapshot,
+}
+
+/// Sent once by each worker thread when its listeners are bound (or not).
+#[derive(Debug)]
+pub struct Started {
+    pub worker: usize,
+    pub result: Result<Driver, String>,
+}
+
+/// The owning thread's side of a worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    pub id: usize,
+    pub mailbox: Sender<Command>,
+    pub thread: JoinHandle<()>,
+}
+
+/// Everything one worker owns. Shared by its tasks through `Rc`.
+#[derive(Debug)]
+pub struct Worker {
+    pub id: usize,
+    pub core: Option<usize>,
+    pub driver: Driver,
+    pub config: Arc<Config>,
+    pub counters: Rc<Counters>,
+    /// One picker per cluster, indexed like `config.clusters`.
+    pub balancers: Vec<RoundRobin>,
+    pub buffers: BufferPool,
+    pub slots: Rc<Slots>,
+    pub draining: Trigger,
+    next_conn_id: Cell<u64>,
+}
+
+impl Worker {
+    fn new(id: usize, core: Option<usize>, driver: Driver, config: Arc<Config>) -> Self {
+        let balancers = config
+            .clusters
+            .iter()
+            .map(|c| RoundRobin::new(c.endpoints.len(), id))
+            .collect();
+        Self {
+            id,
+            core,
+            driver,
+            slots: Slots::new(config.max_connections_per_worker),
+            config,
+            counters: Rc::default(),
+            balancers,
+            buffers: BufferPool::default(),
+            draining: Trigger::default(),
+            next_conn_id: Cell::new(0),
+        }
+    }
+
+    /// A connection id unique within the process: worker id in the top bits.
+    fn next_conn_id(&self) -> u64 {
+        let n = self.next_conn_id.get();
+        self.next_conn_id.set(n + 1);
+        ((self.id as u64) << 48) | (n & ((1 << 48) - 1))
+    }
+
+    fn report(&self) -> WorkerReport {
+        let counters = self.counters.snapshot();
+        WorkerReport {
+            worker: self.id,
+            core: self.core,
+            driver: self.driver,
+            draining: self.draining.is_fired(),
+            counters,
+        }
+    }
+}
+
+/// Starts worker `id` on its own thread, pinned to `core` when given.
+///
+/// `binds` holds the concrete address of every listener, in config order.
+pub fn spawn(
+    id: usize,
+    core: Option<core_affinity::CoreId>,
+    config: Arc<Config>,
+    binds: Arc<Vec<SocketAddr>>,
+    started: Sender<Started>,
+    alive: Sender<()>,
+) -> std::io::Result<WorkerHandle> {
+    let (mailbox, inbox) = crossbeam_channel::bounded(MAILBOX_CAPACITY);
+    let thread = std::thread::Builder::new()
+        .name(format!("pilotfish-w{id}"))
+        .spawn(move || {
+            let pinned = core.filter(|c| core_affinity::set_for_current(*c));
+            if core.is_some() && pinned.is_none() {
+                tracing::warn!(
+                    worker = id,
+                    "could not pin worker to its core; running unpinned"
+                );
+            }
+            let core = pinned.map(|c| c.id);
+            let choice = config.driver;
+            let ran = runtime::block_on(choice, |driver| {
+                worker_main(id, core, driver, config, binds, inbox, started.clone())
+            });
+            if let Err(e) = ran {
+                let _ = started.send(Started {
+                    worker: id,
+                    result: Err(format!(
+                        "worker {id}: cannot start a {choice:?} runtime: {e}"
+                    )),
+                });
+            }
+            // Dropped last: when every worker's `alive` is gone, the owner's
+            // receiver disconnects and it knows all workers have exited.
+            drop(alive);
+        })?;
+    Ok(WorkerHandle {
+        id,
+        mailbox,
+        thread,
+    })
+}
+
+async fn worker_main(
+    id: usize,
+    core: Option<usize>,
+    driver: Driver,
+    config: Arc<Config>,
+    binds: Arc<Vec<SocketAddr>>,
+    inbox: Receiver<Command>,
+    started: Sender<Started>,
+) {
+    let mut listeners = Vec::with_capacity(binds.len());
+    for (l, addr) in config.listeners.iter().zip(binds.iter()) {
+        match listener::bind(*addr) {
+            Ok(sock) => listeners.push(sock),
+            Err(e) => {
+                let result = Err(format!(
+                    "worker {id}: listener {:?} cannot bind {addr}: {e}",
+                    l.name
+                ));
+                let _ = started.send(Started { worker: id, result });
+                return;
+            }
+        }
+    }
+    tracing::info!(worker = id, core, %driver, "worker serving");
+    let worker = Rc::new(Worker::new(id, core, driver, config));
+    for (index, sock) in listeners.into_iter().enumerate() {
+        monoio::spawn(accept_loop(Rc::clone(&worker), index, sock));
+    }
+    let _ = started.send(Started {
+        worker: id,
+        result: Ok(driver),
+    });
+    drop(started);
+    serve_mailbox(&worker, &inbox).await;
+}
+
+/// Polls the mailbox until the worker should exit.
+async fn serve_mailbox(worker: &Worker, inbox: &Receiver<Command>) {
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        monoio::time::sleep(MAILBOX_POLL_INTERVAL).await;
+        loop {
+            match inbox.try_recv() {
+                Ok(Command::Drain) => {
+                    if drain_deadline.is_none() {
+                        drain_deadline = Some(Instant::now() + worker.config.drain_timeout);
+                        worker.draining.fire();
+                        tracing::info!(
+                            worker = worker.id,
+                            active = worker.slots.used(),
+                            "draining"
+                        );
+                    }
+                }
+                Ok(Command::Snapshot(reply)) => {
+                    let _ = reply.try_send(worker.report());
+                }
+                Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
+                    worker.draining.fire();
+                    return;
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        if let Some(deadline) = drain_deadline {
+            let active = worker.slots.used();
+            if active == 0 {
+                tracing::info!(worker = worker.id, "drained");
+                return;
+            }
+            if Instant::now() >= deadline {
+                metrics::add(&worker.counters.drain_cut, active as u64);
+                tracing::warn!(
+                    worker = worker.id,
+                    active,
+                    "drain timeout: closing remaining connections"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Accepts on one listener until the worker drains.
+async fn accept_loop(worker: Rc<Worker>, listener_index: usize, sock: monoio::net::TcpListener) {
+    loop {
+        let slot = monoio::select! {
+            slot = worker.slots.acquire() => slot,
+            _ = worker.draining.wait() => return,
+        };
+        let accepted = monoio::select! {
+            accepted = sock.accept() => accepted,
+            _ = worker.draining.wait() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                metrics::add(&worker.counters.connections_accepted, 1);
+                let conn_id = worker.next_conn_id();
+                let conn = l4::serve(
+                    Rc::clone(&worker),
+                    listener_index,
+                    stream,
+                    peer,
+                    conn_id,
+                    slot,
+                );
+                isolate::spawn_connection(Rc::clone(&worker.counters), conn_id, conn);
+            }
+            Err(e) => {
+                metrics::add(&worker.counters.accept_errors, 1);
+                tracing::warn!(worker = worker.id, error = %e, "accept failed; backing off");
+                drop(slot);
+                monoio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// How long [`collect_reports`] waits for a worker's answer. A worker polls
+/// its mailbox every 10 ms; a second means it is wedged.
+pub const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Asks every worker for a report; workers that do not answer in time are
+/// left out (and named in the log).
+pub fn collect_reports(handles: &[WorkerHandle]) -> Vec<WorkerReport> {
+    let (tx, rx) = crossbeam_channel::bounded(handles.len().max(1));
+    let asked = handles
+        .iter()
+        .filter(|h| h.mailbox.try_send(Command::Snapshot(tx.clone())).is_ok())
+        .count();
+    drop(tx);
+    let deadline = Instant::now() + REPORT_TIMEOUT;
+    let mut reports = Vec::with_capacity(asked);
+    while reports.len() < asked {
+        match rx.recv_deadline(deadline) {
+            Ok(r) => reports.push(r),
+            Err(_) => {
+                tracing::warn!(
+                    asked,
+                    answered = reports.len(),
+                    "some workers did not report in time"
+                );
+                break;
+            }
+        }
+    }
+    reports.sort_by_key(|r| r.worker);
+    reports
+}
