@@ -58,7 +58,7 @@ fn ten_megabytes_each_way_intact_with_buffered_copy_and_splice() {
     let data = pattern(42, 10 * 1024 * 1024);
     let sum = checksum(&data);
     for driver in drivers() {
-        for copy in ["buffered", "splice"] {
+        for copy in ["buffered", "splice", "auto"] {
             let mut cfg = L4Config::new(driver, vec![upstream]);
             cfg.copy = copy;
             let (proxy, addr) = cfg.start();

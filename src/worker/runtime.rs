@@ -34,6 +34,12 @@ impl fmt::Display for Driver {
     }
 }
 
+/// Whether io_uring with every op we use works here (and is not disabled by
+/// `MONOIO_FORCE_LEGACY_DRIVER`).
+pub fn io_uring_available() -> bool {
+    monoio::utils::detect_uring()
+}
+
 /// Runs `main` to completion on a runtime of the chosen driver.
 ///
 /// `main` gets the driver that was picked, so the worker can report it.

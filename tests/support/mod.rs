@@ -1,7 +1,8 @@
 //! Test builders: real sockets on 127.0.0.1 with ports from the OS, the
 //! proxy in-process or as the real binary. Every wait has a deadline, so a
 //! broken proxy fails a test instead of hanging it.
-#![allow(dead_code)] // each test file uses a different subset
+#![allow(dead_code)]
+// each test file uses a different subset
 // Test threads are not workers: polling with a short sleep is fine here.
 #![allow(clippy::disallowed_methods)]
 
@@ -90,7 +91,7 @@ impl L4Config {
             workers: 1,
             driver,
             endpoints,
-            copy: "buffered",
+            copy: "auto",
             idle_timeout: "5m",
             connect_timeout: "1s",
             connect_attempts: 3,

@@ -1,0 +1,158 @@
+//! Closed-loop TCP request/response load: each connection sends `size`
+//! bytes, waits for the echo, records the round trip in an HDR histogram,
+//! repeats. Histograms are per thread and merged at the end.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+
+/// Highest latency recorded (µs): one minute. Longer is an error, not a sample.
+pub const LATENCY_MAX_US: u64 = 60_000_000;
+/// Connections one run may open: each is a thread here.
+pub const CONNECTIONS_MAX: usize = 1024;
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub histogram: Histogram<u64>,
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Sets the returned flag on SIGINT/SIGTERM so loops can stop and clean up.
+pub fn stop_on_ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    Ok(stop)
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds")
+}
+
+/// Runs the load for `duration` (or until `stop`), merging all connections.
+pub fn run(
+    target: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    size: usize,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<Outcome> {
+    anyhow::ensure!(
+        (1..=CONNECTIONS_MAX).contains(&connections),
+        "connections must be 1..={CONNECTIONS_MAX}"
+    );
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let stop = Arc::clone(stop);
+            thread::spawn(move || one_connection(target, deadline, size, &stop))
+        })
+        .collect();
+    let mut total = Outcome {
+        histogram: new_histogram(),
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    for w in workers {
+        let o = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
+        total.histogram.add(&o.histogram)?;
+        total.requests += o.requests;
+        total.errors += o.errors;
+    }
+    total.elapsed = started.elapsed();
+    Ok(total)
+}
+
+fn one_connection(
+    target: SocketAddr,
+    deadline: Instant,
+    size: usize,
+    stop: &AtomicBool,
+) -> Outcome {
+    let mut out = Outcome {
+        histogram: new_histogram(),
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    let request = vec![b'x'; size];
+    let mut reply = vec![0u8; size];
+    let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
+        out.errors += 1;
+        return out;
+    };
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        let sent = Instant::now();
+        if s.write_all(&request)
+            .and_then(|_| s.read_exact(&mut reply))
+            .is_err()
+        {
+            out.errors += 1;
+            break;
+        }
+        let us = sent
+            .elapsed()
+            .as_micros()
+            .clamp(1, u128::from(LATENCY_MAX_US)) as u64;
+        let _ = out.histogram.record(us);
+        out.requests += 1;
+    }
+    out
+}
+
+/// The percentiles every report shows.
+pub const PERCENTILES: [f64; 7] = [50.0, 75.0, 90.0, 99.0, 99.9, 99.99, 100.0];
+
+/// A percentile table, one column per named outcome.
+pub fn table(rows: &[(&str, &Outcome)]) -> String {
+    let mut out = format!("{:<22}", "");
+    for (name, _) in rows {
+        out += &format!("{name:>14}");
+    }
+    out += "\n";
+    for p in PERCENTILES {
+        let label = if p == 100.0 {
+            "max".to_string()
+        } else {
+            format!("p{p}")
+        };
+        out += &format!("{:<22}", format!("{label} (µs)"));
+        for (_, o) in rows {
+            out += &format!("{:>14}", o.histogram.value_at_quantile(p / 100.0));
+        }
+        out += "\n";
+    }
+    out += &format!("{:<22}", "requests/s");
+    for (_, o) in rows {
+        out += &format!("{:>14.0}", o.rate());
+    }
+    out += &format!("\n{:<22}", "requests (errors)");
+    for (_, o) in rows {
+        out += &format!("{:>14}", format!("{} ({})", o.requests, o.errors));
+    }
+    out + "\n"
+}

@@ -1,0 +1,55 @@
+//! The README's first command, in its short form: the mesh demo runs end to
+//! end with real sidecar processes and writes its report and plot.
+
+use std::{path::PathBuf, process::Command};
+
+/// The `pilotfish` binary of this workspace's build (built by
+/// `cargo test --workspace`, which the README's test command runs).
+fn pilotfish_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>/deps/..
+    let bin = dir.join("pilotfish");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn demo_quick_runs_the_mesh_and_reports() {
+    let out = std::env::temp_dir().join(format!("pilotfish-demo-test-{}", std::process::id()));
+    let run = Command::new(env!("CARGO_BIN_EXE_pilotfish-bench"))
+        .args(["demo", "--quick", "--out"])
+        .arg(&out)
+        .arg("--pilotfish")
+        .arg(pilotfish_binary())
+        .env_remove("CARGO")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    for expected in [
+        "direct",
+        "through mesh",
+        "p99",
+        "Latency the mesh added",
+        "latency.svg",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "report lacks {expected:?}:\n{stdout}"
+        );
+    }
+    let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    // Through the mesh, every request got an answer.
+    let errors_line = stdout
+        .lines()
+        .find(|l| l.starts_with("requests (errors)"))
+        .unwrap();
+    assert_eq!(errors_line.matches("(0)").count(), 2, "{errors_line}");
+    std::fs::remove_dir_all(out).unwrap();
+}

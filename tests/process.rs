@@ -1,0 +1,139 @@
+//! The real binary as a child process: systemd notify, signals, drain.
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use support::*;
+
+const SIGINT: i32 = 2;
+const SIGTERM: i32 = 15;
+
+/// How long a child gets to exit after it has no reason to stay; a liveness
+/// bound so a broken drain fails the test instead of hanging it.
+const EXIT_DEADLINE: Duration = Duration::from_secs(15);
+
+#[test]
+fn notify_ready_after_listeners_accept_and_stopping_on_sigterm() {
+    let upstream = echo_server();
+    for driver in drivers() {
+        let mut child = ChildProxy::spawn(&L4Config::new(driver, vec![upstream]).toml());
+        let addr = child.wait_ready();
+        // READY=1 promises the listener accepts: no retry loop here.
+        let data = pattern(7, 4096);
+        assert_eq!(echo_round_trip(addr, &data), data, "{driver}");
+        child.signal(SIGTERM);
+        let msg = child.next_notify();
+        assert!(
+            msg.lines().any(|l| l == "STOPPING=1"),
+            "{driver}: got {msg:?}"
+        );
+        let status = child.wait_exit(EXIT_DEADLINE).expect("exits after drain");
+        assert!(status.success(), "{driver}: {status:?}");
+    }
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_transfer_finish_then_exits_zero() {
+    let upstream = echo_server();
+    let data = pattern(9, 4 * 1024 * 1024);
+    for driver in drivers() {
+        let mut child = ChildProxy::spawn(&L4Config::new(driver, vec![upstream]).toml());
+        let addr = child.wait_ready();
+        let mut conn = connect(addr);
+        let mut reader = conn.try_clone().unwrap();
+        let expected = data.len();
+        let echoed = thread::spawn(move || {
+            let mut back = Vec::with_capacity(expected);
+            reader.read_to_end(&mut back).unwrap();
+            back
+        });
+        let (first, second) = data.split_at(data.len() / 2);
+        conn.write_all(first).unwrap();
+
+        child.signal(SIGTERM);
+        let msg = child.next_notify();
+        assert!(msg.contains("STOPPING=1"), "{driver}: {msg:?}");
+        // New connections are refused once draining...
+        eventually("listener closed", || TcpStream::connect(addr).is_err());
+        // ...while the in-flight one keeps going to its end.
+        conn.write_all(second).unwrap();
+        conn.shutdown(Shutdown::Write).unwrap();
+        let back = echoed.join().unwrap();
+        assert_eq!(back.len(), data.len(), "{driver}");
+        assert_eq!(checksum(&back), checksum(&data), "{driver}");
+        drop(conn);
+        let status = child.wait_exit(EXIT_DEADLINE).expect("exits once drained");
+        assert_eq!(status.code(), Some(0), "{driver}");
+    }
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let upstream = echo_server();
+    let mut cfg = L4Config::new("epoll", vec![upstream]);
+    cfg.drain_timeout = "10m";
+    for second in [SIGTERM, SIGINT] {
+        let mut child = ChildProxy::spawn(&cfg.toml());
+        let addr = child.wait_ready();
+        // An idle connection that would hold the drain open for 10 minutes.
+        let mut held = connect(addr);
+        held.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        held.read_exact(&mut b).unwrap();
+        child.signal(SIGTERM);
+        assert!(child.next_notify().contains("STOPPING=1"));
+        assert!(
+            child.wait_exit(Duration::from_millis(300)).is_none(),
+            "the first signal drains; it must not exit while a connection is open"
+        );
+        child.signal(second);
+        let status = child.wait_exit(EXIT_DEADLINE).expect("second signal exits");
+        assert_eq!(status.code(), Some(1), "forced exit is reported as failure");
+    }
+}
+
+#[test]
+fn drain_timeout_cuts_remaining_connections_and_exits_zero() {
+    let upstream = echo_server();
+    let mut cfg = L4Config::new("epoll", vec![upstream]);
+    cfg.drain_timeout = "300ms";
+    let mut child = ChildProxy::spawn(&cfg.toml());
+    let addr = child.wait_ready();
+    let mut held = connect(addr);
+    held.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    held.read_exact(&mut b).unwrap();
+    child.signal(SIGTERM);
+    let status = child
+        .wait_exit(EXIT_DEADLINE)
+        .expect("exits after the drain timeout");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        matches!(held.read(&mut b), Ok(0) | Err(_)),
+        "held connection was closed"
+    );
+}
+
+#[test]
+fn start_up_failure_exits_nonzero_without_ready() {
+    // Two processes cannot share a port without SO_REUSEPORT from both; a
+    // plain listener holds it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = L4Config::new("epoll", vec![closed_port()]);
+    cfg.bind = taken.local_addr().unwrap().to_string();
+    let mut child = ChildProxy::spawn(&cfg.toml());
+    let status = child.wait_exit(EXIT_DEADLINE).expect("exits");
+    assert_eq!(status.code(), Some(1));
+    let mut buf = [0u8; 256];
+    child.notify.set_nonblocking(true).unwrap();
+    while let Ok(n) = child.notify.recv(&mut buf) {
+        let msg = String::from_utf8_lossy(&buf[..n]);
+        assert!(!msg.contains("READY=1"), "never ready: {msg}");
+    }
+}
