@@ -12,6 +12,7 @@
 
 pub mod balance;
 pub mod config;
+pub mod http1;
 pub mod l4;
 pub mod lifecycle;
 pub mod metrics;

@@ -89,3 +89,31 @@ pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 const _: () = assert!(SPLICE_CHUNK_BYTES as usize <= COPY_BUFFER_BYTES);
 const _: () = assert!(MAX_CONNECTIONS_PER_WORKER_DEFAULT <= MAX_CONNECTIONS_PER_WORKER_MAX);
 const _: () = assert!(CONNECT_ATTEMPTS_DEFAULT <= CONNECT_ATTEMPTS_MAX);
+
+// ---- HTTP/1.1 -------------------------------------------------------------
+
+/// Request head cap (request line + fields) before we answer 431; bounds
+/// slow-loris memory per connection. Also the response head cap (502).
+pub const HTTP1_HEAD_BYTES_DEFAULT: usize = 64 * 1024;
+/// The most a listener may configure: one head must fit one read buffer
+/// several times over, and a megabyte of headers is an attack, not a request.
+pub const HTTP1_HEAD_BYTES_MAX: usize = 1024 * 1024;
+/// Header fields per head before 431. Real clients send under 50.
+pub const HTTP1_HEADERS_DEFAULT: usize = 100;
+/// httparse parses into a fixed array of this many slots on the stack
+/// (32 bytes each), so a listener may not configure more.
+pub const HTTP1_HEADERS_MAX: usize = 256;
+/// Request-target length before 414. Browsers cap URLs near 8 KiB too.
+pub const HTTP1_URI_BYTES_DEFAULT: usize = 8 * 1024;
+/// Bytes of chunk extensions on one chunk-size line: extensions are ignored
+/// by every real peer, so a long one is only ever a resource attack.
+pub const HTTP1_CHUNK_LINE_BYTES_MAX: usize = 4 * 1024;
+/// Hex digits in a chunk size (leading zeros included): 16 digits already
+/// express u64::MAX; more is an overflow attempt.
+pub const HTTP1_CHUNK_SIZE_DIGITS_MAX: usize = 16;
+/// Total bytes of a chunked body's trailer section. Trailers are validated
+/// and then dropped (RFC 9112 §7.1.2 lets a de-chunking recipient discard them).
+pub const HTTP1_TRAILER_BYTES_MAX: usize = 16 * 1024;
+
+const _: () = assert!(HTTP1_HEAD_BYTES_DEFAULT <= HTTP1_HEAD_BYTES_MAX);
+const _: () = assert!(HTTP1_HEADERS_DEFAULT <= HTTP1_HEADERS_MAX);
