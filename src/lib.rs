@@ -12,11 +12,14 @@
 
 pub mod balance;
 pub mod config;
+pub mod http;
 pub mod http1;
 pub mod l4;
 pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
+pub mod route;
+pub mod upstream;
 pub mod worker;
 
 pub use config::Config;

@@ -117,3 +117,52 @@ pub const HTTP1_TRAILER_BYTES_MAX: usize = 16 * 1024;
 
 const _: () = assert!(HTTP1_HEAD_BYTES_DEFAULT <= HTTP1_HEAD_BYTES_MAX);
 const _: () = assert!(HTTP1_HEADERS_DEFAULT <= HTTP1_HEADERS_MAX);
+
+// ---- HTTP routing and upstreams --------------------------------------------
+
+/// Routes per listener: matched in order per request, so a long list is
+/// latency on every request as well as a config smell.
+pub const ROUTES_PER_LISTENER_MAX: usize = 1024;
+/// Clusters one route may split traffic across.
+pub const WEIGHTED_CLUSTERS_MAX: usize = 64;
+/// Header matches per route.
+pub const ROUTE_HEADER_MATCHES_MAX: usize = 32;
+/// Header edits (add + set + remove) per route.
+pub const ROUTE_HEADER_EDITS_MAX: usize = 64;
+/// Time to receive the response head once a request is routed, unless the
+/// route says otherwise (then 504).
+pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(15);
+/// Tries per request (the first one plus retries). Each retry is also
+/// bounded by the cluster's retry budget.
+pub const RETRY_ATTEMPTS_DEFAULT: u32 = 2;
+/// A route may not ask for more tries: past this a retry storm costs more
+/// than the failure it hides.
+pub const RETRY_ATTEMPTS_MAX: u32 = 5;
+/// Retries may add at most this share (percent) of a cluster's active
+/// requests on each worker; beyond it, failures are returned, not retried.
+pub const RETRY_BUDGET_PERCENT_DEFAULT: u32 = 20;
+/// Retries always allowed per worker and cluster regardless of the budget,
+/// so a quiet cluster can still retry its occasional failure.
+pub const RETRY_BUDGET_MIN_CONCURRENT: u64 = 3;
+/// Idle keep-alive connections kept per endpoint, per worker.
+pub const POOL_IDLE_PER_ENDPOINT_DEFAULT: usize = 32;
+/// The most a cluster may configure: idle sockets cost fds on both sides.
+pub const POOL_IDLE_PER_ENDPOINT_MAX: usize = 4096;
+/// An idle pooled connection older than this is closed rather than reused;
+/// below common upstream keep-alive timeouts (nginx: 75 s, Node: 5 s is
+/// lower, so set it per cluster for such upstreams).
+pub const POOL_IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+/// Outlier detection: consecutive failures (connect failure or 5xx) that
+/// eject an endpoint on a worker.
+pub const OUTLIER_CONSECUTIVE_FAILURES_DEFAULT: u32 = 5;
+/// First ejection time; each further ejection doubles it up to the max.
+pub const OUTLIER_BASE_EJECTION_DEFAULT: Duration = Duration::from_secs(10);
+/// See [`OUTLIER_BASE_EJECTION_DEFAULT`].
+pub const OUTLIER_MAX_EJECTION_DEFAULT: Duration = Duration::from_secs(300);
+/// Never eject more than this share (percent) of a cluster's endpoints.
+pub const OUTLIER_MAX_EJECTED_PERCENT_DEFAULT: u32 = 50;
+/// Health-check response bytes read before the check counts as failed.
+pub const HEALTH_CHECK_RESPONSE_BYTES_MAX: usize = 16 * 1024;
+/// Bytes of an upstream response body we read only to drain it (a 1xx we
+/// do not forward, an error body after a retryable status).
+pub const DISCARD_BODY_BYTES_MAX: u64 = 64 * 1024;

@@ -8,6 +8,7 @@
 
 pub mod duration;
 pub mod error;
+pub mod http;
 pub mod limits;
 
 use std::{
@@ -65,11 +66,23 @@ pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
     pub protocol: Protocol,
-    /// Index into [`Config::clusters`].
-    pub cluster: usize,
+    /// L4: no byte either way for this long closes the pair. HTTP: a
+    /// keep-alive connection waiting this long for its next request, or a
+    /// body stalled this long, is closed.
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
-    pub copy: CopyMode,
+    pub kind: ListenerKind,
+}
+
+/// What a listener does with a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum ListenerKind {
+    Tcp {
+        /// Index into [`Config::clusters`].
+        cluster: usize,
+        copy: CopyMode,
+    },
+    Http(http::HttpListener),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -102,6 +115,9 @@ pub struct Cluster {
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
     pub connect_attempts: u32,
+    /// Used by HTTP listeners; L4 listeners use round robin and connect
+    /// retries only.
+    pub http: http::HttpCluster,
 }
 
 /// The file format. Kept separate from [`Config`] so that serde's view of
@@ -152,7 +168,15 @@ mod raw {
         pub protocol: Spanned<Protocol>,
         pub cluster: Option<Spanned<String>>,
         pub idle_timeout: Option<HumanDuration>,
-        pub copy: Option<CopyMode>,
+        pub copy: Option<Spanned<CopyMode>>,
+        // HTTP only.
+        pub request_timeout: Option<HumanDuration>,
+        pub head_bytes_max: Option<Spanned<usize>>,
+        pub headers_max: Option<Spanned<usize>>,
+        pub uri_bytes_max: Option<Spanned<usize>>,
+        pub body_bytes_max: Option<Spanned<u64>>,
+        #[serde(default)]
+        pub routes: Vec<super::http::raw::Route>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -162,6 +186,14 @@ mod raw {
         pub endpoints: Spanned<Vec<Spanned<String>>>,
         pub connect_timeout: Option<HumanDuration>,
         pub connect_attempts: Option<Spanned<u32>>,
+        // HTTP only.
+        pub lb: Option<Spanned<String>>,
+        pub hash_header: Option<Spanned<String>>,
+        pub max_idle_per_endpoint: Option<Spanned<usize>>,
+        pub pool_idle_timeout: Option<HumanDuration>,
+        pub retry_budget_percent: Option<Spanned<u32>>,
+        pub outlier: Option<super::http::raw::Outlier>,
+        pub health_check: Option<super::http::raw::HealthCheck>,
     }
 }
 
@@ -199,11 +231,6 @@ impl Config {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
-    /// The cluster a listener forwards to.
-    pub fn cluster_of(&self, listener: &Listener) -> &Cluster {
-        &self.clusters[listener.cluster]
-    }
-
     /// A short human summary, printed by `pilotfish check`.
     pub fn summary(&self) -> String {
         let mut out = format!(
@@ -214,16 +241,29 @@ impl Config {
             humantime::format_duration(self.drain_timeout)
         );
         for l in &self.listeners {
-            let c = self.cluster_of(l);
-            out += &format!(
-                "listener {:?}: {} {:?} -> cluster {:?} (idle {}, copy {:?})\n",
-                l.name,
-                l.bind,
-                l.protocol,
-                c.name,
-                humantime::format_duration(l.idle_timeout),
-                l.copy
-            );
+            match &l.kind {
+                ListenerKind::Tcp { cluster, copy } => {
+                    out += &format!(
+                        "listener {:?}: {} tcp -> cluster {:?} (idle {}, copy {copy:?})\n",
+                        l.name,
+                        l.bind,
+                        self.clusters[*cluster].name,
+                        humantime::format_duration(l.idle_timeout),
+                    );
+                }
+                ListenerKind::Http(h) => {
+                    let fallback = h.default_cluster.map_or("404".to_string(), |c| {
+                        format!("cluster {:?}", self.clusters[c].name)
+                    });
+                    out += &format!(
+                        "listener {:?}: {} http, {} route(s), otherwise {fallback} (idle {})\n",
+                        l.name,
+                        l.bind,
+                        h.routes.len(),
+                        humantime::format_duration(l.idle_timeout),
+                    );
+                }
+            }
         }
         for c in &self.clusters {
             out += &format!(
@@ -239,6 +279,7 @@ impl Config {
 }
 
 /// Turns the file's view into a [`Config`], checking every cross-field rule.
+/// (HTTP parts: see `http.rs`.)
 struct Validator<'a> {
     file: PathBuf,
     text: &'a str,
@@ -381,6 +422,7 @@ impl Validator<'_> {
                     .connect_timeout
                     .map_or(limits::CONNECT_TIMEOUT_DEFAULT, |d| d.0),
                 connect_attempts,
+                http: self.http_cluster(i, c)?,
             });
         }
         Ok(out)
@@ -431,37 +473,53 @@ impl Validator<'_> {
                     format!("duplicate bind address {bind}: another listener already uses it"),
                 ));
             }
-            if *l.protocol.get_ref() == Protocol::Http {
-                return Err(self.error(
-                    &l.protocol,
-                    key("protocol"),
-                    "protocol \"http\" is not available in this build yet; use \"tcp\"".into(),
-                ));
-            }
-            let Some(cluster_name) = &l.cluster else {
-                return Err(self.error(
-                    &l.name,
-                    key("cluster"),
-                    "a tcp listener needs `cluster`: the cluster it forwards to".into(),
-                ));
+            let cluster = match &l.cluster {
+                None => None,
+                Some(name) => Some(
+                    clusters
+                        .iter()
+                        .position(|c| c.name.get_ref() == name.get_ref())
+                        .ok_or_else(|| {
+                            self.error(
+                                name,
+                                key("cluster"),
+                                format!("no cluster named {:?} is defined", name.get_ref()),
+                            )
+                        })?,
+                ),
             };
-            let cluster = clusters
-                .iter()
-                .position(|c| c.name.get_ref() == cluster_name.get_ref())
-                .ok_or_else(|| {
-                    self.error(
-                        cluster_name,
-                        key("cluster"),
-                        format!("no cluster named {:?} is defined", cluster_name.get_ref()),
-                    )
-                })?;
+            let kind = match l.protocol.get_ref() {
+                Protocol::Tcp => {
+                    let Some(cluster) = cluster else {
+                        return Err(self.error(
+                            &l.name,
+                            key("cluster"),
+                            "a tcp listener needs `cluster`: the cluster it forwards to".into(),
+                        ));
+                    };
+                    self.no_http_keys(i, l)?;
+                    ListenerKind::Tcp {
+                        cluster,
+                        copy: l.copy.as_ref().map_or(CopyMode::Auto, |c| *c.get_ref()),
+                    }
+                }
+                Protocol::Http => {
+                    if let Some(copy) = &l.copy {
+                        return Err(self.error(
+                            copy,
+                            key("copy"),
+                            "`copy` applies to tcp listeners only".into(),
+                        ));
+                    }
+                    ListenerKind::Http(self.http_listener(i, l, cluster, clusters)?)
+                }
+            };
             out.push(Listener {
                 name: l.name.get_ref().clone(),
                 bind,
                 protocol: *l.protocol.get_ref(),
-                cluster,
                 idle_timeout: l.idle_timeout.map_or(limits::IDLE_TIMEOUT_DEFAULT, |d| d.0),
-                copy: l.copy.unwrap_or(CopyMode::Auto),
+                kind,
             });
         }
         Ok(out)
@@ -469,7 +527,7 @@ impl Validator<'_> {
 }
 
 /// Durations serialize as human strings, the same form they are read in.
-mod humantime_serde_compat {
+pub(crate) mod humantime_serde_compat {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -500,7 +558,10 @@ connect_timeout = "1s"
     fn the_issue_example_parses_with_defaults() {
         let c = Config::parse("good.toml", GOOD).unwrap();
         assert_eq!(c.workers, 2);
-        assert_eq!(c.listeners[0].cluster, 0);
+        assert!(matches!(
+            c.listeners[0].kind,
+            ListenerKind::Tcp { cluster: 0, .. }
+        ));
         assert_eq!(c.clusters[0].endpoints.len(), 2);
         assert_eq!(c.listeners[0].idle_timeout, limits::IDLE_TIMEOUT_DEFAULT);
         assert_eq!(

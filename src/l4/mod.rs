@@ -13,6 +13,7 @@ use std::{cell::Cell, net::SocketAddr, rc::Rc, time::Duration};
 use monoio::net::TcpStream;
 
 use crate::{
+    config::ListenerKind,
     metrics,
     worker::{gate::Slot, Worker},
 };
@@ -31,7 +32,10 @@ pub async fn serve(
 ) {
     let _active = metrics::ActiveGuard::new(&worker.counters.connections_active);
     let listener = &worker.config.listeners[listener_index];
-    let Some((upstream, endpoint)) = connect::connect(&worker, listener.cluster).await else {
+    let ListenerKind::Tcp { cluster, copy } = listener.kind else {
+        unreachable!("the accept loop sends only tcp listeners here");
+    };
+    let Some((upstream, endpoint)) = connect::connect(&worker, cluster).await else {
         metrics::add(&worker.counters.connections_unrouted, 1);
         tracing::debug!(conn_id, %peer, listener = %listener.name, "no endpoint accepted; closing client");
         return;
@@ -42,7 +46,7 @@ pub async fn serve(
     tracing::debug!(conn_id, %peer, %endpoint, "proxying");
 
     let activity = Cell::new(0u64);
-    let copied = copy::both_ways(&worker, listener.copy, client, upstream, &activity);
+    let copied = copy::both_ways(&worker, copy, client, upstream, &activity);
     let outcome = monoio::select! {
         r = copied => Some(r),
         _ = idle(&activity, listener.idle_timeout) => None,
@@ -62,7 +66,7 @@ pub async fn serve(
 /// Checking a counter once per period instead of re-arming a timer on every
 /// read keeps the data path free of timer work; the price is precision: an
 /// idle pair closes between one and two periods after its last byte.
-async fn idle(activity: &Cell<u64>, timeout: Duration) {
+pub async fn idle(activity: &Cell<u64>, timeout: Duration) {
     loop {
         let seen = activity.get();
         monoio::time::sleep(timeout).await;

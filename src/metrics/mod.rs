@@ -28,6 +28,164 @@ pub struct Counters {
     pub accept_errors: Cell<u64>,
     /// Connection tasks that panicked; the worker kept serving.
     pub task_panics: Cell<u64>,
+    pub http: HttpCounters,
+}
+
+/// Why the proxy generated a response itself. Each is counted, and named
+/// in the response's `x-pilotfish-error` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorReason {
+    BadRequest,
+    HeadTooLarge,
+    UriTooLong,
+    BodyTooLarge,
+    NoRoute,
+    NoHealthyEndpoint,
+    ConnectFailed,
+    UpstreamReset,
+    BadUpstreamResponse,
+    UpstreamTimeout,
+    UnsupportedVersion,
+    NotImplemented,
+}
+
+impl ErrorReason {
+    pub const ALL: [ErrorReason; 12] = [
+        ErrorReason::BadRequest,
+        ErrorReason::HeadTooLarge,
+        ErrorReason::UriTooLong,
+        ErrorReason::BodyTooLarge,
+        ErrorReason::NoRoute,
+        ErrorReason::NoHealthyEndpoint,
+        ErrorReason::ConnectFailed,
+        ErrorReason::UpstreamReset,
+        ErrorReason::BadUpstreamResponse,
+        ErrorReason::UpstreamTimeout,
+        ErrorReason::UnsupportedVersion,
+        ErrorReason::NotImplemented,
+    ];
+
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorReason::BadRequest => 400,
+            ErrorReason::NoRoute => 404,
+            ErrorReason::BodyTooLarge => 413,
+            ErrorReason::UriTooLong => 414,
+            ErrorReason::HeadTooLarge => 431,
+            ErrorReason::NotImplemented => 501,
+            ErrorReason::UpstreamReset | ErrorReason::BadUpstreamResponse => 502,
+            ErrorReason::NoHealthyEndpoint | ErrorReason::ConnectFailed => 503,
+            ErrorReason::UpstreamTimeout => 504,
+            ErrorReason::UnsupportedVersion => 505,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorReason::BadRequest => "bad_request",
+            ErrorReason::HeadTooLarge => "head_too_large",
+            ErrorReason::UriTooLong => "uri_too_long",
+            ErrorReason::BodyTooLarge => "body_too_large",
+            ErrorReason::NoRoute => "no_route",
+            ErrorReason::NoHealthyEndpoint => "no_healthy_endpoint",
+            ErrorReason::ConnectFailed => "upstream_connect_failed",
+            ErrorReason::UpstreamReset => "upstream_reset",
+            ErrorReason::BadUpstreamResponse => "bad_upstream_response",
+            ErrorReason::UpstreamTimeout => "upstream_timeout",
+            ErrorReason::UnsupportedVersion => "unsupported_http_version",
+            ErrorReason::NotImplemented => "not_implemented",
+        }
+    }
+
+    fn index(self) -> usize {
+        ErrorReason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or(0)
+    }
+}
+
+/// HTTP counters of one worker.
+#[derive(Debug, Default)]
+pub struct HttpCounters {
+    pub requests: Cell<u64>,
+    /// Responses sent to clients by status class: 1xx (interim), 2xx ... 5xx.
+    pub responses_by_class: [Cell<u64>; 5],
+    /// Responses the proxy generated itself, by [`ErrorReason`].
+    pub generated: [Cell<u64>; 12],
+    pub retries: Cell<u64>,
+    /// Retries refused because the cluster's retry budget was spent.
+    pub retries_over_budget: Cell<u64>,
+    pub upstream_connects: Cell<u64>,
+    pub pool_reuses: Cell<u64>,
+    pub ejections: Cell<u64>,
+    pub health_checks_ok: Cell<u64>,
+    pub health_checks_failed: Cell<u64>,
+    /// Responses cut off midway (connection closed, never completed).
+    pub responses_cut: Cell<u64>,
+}
+
+impl HttpCounters {
+    pub fn response(&self, status: u16) {
+        if let Some(c) = self
+            .responses_by_class
+            .get(usize::from(status / 100).wrapping_sub(1))
+        {
+            add(c, 1);
+        }
+    }
+
+    pub fn generated(&self, reason: ErrorReason) {
+        add(&self.generated[reason.index()], 1);
+    }
+}
+
+/// A copy of one worker's HTTP counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HttpSnapshot {
+    pub requests: u64,
+    pub responses_by_class: [u64; 5],
+    /// (reason, count) for every reason, in [`ErrorReason::ALL`] order.
+    pub generated: Vec<(&'static str, u64)>,
+    pub retries: u64,
+    pub retries_over_budget: u64,
+    pub upstream_connects: u64,
+    pub pool_reuses: u64,
+    pub ejections: u64,
+    pub health_checks_ok: u64,
+    pub health_checks_failed: u64,
+    pub responses_cut: u64,
+}
+
+impl HttpSnapshot {
+    pub fn generated(&self, reason: ErrorReason) -> u64 {
+        self.generated
+            .iter()
+            .find(|(n, _)| *n == reason.name())
+            .map_or(0, |(_, c)| *c)
+    }
+
+    fn merge(&mut self, o: &HttpSnapshot) {
+        self.requests += o.requests;
+        for (a, b) in self.responses_by_class.iter_mut().zip(o.responses_by_class) {
+            *a += b;
+        }
+        if self.generated.is_empty() {
+            self.generated = o.generated.clone();
+        } else {
+            for (a, b) in self.generated.iter_mut().zip(&o.generated) {
+                a.1 += b.1;
+            }
+        }
+        self.retries += o.retries;
+        self.retries_over_budget += o.retries_over_budget;
+        self.upstream_connects += o.upstream_connects;
+        self.pool_reuses += o.pool_reuses;
+        self.ejections += o.ejections;
+        self.health_checks_ok += o.health_checks_ok;
+        self.health_checks_failed += o.health_checks_failed;
+        self.responses_cut += o.responses_cut;
+    }
 }
 
 /// Counts one connection as active for as long as it lives (also through
@@ -62,6 +220,7 @@ pub struct Snapshot {
     pub drain_cut: u64,
     pub accept_errors: u64,
     pub task_panics: u64,
+    pub http: HttpSnapshot,
 }
 
 /// Adds `n` to a counter cell.
@@ -84,6 +243,22 @@ impl Counters {
             drain_cut: self.drain_cut.get(),
             accept_errors: self.accept_errors.get(),
             task_panics: self.task_panics.get(),
+            http: HttpSnapshot {
+                requests: self.http.requests.get(),
+                responses_by_class: std::array::from_fn(|i| self.http.responses_by_class[i].get()),
+                generated: ErrorReason::ALL
+                    .iter()
+                    .map(|r| (r.name(), self.http.generated[r.index()].get()))
+                    .collect(),
+                retries: self.http.retries.get(),
+                retries_over_budget: self.http.retries_over_budget.get(),
+                upstream_connects: self.http.upstream_connects.get(),
+                pool_reuses: self.http.pool_reuses.get(),
+                ejections: self.http.ejections.get(),
+                health_checks_ok: self.http.health_checks_ok.get(),
+                health_checks_failed: self.http.health_checks_failed.get(),
+                responses_cut: self.http.responses_cut.get(),
+            },
         }
     }
 }
@@ -102,6 +277,7 @@ impl Snapshot {
         self.drain_cut += other.drain_cut;
         self.accept_errors += other.accept_errors;
         self.task_panics += other.task_panics;
+        self.http.merge(&other.http);
     }
 }
 

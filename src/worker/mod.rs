@@ -25,13 +25,14 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use serde::Serialize;
 
 use crate::{
-    balance::RoundRobin,
+    balance::{Rng, RoundRobin},
     config::{
         limits::{ACCEPT_ERROR_BACKOFF, MAILBOX_CAPACITY, MAILBOX_POLL_INTERVAL},
-        Config,
+        Config, ListenerKind,
     },
-    l4,
+    http, l4,
     metrics::{self, Counters, Snapshot},
+    upstream::{health, ClusterState},
 };
 use buffers::BufferPool;
 use gate::{Slots, Trigger};
@@ -86,6 +87,10 @@ pub struct Worker {
     pub buffers: BufferPool,
     pub slots: Rc<Slots>,
     pub draining: Trigger,
+    /// HTTP view of every cluster, indexed like `config.clusters`.
+    pub clusters: Vec<Rc<ClusterState>>,
+    /// This worker's random numbers (balancing, splits, request ids).
+    pub rng: Rng,
     next_conn_id: Cell<u64>,
 }
 
@@ -96,10 +101,18 @@ impl Worker {
             .iter()
             .map(|c| RoundRobin::new(c.endpoints.len(), id))
             .collect();
+        let now = Instant::now();
+        let clusters = config
+            .clusters
+            .iter()
+            .map(|c| Rc::new(ClusterState::new(c, id, now)))
+            .collect();
         Self {
             id,
             core,
             driver,
+            clusters,
+            rng: Rng::from_time(id as u64),
             slots: Slots::new(config.max_connections_per_worker),
             config,
             counters: Rc::default(),
@@ -203,6 +216,7 @@ async fn worker_main(
     for (index, sock) in listeners.into_iter().enumerate() {
         monoio::spawn(accept_loop(Rc::clone(&worker), index, sock));
     }
+    spawn_upstream_upkeep(&worker);
     let _ = started.send(Started {
         worker: id,
         result: Ok(driver),
@@ -258,6 +272,52 @@ async fn serve_mailbox(worker: &Worker, inbox: &Receiver<Command>) {
     }
 }
 
+/// How often a worker drops expired idle upstream connections.
+const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Health checks for clusters that ask for them, and the pool sweeper;
+/// both stop when the worker drains.
+fn spawn_upstream_upkeep(worker: &Rc<Worker>) {
+    let http_counters = Rc::new(metrics::HttpCounters::default());
+    for cluster in &worker.clusters {
+        if let Some(check) = cluster.config.health_check.clone() {
+            let cluster = Rc::clone(cluster);
+            let w = Rc::clone(worker);
+            let counters = Rc::clone(&http_counters);
+            monoio::spawn(async move {
+                health::run(cluster, check, counters.clone(), w.draining.clone()).await;
+            });
+        }
+    }
+    // Health-check counts land in a side set merged into the worker's
+    // counters by the sweeper, so the checker needs no Rc of the worker.
+    let w = Rc::clone(worker);
+    monoio::spawn(async move {
+        loop {
+            monoio::select! {
+                _ = monoio::time::sleep(POOL_SWEEP_INTERVAL) => {}
+                _ = w.draining.wait() => return,
+            }
+            let now = Instant::now();
+            for c in &w.clusters {
+                c.expire_idle(now);
+            }
+            for (from, to) in [
+                (
+                    &http_counters.health_checks_ok,
+                    &w.counters.http.health_checks_ok,
+                ),
+                (
+                    &http_counters.health_checks_failed,
+                    &w.counters.http.health_checks_failed,
+                ),
+            ] {
+                metrics::add(to, from.replace(0));
+            }
+        }
+    });
+}
+
 /// Accepts on one listener until the worker drains.
 async fn accept_loop(worker: Rc<Worker>, listener_index: usize, sock: monoio::net::TcpListener) {
     loop {
@@ -273,15 +333,18 @@ async fn accept_loop(worker: Rc<Worker>, listener_index: usize, sock: monoio::ne
             Ok((stream, peer)) => {
                 metrics::add(&worker.counters.connections_accepted, 1);
                 let conn_id = worker.next_conn_id();
-                let conn = l4::serve(
-                    Rc::clone(&worker),
-                    listener_index,
-                    stream,
-                    peer,
-                    conn_id,
-                    slot,
-                );
-                isolate::spawn_connection(Rc::clone(&worker.counters), conn_id, conn);
+                let counters = Rc::clone(&worker.counters);
+                let w = Rc::clone(&worker);
+                match worker.config.listeners[listener_index].kind {
+                    ListenerKind::Tcp { .. } => {
+                        let conn = l4::serve(w, listener_index, stream, peer, conn_id, slot);
+                        isolate::spawn_connection(counters, conn_id, conn);
+                    }
+                    ListenerKind::Http(_) => {
+                        let conn = http::serve(w, listener_index, stream, peer, conn_id, slot);
+                        isolate::spawn_connection(counters, conn_id, conn);
+                    }
+                }
             }
             Err(e) => {
                 metrics::add(&worker.counters.accept_errors, 1);

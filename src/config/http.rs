@@ -1,0 +1,637 @@
+//! The HTTP parts of the config: listener limits, routes, and the
+//! cluster policies (balancing, pooling, retries, outlier detection,
+//! health checks).
+//!
+//! What must hold: every route points at clusters that exist, weights are
+//! positive, retry conditions are known, and every limit is bounded by the
+//! constants in [`super::limits`].
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use super::{duration::HumanDuration, limits::*};
+use crate::http1::{write::Edits, HeadLimits};
+
+/// An HTTP listener's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HttpListener {
+    #[serde(skip)]
+    pub limits: HeadLimits,
+    /// Request bodies larger than this get 413; None: unbounded (streamed).
+    pub body_bytes_max: Option<u64>,
+    pub routes: Vec<Route>,
+    /// The listener's `cluster`: where requests no route matched go.
+    pub default_cluster: Option<usize>,
+    #[serde(with = "super::humantime_serde_compat")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub name: String,
+    pub host: Option<HostMatch>,
+    pub path: Option<PathMatch>,
+    pub method: Option<String>,
+    pub headers: Vec<(String, String)>,
+    /// (cluster index, weight); one entry for a plain `cluster`.
+    pub clusters: Vec<(usize, u32)>,
+    #[serde(with = "super::humantime_serde_compat")]
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    #[serde(skip)]
+    pub edits: Edits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com`: stored as `.example.com`.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RetryPolicy {
+    /// Tries in all (1 = no retry).
+    pub attempts: u32,
+    pub on_connect_failure: bool,
+    /// The upstream reset or closed before any response byte.
+    pub on_reset: bool,
+    pub on_status: Vec<u16>,
+    /// Retry POST and other non-idempotent methods too.
+    pub non_idempotent: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: RETRY_ATTEMPTS_DEFAULT,
+            on_connect_failure: true,
+            on_reset: true,
+            on_status: Vec::new(),
+            non_idempotent: false,
+        }
+    }
+}
+
+/// How a cluster picks an endpoint for each request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum LbPolicy {
+    RoundRobin,
+    /// Power of two choices, fewer active requests wins.
+    LeastRequest,
+    /// Peak-EWMA latency times active requests (linkerd's choice).
+    Ewma,
+    /// Consistent hash of a request header's value.
+    Hash {
+        header: String,
+    },
+}
+
+/// HTTP-specific cluster settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HttpCluster {
+    pub lb: LbPolicy,
+    pub max_idle_per_endpoint: usize,
+    #[serde(with = "super::humantime_serde_compat")]
+    pub pool_idle_timeout: Duration,
+    pub retry_budget_percent: u32,
+    pub outlier: Option<Outlier>,
+    pub health_check: Option<HealthCheck>,
+}
+
+impl Default for HttpCluster {
+    fn default() -> Self {
+        Self {
+            lb: LbPolicy::RoundRobin,
+            max_idle_per_endpoint: POOL_IDLE_PER_ENDPOINT_DEFAULT,
+            pool_idle_timeout: POOL_IDLE_TIMEOUT_DEFAULT,
+            retry_budget_percent: RETRY_BUDGET_PERCENT_DEFAULT,
+            outlier: Some(Outlier::default()),
+            health_check: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Outlier {
+    pub consecutive_failures: u32,
+    #[serde(with = "super::humantime_serde_compat")]
+    pub base_ejection: Duration,
+    #[serde(with = "super::humantime_serde_compat")]
+    pub max_ejection: Duration,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: OUTLIER_CONSECUTIVE_FAILURES_DEFAULT,
+            base_ejection: OUTLIER_BASE_EJECTION_DEFAULT,
+            max_ejection: OUTLIER_MAX_EJECTION_DEFAULT,
+            max_ejected_percent: OUTLIER_MAX_EJECTED_PERCENT_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub path: String,
+    #[serde(with = "super::humantime_serde_compat")]
+    pub interval: Duration,
+    #[serde(with = "super::humantime_serde_compat")]
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+/// The file's view of the HTTP settings.
+pub(super) mod raw {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Route {
+        pub name: Option<Spanned<String>>,
+        pub host: Option<Spanned<String>>,
+        pub path: Option<Spanned<String>>,
+        pub path_prefix: Option<Spanned<String>>,
+        pub method: Option<Spanned<String>>,
+        #[serde(default)]
+        pub headers: BTreeMap<String, String>,
+        pub cluster: Option<Spanned<String>>,
+        pub weighted: Option<Spanned<Vec<Weighted>>>,
+        pub timeout: Option<HumanDuration>,
+        pub retry: Option<Retry>,
+        pub request_headers: Option<HeaderEdits>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Weighted {
+        pub cluster: Spanned<String>,
+        pub weight: Spanned<u32>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Retry {
+        pub attempts: Option<Spanned<u32>>,
+        pub on: Option<Vec<Spanned<String>>>,
+        #[serde(default)]
+        pub non_idempotent: bool,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct HeaderEdits {
+        #[serde(default)]
+        pub add: BTreeMap<String, String>,
+        #[serde(default)]
+        pub set: BTreeMap<String, String>,
+        #[serde(default)]
+        pub remove: Vec<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Outlier {
+        pub consecutive_failures: Option<Spanned<u32>>,
+        pub base_ejection: Option<HumanDuration>,
+        pub max_ejection: Option<HumanDuration>,
+        pub max_ejected_percent: Option<Spanned<u32>>,
+        #[serde(default)]
+        pub disabled: bool,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct HealthCheck {
+        pub path: Spanned<String>,
+        pub interval: Option<HumanDuration>,
+        pub timeout: Option<HumanDuration>,
+        pub healthy_threshold: Option<Spanned<u32>>,
+        pub unhealthy_threshold: Option<Spanned<u32>>,
+    }
+}
+
+/// Cross-field checks for the HTTP parts.
+impl super::Validator<'_> {
+    /// A `Spanned` number in `range`, or `default` when absent.
+    fn bounded<T: Copy + PartialOrd + std::fmt::Display>(
+        &self,
+        value: &Option<Spanned<T>>,
+        key: String,
+        range: std::ops::RangeInclusive<T>,
+        default: T,
+    ) -> Result<T, super::ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) if range.contains(v.get_ref()) => Ok(*v.get_ref()),
+            Some(v) => Err(self.error(
+                v,
+                key,
+                format!("must be between {} and {}", range.start(), range.end()),
+            )),
+        }
+    }
+
+    /// A tcp listener must not carry HTTP-only keys (they would be ignored).
+    pub(super) fn no_http_keys(
+        &self,
+        i: usize,
+        l: &super::raw::Listener,
+    ) -> Result<(), super::ConfigError> {
+        let http_only = l.request_timeout.is_some()
+            || l.head_bytes_max.is_some()
+            || l.headers_max.is_some()
+            || l.uri_bytes_max.is_some()
+            || l.body_bytes_max.is_some()
+            || !l.routes.is_empty();
+        if http_only {
+            return Err(self.error(
+                &l.protocol,
+                format!("listeners[{i}]"),
+                "request_timeout, *_max limits and routes apply to protocol \"http\" only".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn http_listener(
+        &self,
+        i: usize,
+        l: &super::raw::Listener,
+        default_cluster: Option<usize>,
+        clusters: &[super::raw::Cluster],
+    ) -> Result<HttpListener, super::ConfigError> {
+        let key = |f: &str| format!("listeners[{i}].{f}");
+        let limits = HeadLimits {
+            head_bytes: self.bounded(
+                &l.head_bytes_max,
+                key("head_bytes_max"),
+                1024..=HTTP1_HEAD_BYTES_MAX,
+                HTTP1_HEAD_BYTES_DEFAULT,
+            )?,
+            headers: self.bounded(
+                &l.headers_max,
+                key("headers_max"),
+                1..=HTTP1_HEADERS_MAX,
+                HTTP1_HEADERS_DEFAULT,
+            )?,
+            uri_bytes: self.bounded(
+                &l.uri_bytes_max,
+                key("uri_bytes_max"),
+                16..=HTTP1_HEAD_BYTES_MAX,
+                HTTP1_URI_BYTES_DEFAULT,
+            )?,
+        };
+        if l.routes.len() > ROUTES_PER_LISTENER_MAX {
+            return Err(self.error(
+                &l.name,
+                key("routes"),
+                format!("at most {ROUTES_PER_LISTENER_MAX} routes per listener"),
+            ));
+        }
+        let request_timeout = l.request_timeout.map_or(REQUEST_TIMEOUT_DEFAULT, |d| d.0);
+        let routes = l
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(j, r)| self.route(i, j, r, clusters, request_timeout))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(HttpListener {
+            limits,
+            body_bytes_max: l.body_bytes_max.as_ref().map(|b| *b.get_ref()),
+            routes,
+            default_cluster,
+            request_timeout,
+        })
+    }
+
+    fn cluster_index(
+        &self,
+        name: &Spanned<String>,
+        key: String,
+        clusters: &[super::raw::Cluster],
+    ) -> Result<usize, super::ConfigError> {
+        clusters
+            .iter()
+            .position(|c| c.name.get_ref() == name.get_ref())
+            .ok_or_else(|| {
+                self.error(
+                    name,
+                    key,
+                    format!("no cluster named {:?} is defined", name.get_ref()),
+                )
+            })
+    }
+
+    fn route(
+        &self,
+        i: usize,
+        j: usize,
+        r: &raw::Route,
+        clusters: &[super::raw::Cluster],
+        default_timeout: Duration,
+    ) -> Result<Route, super::ConfigError> {
+        let key = |f: &str| format!("listeners[{i}].routes[{j}].{f}");
+        let name = r
+            .name
+            .as_ref()
+            .map_or_else(|| format!("route-{j}"), |n| n.get_ref().clone());
+        let host = r.host.as_ref().map(|h| {
+            let h = h.get_ref().to_ascii_lowercase();
+            match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_string()),
+                None => HostMatch::Exact(h),
+            }
+        });
+        let path = match (&r.path, &r.path_prefix) {
+            (Some(p), Some(_)) => {
+                return Err(self.error(
+                    p,
+                    key("path"),
+                    "give `path` or `path_prefix`, not both".into(),
+                ))
+            }
+            (Some(p), None) => Some(PathMatch::Exact(self.path_value(p, key("path"))?)),
+            (None, Some(p)) => Some(PathMatch::Prefix(self.path_value(p, key("path_prefix"))?)),
+            (None, None) => None,
+        };
+        if r.headers.len() > ROUTE_HEADER_MATCHES_MAX {
+            return Err(self.error(
+                r.name
+                    .as_ref()
+                    .unwrap_or(&Spanned::new(0..0, String::new())),
+                key("headers"),
+                format!("at most {ROUTE_HEADER_MATCHES_MAX} header matches"),
+            ));
+        }
+        let clusters = match (&r.cluster, &r.weighted) {
+            (Some(c), None) => vec![(self.cluster_index(c, key("cluster"), clusters)?, 1)],
+            (None, Some(w)) => {
+                let list = w.get_ref();
+                if list.is_empty() || list.len() > WEIGHTED_CLUSTERS_MAX {
+                    return Err(self.error(
+                        w,
+                        key("weighted"),
+                        format!("needs 1 to {WEIGHTED_CLUSTERS_MAX} entries"),
+                    ));
+                }
+                let mut out = Vec::with_capacity(list.len());
+                for (k, entry) in list.iter().enumerate() {
+                    let index = self.cluster_index(
+                        &entry.cluster,
+                        format!("listeners[{i}].routes[{j}].weighted[{k}].cluster"),
+                        clusters,
+                    )?;
+                    let weight = *entry.weight.get_ref();
+                    if !(1..=1_000_000).contains(&weight) {
+                        return Err(self.error(
+                            &entry.weight,
+                            format!("listeners[{i}].routes[{j}].weighted[{k}].weight"),
+                            "must be between 1 and 1000000".into(),
+                        ));
+                    }
+                    out.push((index, weight));
+                }
+                out
+            }
+            (Some(c), Some(_)) => {
+                return Err(self.error(
+                    c,
+                    key("cluster"),
+                    "give `cluster` or `weighted`, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(self.error(
+                    r.name
+                        .as_ref()
+                        .unwrap_or(&Spanned::new(0..0, String::new())),
+                    key("cluster"),
+                    "a route needs `cluster` or `weighted`".into(),
+                ))
+            }
+        };
+        Ok(Route {
+            name,
+            host,
+            path,
+            method: r.method.as_ref().map(|m| m.get_ref().clone()),
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect(),
+            clusters,
+            timeout: r.timeout.map_or(default_timeout, |d| d.0),
+            retry: self.retry(r.retry.as_ref(), &key("retry"))?,
+            edits: self.edits(r.request_headers.as_ref(), r, &key("request_headers"))?,
+        })
+    }
+
+    fn path_value(&self, p: &Spanned<String>, key: String) -> Result<String, super::ConfigError> {
+        if !p.get_ref().starts_with('/') {
+            return Err(self.error(p, key, "must start with `/`".into()));
+        }
+        Ok(p.get_ref().clone())
+    }
+
+    fn retry(&self, r: Option<&raw::Retry>, key: &str) -> Result<RetryPolicy, super::ConfigError> {
+        let Some(r) = r else {
+            return Ok(RetryPolicy::default());
+        };
+        let mut policy = RetryPolicy {
+            attempts: self.bounded(
+                &r.attempts,
+                format!("{key}.attempts"),
+                1..=RETRY_ATTEMPTS_MAX,
+                RETRY_ATTEMPTS_DEFAULT,
+            )?,
+            non_idempotent: r.non_idempotent,
+            ..RetryPolicy::default()
+        };
+        if let Some(on) = &r.on {
+            policy.on_connect_failure = false;
+            policy.on_reset = false;
+            for cond in on {
+                match cond.get_ref().as_str() {
+                    "connect_failure" => policy.on_connect_failure = true,
+                    "reset" => policy.on_reset = true,
+                    code => match code.parse::<u16>() {
+                        Ok(c) if (500..=599).contains(&c) => policy.on_status.push(c),
+                        _ => {
+                            return Err(self.error(
+                                cond,
+                                format!("{key}.on"),
+                                format!("unknown retry condition {code:?}: use \"connect_failure\", \"reset\" or a 5xx status such as \"503\""),
+                            ))
+                        }
+                    },
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    fn edits(
+        &self,
+        e: Option<&raw::HeaderEdits>,
+        r: &raw::Route,
+        key: &str,
+    ) -> Result<Edits, super::ConfigError> {
+        let Some(e) = e else {
+            return Ok(Edits::default());
+        };
+        let count = e.add.len() + e.set.len() + e.remove.len();
+        let valid_name = |n: &str| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        let valid_value = |v: &str| v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
+        let bad = e
+            .add
+            .iter()
+            .chain(&e.set)
+            .find(|(n, v)| !valid_name(n) || !valid_value(v))
+            .map(|(n, _)| n.clone())
+            .or_else(|| e.remove.iter().find(|n| !valid_name(n)).cloned());
+        let anchor = r
+            .name
+            .clone()
+            .unwrap_or_else(|| Spanned::new(0..0, String::new()));
+        if let Some(bad) = bad {
+            return Err(self.error(
+                &anchor,
+                key.to_string(),
+                format!("invalid header name or value for {bad:?}"),
+            ));
+        }
+        if count > ROUTE_HEADER_EDITS_MAX {
+            return Err(self.error(
+                &anchor,
+                key.to_string(),
+                format!("at most {ROUTE_HEADER_EDITS_MAX} header edits"),
+            ));
+        }
+        let lower = |m: &std::collections::BTreeMap<String, String>| {
+            m.iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect()
+        };
+        Ok(Edits {
+            remove: e.remove.iter().map(|n| n.to_ascii_lowercase()).collect(),
+            set: lower(&e.set),
+            add: lower(&e.add),
+        })
+    }
+
+    pub(super) fn http_cluster(
+        &self,
+        i: usize,
+        c: &super::raw::Cluster,
+    ) -> Result<HttpCluster, super::ConfigError> {
+        let key = |f: &str| format!("clusters[{i}].{f}");
+        let lb = match c.lb.as_ref().map(|l| (l, l.get_ref().as_str())) {
+            None | Some((_, "round_robin")) => LbPolicy::RoundRobin,
+            Some((_, "least_request")) => LbPolicy::LeastRequest,
+            Some((_, "ewma")) => LbPolicy::Ewma,
+            Some((l, "hash")) => {
+                let Some(h) = &c.hash_header else {
+                    return Err(self.error(
+                        l,
+                        key("hash_header"),
+                        "lb = \"hash\" needs `hash_header`".into(),
+                    ));
+                };
+                LbPolicy::Hash {
+                    header: h.get_ref().to_ascii_lowercase(),
+                }
+            }
+            Some((l, other)) => {
+                return Err(self.error(
+                    l,
+                    key("lb"),
+                    format!("unknown lb {other:?}: use round_robin, least_request, ewma or hash"),
+                ))
+            }
+        };
+        if let (Some(h), false) = (&c.hash_header, matches!(lb, LbPolicy::Hash { .. })) {
+            return Err(self.error(h, key("hash_header"), "needs lb = \"hash\"".into()));
+        }
+        let outlier = match &c.outlier {
+            None => Some(Outlier::default()),
+            Some(o) if o.disabled => None,
+            Some(o) => Some(Outlier {
+                consecutive_failures: self.bounded(
+                    &o.consecutive_failures,
+                    key("outlier.consecutive_failures"),
+                    1..=1000,
+                    OUTLIER_CONSECUTIVE_FAILURES_DEFAULT,
+                )?,
+                base_ejection: o
+                    .base_ejection
+                    .map_or(OUTLIER_BASE_EJECTION_DEFAULT, |d| d.0),
+                max_ejection: o.max_ejection.map_or(OUTLIER_MAX_EJECTION_DEFAULT, |d| d.0),
+                max_ejected_percent: self.bounded(
+                    &o.max_ejected_percent,
+                    key("outlier.max_ejected_percent"),
+                    0..=100,
+                    OUTLIER_MAX_EJECTED_PERCENT_DEFAULT,
+                )?,
+            }),
+        };
+        let health_check = match &c.health_check {
+            None => None,
+            Some(h) => Some(HealthCheck {
+                path: self.path_value(&h.path, key("health_check.path"))?,
+                interval: h.interval.map_or(Duration::from_secs(5), |d| d.0),
+                timeout: h.timeout.map_or(Duration::from_secs(1), |d| d.0),
+                healthy_threshold: self.bounded(
+                    &h.healthy_threshold,
+                    key("health_check.healthy_threshold"),
+                    1..=100,
+                    2,
+                )?,
+                unhealthy_threshold: self.bounded(
+                    &h.unhealthy_threshold,
+                    key("health_check.unhealthy_threshold"),
+                    1..=100,
+                    3,
+                )?,
+            }),
+        };
+        Ok(HttpCluster {
+            lb,
+            max_idle_per_endpoint: self.bounded(
+                &c.max_idle_per_endpoint,
+                key("max_idle_per_endpoint"),
+                0..=POOL_IDLE_PER_ENDPOINT_MAX,
+                POOL_IDLE_PER_ENDPOINT_DEFAULT,
+            )?,
+            pool_idle_timeout: c
+                .pool_idle_timeout
+                .map_or(POOL_IDLE_TIMEOUT_DEFAULT, |d| d.0),
+            retry_budget_percent: self.bounded(
+                &c.retry_budget_percent,
+                key("retry_budget_percent"),
+                0..=100,
+                RETRY_BUDGET_PERCENT_DEFAULT,
+            )?,
+            outlier,
+            health_check,
+        })
+    }
+}

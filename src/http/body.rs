@@ -1,0 +1,215 @@
+//! Moving a message body from one connection to the other, re-framed.
+//!
+//! Content-Length bodies are written straight from the read buffer (no
+//! copy). Chunked bodies are decoded strictly and re-encoded (one copy, to
+//! drop the peer's framing bytes). Close-delimited response bodies are
+//! re-chunked for HTTP/1.1 clients so their connection can stay open.
+//!
+//! What must hold: memory per body is the two connection buffers whatever
+//! the body size; every error names the side that caused it.
+
+use std::{io, time::Duration};
+
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
+
+use super::inbound::{write_all_timed, Inbound};
+use crate::http1::chunked::{write_chunk_size, ChunkError, ChunkedDecoder, CHUNK_END, LAST_CHUNK};
+
+/// Which peer a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+}
+
+#[derive(Debug)]
+pub enum BodyError {
+    /// Reading from or writing to `side` failed (reset, timeout).
+    Io(Side, io::Error),
+    /// `side` closed before the body was complete.
+    Truncated(Side),
+    /// `side` sent bad chunked framing.
+    Framing(Side, ChunkError),
+    /// The request body passed the listener's limit.
+    TooLarge,
+}
+
+impl BodyError {
+    pub fn side(&self) -> Side {
+        match self {
+            BodyError::Io(s, _) | BodyError::Truncated(s) | BodyError::Framing(s, _) => *s,
+            BodyError::TooLarge => Side::Downstream,
+        }
+    }
+}
+
+/// One direction: where bytes come from and which side that is.
+pub struct Source<'a, S> {
+    pub inbound: &'a mut Inbound,
+    pub stream: &'a mut S,
+    pub side: Side,
+}
+
+impl<S: AsyncReadRent> Source<'_, S> {
+    fn other(&self) -> Side {
+        match self.side {
+            Side::Downstream => Side::Upstream,
+            Side::Upstream => Side::Downstream,
+        }
+    }
+
+    /// Ensures unconsumed bytes are buffered; false on EOF.
+    async fn more(&mut self, idle: Duration) -> Result<bool, BodyError> {
+        if !self.inbound.is_empty() {
+            return Ok(true);
+        }
+        let cap = self.inbound.capacity();
+        match self.inbound.fill(self.stream, cap, idle).await {
+            Ok(0) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(e) => Err(BodyError::Io(self.side, e)),
+        }
+    }
+}
+
+/// Copies exactly `len` body bytes.
+pub async fn copy_length<S: AsyncReadRent, D: AsyncWriteRent>(
+    src: &mut Source<'_, S>,
+    dst: &mut D,
+    len: u64,
+    idle: Duration,
+) -> Result<(), BodyError> {
+    let mut left = len;
+    while left > 0 {
+        if !src.more(idle).await? {
+            return Err(BodyError::Truncated(src.side));
+        }
+        let n = (src.inbound.data().len() as u64).min(left) as usize;
+        src.inbound
+            .write_to(dst, n, idle)
+            .await
+            .map_err(|e| BodyError::Io(src.other(), e))?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Decodes a chunked body and writes it re-chunked; returns the data size.
+/// `limit` bounds the decoded size (request bodies).
+pub async fn copy_chunked<S: AsyncReadRent, D: AsyncWriteRent>(
+    src: &mut Source<'_, S>,
+    dst: &mut D,
+    out: &mut Vec<u8>,
+    limit: Option<u64>,
+    idle: Duration,
+) -> Result<u64, BodyError> {
+    let mut decoder = ChunkedDecoder::default();
+    let mut total = 0u64;
+    loop {
+        if !src.more(idle).await? {
+            return Err(BodyError::Truncated(src.side));
+        }
+        out.clear();
+        // Re-frame everything buffered, then write once.
+        while !src.inbound.is_empty() && !decoder.is_done() {
+            let d = decoder
+                .decode(src.inbound.data())
+                .map_err(|e| BodyError::Framing(src.side, e))?;
+            if let Some(range) = d.data {
+                let data = &src.inbound.data()[range];
+                total += data.len() as u64;
+                if limit.is_some_and(|max| total > max) {
+                    return Err(BodyError::TooLarge);
+                }
+                write_chunk_size(data.len(), out);
+                out.extend_from_slice(data);
+                out.extend_from_slice(CHUNK_END);
+            }
+            src.inbound.consume(d.consumed);
+        }
+        if decoder.is_done() {
+            out.extend_from_slice(LAST_CHUNK);
+        }
+        if !out.is_empty() {
+            let (r, buf) = write_all_timed(dst, std::mem::take(out), idle).await;
+            *out = buf;
+            r.map_err(|e| BodyError::Io(src.other(), e))?;
+        }
+        if decoder.is_done() {
+            return Ok(total);
+        }
+    }
+}
+
+/// Copies until `src` closes; re-chunks when `rechunk` (then ends with
+/// the last chunk).
+pub async fn copy_until_close<S: AsyncReadRent, D: AsyncWriteRent>(
+    src: &mut Source<'_, S>,
+    dst: &mut D,
+    out: &mut Vec<u8>,
+    rechunk: bool,
+    idle: Duration,
+) -> Result<(), BodyError> {
+    while src.more(idle).await? {
+        let n = src.inbound.data().len();
+        if rechunk {
+            out.clear();
+            write_chunk_size(n, out);
+            out.extend_from_slice(src.inbound.data());
+            out.extend_from_slice(CHUNK_END);
+            src.inbound.consume(n);
+            let (r, buf) = write_all_timed(dst, std::mem::take(out), idle).await;
+            *out = buf;
+            r.map_err(|e| BodyError::Io(src.other(), e))?;
+        } else {
+            src.inbound
+                .write_to(dst, n, idle)
+                .await
+                .map_err(|e| BodyError::Io(src.other(), e))?;
+        }
+    }
+    if rechunk {
+        let (r, buf) = write_all_timed(dst, LAST_CHUNK.to_vec(), idle).await;
+        drop(buf);
+        r.map_err(|e| BodyError::Io(src.other(), e))?;
+    }
+    Ok(())
+}
+
+/// Reads and discards a body of known framing from `src` (at most `max`
+/// bytes), so the connection can carry the next message.
+pub async fn discard<S: AsyncReadRent>(
+    src: &mut Source<'_, S>,
+    chunked: bool,
+    len: u64,
+    max: u64,
+    idle: Duration,
+) -> Result<(), BodyError> {
+    if !chunked && len > max {
+        return Err(BodyError::TooLarge);
+    }
+    let mut decoder = ChunkedDecoder::default();
+    let (mut left, mut total) = (len, 0u64);
+    loop {
+        if !chunked && left == 0 || chunked && decoder.is_done() {
+            return Ok(());
+        }
+        if !src.more(idle).await? {
+            return Err(BodyError::Truncated(src.side));
+        }
+        if chunked {
+            let d = decoder
+                .decode(src.inbound.data())
+                .map_err(|e| BodyError::Framing(src.side, e))?;
+            total += d.data.map_or(0, |r| r.len() as u64);
+            if total > max {
+                return Err(BodyError::TooLarge);
+            }
+            src.inbound.consume(d.consumed);
+        } else {
+            let n = (src.inbound.data().len() as u64).min(left);
+            src.inbound.consume(n as usize);
+            left -= n;
+        }
+    }
+}

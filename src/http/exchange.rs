@@ -1,0 +1,615 @@
+//! One request's trip upstream: pick an endpoint, take a pooled connection
+//! or connect, send the re-serialized head and body, read the response
+//! head, retry when the policy, the budget and the body allow, then relay
+//! the response to the client.
+//!
+//! What must hold: a retry happens only before any response byte reached
+//! the client, only for conditions the route lists, only within the
+//! cluster's retry budget, and (except after a connect failure, when
+//! nothing was sent) only for idempotent methods without a body. An
+//! upstream connection goes back to the pool only after a complete
+//! response on a connection both sides keep alive.
+
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+
+use super::{
+    body::{self, BodyError, Side, Source},
+    inbound::{write_all_timed, Inbound},
+    Client, Next,
+};
+use crate::{
+    config::{
+        http::{HttpListener, LbPolicy, RetryPolicy, Route},
+        limits::DISCARD_BODY_BYTES_MAX,
+    },
+    http1::{
+        head::RequestKind,
+        write::{self, Edits, Forwarding, OutBody},
+        HeadError, HeadLimits, RequestBody, RequestHead, ResponseBody, ResponseHead,
+        ResponseParser, Version,
+    },
+    metrics::{self, ActiveGuard, ErrorReason},
+    route::{host_without_port, RequestView},
+    upstream::{ClusterState, Outcome},
+    worker::Worker,
+};
+
+/// How long we wait for an upstream's `100 Continue` before sending the
+/// body anyway (curl waits 1 s too; RFC 9110 §10.1.1 lets a client send).
+const EXPECT_CONTINUE_WAIT: Duration = Duration::from_secs(1);
+
+/// An upstream connection during one exchange.
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub inbound: Inbound,
+}
+
+/// Why a request got no relayed response.
+#[derive(Debug)]
+pub enum Failure {
+    /// Nothing reached the client yet: answer with a generated response.
+    Generated {
+        reason: ErrorReason,
+        detail: String,
+        close: bool,
+    },
+    /// The response failed midway: close the connection.
+    Cut(String),
+}
+
+/// Routing's view of an HTTP/1 request.
+pub struct View<'a>(pub &'a RequestHead);
+
+impl RequestView for View<'_> {
+    fn method(&self) -> &[u8] {
+        self.0.method()
+    }
+
+    fn host(&self) -> Option<&[u8]> {
+        if let Some(h) = self.0.host() {
+            return Some(host_without_port(h));
+        }
+        // Absolute-form target on HTTP/1.0 without Host.
+        let t = self.0.target();
+        let rest = t.split(|&b| b == b'/').nth(2)?;
+        Some(host_without_port(rest))
+    }
+
+    fn path(&self) -> &[u8] {
+        self.0.path()
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.0.head.get(name)
+    }
+}
+
+/// What went wrong in one attempt, and whether a retry may fix it.
+enum AttemptError {
+    /// Nothing reached the upstream's application, or it reset before
+    /// answering: another endpoint may do better.
+    Retryable {
+        condition: Condition,
+        reason: ErrorReason,
+        detail: String,
+    },
+    Final(Failure),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Condition {
+    ConnectFailure,
+    Reset,
+    Status,
+}
+
+fn is_idempotent(method: &[u8]) -> bool {
+    matches!(
+        method,
+        b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE"
+    )
+}
+
+/// Forwards `req` to `cluster`, retrying as the route allows.
+pub async fn forward(
+    worker: &Worker,
+    http: &HttpListener,
+    route: Option<&Route>,
+    cluster_index: usize,
+    client: &mut Client,
+    req: &RequestHead,
+    idle: Duration,
+) -> Result<Next, Failure> {
+    let cluster = &*worker.clusters[cluster_index];
+    let default_policy = RetryPolicy::default();
+    let no_edits = Edits::default();
+    let policy = route.map_or(&default_policy, |r| &r.retry);
+    let timeout = route.map_or(http.request_timeout, |r| r.timeout);
+    let edits = route.map_or(&no_edits, |r| &r.edits);
+    let body_out = match req.body {
+        RequestBody::Empty => OutBody::None,
+        RequestBody::Length(n) => OutBody::Length(n),
+        RequestBody::Chunked => OutBody::Chunked,
+    };
+    let tunnel = req.hop.upgrade || req.is_connect();
+    let request_id = format!(
+        "{:016x}{:016x}",
+        worker.rng.next_u64(),
+        worker.rng.next_u64()
+    );
+    let fwd = Forwarding {
+        client_ip: &client.ip,
+        proto: "http",
+        request_id: &request_id,
+    };
+    let mut head = Vec::with_capacity(req.head.bytes.len() + 256);
+    write::request(req, body_out, tunnel, &fwd, edits, &mut head);
+    let bodiless = matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
+    let replay_ok = bodiless && (policy.non_idempotent || is_idempotent(req.method()));
+    let hash_key = match &cluster.config.lb {
+        LbPolicy::Hash { header } => req.head.get(header.as_str()),
+        _ => None,
+    };
+    let _active = ActiveGuard::new(&cluster.active_requests);
+    let deadline = Instant::now() + timeout;
+    let counters = &worker.counters.http;
+    let mut last = Failure::Generated {
+        reason: ErrorReason::NoHealthyEndpoint,
+        detail: format!("no endpoint of cluster {:?} is available", cluster.name),
+        close: !bodiless,
+    };
+    for attempt in 1..=policy.attempts {
+        if attempt > 1 {
+            if !cluster.retry_allowed() {
+                metrics::add(&counters.retries_over_budget, 1);
+                break;
+            }
+            metrics::add(&counters.retries, 1);
+        }
+        let _retrying = (attempt > 1).then(|| ActiveGuard::new(&cluster.active_retries));
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let Some(ep) = cluster.pick(&worker.rng, now, hash_key) else {
+            return Err(last);
+        };
+        let _ep_active = ActiveGuard::new(&cluster.endpoints[ep].active);
+        let retry_status = attempt < policy.attempts && replay_ok && !policy.on_status.is_empty();
+        let ctx = Attempt {
+            worker,
+            http,
+            cluster,
+            ep,
+            req,
+            policy,
+            deadline,
+            idle,
+            retry_status,
+        };
+        match ctx.run(client, &head).await {
+            Ok(next) => return Ok(next),
+            Err(AttemptError::Final(f)) => return Err(f),
+            Err(AttemptError::Retryable {
+                condition,
+                reason,
+                detail,
+            }) => {
+                cluster.record(ep, Outcome::Failure, Instant::now(), counters);
+                let allowed = match condition {
+                    Condition::ConnectFailure => policy.on_connect_failure,
+                    Condition::Reset => policy.on_reset && replay_ok,
+                    Condition::Status => true,
+                };
+                tracing::debug!(cluster = %cluster.name, attempt, ?condition, %detail, allowed, "attempt failed");
+                last = Failure::Generated {
+                    reason,
+                    detail,
+                    close: !bodiless,
+                };
+                if !allowed {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last)
+}
+
+/// One attempt at one endpoint.
+struct Attempt<'a> {
+    worker: &'a Worker,
+    http: &'a HttpListener,
+    cluster: &'a ClusterState,
+    ep: usize,
+    req: &'a RequestHead,
+    policy: &'a RetryPolicy,
+    deadline: Instant,
+    idle: Duration,
+    /// A retryable status may be retried (else it is relayed).
+    retry_status: bool,
+}
+
+impl Attempt<'_> {
+    fn until_deadline(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    fn timeout_failure(&self, close: bool) -> AttemptError {
+        AttemptError::Final(Failure::Generated {
+            reason: ErrorReason::UpstreamTimeout,
+            detail: format!("no response from cluster {:?} in time", self.cluster.name),
+            close,
+        })
+    }
+
+    async fn connect(&self) -> Result<TcpStream, AttemptError> {
+        let endpoint = &self.cluster.endpoints[self.ep];
+        let counters = &self.worker.counters.http;
+        let now = Instant::now();
+        if let Some(s) = endpoint
+            .pool
+            .checkout(now, self.cluster.config.pool_idle_timeout)
+        {
+            metrics::add(&counters.pool_reuses, 1);
+            return Ok(s);
+        }
+        metrics::add(&counters.upstream_connects, 1);
+        let limit = self.cluster.connect_timeout.min(self.until_deadline());
+        let failed = |detail: String| AttemptError::Retryable {
+            condition: Condition::ConnectFailure,
+            reason: ErrorReason::ConnectFailed,
+            detail,
+        };
+        match monoio::time::timeout(limit, TcpStream::connect_addr(endpoint.addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Err(e)) => Err(failed(format!("connect to {} failed: {e}", endpoint.addr))),
+            Err(_) => Err(failed(format!("connect to {} timed out", endpoint.addr))),
+        }
+    }
+
+    async fn run(&self, client: &mut Client, head: &[u8]) -> Result<Next, AttemptError> {
+        let stream = self.connect().await?;
+        let mut up = Upstream {
+            stream,
+            inbound: Inbound::new(self.worker.buffers.take()),
+        };
+        let result = self.exchange(client, head, &mut up).await;
+        match result {
+            Ok((next, reusable)) => {
+                let Upstream { stream, inbound } = up;
+                if let Next::Tunnel(_) = next {
+                    unreachable!("tunnels return from exchange directly");
+                }
+                if reusable && inbound.is_empty() {
+                    let max = self.cluster.config.max_idle_per_endpoint;
+                    self.cluster.endpoints[self.ep]
+                        .pool
+                        .checkin(stream, Instant::now(), max);
+                }
+                self.worker.buffers.give(inbound.into_buffer());
+                Ok(next)
+            }
+            Err(Exit::Tunnel) => Ok(Next::Tunnel(up)),
+            Err(Exit::Failed(e)) => {
+                self.worker.buffers.give(up.inbound.into_buffer());
+                Err(e)
+            }
+        }
+    }
+
+    /// The exchange proper. Ok((next, upstream reusable)).
+    async fn exchange(
+        &self,
+        client: &mut Client,
+        head: &[u8],
+        up: &mut Upstream,
+    ) -> Result<(Next, bool), Exit> {
+        let req = self.req;
+        let idle = self.idle;
+        let sent_at = Instant::now();
+        let (written, _) = write_all_timed(&mut up.stream, head.to_vec(), idle).await;
+        if let Err(e) = written {
+            return Err(Exit::Failed(AttemptError::Retryable {
+                condition: Condition::Reset,
+                reason: ErrorReason::UpstreamReset,
+                detail: format!("sending the request failed: {e}"),
+            }));
+        }
+        let kind = RequestKind::of(req);
+        let mut parser = ResponseParser::new(HeadLimits::default());
+        let mut body_sent = matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
+        let mut early: Option<ResponseHead> = None;
+        if !body_sent && req.hop.expect_continue {
+            let wait = EXPECT_CONTINUE_WAIT.min(self.until_deadline());
+            match self.read_head(up, &mut parser, kind, wait).await {
+                Err(HeadRead::TimedOut) => {}
+                Ok(r) if r.status == 100 => {
+                    self.relay_interim(client, &r).await?;
+                }
+                Ok(r) => early = Some(r),
+                Err(e) => return Err(Exit::Failed(self.head_failure(e, false))),
+            }
+        }
+        if early.is_none() && !body_sent {
+            self.send_body(client, up).await?;
+            body_sent = true;
+        }
+        let resp = loop {
+            let resp = match early.take() {
+                Some(r) => r,
+                None => match self
+                    .read_head(up, &mut parser, kind, self.until_deadline())
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => return Err(Exit::Failed(self.head_failure(e, !body_sent))),
+                },
+            };
+            if resp.is_interim() {
+                if resp.status != 100 || req.hop.expect_continue {
+                    self.relay_interim(client, &resp).await?;
+                }
+                continue;
+            }
+            break resp;
+        };
+        let now = Instant::now();
+        let endpoint = &self.cluster.endpoints[self.ep];
+        endpoint.latency.observe(now - sent_at, now);
+        let counters = &self.worker.counters.http;
+        if resp.status >= 500 {
+            if self.retry_status && self.policy.on_status.contains(&resp.status) {
+                return Err(Exit::Failed(AttemptError::Retryable {
+                    condition: Condition::Status,
+                    reason: ErrorReason::UpstreamReset,
+                    detail: format!("upstream answered {}", resp.status),
+                }));
+            }
+            self.cluster
+                .record(self.ep, Outcome::Failure, now, counters);
+        } else {
+            self.cluster
+                .record(self.ep, Outcome::Success, now, counters);
+        }
+        if resp.status == 101 && !req.hop.upgrade {
+            return Err(Exit::Failed(AttemptError::Final(Failure::Generated {
+                reason: ErrorReason::BadUpstreamResponse,
+                detail: "101 Switching Protocols to a request that asked for no upgrade".into(),
+                close: !body_sent,
+            })));
+        }
+        let tunnel = resp.body == ResponseBody::Tunnel;
+        let client_http11 = req.version == Version::Http11;
+        let out_body = match resp.body {
+            ResponseBody::None | ResponseBody::Tunnel => OutBody::None,
+            ResponseBody::Length(n) => OutBody::Length(n),
+            ResponseBody::Chunked => OutBody::Chunked,
+            ResponseBody::UntilClose if client_http11 && req.hop.keep_alive => OutBody::Chunked,
+            ResponseBody::UntilClose => OutBody::Close,
+        };
+        // A final answer before the request body was sent: the client may
+        // still be sending it, so this connection ends after the response.
+        let client_keep = req.hop.keep_alive && body_sent && out_body != OutBody::Close && !tunnel;
+        let mut out = std::mem::take(&mut client.out);
+        out.clear();
+        write::response(&resp, out_body, client_keep, tunnel, &mut out);
+        let (written, out) = write_all_timed(&mut client.stream, out, self.idle).await;
+        client.out = out;
+        counters.response(resp.status);
+        if let Err(e) = written {
+            return Err(Exit::Failed(AttemptError::Final(Failure::Cut(format!(
+                "writing the response head: {e}"
+            )))));
+        }
+        if tunnel {
+            return Err(Exit::Tunnel);
+        }
+        let mut src = Source {
+            inbound: &mut up.inbound,
+            stream: &mut up.stream,
+            side: Side::Upstream,
+        };
+        let mut scratch = Vec::new();
+        let relayed = match resp.body {
+            ResponseBody::None | ResponseBody::Tunnel => Ok(()),
+            ResponseBody::Length(n) => {
+                body::copy_length(&mut src, &mut client.stream, n, idle).await
+            }
+            ResponseBody::Chunked => {
+                body::copy_chunked(&mut src, &mut client.stream, &mut scratch, None, idle)
+                    .await
+                    .map(|_| ())
+            }
+            ResponseBody::UntilClose => {
+                let rechunk = out_body == OutBody::Chunked;
+                body::copy_until_close(&mut src, &mut client.stream, &mut scratch, rechunk, idle)
+                    .await
+            }
+        };
+        if let Err(e) = relayed {
+            if e.side() == Side::Upstream {
+                self.cluster
+                    .record(self.ep, Outcome::Failure, Instant::now(), counters);
+            }
+            return Err(Exit::Failed(AttemptError::Final(Failure::Cut(format!(
+                "response body: {e:?}"
+            )))));
+        }
+        let reusable = resp.hop.keep_alive
+            && resp.version == Version::Http11
+            && resp.body != ResponseBody::UntilClose
+            && body_sent;
+        let next = if client_keep {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        };
+        Ok((next, reusable))
+    }
+
+    /// Streams the request body from the client to the upstream.
+    async fn send_body(&self, client: &mut Client, up: &mut Upstream) -> Result<(), Exit> {
+        let mut src = super::request_source(client);
+        let mut scratch = Vec::new();
+        let sent = match self.req.body {
+            RequestBody::Empty => Ok(()),
+            RequestBody::Length(n) => {
+                body::copy_length(&mut src, &mut up.stream, n, self.idle).await
+            }
+            RequestBody::Chunked => body::copy_chunked(
+                &mut src,
+                &mut up.stream,
+                &mut scratch,
+                self.http.body_bytes_max,
+                self.idle,
+            )
+            .await
+            .map(|_| ()),
+        };
+        sent.map_err(|e| {
+            let failure = match e {
+                BodyError::TooLarge => Failure::Generated {
+                    reason: ErrorReason::BodyTooLarge,
+                    detail: "request body exceeds the limit".into(),
+                    close: true,
+                },
+                BodyError::Framing(Side::Downstream, c) => Failure::Generated {
+                    reason: ErrorReason::BadRequest,
+                    detail: format!("request body: {c}"),
+                    close: true,
+                },
+                BodyError::Io(Side::Upstream, err) => Failure::Generated {
+                    reason: ErrorReason::UpstreamReset,
+                    detail: format!("upstream failed while receiving the body: {err}"),
+                    close: true,
+                },
+                other => Failure::Cut(format!("client request body: {other:?}")),
+            };
+            Exit::Failed(AttemptError::Final(failure))
+        })
+    }
+
+    /// Forwards an interim (1xx) response to an HTTP/1.1 client.
+    async fn relay_interim(&self, client: &mut Client, resp: &ResponseHead) -> Result<(), Exit> {
+        if self.req.version != Version::Http11 {
+            return Ok(());
+        }
+        let mut out = std::mem::take(&mut client.out);
+        out.clear();
+        write::response(resp, OutBody::None, true, false, &mut out);
+        let (written, out) = write_all_timed(&mut client.stream, out, self.idle).await;
+        client.out = out;
+        self.worker.counters.http.response(resp.status);
+        written.map_err(|e| {
+            Exit::Failed(AttemptError::Final(Failure::Cut(format!(
+                "interim response: {e}"
+            ))))
+        })
+    }
+
+    async fn read_head(
+        &self,
+        up: &mut Upstream,
+        parser: &mut ResponseParser,
+        kind: RequestKind,
+        wait: Duration,
+    ) -> Result<ResponseHead, HeadRead> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if !up.inbound.is_empty() {
+                match parser.parse(up.inbound.data(), kind) {
+                    Ok(Some((head, used))) => {
+                        up.inbound.consume(used);
+                        return Ok(head);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(HeadRead::Bad(e)),
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HeadRead::TimedOut);
+            }
+            let max = HeadLimits::default().head_bytes + 1;
+            match up.inbound.fill(&mut up.stream, max, left).await {
+                Ok(0) => {
+                    return Err(HeadRead::Closed {
+                        partial: !up.inbound.is_empty(),
+                    })
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    return Err(HeadRead::TimedOut)
+                }
+                Err(e) if up.inbound.is_empty() => return Err(HeadRead::Reset(e)),
+                Err(_) => return Err(HeadRead::Bad(HeadError::HeadTooLarge)),
+            }
+        }
+    }
+
+    fn head_failure(&self, e: HeadRead, client_body_pending: bool) -> AttemptError {
+        match e {
+            HeadRead::TimedOut => self.timeout_failure(client_body_pending),
+            HeadRead::Closed { partial: false } | HeadRead::Reset(_) => AttemptError::Retryable {
+                condition: Condition::Reset,
+                reason: ErrorReason::UpstreamReset,
+                detail: format!(
+                    "cluster {:?} closed the connection before answering",
+                    self.cluster.name
+                ),
+            },
+            HeadRead::Closed { partial: true } => AttemptError::Final(Failure::Generated {
+                reason: ErrorReason::BadUpstreamResponse,
+                detail: "upstream closed inside a response head".into(),
+                close: client_body_pending,
+            }),
+            HeadRead::Bad(h) => {
+                self.cluster.record(
+                    self.ep,
+                    Outcome::Failure,
+                    Instant::now(),
+                    &self.worker.counters.http,
+                );
+                AttemptError::Final(Failure::Generated {
+                    reason: ErrorReason::BadUpstreamResponse,
+                    detail: format!("invalid response from upstream: {h}"),
+                    close: client_body_pending,
+                })
+            }
+        }
+    }
+}
+
+enum HeadRead {
+    TimedOut,
+    Closed { partial: bool },
+    Reset(#[allow(dead_code)] std::io::Error),
+    Bad(HeadError),
+}
+
+/// How an exchange ended when it did not simply finish.
+enum Exit {
+    Tunnel,
+    Failed(AttemptError),
+}
+
+/// Drains a request body we will not forward (after a generated answer),
+/// so the connection can carry the next request. Bounded: past
+/// [`DISCARD_BODY_BYTES_MAX`] the caller closes instead.
+pub async fn discard_request_body(client: &mut Client, req: &RequestHead, idle: Duration) -> bool {
+    let mut src = super::request_source(client);
+    let (chunked, len) = match req.body {
+        RequestBody::Empty => return true,
+        RequestBody::Length(n) => (false, n),
+        RequestBody::Chunked => (true, 0),
+    };
+    body::discard(&mut src, chunked, len, DISCARD_BODY_BYTES_MAX, idle)
+        .await
+        .is_ok()
+}

@@ -1,0 +1,119 @@
+//! A connection's read side: one owned buffer, filled by the kernel,
+//! parsed in place, and written out from the same memory.
+//!
+//! What must hold: bytes are consumed in order; unconsumed bytes (a
+//! pipelined request, the start of a body) stay for the next reader; the
+//! buffer never grows past the limit it is given.
+
+use std::{io, time::Duration};
+
+use monoio::{
+    buf::{IoBuf, IoBufMut},
+    io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt},
+};
+
+#[derive(Debug)]
+pub struct Inbound {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+/// Errors of a timed read or write.
+pub fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "idle timeout")
+}
+
+impl Inbound {
+    pub fn new(buf: Vec<u8>) -> Self {
+        Self { buf, start: 0 }
+    }
+
+    /// Unconsumed bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.buf.len()
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.buf.len() - self.start);
+        self.start += n;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Gives the buffer back (for the worker's pool), empty.
+    pub fn into_buffer(mut self) -> Vec<u8> {
+        self.buf.clear();
+        self.buf
+    }
+
+    /// Reads more bytes, growing the buffer up to `max` total if it is
+    /// full. Returns the count read (0: EOF). Times out after `idle`.
+    pub async fn fill<R: AsyncReadRent>(
+        &mut self,
+        r: &mut R,
+        max: usize,
+        idle: Duration,
+    ) -> io::Result<usize> {
+        if self.start > 0 && self.buf.len() == self.buf.capacity() {
+            // Move the unconsumed tail to the front: usually a few bytes
+            // of a pipelined request.
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        if self.buf.len() == self.buf.capacity() {
+            if self.buf.capacity() >= max {
+                return Err(io::Error::other("buffer limit reached"));
+            }
+            let grow = self.buf.capacity().max(1024).min(max - self.buf.capacity());
+            self.buf.reserve_exact(grow);
+        }
+        let len = self.buf.len();
+        let buf = std::mem::take(&mut self.buf);
+        let (read, slice) = monoio::time::timeout(idle, r.read(buf.slice_mut(len..)))
+            .await
+            .map_err(|_| timed_out())?;
+        self.buf = slice.into_inner();
+        read
+    }
+
+    /// Writes the first `n` unconsumed bytes to `w` straight from this
+    /// buffer (no copy), then consumes them.
+    pub async fn write_to<W: AsyncWriteRent>(
+        &mut self,
+        w: &mut W,
+        n: usize,
+        idle: Duration,
+    ) -> io::Result<()> {
+        let (start, end) = (self.start, self.start + n);
+        let buf = std::mem::take(&mut self.buf);
+        let (written, slice) = monoio::time::timeout(idle, w.write_all(buf.slice(start..end)))
+            .await
+            .map_err(|_| timed_out())?;
+        self.buf = slice.into_inner();
+        written?;
+        self.consume(n);
+        Ok(())
+    }
+}
+
+/// Writes all of `out` with a timeout, handing the buffer back.
+pub async fn write_all_timed<W: AsyncWriteRent>(
+    w: &mut W,
+    out: Vec<u8>,
+    idle: Duration,
+) -> (io::Result<()>, Vec<u8>) {
+    match monoio::time::timeout(idle, w.write_all(out)).await {
+        Ok((r, buf)) => (r.map(|_| ()), buf),
+        Err(_) => (Err(timed_out()), Vec::new()),
+    }
+}

@@ -1,0 +1,272 @@
+//! HTTP/1.1 listeners: parse each request, route it, forward it to a pooled
+//! upstream connection with retries, relay the response, keep the client
+//! connection alive when both sides allow it.
+//!
+//! What must hold: requests on one connection are answered in order
+//! (pipelined bytes wait in the buffer until the previous response is
+//! done); a request is retried only before any response byte reached the
+//! client and only when its body can be replayed (it has none); a response
+//! that fails midway is cut off (connection closed), never completed with
+//! made-up bytes; every generated response says why.
+
+pub mod body;
+pub mod exchange;
+pub mod inbound;
+pub mod respond;
+
+use std::{
+    cell::Cell,
+    net::SocketAddr,
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use monoio::net::TcpStream;
+
+use crate::{
+    config::{http::HttpListener, CopyMode, ListenerKind},
+    http1::{HeadError, RequestBody, RequestHead, RequestParser},
+    l4,
+    metrics::{self, ErrorReason},
+    worker::{gate::Slot, Worker},
+};
+use body::Source;
+use inbound::{write_all_timed, Inbound};
+
+/// Bytes a client connection's read buffer starts with; it grows (up to
+/// the head limit) only for a head that does not fit. Held for the
+/// connection's life, so it is kept small: 10k idle keep-alive
+/// connections cost 160 MiB of buffers at this size.
+const CLIENT_BUFFER_BYTES: usize = 16 * 1024;
+/// Time a client gets to send a whole request head once it started one
+/// (slow-loris bound); the idle timeout covers the wait before the first byte.
+const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One client connection.
+pub struct Client {
+    pub stream: TcpStream,
+    pub inbound: Inbound,
+    pub ip: String,
+    /// Reused for every head we write to the client.
+    pub out: Vec<u8>,
+}
+
+/// What the connection does after a request.
+pub enum Next {
+    KeepAlive,
+    Close,
+    /// 101 / CONNECT 2xx: bytes both ways from now on.
+    Tunnel(exchange::Upstream),
+}
+
+/// Serves one accepted HTTP connection to completion.
+pub async fn serve(
+    worker: Rc<Worker>,
+    listener_index: usize,
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    _slot: Slot,
+) {
+    let _active = metrics::ActiveGuard::new(&worker.counters.connections_active);
+    let listener = &worker.config.listeners[listener_index];
+    let ListenerKind::Http(http) = &listener.kind else {
+        unreachable!("the accept loop sends only http listeners here");
+    };
+    let _ = stream.set_nodelay(true);
+    let mut client = Client {
+        stream,
+        inbound: Inbound::new(Vec::with_capacity(CLIENT_BUFFER_BYTES)),
+        ip: peer.ip().to_string(),
+        out: Vec::with_capacity(1024),
+    };
+    let idle = listener.idle_timeout;
+    let mut parser = RequestParser::new(http.limits);
+    loop {
+        let req = match read_head(&mut client, &mut parser, http, idle).await {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(e) => {
+                metrics::add(&worker.counters.http.requests, 1);
+                let reason = match e.request_status() {
+                    431 => ErrorReason::HeadTooLarge,
+                    414 => ErrorReason::UriTooLong,
+                    505 => ErrorReason::UnsupportedVersion,
+                    501 => ErrorReason::NotImplemented,
+                    _ => ErrorReason::BadRequest,
+                };
+                tracing::debug!(conn_id, %peer, error = %e, "bad request head");
+                send_generated(&worker, &mut client, reason, &e.to_string(), true, idle).await;
+                return;
+            }
+        };
+        metrics::add(&worker.counters.http.requests, 1);
+        match handle(&worker, http, &mut client, req, idle, conn_id).await {
+            Next::KeepAlive => continue,
+            Next::Close => return,
+            Next::Tunnel(up) => {
+                tunnel(&worker, client, up, idle).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Reads the next request head. Ok(None): the client closed or idled out
+/// between requests (not an error).
+async fn read_head(
+    client: &mut Client,
+    parser: &mut RequestParser,
+    http: &HttpListener,
+    idle: Duration,
+) -> Result<Option<RequestHead>, HeadError> {
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if !client.inbound.is_empty() {
+            if let Some((head, used)) = parser.parse(client.inbound.data())? {
+                client.inbound.consume(used);
+                return Ok(Some(head));
+            }
+            deadline.get_or_insert_with(|| Instant::now() + HEAD_READ_TIMEOUT);
+        }
+        let wait = match deadline {
+            None => idle,
+            Some(d) => d.saturating_duration_since(Instant::now()),
+        };
+        let max = http.limits.head_bytes + 1;
+        match client.inbound.fill(&mut client.stream, max, wait).await {
+            Ok(0) | Err(_) if client.inbound.is_empty() => return Ok(None),
+            Ok(0) => return Err(HeadError::Syntax("connection closed inside a request head")),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(HeadError::Syntax("request head not completed in time"))
+            }
+            Err(_) => return Err(HeadError::HeadTooLarge),
+        }
+    }
+}
+
+/// Routes and forwards one request; says what the connection does next.
+async fn handle(
+    worker: &Rc<Worker>,
+    http: &HttpListener,
+    client: &mut Client,
+    req: RequestHead,
+    idle: Duration,
+    conn_id: u64,
+) -> Next {
+    if let (RequestBody::Length(n), Some(max)) = (req.body, http.body_bytes_max) {
+        if n > max {
+            let detail = format!("request body of {n} bytes exceeds the limit of {max}");
+            send_generated(
+                worker,
+                client,
+                ErrorReason::BodyTooLarge,
+                &detail,
+                true,
+                idle,
+            )
+            .await;
+            return Next::Close;
+        }
+    }
+    let view = exchange::View(&req);
+    let route = crate::route::select(&http.routes, &view).map(|i| &http.routes[i]);
+    let cluster = match (route, http.default_cluster) {
+        (Some(r), _) => crate::route::pick_weighted(&r.clusters, &worker.rng),
+        (None, Some(c)) => c,
+        (None, None) => {
+            let body_pending = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
+            send_generated(
+                worker,
+                client,
+                ErrorReason::NoRoute,
+                "no route matches this request",
+                body_pending,
+                idle,
+            )
+            .await;
+            return if body_pending || !req.hop.keep_alive {
+                Next::Close
+            } else {
+                Next::KeepAlive
+            };
+        }
+    };
+    let result = exchange::forward(worker, http, route, cluster, client, &req, idle).await;
+    match result {
+        Ok(next) => next,
+        Err(exchange::Failure::Generated {
+            reason,
+            detail,
+            close,
+        }) => {
+            tracing::debug!(conn_id, reason = reason.name(), %detail, "generated response");
+            let close = close || !req.hop.keep_alive;
+            send_generated(worker, client, reason, &detail, close, idle).await;
+            if close {
+                Next::Close
+            } else {
+                Next::KeepAlive
+            }
+        }
+        Err(exchange::Failure::Cut(why)) => {
+            metrics::add(&worker.counters.http.responses_cut, 1);
+            tracing::debug!(conn_id, %why, "response cut off");
+            Next::Close
+        }
+    }
+}
+
+async fn send_generated(
+    worker: &Worker,
+    client: &mut Client,
+    reason: ErrorReason,
+    detail: &str,
+    close: bool,
+    idle: Duration,
+) {
+    worker.counters.http.generated(reason);
+    worker.counters.http.response(reason.status());
+    let mut out = std::mem::take(&mut client.out);
+    out.clear();
+    respond::generated(reason, detail, close, &mut out);
+    let (_, out) = write_all_timed(&mut client.stream, out, idle).await;
+    client.out = out;
+}
+
+/// After a 101 or a CONNECT 2xx: flush what each side already sent, then
+/// copy both ways until both close (or idle out).
+async fn tunnel(worker: &Worker, mut client: Client, mut up: exchange::Upstream, idle: Duration) {
+    let flushed = async {
+        let n = client.inbound.data().len();
+        client.inbound.write_to(&mut up.stream, n, idle).await?;
+        let n = up.inbound.data().len();
+        up.inbound.write_to(&mut client.stream, n, idle).await
+    };
+    if flushed.await.is_err() {
+        return;
+    }
+    worker.buffers.give(up.inbound.into_buffer());
+    let activity = Cell::new(0u64);
+    let copied = l4::copy::both_ways(
+        worker,
+        CopyMode::Buffered,
+        client.stream,
+        up.stream,
+        &activity,
+    );
+    monoio::select! {
+        _ = copied => {}
+        _ = l4::idle(&activity, idle) => {}
+    }
+}
+
+/// For tests and the fuzzers: the source view of a request body.
+pub fn request_source<'a>(client: &'a mut Client) -> Source<'a, TcpStream> {
+    Source {
+        inbound: &mut client.inbound,
+        stream: &mut client.stream,
+        side: body::Side::Downstream,
+    }
+}

@@ -1,0 +1,260 @@
+//! Upstream clusters as one worker sees them: endpoints with their load,
+//! latency, failures and ejection; the connection pool; the retry budget;
+//! active health checks. All of it per worker, none of it shared.
+//!
+//! What must hold: outlier detection never ejects more than the
+//! configured share of a cluster; an ejected or unhealthy endpoint gets no
+//! new requests until it is back; retries never exceed the budget.
+
+pub mod health;
+pub mod pool;
+
+use std::{
+    cell::Cell,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    balance::{ewma::PeakEwma, hash, p2c, Rng, RoundRobin},
+    config::{
+        http::{HttpCluster, LbPolicy},
+        limits::RETRY_BUDGET_MIN_CONCURRENT,
+        Cluster,
+    },
+    metrics::{self, HttpCounters},
+};
+use pool::Pool;
+
+/// One endpoint's state on this worker.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub active: Cell<u64>,
+    pub latency: PeakEwma,
+    pub pool: Pool,
+    consecutive_failures: Cell<u32>,
+    ejected_until: Cell<Option<Instant>>,
+    ejections: Cell<u32>,
+    /// Active health-check verdict (true until a check says otherwise).
+    pub healthy: Cell<bool>,
+    pub(crate) check_streak: Cell<i32>,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, now: Instant) -> Self {
+        Self {
+            addr,
+            active: Cell::new(0),
+            latency: PeakEwma::new(now),
+            pool: Pool::default(),
+            consecutive_failures: Cell::new(0),
+            ejected_until: Cell::new(None),
+            ejections: Cell::new(0),
+            healthy: Cell::new(true),
+            check_streak: Cell::new(0),
+        }
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.get().is_some_and(|until| now < until)
+    }
+
+    fn eligible(&self, now: Instant) -> bool {
+        self.healthy.get() && !self.is_ejected(now)
+    }
+}
+
+/// A cluster on this worker.
+#[derive(Debug)]
+pub struct ClusterState {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub config: HttpCluster,
+    pub connect_timeout: Duration,
+    round_robin: RoundRobin,
+    pub active_requests: Cell<u64>,
+    pub active_retries: Cell<u64>,
+}
+
+/// What a finished attempt tells outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// Connect failure, reset, timeout, or a 5xx.
+    Failure,
+}
+
+impl ClusterState {
+    pub fn new(c: &Cluster, worker: usize, now: Instant) -> Self {
+        Self {
+            name: c.name.clone(),
+            endpoints: c.endpoints.iter().map(|a| Endpoint::new(*a, now)).collect(),
+            config: c.http.clone(),
+            connect_timeout: c.connect_timeout,
+            round_robin: RoundRobin::new(c.endpoints.len(), worker),
+            active_requests: Cell::new(0),
+            active_retries: Cell::new(0),
+        }
+    }
+
+    /// Picks an endpoint for a request; `hash_key` is the value of the
+    /// cluster's hash header when it has one. None: nothing is eligible.
+    pub fn pick(&self, rng: &Rng, now: Instant, hash_key: Option<&[u8]>) -> Option<usize> {
+        let n = self.endpoints.len();
+        let eligible = |i: usize| self.endpoints[i].eligible(now);
+        match &self.config.lb {
+            LbPolicy::RoundRobin => (0..n)
+                .map(|_| self.round_robin.pick())
+                .find(|&i| eligible(i)),
+            LbPolicy::LeastRequest => {
+                p2c::pick(n, rng, eligible, |i| self.endpoints[i].active.get() as f64)
+            }
+            LbPolicy::Ewma => p2c::pick(n, rng, eligible, |i| {
+                let e = &self.endpoints[i];
+                e.latency.cost(e.active.get())
+            }),
+            LbPolicy::Hash { .. } => match hash_key {
+                Some(key) => hash::pick(key, n, eligible),
+                // No key: spread like round robin.
+                None => (0..n)
+                    .map(|_| self.round_robin.pick())
+                    .find(|&i| eligible(i)),
+            },
+        }
+    }
+
+    /// Records an attempt's outcome for outlier detection; returns true if
+    /// this ejected the endpoint.
+    pub fn record(
+        &self,
+        endpoint: usize,
+        outcome: Outcome,
+        now: Instant,
+        counters: &HttpCounters,
+    ) -> bool {
+        let e = &self.endpoints[endpoint];
+        match outcome {
+            Outcome::Success => {
+                e.consecutive_failures.set(0);
+                // Sustained health after an ejection forgives it.
+                if !e.is_ejected(now) && e.ejected_until.get().is_some() {
+                    e.ejected_until.set(None);
+                }
+                false
+            }
+            Outcome::Failure => {
+                let failures = e.consecutive_failures.get() + 1;
+                e.consecutive_failures.set(failures);
+                let Some(o) = &self.config.outlier else {
+                    return false;
+                };
+                if failures < o.consecutive_failures || e.is_ejected(now) {
+                    return false;
+                }
+                let ejected = self.endpoints.iter().filter(|x| x.is_ejected(now)).count();
+                let allowed = self.endpoints.len() * o.max_ejected_percent as usize / 100;
+                if ejected + 1 > allowed {
+                    return false;
+                }
+                let times = e.ejections.get().saturating_add(1);
+                e.ejections.set(times);
+                let factor = 1u32.checked_shl(times - 1).unwrap_or(u32::MAX);
+                let time = o.base_ejection.saturating_mul(factor).min(o.max_ejection);
+                e.ejected_until.set(Some(now + time));
+                e.consecutive_failures.set(0);
+                metrics::add(&counters.ejections, 1);
+                tracing::info!(cluster = %self.name, endpoint = %e.addr, ?time, "endpoint ejected");
+                true
+            }
+        }
+    }
+
+    /// Whether one more retry fits the budget: retries in flight may be at
+    /// most `retry_budget_percent` of active requests, or the minimum.
+    pub fn retry_allowed(&self) -> bool {
+        let budget = (self.active_requests.get() * u64::from(self.config.retry_budget_percent)
+            / 100)
+            .max(RETRY_BUDGET_MIN_CONCURRENT);
+        self.active_retries.get() < budget
+    }
+
+    /// Drops idle pooled connections past the idle timeout.
+    pub fn expire_idle(&self, now: Instant) {
+        for e in &self.endpoints {
+            e.pool.expire(now, self.config.pool_idle_timeout);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{http::Outlier, Config};
+
+    fn cluster(n: usize, lb: &str) -> ClusterState {
+        let endpoints: Vec<String> = (0..n)
+            .map(|i| format!("\"127.0.0.1:{}\"", 9000 + i))
+            .collect();
+        let text = format!(
+            "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"c\"\n[[clusters]]\nname = \"c\"\nlb = \"{lb}\"\nendpoints = [{}]\n",
+            endpoints.join(",")
+        );
+        let config = Config::parse("t.toml", &text).unwrap();
+        ClusterState::new(&config.clusters[0], 0, Instant::now())
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_never_beyond_the_max_share() {
+        let c = cluster(4, "round_robin");
+        let counters = HttpCounters::default();
+        let now = Instant::now();
+        let o = Outlier::default();
+        for e in 0..4 {
+            for _ in 0..o.consecutive_failures {
+                c.record(e, Outcome::Failure, now, &counters);
+            }
+        }
+        let ejected = c.endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        assert_eq!(ejected, 2, "50% of 4");
+        assert_eq!(counters.ejections.get(), 2);
+        // Picks avoid the ejected ones.
+        let rng = Rng::seeded(1);
+        for _ in 0..20 {
+            let i = c.pick(&rng, now, None).unwrap();
+            assert!(!c.endpoints[i].is_ejected(now));
+        }
+        // Ejection ends after the base time, and doubles the next time.
+        let later = now + o.base_ejection;
+        assert!(c.endpoints.iter().all(|e| !e.is_ejected(later)));
+        for _ in 0..o.consecutive_failures {
+            c.record(0, Outcome::Failure, later, &counters);
+        }
+        assert!(c.endpoints[0].is_ejected(later + o.base_ejection));
+        assert!(!c.endpoints[0].is_ejected(later + o.base_ejection * 2));
+    }
+
+    #[test]
+    fn retry_budget_has_a_floor_and_a_share() {
+        let c = cluster(1, "least_request");
+        c.active_requests.set(100);
+        c.active_retries.set(19);
+        assert!(c.retry_allowed());
+        c.active_retries.set(20);
+        assert!(!c.retry_allowed());
+        c.active_requests.set(1);
+        c.active_retries.set(2);
+        assert!(c.retry_allowed(), "the floor lets a quiet cluster retry");
+    }
+
+    #[test]
+    fn unhealthy_endpoints_get_nothing() {
+        let c = cluster(2, "ewma");
+        c.endpoints[0].healthy.set(false);
+        let rng = Rng::seeded(5);
+        let now = Instant::now();
+        assert!((0..50).all(|_| c.pick(&rng, now, None) == Some(1)));
+        c.endpoints[1].healthy.set(false);
+        assert_eq!(c.pick(&rng, now, None), None);
+    }
+}
