@@ -19,6 +19,9 @@ use std::{
 
 use pilotfish::{Config, Proxy};
 
+pub mod http_client;
+pub mod http_upstream;
+
 /// Upper bound on any single blocking socket operation in tests.
 pub const IO_DEADLINE: Duration = Duration::from_secs(20);
 
@@ -313,5 +316,31 @@ pub fn check_config(path: &Path) -> (bool, String, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts an in-process proxy from TOML text; returns it and the address
+/// of its listener called `listener`.
+pub fn start_toml(toml: &str, listener: &str) -> (Proxy, SocketAddr) {
+    let config = Config::parse("test.toml", toml).expect("test config is valid");
+    let proxy = Proxy::start(config).expect("proxy starts");
+    let addr = proxy.listener_addr(listener).unwrap();
+    (proxy, addr)
+}
+
+/// A one-listener HTTP config: `extra_listener` goes into the listener
+/// table (routes, limits), `clusters` is the cluster tables.
+pub fn http_config(driver: &str, listener_extra: &str, clusters: &str) -> String {
+    format!(
+        "workers = 1\n[runtime]\ndriver = \"{driver}\"\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\n{listener_extra}\n{clusters}"
+    )
+}
+
+/// A `[[clusters]]` table.
+pub fn cluster(name: &str, endpoints: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "[[clusters]]\nname = \"{name}\"\nendpoints = [{}]\n{extra}\n",
+        list.join(", ")
     )
 }

@@ -1,0 +1,365 @@
+//! HTTP/1.1 through the proxy, in-process, against the test upstream:
+//! forwarding and header hygiene, bodies both ways, pooling, pipelining,
+//! retries, outlier ejection, timeouts, generated errors, traffic split.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pilotfish::metrics::ErrorReason;
+use support::{http_client::*, http_upstream::HttpUpstream, *};
+
+fn simple(driver: &str, up: &HttpUpstream) -> (pilotfish::Proxy, std::net::SocketAddr) {
+    start_toml(
+        &http_config(driver, "cluster = \"app\"", &cluster("app", &[up.addr], "")),
+        "web",
+    )
+}
+
+#[test]
+fn forwards_with_header_hygiene() {
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        let (proxy, addr) = simple(driver, &up);
+        let r = one(
+            addr,
+            b"GET /echo HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive, x-hop\r\nX-Hop: secret\r\nKeep-Alive: 5\r\nProxy-Authorization: Basic x\r\nTE: trailers, gzip\r\nTrailer: x\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\ntraceparent: 00-abc-def-01\r\ntracestate: a=b\r\nb3: 1-2-1\r\n\r\n",
+        );
+        assert_eq!(r.status, 200, "{driver}");
+        let seen = r.text().to_ascii_lowercase();
+        for gone in [
+            "x-hop",
+            "keep-alive",
+            "proxy-authorization",
+            "trailer:",
+            "connection:",
+        ] {
+            assert!(!seen.contains(gone), "{driver}: {gone} forwarded:\n{seen}");
+        }
+        for kept in [
+            "traceparent: 00-abc-def-01",
+            "tracestate: a=b",
+            "b3: 1-2-1",
+            "te: trailers\r\n",
+            "host: svc",
+        ] {
+            assert!(seen.contains(kept), "{driver}: {kept} missing:\n{seen}");
+        }
+        assert!(
+            seen.contains("x-forwarded-for: 10.0.0.1, 127.0.0.1"),
+            "{seen}"
+        );
+        assert!(seen.contains("x-forwarded-proto: http\r\n"), "{seen}");
+        assert!(seen.contains("x-request-id: "), "{seen}");
+        // A request id the client sent is kept as is.
+        let r = one(
+            addr,
+            b"GET /echo HTTP/1.1\r\nHost: svc\r\nX-Request-Id: abc\r\n\r\n",
+        );
+        assert_eq!(
+            r.text().matches("x-request-id").count() + r.text().matches("X-Request-Id").count(),
+            1
+        );
+        proxy.shutdown();
+    }
+}
+
+#[test]
+fn request_bodies_content_length_and_chunked() {
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        let (proxy, addr) = simple(driver, &up);
+        let r = one(
+            addr,
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+        );
+        assert!(
+            r.text().ends_with("\r\n\r\nhello"),
+            "{driver}: {}",
+            r.text()
+        );
+        assert!(r.text().contains("content-length: 5"));
+        let r = one(
+            addr,
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+        );
+        let text = r.text();
+        assert!(text.ends_with("hello world"), "{driver}: {text}");
+        assert!(
+            text.contains("transfer-encoding: chunked"),
+            "re-chunked: {text}"
+        );
+        assert!(!text.contains("ext=1"), "our framing, not theirs: {text}");
+        proxy.shutdown();
+    }
+}
+
+#[test]
+fn response_bodies_every_framing() {
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        let (proxy, addr) = simple(driver, &up);
+        let mut c = Conn::open(addr);
+        c.send(b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read(false).unwrap().text(), "hello world");
+        c.send(b"HEAD /big/1000 HTTP/1.1\r\nHost: a\r\n\r\n");
+        let head = c.read(true).unwrap();
+        assert_eq!(
+            head.header("content-length"),
+            Some("1000"),
+            "HEAD keeps the length"
+        );
+        c.send(b"GET /status/304 HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read(false).unwrap().status, 304);
+        c.send(b"GET /status/204 HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read(false).unwrap().status, 204);
+        // Close-delimited upstream body: re-chunked, client stays connected.
+        c.send(b"GET /until-close HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = c.read(false).unwrap();
+        assert_eq!(r.text(), "body until close");
+        assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+        c.send(b"GET /big/300000 HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read(false).unwrap().body.len(), 300_000);
+        // HTTP/1.0 client: close-delimited, then closed.
+        let mut old = Conn::open(addr);
+        old.send(b"GET /until-close HTTP/1.0\r\n\r\n");
+        let r = old.read(false).unwrap();
+        assert_eq!(r.text(), "body until close");
+        assert!(old.closed());
+        proxy.shutdown();
+    }
+}
+
+#[test]
+fn sequential_requests_reuse_one_upstream_connection() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = simple("epoll", &up);
+    let mut c = Conn::open(addr);
+    for i in 0..20 {
+        c.send(format!("GET /n{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+        assert_eq!(c.read(false).unwrap().text(), format!("ok /n{i}"));
+    }
+    // A second client connection, later: still the pooled upstream one.
+    for i in 0..5 {
+        assert_eq!(get(addr, &format!("/m{i}")).status, 200);
+    }
+    assert_eq!(
+        up.connections(),
+        1,
+        "one pooled upstream connection for 25 requests"
+    );
+    let t = proxy.stats().total.http;
+    assert_eq!(t.upstream_connects, 1);
+    assert_eq!(t.pool_reuses, 24);
+    proxy.shutdown();
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        let (proxy, addr) = simple(driver, &up);
+        let mut c = Conn::open(addr);
+        c.send(b"GET /delay/50 HTTP/1.1\r\nHost: a\r\n\r\nGET /second HTTP/1.1\r\nHost: a\r\n\r\nPOST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET /last HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read(false).unwrap().text(), "late");
+        assert_eq!(c.read(false).unwrap().text(), "ok /second");
+        assert!(c.read(false).unwrap().text().ends_with("abc"));
+        assert_eq!(c.read(false).unwrap().text(), "ok /last");
+        proxy.shutdown();
+    }
+}
+
+#[test]
+fn generated_errors_name_their_reason() {
+    let up = HttpUpstream::start();
+    let toml = http_config(
+        "epoll",
+        "head_bytes_max = 2048\nuri_bytes_max = 64\nbody_bytes_max = 10\n[[listeners.routes]]\npath_prefix = \"/app\"\ncluster = \"app\"\n[[listeners.routes]]\npath_prefix = \"/dead\"\ncluster = \"dead\"",
+        &(cluster("app", &[up.addr], "") + &cluster("dead", &[closed_port()], "connect_attempts = 1")),
+    );
+    let (proxy, addr) = start_toml(&toml, "web");
+    let cases: Vec<(Vec<u8>, u16, ErrorReason)> = vec![
+        (b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), 404, ErrorReason::NoRoute),
+        (b"POST /app HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(), 400, ErrorReason::BadRequest),
+        (b"GET /app HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n".to_vec(), 400, ErrorReason::BadRequest),
+        (format!("GET /app HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "y".repeat(3000)).into_bytes(), 431, ErrorReason::HeadTooLarge),
+        (format!("GET /app/{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(200)).into_bytes(), 414, ErrorReason::UriTooLong),
+        (b"POST /app HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world".to_vec(), 413, ErrorReason::BodyTooLarge),
+        (b"GET /dead HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), 503, ErrorReason::ConnectFailed),
+        (b"GET /app/reset HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), 502, ErrorReason::UpstreamReset),
+    ];
+    for (raw, status, reason) in &cases {
+        let r = one(addr, raw);
+        assert_eq!(
+            r.status,
+            *status,
+            "{}",
+            String::from_utf8_lossy(&raw[..40.min(raw.len())])
+        );
+        assert_eq!(r.header("x-pilotfish-error"), Some(reason.name()));
+        assert!(r.text().starts_with(&status.to_string()), "{}", r.text());
+    }
+    let t = proxy.stats().total.http;
+    assert_eq!(t.generated(ErrorReason::NoRoute), 1, "{t:?}");
+    assert_eq!(t.generated(ErrorReason::BadRequest), 2);
+    assert_eq!(t.generated(ErrorReason::UpstreamReset), 1);
+    proxy.shutdown();
+}
+
+#[test]
+fn route_timeout_gives_504_within_the_timeout() {
+    let up = HttpUpstream::start();
+    let toml = http_config(
+        "epoll",
+        "cluster = \"app\"\nrequest_timeout = \"300ms\"",
+        &cluster("app", &[up.addr], ""),
+    );
+    let (proxy, addr) = start_toml(&toml, "web");
+    let started = Instant::now();
+    let r = get(addr, "/delay/5000");
+    let waited = started.elapsed();
+    assert_eq!(r.status, 504);
+    assert_eq!(r.header("x-pilotfish-error"), Some("upstream_timeout"));
+    // Liveness bound, not a benchmark: the timeout plus a generous margin,
+    // far below the upstream's 5 s.
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    proxy.shutdown();
+}
+
+#[test]
+fn upstream_bad_framing_is_a_502_never_forwarded() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = simple("epoll", &up);
+    let r = get(addr, "/bad-framing");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-pilotfish-error"), Some("bad_upstream_response"));
+    proxy.shutdown();
+}
+
+#[test]
+fn retries_go_to_another_endpoint_and_outliers_are_ejected() {
+    let good = HttpUpstream::start();
+    let bad = HttpUpstream::always(503);
+    let dead = closed_port();
+    let route = "[[listeners.routes]]\npath_prefix = \"/\"\ncluster = \"app\"\nretry = { attempts = 3, on = [\"connect_failure\", \"reset\", \"503\"] }";
+    let toml = http_config(
+        "epoll",
+        route,
+        &cluster(
+            "app",
+            &[good.addr, bad.addr, dead],
+            "outlier = { consecutive_failures = 2, base_ejection = \"1m\", max_ejected_percent = 67 }\nretry_budget_percent = 100",
+        ),
+    );
+    let (proxy, addr) = start_toml(&toml, "web");
+    for i in 0..30 {
+        let r = get(addr, &format!("/r{i}"));
+        assert_eq!(r.status, 200, "request {i} retried onto the good endpoint");
+    }
+    let t = proxy.stats().total.http;
+    assert!(t.retries > 0, "{t:?}");
+    assert_eq!(t.ejections, 2, "both failing endpoints ejected: {t:?}");
+    let bad_hits = bad.requests();
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/after").status, 200);
+    }
+    assert_eq!(
+        bad.requests(),
+        bad_hits,
+        "an ejected endpoint gets no requests"
+    );
+    proxy.shutdown();
+}
+
+#[test]
+fn non_idempotent_requests_are_not_retried_after_sending() {
+    let bad = HttpUpstream::always(503);
+    let good = HttpUpstream::start();
+    let route = "[[listeners.routes]]\npath_prefix = \"/\"\ncluster = \"app\"\nretry = { attempts = 3, on = [\"503\"] }";
+    let toml = http_config(
+        "epoll",
+        route,
+        &cluster(
+            "app",
+            &[bad.addr, good.addr],
+            "outlier = { disabled = true }",
+        ),
+    );
+    let (proxy, addr) = start_toml(&toml, "web");
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            one(
+                addr,
+                b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
+            )
+            .status,
+        );
+    }
+    assert!(
+        statuses.contains(&503),
+        "the POST that hit the bad endpoint got its 503: {statuses:?}"
+    );
+    assert_eq!(proxy.stats().total.http.retries, 0);
+    proxy.shutdown();
+}
+
+#[test]
+fn weighted_split_follows_the_weights() {
+    let a = HttpUpstream::start();
+    let b = HttpUpstream::start();
+    let route = "[[listeners.routes]]\npath_prefix = \"/\"\nweighted = [{ cluster = \"a\", weight = 80 }, { cluster = \"b\", weight = 20 }]";
+    let toml = http_config(
+        "epoll",
+        route,
+        &(cluster("a", &[a.addr], "") + &cluster("b", &[b.addr], "")),
+    );
+    let (proxy, addr) = start_toml(&toml, "web");
+    let mut c = Conn::open(addr);
+    let n = 1000;
+    for _ in 0..n {
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read(false).unwrap().status, 200);
+    }
+    let share = a.requests() as f64 / n as f64;
+    // Binomial(1000, 0.8): sd 1.3 %; 6 sd of slack keeps this from flaking.
+    assert!((0.72..0.88).contains(&share), "a got {share}");
+    assert_eq!(a.requests() + b.requests(), n);
+    proxy.shutdown();
+}
+
+#[test]
+fn websocket_upgrade_becomes_a_tunnel_after_101() {
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        let (proxy, addr) = simple(driver, &up);
+        let mut c = Conn::open(addr);
+        c.send(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
+        let r = c.read(false).unwrap();
+        assert_eq!(r.status, 101, "{driver}");
+        assert_eq!(r.header("upgrade"), Some("websocket"));
+        c.send(b"frame-1");
+        let mut buf = [0u8; 7];
+        std::io::Read::read_exact(&mut c.reader, &mut buf).unwrap();
+        assert_eq!(&buf, b"frame-1");
+        proxy.shutdown();
+    }
+}
+
+#[test]
+fn expect_continue_is_passed_through() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = simple("epoll", &up);
+    let mut c = Conn::open(addr);
+    c.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n");
+    let interim = c.read(false).unwrap();
+    assert_eq!(interim.status, 100);
+    c.send(b"body");
+    let r = c.read(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().ends_with("body"));
+    proxy.shutdown();
+}
