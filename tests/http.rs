@@ -2,6 +2,9 @@
 //! forwarding and header hygiene, bodies both ways, pooling, pipelining,
 //! retries, outlier ejection, timeouts, generated errors, traffic split.
 
+// Test threads are not workers: a short sleep to order events is fine.
+#![allow(clippy::disallowed_methods)]
+
 mod support;
 
 use std::time::{Duration, Instant};
@@ -362,4 +365,30 @@ fn expect_continue_is_passed_through() {
     assert_eq!(r.status, 200);
     assert!(r.text().ends_with("body"));
     proxy.shutdown();
+}
+
+#[test]
+fn drain_closes_idle_keep_alive_connections_and_marks_responses_close() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = simple("epoll", &up);
+    let mut idle = Conn::open(addr);
+    idle.send(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(idle.read(false).unwrap().status, 200);
+    let mut busy = Conn::open(addr);
+    busy.send(b"GET /delay/300 HTTP/1.1\r\nHost: a\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(50));
+    proxy.drain();
+    assert!(
+        idle.closed(),
+        "an idle keep-alive connection is closed at once"
+    );
+    let r = busy.read(false).unwrap();
+    assert_eq!(r.text(), "late", "the in-flight request completes");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(busy.closed());
+    assert!(
+        proxy.exited().recv_timeout(IO_DEADLINE).is_err(),
+        "workers exit"
+    );
+    proxy.join();
 }

@@ -395,7 +395,12 @@ impl Attempt<'_> {
         };
         // A final answer before the request body was sent: the client may
         // still be sending it, so this connection ends after the response.
-        let client_keep = req.hop.keep_alive && body_sent && out_body != OutBody::Close && !tunnel;
+        // Draining: this response says `connection: close`.
+        let client_keep = req.hop.keep_alive
+            && body_sent
+            && out_body != OutBody::Close
+            && !tunnel
+            && !self.worker.draining.is_fired();
         let mut out = std::mem::take(&mut client.out);
         out.clear();
         write::response(&resp, out_body, client_keep, tunnel, &mut out);

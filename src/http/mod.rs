@@ -83,7 +83,10 @@ pub async fn serve(
     let idle = listener.idle_timeout;
     let mut parser = RequestParser::new(http.limits);
     loop {
-        let req = match read_head(&mut client, &mut parser, http, idle).await {
+        if worker.draining.is_fired() && client.inbound.is_empty() {
+            return;
+        }
+        let req = match read_head(&mut client, &mut parser, http, idle, &worker.draining).await {
             Ok(Some(req)) => req,
             Ok(None) => return,
             Err(e) => {
@@ -119,6 +122,7 @@ async fn read_head(
     parser: &mut RequestParser,
     http: &HttpListener,
     idle: Duration,
+    draining: &crate::worker::gate::Trigger,
 ) -> Result<Option<RequestHead>, HeadError> {
     let mut deadline: Option<Instant> = None;
     loop {
@@ -134,7 +138,17 @@ async fn read_head(
             Some(d) => d.saturating_duration_since(Instant::now()),
         };
         let max = http.limits.head_bytes + 1;
-        match client.inbound.fill(&mut client.stream, max, wait).await {
+        let filled = if client.inbound.is_empty() {
+            // Between requests: a drain closes the connection now rather
+            // than waiting out the keep-alive.
+            monoio::select! {
+                r = client.inbound.fill(&mut client.stream, max, wait) => r,
+                _ = draining.wait() => return Ok(None),
+            }
+        } else {
+            client.inbound.fill(&mut client.stream, max, wait).await
+        };
+        match filled {
             Ok(0) | Err(_) if client.inbound.is_empty() => return Ok(None),
             Ok(0) => return Err(HeadError::Syntax("connection closed inside a request head")),
             Ok(_) => {}

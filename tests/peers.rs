@@ -1,0 +1,291 @@
+//! curl as the client and nginx as a real upstream (Debian packages), with
+//! the real pilotfish binary in between. `.ci/run` installs both; where
+//! they are missing outside CI the tests say so and pass, and under CI
+//! (CI=true) a missing peer fails the test.
+
+mod support;
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use support::{http_client::*, *};
+
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} must be installed in CI"
+        );
+        eprintln!("{tool} not installed: skipping (install it to run this test)");
+    }
+    found
+}
+
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    fn start() -> Self {
+        let dir = temp_dir("nginx");
+        let www = dir.join("www");
+        std::fs::create_dir_all(www.join("dav")).unwrap();
+        std::fs::write(www.join("hello.txt"), "hello from nginx\n").unwrap();
+        // A 1 GiB sparse file for the streaming test.
+        std::fs::File::create(www.join("big.bin"))
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        // A port from the OS, released for nginx to bind (a brief race
+        // another process could only win by binding the same port).
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let conf = format!(
+            r#"user root;
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 100000;
+    server {{
+        listen {addr};
+        root {www};
+        location /dav/ {{
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+            client_max_body_size 0;
+        }}
+        location = /sink {{
+            client_max_body_size 0;
+            return 200 "sunk\n";
+        }}
+    }}
+}}
+"#,
+            dir = dir.display(),
+            www = www.display(),
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let child = Command::new("nginx")
+            .args(["-p", dir.to_str().unwrap(), "-c", "nginx.conf"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        eventually("nginx listens", || {
+            std::net::TcpStream::connect(addr).is_ok()
+        });
+        Self { child, addr, dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers too (SIGKILL would orphan them).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn proxy_config(upstream: SocketAddr) -> String {
+    http_config(
+        "auto",
+        "cluster = \"nginx\"",
+        &cluster("nginx", &[upstream], ""),
+    )
+    .replace("name = \"web\"", "name = \"app-out\"")
+}
+
+fn curl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn curl_through_pilotfish_to_nginx() {
+    if !have("nginx") || !have("curl") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let mut proxy = ChildProxy::spawn(&proxy_config(nginx.addr));
+    let addr = proxy.wait_ready();
+    let base = format!("http://{addr}");
+
+    // GET, HEAD.
+    let (ok, body, err) = curl(&[&format!("{base}/hello.txt")]);
+    assert!(ok, "{err}");
+    assert_eq!(body, "hello from nginx\n");
+    let (ok, head, _) = curl(&["-I", &format!("{base}/hello.txt")]);
+    assert!(
+        ok && head.to_ascii_lowercase().contains("content-length: 17"),
+        "{head}"
+    );
+
+    // 304 on a conditional GET (nginx wants the exact Last-Modified).
+    let last_modified = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Last-Modified: ")
+                .or_else(|| l.strip_prefix("last-modified: "))
+        })
+        .expect("nginx sends Last-Modified")
+        .trim()
+        .to_string();
+    let (_, code, _) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        &format!("If-Modified-Since: {last_modified}"),
+        &format!("{base}/hello.txt"),
+    ]);
+    assert_eq!(code, "304");
+
+    // POST with Content-Length.
+    let (ok, body, err) = curl(&["--data-binary", "name=value", &format!("{base}/sink")]);
+    assert!(ok && body == "sunk\n", "{err}");
+
+    // PUT with a chunked body (stdin, no length), read back through the proxy.
+    let dir = temp_dir("curl");
+    let payload = pattern(5, 300_000);
+    let file = dir.join("payload.bin");
+    std::fs::write(&file, &payload).unwrap();
+    let put = Command::new("curl")
+        .args([
+            "-sS",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-T",
+            "-",
+            &format!("{base}/dav/chunked.bin"),
+        ])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let back = Command::new("curl")
+        .args(["-sS", &format!("{base}/dav/chunked.bin")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        checksum(&back.stdout),
+        checksum(&payload),
+        "chunked PUT round trip"
+    );
+
+    // PUT of a file: curl sends Expect: 100-continue and waits for the 100.
+    let (ok, _, err) = curl(&[
+        "-v",
+        "-T",
+        file.to_str().unwrap(),
+        &format!("{base}/dav/expect.bin"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("Expect: 100-continue") && err.contains("HTTP/1.1 100 Continue"),
+        "{err}"
+    );
+    let back = Command::new("curl")
+        .args(["-sS", &format!("{base}/dav/expect.bin")])
+        .output()
+        .unwrap();
+    assert_eq!(back.stdout.len(), payload.len());
+
+    // Pipelining (curl no longer pipelines: a raw client does).
+    let mut c = Conn::open(addr);
+    c.send(b"GET /hello.txt HTTP/1.1\r\nHost: a\r\n\r\nHEAD /hello.txt HTTP/1.1\r\nHost: a\r\n\r\nGET /missing HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(c.read(false).unwrap().text(), "hello from nginx\n");
+    assert_eq!(c.read(true).unwrap().status, 200);
+    assert_eq!(c.read(false).unwrap().status, 404);
+
+    let _ = std::fs::remove_dir_all(dir);
+    proxy.signal(15);
+    assert!(proxy
+        .wait_exit(Duration::from_secs(15))
+        .is_some_and(|s| s.success()));
+}
+
+#[test]
+fn one_gigabyte_each_way_with_bounded_proxy_memory() {
+    if !have("nginx") || !have("curl") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let mut proxy = ChildProxy::spawn(&proxy_config(nginx.addr));
+    let addr = proxy.wait_ready();
+    let pid = proxy.child.id();
+    // Download 1 GiB.
+    let (ok, size, err) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        &format!("http://{addr}/big.bin"),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(size, (1u64 << 30).to_string());
+    // Upload 1 GiB, chunked from a pipe.
+    let upload = Command::new("sh")
+        .args(["-c", &format!("head -c 1073741824 /dev/zero | curl -sS --max-time 120 -H 'Transfer-Encoding: chunked' -T - http://{addr}/sink")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&upload.stdout),
+        "sunk\n",
+        "{}",
+        String::from_utf8_lossy(&upload.stderr)
+    );
+    let peak = peak_rss_kib(pid);
+    // Bodies stream through fixed buffers: the peak stays far below 1 GiB.
+    assert!(peak < 64 * 1024, "proxy peak RSS {peak} KiB");
+    eprintln!("proxy peak RSS after 2 GiB streamed: {peak} KiB");
+    proxy.signal(15);
+    assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+}
