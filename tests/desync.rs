@@ -77,7 +77,7 @@ fn forwarded(req: &RequestHead) -> Vec<u8> {
     let fwd = Forwarding {
         client_ip: "192.0.2.1",
         proto: "http",
-        request_id: "test-id",
+        request_id: b"test-id",
     };
     let mut out = Vec::new();
     write::request(req, body, false, &fwd, &Edits::default(), &mut out);

@@ -392,3 +392,93 @@ fn drain_closes_idle_keep_alive_connections_and_marks_responses_close() {
     );
     proxy.join();
 }
+
+#[test]
+fn per_route_header_edits_apply() {
+    let up = HttpUpstream::start();
+    let route = "[[listeners.routes]]\npath_prefix = \"/\"\ncluster = \"app\"\nrequest_headers = { add = { \"x-added\" = \"1\" }, set = { \"x-env\" = \"prod\" }, remove = [\"x-debug\"] }";
+    let (proxy, addr) = start_toml(
+        &http_config("epoll", route, &cluster("app", &[up.addr], "")),
+        "web",
+    );
+    let r = one(
+        addr,
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Env: dev\r\nX-Debug: yes\r\n\r\n",
+    );
+    let seen = r.text().to_ascii_lowercase();
+    assert!(seen.contains("x-added: 1"), "{seen}");
+    assert!(
+        seen.contains("x-env: prod") && !seen.contains("x-env: dev"),
+        "{seen}"
+    );
+    assert!(!seen.contains("x-debug"), "{seen}");
+    proxy.shutdown();
+}
+
+#[test]
+fn hash_balancing_keeps_a_key_on_one_endpoint() {
+    let ups: Vec<HttpUpstream> = (0..3).map(|_| HttpUpstream::start()).collect();
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let toml = http_config(
+        "epoll",
+        "cluster = \"app\"",
+        &cluster("app", &addrs, "lb = \"hash\"\nhash_header = \"x-user\""),
+    );
+    let (proxy, addr) = start_toml(&toml, "web");
+    for user in 0..6 {
+        let before: Vec<usize> = ups.iter().map(HttpUpstream::requests).collect();
+        for _ in 0..5 {
+            let raw = format!("GET / HTTP/1.1\r\nHost: a\r\nX-User: user-{user}\r\n\r\n");
+            assert_eq!(one(addr, raw.as_bytes()).status, 200);
+        }
+        let moved: Vec<usize> = ups
+            .iter()
+            .zip(&before)
+            .map(|(u, b)| u.requests() - b)
+            .collect();
+        assert_eq!(
+            moved.iter().filter(|&&n| n > 0).count(),
+            1,
+            "user-{user} spread over {moved:?}"
+        );
+    }
+    proxy.shutdown();
+}
+
+#[test]
+fn active_health_checks_take_a_failing_endpoint_out() {
+    let healthy = HttpUpstream::start();
+    // Answers every request, health checks included, with 503.
+    let sick = HttpUpstream::always(503);
+    let toml = http_config(
+        "epoll",
+        "cluster = \"app\"",
+        &cluster(
+            "app",
+            &[healthy.addr, sick.addr],
+            "outlier = { disabled = true }\n[clusters.health_check]\npath = \"/healthz\"\ninterval = \"50ms\"\ntimeout = \"1s\"\nunhealthy_threshold = 2\nhealthy_threshold = 1",
+        ),
+    );
+    let (proxy, addr) = start_toml(&toml, "web");
+    eventually("health checks fail on the sick endpoint", || {
+        proxy.stats().total.http.health_checks_failed >= 2
+    });
+    let sick_before = sick.requests();
+    let mut c = Conn::open(addr);
+    for _ in 0..20 {
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(
+            c.read(false).unwrap().status,
+            200,
+            "only the healthy endpoint serves"
+        );
+    }
+    // The sick endpoint saw health checks only, no proxied request.
+    let checks_meanwhile = sick.requests() - sick_before;
+    assert!(
+        checks_meanwhile < 20,
+        "sick endpoint got {checks_meanwhile} requests"
+    );
+    assert!(proxy.stats().total.http.health_checks_ok > 0);
+    proxy.shutdown();
+}

@@ -1,6 +1,7 @@
 //! `pilotfish-bench`: the load harness, the test upstream, the mesh demo and
 //! the side-by-side benchmarks. See bench/README.md.
 
+mod compare;
 mod demo;
 mod l4;
 mod pingpong;
@@ -42,6 +43,19 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// HTTP/1.1 keep-alive: Pilotfish vs nginx and HAProxy, same run.
+    Compare {
+        /// One short round (CI).
+        #[arg(long)]
+        quick: bool,
+        /// The pilotfish binary (default: built next to this one).
+        #[arg(long, value_name = "PATH")]
+        pilotfish: Option<PathBuf>,
+        /// Pilotfish's [runtime] table, e.g. 'driver = "epoll"' or
+        /// 'uring_setup = "defer_taskrun"' (default: its defaults).
+        #[arg(long, default_value = "")]
+        runtime: String,
+    },
     /// A TCP echo upstream for tests and benchmarks.
     Upstream {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -71,6 +85,15 @@ fn main() -> anyhow::Result<()> {
             pilotfish,
         } => demo::run(quick, &out, pilotfish),
         Command::L4 { mib, rounds } => l4::run(mib, rounds),
+        Command::Compare {
+            quick,
+            pilotfish,
+            runtime,
+        } => compare::run(
+            quick,
+            pilotfish,
+            &format!("[runtime]\n{}", runtime.replace(';', "\n")),
+        ),
         Command::Upstream { listen } => {
             let addr = upstream::echo(listen)?;
             println!("echo upstream on {addr}; Ctrl-C to stop");

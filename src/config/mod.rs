@@ -32,6 +32,8 @@ pub struct Config {
     pub workers: usize,
     /// Which I/O driver the workers run.
     pub driver: DriverChoice,
+    /// io_uring setup flags (ignored on epoll).
+    pub uring_setup: UringSetup,
     /// Admin socket settings (served by the admin issue; accepted now).
     pub admin: Admin,
     /// Cap on concurrent client connections per worker.
@@ -41,6 +43,23 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
+}
+
+/// How io_uring rings are set up. The flags decide how completions reach
+/// the worker, and with it much of the kernel cost per request
+/// (../shared/NOTES.md); `pilotfish-bench compare --uring-setup` measures
+/// each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UringSetup {
+    /// IORING_SETUP_COOP_TASKRUN: completions run at the next kernel entry
+    /// instead of by interrupting the worker.
+    CoopTaskrun,
+    /// IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN: completions run only
+    /// when the worker waits for them.
+    DeferTaskrun,
+    /// The kernel's defaults.
+    Default,
 }
 
 /// Which I/O driver a worker runs.
@@ -152,6 +171,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Runtime {
         pub driver: Option<DriverChoice>,
+        pub uring_setup: Option<UringSetup>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -319,6 +339,7 @@ impl Validator<'_> {
         Ok(Config {
             workers,
             driver: raw.runtime.driver.unwrap_or(DriverChoice::Auto),
+            uring_setup: raw.runtime.uring_setup.unwrap_or(UringSetup::CoopTaskrun),
             admin: Admin {
                 socket: raw.admin.socket,
             },

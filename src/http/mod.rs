@@ -49,6 +49,8 @@ pub struct Client {
     pub ip: String,
     /// Reused for every head we write to the client.
     pub out: Vec<u8>,
+    /// Reused for every request head we write upstream.
+    pub head_out: Vec<u8>,
 }
 
 /// What the connection does after a request.
@@ -79,6 +81,7 @@ pub async fn serve(
         inbound: Inbound::new(Vec::with_capacity(CLIENT_BUFFER_BYTES)),
         ip: peer.ip().to_string(),
         out: Vec::with_capacity(1024),
+        head_out: Vec::with_capacity(1024),
     };
     let idle = listener.idle_timeout;
     let mut parser = RequestParser::new(http.limits);

@@ -10,6 +10,8 @@
 
 use std::ops::Range;
 
+use smallvec::SmallVec;
+
 use super::scan::{HeadScanner, ScanError};
 use crate::config::limits::HTTP1_HEADERS_MAX;
 
@@ -110,6 +112,10 @@ impl From<ScanError> for HeadError {
     }
 }
 
+/// A few ranges into a head's bytes; inline up to two, so the common
+/// head (one Host, one Connection token) allocates nothing for them.
+pub type Ranges = SmallVec<[Range<usize>; 2]>;
+
 /// One field line, as ranges into [`Head::bytes`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Field {
@@ -184,7 +190,7 @@ pub struct Hop {
     /// `Expect: 100-continue`.
     pub expect_continue: bool,
     /// Field names listed in Connection (hop-by-hop; not forwarded).
-    pub listed: Vec<Range<usize>>,
+    pub listed: Ranges,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,7 +202,7 @@ pub struct RequestHead {
     pub body: RequestBody,
     /// Transfer codings applied under `chunked` (gzip, ...), kept when
     /// the body is re-chunked on the way out.
-    pub codings: Vec<Range<usize>>,
+    pub codings: Ranges,
     pub hop: Hop,
     /// The Host field's value (HTTP/1.1 requires exactly one).
     pub host: Option<Range<usize>>,
@@ -247,7 +253,7 @@ pub struct ResponseHead {
     pub version: Version,
     pub body: ResponseBody,
     /// Transfer codings applied under `chunked`, as for requests.
-    pub codings: Vec<Range<usize>>,
+    pub codings: Ranges,
     pub hop: Hop,
 }
 
@@ -261,7 +267,7 @@ impl ResponseHead {
     }
 }
 
-fn strip_scheme(t: &[u8]) -> Option<&[u8]> {
+pub(super) fn strip_scheme(t: &[u8]) -> Option<&[u8]> {
     for scheme in [&b"http://"[..], b"https://"] {
         if t.len() >= scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
             return Some(&t[scheme.len()..]);
@@ -271,10 +277,15 @@ fn strip_scheme(t: &[u8]) -> Option<&[u8]> {
 }
 
 fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
-    // Pointer arithmetic on addresses only (no dereference): `part` is a
-    // sub-slice of `base` handed back by httparse.
-    let start = part.as_ptr() as usize - base.as_ptr() as usize;
-    start..start + part.len()
+    // Address arithmetic only (no dereference). httparse hands back
+    // sub-slices of `base`, except a reason phrase with obs-text, which
+    // it replaces by a static "": that, or anything else outside `base`,
+    // becomes an empty range (found by the response_head fuzzer).
+    let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize);
+    match start {
+        Some(start) if start + part.len() <= base.len() => start..start + part.len(),
+        _ => 0..0,
+    }
 }
 
 /// What the request was, as far as response framing cares.
@@ -341,10 +352,15 @@ fn parse_response(
     limits: &HeadLimits,
     request: RequestKind,
 ) -> Result<ResponseHead, HeadError> {
-    let mut slots = [httparse::EMPTY_HEADER; HTTP1_HEADERS_MAX];
+    // Uninitialised slots: initialising 256 headers (8 KiB) per parse
+    // cost more than parsing a typical head.
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; HTTP1_HEADERS_MAX];
     let slots = &mut slots[..limits.headers.min(HTTP1_HEADERS_MAX)];
-    let mut res = httparse::Response::new(slots);
-    match res.parse(bytes) {
+    let mut res = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, bytes, slots)
+    {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(HeadError::Syntax("incomplete head")),
         Err(e) => return Err(httparse_error(e)),
@@ -423,10 +439,11 @@ impl RequestParser {
 }
 
 fn parse_request(bytes: &[u8], limits: &HeadLimits) -> Result<RequestHead, HeadError> {
-    let mut slots = [httparse::EMPTY_HEADER; HTTP1_HEADERS_MAX];
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; HTTP1_HEADERS_MAX];
     let slots = &mut slots[..limits.headers.min(HTTP1_HEADERS_MAX)];
-    let mut req = httparse::Request::new(slots);
-    match req.parse(bytes) {
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(bytes, slots) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(HeadError::Syntax("incomplete head")),
         Err(e) => return Err(httparse_error(e)),
@@ -512,7 +529,7 @@ fn check_target(method: &[u8], target: &[u8]) -> Result<(), HeadError> {
 }
 
 /// A Host value is `host[:port]` with no whitespace or path characters.
-fn check_host(v: &[u8]) -> Result<(), HeadError> {
+pub(super) fn check_host(v: &[u8]) -> Result<(), HeadError> {
     let ok = v
         .iter()
         .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b));
@@ -526,12 +543,12 @@ fn check_host(v: &[u8]) -> Result<(), HeadError> {
 /// The framing-relevant fields of one head, gathered in one pass.
 #[derive(Debug, Default)]
 struct Semantics {
-    content_lengths: Vec<Range<usize>>,
+    content_lengths: Ranges,
     /// Each transfer coding named, in order, over all TE fields.
-    codings: Vec<Range<usize>>,
+    codings: Ranges,
     has_te: bool,
-    hosts: Vec<Range<usize>>,
-    connection: Vec<Range<usize>>,
+    hosts: Ranges,
+    connection: Ranges,
     has_upgrade_field: bool,
     expect_continue: bool,
 }
@@ -542,21 +559,21 @@ impl Semantics {
         for f in &head.fields {
             let name = head.name(f);
             let value = head.value(f);
-            if name.eq_ignore_ascii_case(b"content-length") {
-                s.content_lengths.push(f.value.clone());
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                s.has_te = true;
-                for item in list_items(value, f.value.start) {
-                    s.codings.push(item);
+            let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+            // Length first: this runs for every field of every message.
+            match name.len() {
+                14 if is(b"content-length") => s.content_lengths.push(f.value.clone()),
+                17 if is(b"transfer-encoding") => {
+                    s.has_te = true;
+                    s.codings.extend(list_items(value, f.value.start));
                 }
-            } else if name.eq_ignore_ascii_case(b"host") {
-                s.hosts.push(f.value.clone());
-            } else if name.eq_ignore_ascii_case(b"connection") {
-                s.connection.extend(list_items(value, f.value.start));
-            } else if name.eq_ignore_ascii_case(b"upgrade") {
-                s.has_upgrade_field = true;
-            } else if name.eq_ignore_ascii_case(b"expect") {
-                s.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
+                4 if is(b"host") => s.hosts.push(f.value.clone()),
+                10 if is(b"connection") => s.connection.extend(list_items(value, f.value.start)),
+                7 if is(b"upgrade") => s.has_upgrade_field = true,
+                6 if is(b"expect") => {
+                    s.expect_continue |= value.eq_ignore_ascii_case(b"100-continue")
+                }
+                _ => {}
             }
         }
         Ok(s)
@@ -576,8 +593,8 @@ impl Semantics {
     /// (their names, kept when the body is re-chunked). Parameters on a
     /// coding (`chunked;x`) are ignored: we re-frame, so no peer after us
     /// ever sees them.
-    fn chunked(&self, head: &Head) -> Result<Vec<Range<usize>>, HeadError> {
-        let names: Vec<Range<usize>> = self
+    fn chunked(&self, head: &Head) -> Result<Ranges, HeadError> {
+        let names: Ranges = self
             .codings
             .iter()
             .map(|r| coding_name(&head.bytes, r.clone()))
@@ -588,7 +605,7 @@ impl Semantics {
         if !head.bytes[last.clone()].eq_ignore_ascii_case(b"chunked") {
             return Err(HeadError::Framing("final transfer coding is not chunked"));
         }
-        let mut kept = Vec::with_capacity(inner.len());
+        let mut kept = Ranges::new();
         for coding in inner {
             let c = &head.bytes[coding.clone()];
             // `identity` (RFC 2616) changes nothing; accepted and dropped.
@@ -620,7 +637,7 @@ impl Semantics {
         &self,
         version: Version,
         head: &Head,
-    ) -> Result<(RequestBody, Vec<Range<usize>>), HeadError> {
+    ) -> Result<(RequestBody, Ranges), HeadError> {
         if self.has_te {
             self.check_te_alone(version)?;
             let inner = self.chunked(head)?;
@@ -630,7 +647,7 @@ impl Semantics {
             None => RequestBody::Empty,
             Some(n) => RequestBody::Length(n),
         };
-        Ok((body, Vec::new()))
+        Ok((body, Ranges::new()))
     }
 
     fn check_te_alone(&self, version: Version) -> Result<(), HeadError> {
@@ -652,12 +669,12 @@ impl Semantics {
         request: RequestKind,
         version: Version,
         head: &Head,
-    ) -> Result<(ResponseBody, Vec<Range<usize>>), HeadError> {
+    ) -> Result<(ResponseBody, Ranges), HeadError> {
         if request == RequestKind::Connect && (200..300).contains(&status) {
-            return Ok((ResponseBody::Tunnel, Vec::new()));
+            return Ok((ResponseBody::Tunnel, Ranges::new()));
         }
         if status == 101 {
-            return Ok((ResponseBody::Tunnel, Vec::new()));
+            return Ok((ResponseBody::Tunnel, Ranges::new()));
         }
         if (100..200).contains(&status)
             || status == 204
@@ -669,7 +686,7 @@ impl Semantics {
                 self.check_te_alone(version)?;
             }
             self.content_length(head)?;
-            return Ok((ResponseBody::None, Vec::new()));
+            return Ok((ResponseBody::None, Ranges::new()));
         }
         if self.has_te {
             self.check_te_alone(version)?;
@@ -680,7 +697,7 @@ impl Semantics {
             Some(n) => ResponseBody::Length(n),
             None => ResponseBody::UntilClose,
         };
-        Ok((body, Vec::new()))
+        Ok((body, Ranges::new()))
     }
 
     fn hop(&self, version: Version, head: &Head) -> Hop {

@@ -48,42 +48,49 @@ impl HeadScanner {
     /// Scans `buf` (the whole buffered input so far, same prefix as the
     /// previous call). Returns `Ok(Some((start, end)))` once the head is
     /// complete: `buf[start..end]` is the head including its final CRLFCRLF.
+    ///
+    /// Jumps from line ending to line ending with `memchr2` (SIMD), so the
+    /// cost is per line, not per byte.
     pub fn scan(&mut self, buf: &[u8]) -> Result<Option<(usize, usize)>, ScanError> {
         let mut i = self.scanned;
         while i < buf.len() {
-            match buf[i] {
-                b'\r' => {
-                    let Some(&next) = buf.get(i + 1) else {
-                        break; // CR at the end: wait for the next byte
-                    };
-                    if next != b'\n' {
-                        return Err(ScanError::BareCr);
-                    }
-                    if self.at_line_start {
-                        if self.line_index == 0 {
-                            // An empty line before the start line.
-                            if i / 2 >= LEADING_EMPTY_LINES_MAX {
-                                return Err(ScanError::LeadingEmptyLines);
-                            }
-                            self.start = i + 2;
-                        } else {
-                            self.scanned = i + 2;
-                            return Ok(Some((self.start, i + 2)));
-                        }
-                    } else {
-                        self.line_index += 1;
-                    }
-                    self.at_line_start = true;
-                    i += 2;
-                    continue;
-                }
-                b'\n' => return Err(ScanError::BareLf),
-                b' ' | b'\t' if self.at_line_start && self.line_index > 0 => {
-                    return Err(ScanError::ObsFold)
-                }
-                _ => self.at_line_start = false,
+            if self.at_line_start && self.line_index > 0 && matches!(buf[i], b' ' | b'\t') {
+                return Err(ScanError::ObsFold);
             }
-            i += 1;
+            let Some(found) = memchr::memchr2(b'\r', b'\n', &buf[i..]) else {
+                // No line end yet: the line is non-empty if anything is here.
+                self.at_line_start = false;
+                i = buf.len();
+                break;
+            };
+            let at = i + found;
+            if buf[at] == b'\n' {
+                return Err(ScanError::BareLf);
+            }
+            let Some(&next) = buf.get(at + 1) else {
+                // CR at the end: wait for the next byte, rescan from the CR.
+                self.at_line_start &= at == i;
+                i = at;
+                break;
+            };
+            if next != b'\n' {
+                return Err(ScanError::BareCr);
+            }
+            let empty_line = self.at_line_start && at == i;
+            if empty_line && self.line_index == 0 {
+                // An empty line before the start line.
+                if at / 2 >= LEADING_EMPTY_LINES_MAX {
+                    return Err(ScanError::LeadingEmptyLines);
+                }
+                self.start = at + 2;
+            } else if empty_line {
+                self.scanned = at + 2;
+                return Ok(Some((self.start, at + 2)));
+            } else {
+                self.line_index += 1;
+            }
+            self.at_line_start = true;
+            i = at + 2;
         }
         self.scanned = i;
         Ok(None)

@@ -6,8 +6,6 @@
 //! Trailer, Upgrade unless tunnelling, Proxy-*) are not forwarded; tracing
 //! fields (traceparent, tracestate, b3) pass untouched.
 
-use std::io::Write;
-
 use super::head::{Head, Hop, RequestHead, ResponseHead};
 
 /// How the body we write is framed.
@@ -40,30 +38,47 @@ pub struct Forwarding<'a> {
     /// "http" or "https", set as X-Forwarded-Proto.
     pub proto: &'a str,
     /// An x-request-id to add when the request has none.
-    pub request_id: &'a str,
+    pub request_id: &'a [u8],
 }
 
-const ALWAYS_HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "content-length",
-    "upgrade",
-];
+/// Whether `name` is one of the always hop-by-hop fields (or framing,
+/// which we write ourselves). Dispatches on length first: this runs for
+/// every field of every message.
+fn always_hop_by_hop(name: &[u8]) -> bool {
+    let is = |h: &[u8]| name.eq_ignore_ascii_case(h);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        14 => is(b"content-length"),
+        17 => is(b"transfer-encoding"),
+        _ => false,
+    }
+}
 
 /// Whether a field must not cross this hop.
 fn is_hop_by_hop(name: &[u8], head: &Head, hop: &Hop) -> bool {
-    ALWAYS_HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    always_hop_by_hop(name)
         || (name.len() > 6 && name[..6].eq_ignore_ascii_case(b"proxy-"))
         || hop
             .listed
             .iter()
             .any(|r| name.eq_ignore_ascii_case(&head.bytes[r.clone()]))
+}
+
+/// Appends `n` in decimal (no formatting machinery on the hot path).
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 fn named(name: &[u8], list: &[String]) -> bool {
@@ -87,7 +102,9 @@ fn write_framing(
 ) {
     match body {
         OutBody::Length(n) => {
-            let _ = write!(out, "content-length: {n}\r\n");
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         OutBody::Chunked => {
             out.extend_from_slice(b"transfer-encoding: ");
@@ -154,6 +171,14 @@ pub fn request(
     if te_trailers {
         out.extend_from_slice(b"te: trailers\r\n");
     }
+    if req.host.is_none() {
+        // An HTTP/1.0 request without Host goes out as HTTP/1.1, which
+        // requires one: the absolute-form target's authority, or empty
+        // (RFC 9110 §7.2). Found by the request_head fuzzer.
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(authority_of(req.target()));
+        out.extend_from_slice(b"\r\n");
+    }
     if tunnel {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
@@ -167,11 +192,30 @@ pub fn request(
     out.extend_from_slice(fwd.proto.as_bytes());
     out.extend_from_slice(b"\r\n");
     if !has_request_id {
-        write_field(out, b"x-request-id", fwd.request_id.as_bytes());
+        write_field(out, b"x-request-id", fwd.request_id);
     }
     write_framing(out, body, head, &req.codings);
     write_edits(out, edits);
     out.extend_from_slice(b"\r\n");
+}
+
+/// The authority of an absolute-form target (`http://a:80/x` → `a:80`),
+/// or empty when the target is not absolute-form or its authority is not
+/// a valid Host value.
+fn authority_of(target: &[u8]) -> &[u8] {
+    let Some(rest) = super::head::strip_scheme(target) else {
+        return b"";
+    };
+    let end = rest
+        .iter()
+        .position(|&b| b == b'/' || b == b'?')
+        .unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if super::head::check_host(authority).is_ok() {
+        authority
+    } else {
+        b""
+    }
 }
 
 /// Writes the head we send the client for `res`.
@@ -185,7 +229,9 @@ pub fn response(
     tunnel: bool,
     out: &mut Vec<u8>,
 ) {
-    let _ = write!(out, "HTTP/1.1 {} ", res.status);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, u64::from(res.status));
+    out.push(b' ');
     out.extend_from_slice(res.reason());
     out.extend_from_slice(b"\r\n");
     let head = &res.head;
@@ -213,10 +259,38 @@ pub fn response(
         &[]
     };
     write_framing(out, body, head, codings);
-    if tunnel {
+    if tunnel && res.status == 101 {
         out.extend_from_slice(b"connection: upgrade\r\n");
-    } else if !keep_alive {
+    } else if !keep_alive && !tunnel {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_and_hop_by_hop_names() {
+        for n in [0u64, 7, 10, 204, 65_536, u64::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
+        for name in [
+            "TE",
+            "Connection",
+            "keep-alive",
+            "Transfer-Encoding",
+            "content-length",
+            "Upgrade",
+            "trailer",
+        ] {
+            assert!(always_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        for name in ["host", "tes", "connections", "traceparent", "x-upgrade"] {
+            assert!(!always_hop_by_hop(name.as_bytes()), "{name}");
+        }
+    }
 }

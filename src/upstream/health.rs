@@ -18,7 +18,7 @@ use super::ClusterState;
 use crate::{
     config::{http::HealthCheck, limits::HEALTH_CHECK_RESPONSE_BYTES_MAX},
     http1::{head::RequestKind, HeadLimits, ResponseParser},
-    metrics::{self, HttpCounters},
+    metrics::{self, Counters},
     worker::gate::Trigger,
 };
 
@@ -26,7 +26,7 @@ use crate::{
 pub async fn run(
     cluster: Rc<ClusterState>,
     check: HealthCheck,
-    counters: Rc<HttpCounters>,
+    counters: Rc<Counters>,
     stop: Trigger,
 ) {
     loop {
@@ -37,9 +37,9 @@ pub async fn run(
             };
             metrics::add(
                 if passed {
-                    &counters.health_checks_ok
+                    &counters.http.health_checks_ok
                 } else {
-                    &counters.health_checks_failed
+                    &counters.http.health_checks_failed
                 },
                 1,
             );

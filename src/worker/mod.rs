@@ -166,7 +166,8 @@ pub fn spawn(
             }
             let core = pinned.map(|c| c.id);
             let choice = config.driver;
-            let ran = runtime::block_on(choice, |driver| {
+            let setup = config.uring_setup;
+            let ran = runtime::block_on(choice, setup, |driver| {
                 worker_main(id, core, driver, config, binds, inbox, started.clone())
             });
             if let Err(e) = ran {
@@ -278,19 +279,14 @@ const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Health checks for clusters that ask for them, and the pool sweeper;
 /// both stop when the worker drains.
 fn spawn_upstream_upkeep(worker: &Rc<Worker>) {
-    let http_counters = Rc::new(metrics::HttpCounters::default());
     for cluster in &worker.clusters {
         if let Some(check) = cluster.config.health_check.clone() {
             let cluster = Rc::clone(cluster);
-            let w = Rc::clone(worker);
-            let counters = Rc::clone(&http_counters);
-            monoio::spawn(async move {
-                health::run(cluster, check, counters.clone(), w.draining.clone()).await;
-            });
+            let counters = Rc::clone(&worker.counters);
+            let stop = worker.draining.clone();
+            monoio::spawn(health::run(cluster, check, counters, stop));
         }
     }
-    // Health-check counts land in a side set merged into the worker's
-    // counters by the sweeper, so the checker needs no Rc of the worker.
     let w = Rc::clone(worker);
     monoio::spawn(async move {
         loop {
@@ -301,18 +297,6 @@ fn spawn_upstream_upkeep(worker: &Rc<Worker>) {
             let now = Instant::now();
             for c in &w.clusters {
                 c.expire_idle(now);
-            }
-            for (from, to) in [
-                (
-                    &http_counters.health_checks_ok,
-                    &w.counters.http.health_checks_ok,
-                ),
-                (
-                    &http_counters.health_checks_failed,
-                    &w.counters.http.health_checks_failed,
-                ),
-            ] {
-                metrics::add(to, from.replace(0));
             }
         }
     });

@@ -10,7 +10,7 @@ use std::{fmt, future::Future, io};
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use serde::Serialize;
 
-use crate::config::DriverChoice;
+use crate::config::{DriverChoice, UringSetup};
 
 /// io_uring submission queue entries per worker. Each in-flight socket op
 /// takes one; 4096 covers a busy worker's accept, reads and writes in one
@@ -43,19 +43,19 @@ pub fn io_uring_available() -> bool {
 /// Runs `main` to completion on a runtime of the chosen driver.
 ///
 /// `main` gets the driver that was picked, so the worker can report it.
-pub fn block_on<F, Fut>(choice: DriverChoice, main: F) -> io::Result<Fut::Output>
+pub fn block_on<F, Fut>(choice: DriverChoice, setup: UringSetup, main: F) -> io::Result<Fut::Output>
 where
     F: FnOnce(Driver) -> Fut,
     Fut: Future,
 {
     match choice {
         DriverChoice::Epoll => run_epoll(main),
-        DriverChoice::IoUring => run_uring(main).map_err(|(_, e)| e),
+        DriverChoice::IoUring => run_uring(setup, main).map_err(|(_, e)| e),
         DriverChoice::Auto if !monoio::utils::detect_uring() => {
             tracing::debug!("io_uring unavailable or MONOIO_FORCE_LEGACY_DRIVER set: using epoll");
             run_epoll(main)
         }
-        DriverChoice::Auto => match run_uring(main) {
+        DriverChoice::Auto => match run_uring(setup, main) {
             Ok(out) => Ok(out),
             Err((main, e)) => {
                 tracing::warn!(error = %e, "io_uring runtime failed to start; falling back to epoll");
@@ -77,20 +77,28 @@ where
 }
 
 /// On failure to build, hands `main` back so the caller can fall back.
-fn run_uring<F, Fut>(main: F) -> Result<Fut::Output, (F, io::Error)>
+fn run_uring<F, Fut>(setup: UringSetup, main: F) -> Result<Fut::Output, (F, io::Error)>
 where
     F: FnOnce(Driver) -> Fut,
     Fut: Future,
 {
-    // COOP_TASKRUN: completions are run at the next transition into the
-    // kernel instead of by an IPI; measured ~25% less CPU per request here
-    // (../shared/NOTES.md). Fall back to default flags on kernels without it.
-    let mut coop = io_uring::IoUring::builder();
-    coop.setup_coop_taskrun();
+    // The flags change how completions reach us; measured in NOTES.md and
+    // by `pilotfish-bench compare`. Fall back to default flags on kernels
+    // without them.
+    let mut flags = io_uring::IoUring::builder();
+    match setup {
+        UringSetup::CoopTaskrun => {
+            flags.setup_coop_taskrun();
+        }
+        UringSetup::DeferTaskrun => {
+            flags.setup_single_issuer().setup_defer_taskrun();
+        }
+        UringSetup::Default => {}
+    }
     let built = RuntimeBuilder::<IoUringDriver>::new()
         .enable_timer()
         .with_entries(URING_ENTRIES)
-        .uring_builder(coop)
+        .uring_builder(flags)
         .build()
         .or_else(|_| {
             RuntimeBuilder::<IoUringDriver>::new()
@@ -111,7 +119,12 @@ mod tests {
     #[test]
     fn epoll_is_chosen_when_asked() {
         assert_eq!(
-            block_on(DriverChoice::Epoll, |d| async move { d }).unwrap(),
+            block_on(
+                DriverChoice::Epoll,
+                UringSetup::Default,
+                |d| async move { d }
+            )
+            .unwrap(),
             Driver::Epoll
         );
     }
@@ -122,7 +135,12 @@ mod tests {
             eprintln!("io_uring not available here; nothing to check");
             return;
         }
-        let d = block_on(DriverChoice::IoUring, |d| async move { d }).unwrap();
+        let d = block_on(
+            DriverChoice::IoUring,
+            UringSetup::CoopTaskrun,
+            |d| async move { d },
+        )
+        .unwrap();
         assert_eq!(d, Driver::IoUring);
     }
 }
