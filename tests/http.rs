@@ -482,3 +482,21 @@ fn active_health_checks_take_a_failing_endpoint_out() {
     assert!(proxy.stats().total.http.health_checks_ok > 0);
     proxy.shutdown();
 }
+
+#[test]
+fn a_response_that_fails_midway_is_cut_off_not_completed() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = simple("epoll", &up);
+    let mut c = Conn::open(addr);
+    c.send(b"GET /truncated HTTP/1.1\r\nHost: a\r\n\r\n");
+    // The head promised 100 bytes; the client gets the 10 that exist and
+    // then a closed connection, never padding or a second response.
+    let mut head_and_body = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut c.reader, &mut head_and_body);
+    let text = String::from_utf8_lossy(&head_and_body);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("content-length: 100"), "{text}");
+    assert!(text.ends_with("\r\n\r\n0123456789"), "{text}");
+    assert_eq!(proxy.stats().total.http.responses_cut, 1);
+    proxy.shutdown();
+}

@@ -13,6 +13,7 @@
 //! - `/until-close`: 200 without length; the body ends at close.
 //! - `/big/N`: 200 with N bytes of a fixed pattern (Content-Length).
 //! - `/bad-framing`: 200 with both Content-Length and Transfer-Encoding.
+//! - `/truncated`: promises 100 bytes, sends 10, closes.
 //! - `/ws`: answers an Upgrade with 101, then echoes bytes.
 //! - anything else: 200 "ok <path>".
 
@@ -151,6 +152,7 @@ fn serve(conn: TcpStream, stats: &Stats, fixed: Option<u16>) {
             "big",
             "bad-framing",
             "ws",
+            "truncated",
         ];
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let at = segments
@@ -198,6 +200,12 @@ fn serve(conn: TcpStream, stats: &Stats, fixed: Option<u16>) {
                     }
                     left -= k;
                 }
+            }
+            ("truncated", _) => {
+                // Promises 100 bytes, sends 10, closes.
+                let _ =
+                    writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789");
+                return;
             }
             ("bad-framing", _) => {
                 let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
