@@ -10,6 +10,7 @@
 //! - [`proxy`]: starting, draining and stopping the set of workers.
 //! - [`lifecycle`]: signals, systemd notify, the process's exit.
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod http;

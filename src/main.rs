@@ -39,6 +39,51 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Ask a running proxy through its admin socket.
+    Admin {
+        /// The admin socket ([admin] socket in the config).
+        #[arg(long, value_name = "PATH", default_value = "/run/pilotfish/admin.sock")]
+        socket: PathBuf,
+        #[command(subcommand)]
+        what: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Exit 0 if every worker serves and the proxy is not draining.
+    Ready,
+    /// Counters per core and merged, as a table (--json for the raw JSON).
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The Prometheus exposition.
+    Metrics,
+    /// Latency percentiles (µs) per listener, route and cluster.
+    Histograms {
+        #[arg(long)]
+        listener: Option<String>,
+        #[arg(long)]
+        route: Option<String>,
+        #[arg(long)]
+        cluster: Option<String>,
+        /// request_total, upstream_connect, upstream_first_byte, connection_duration
+        #[arg(long)]
+        metric: Option<String>,
+        #[arg(long)]
+        core: Option<usize>,
+        /// Print HdrHistogram's percentile distribution (.hgrm) instead.
+        #[arg(long)]
+        hgrm: bool,
+        /// Empty the histograms after reading (interval histograms).
+        #[arg(long)]
+        reset: bool,
+    },
+    /// The running config (JSON).
+    Config,
+    /// Stop accepting and drain, as SIGTERM does.
+    Drain,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +91,72 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
+        Command::Admin { socket, what } => admin(&socket, what),
+    }
+}
+
+fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
+    use pilotfish::admin::client;
+    let (method, path) = match &what {
+        AdminCommand::Ready => ("GET", "/ready".to_string()),
+        AdminCommand::Stats { .. } => ("GET", "/stats".to_string()),
+        AdminCommand::Metrics => ("GET", "/metrics".to_string()),
+        AdminCommand::Config => ("GET", "/config".to_string()),
+        AdminCommand::Drain => ("POST", "/drain".to_string()),
+        AdminCommand::Histograms {
+            listener,
+            route,
+            cluster,
+            metric,
+            core,
+            hgrm,
+            reset,
+        } => {
+            let mut q = vec![format!("format={}", if *hgrm { "hgrm" } else { "json" })];
+            for (k, v) in [
+                ("listener", listener),
+                ("route", route),
+                ("cluster", cluster),
+                ("metric", metric),
+            ] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={v}"));
+                }
+            }
+            if let Some(c) = core {
+                q.push(format!("core={c}"));
+            }
+            if *reset {
+                q.push("reset=true".into());
+            }
+            ("GET", format!("/histograms?{}", q.join("&")))
+        }
+    };
+    let (status, body) = match client::request(socket, method, &path) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: admin socket {}: {e}", socket.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let shown = match &what {
+        AdminCommand::Stats { json: false } if status == 200 => client::stats_table(&body),
+        AdminCommand::Histograms { hgrm: false, .. } if status == 200 => {
+            client::histogram_table(&body)
+        }
+        _ => Ok(body),
+    };
+    match shown {
+        Ok(text) => print!("{text}"),
+        Err(e) => {
+            eprintln!("error: unexpected admin answer: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if status == 200 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -80,7 +191,26 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match lifecycle::run_until_stopped(proxy, &notifier) {
+    let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _admin = match &proxy.config().admin.socket {
+        None => None,
+        Some(path) => {
+            let state = pilotfish::admin::State {
+                config: proxy.config_arc(),
+                mailboxes: proxy.mailboxes(),
+                draining: std::sync::Arc::clone(&draining),
+            };
+            match pilotfish::admin::Server::start(path, state) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    tracing::error!(socket = %path.display(), error = %e, "cannot start the admin socket");
+                    proxy.shutdown();
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    match lifecycle::run_until_stopped(proxy, &notifier, &draining) {
         Ok(Exit::Drained) => {
             tracing::info!("drained; exiting");
             ExitCode::SUCCESS

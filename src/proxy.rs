@@ -121,6 +121,10 @@ impl Proxy {
         &self.config
     }
 
+    pub fn config_arc(&self) -> Arc<Config> {
+        Arc::clone(&self.config)
+    }
+
     pub fn worker_count(&self) -> usize {
         self.handles.len()
     }
@@ -143,6 +147,11 @@ impl Proxy {
         self.exited.clone()
     }
 
+    /// Every worker's mailbox (for the admin server's thread).
+    pub fn mailboxes(&self) -> Vec<crossbeam_channel::Sender<Command>> {
+        self.handles.iter().map(|h| h.mailbox.clone()).collect()
+    }
+
     /// Stops accepting on every worker; connections get the drain timeout.
     pub fn drain(&self) {
         self.broadcast(|| Command::Drain);
@@ -150,12 +159,17 @@ impl Proxy {
 
     /// Asks every worker for its counters and merges them.
     pub fn stats(&self) -> Stats {
-        let workers = worker::collect_reports(&self.handles);
+        let workers = worker::collect_reports(&self.mailboxes());
         let mut total = Snapshot::default();
         for r in &workers {
             total.merge(&r.counters);
         }
         Stats { total, workers }
+    }
+
+    /// Every worker's histograms (emptied afterwards if `reset`).
+    pub fn histograms(&self, reset: bool) -> Vec<worker::HistogramReport> {
+        worker::collect_histograms(&self.mailboxes(), reset)
     }
 
     /// Waits for every worker thread to exit.

@@ -325,9 +325,13 @@ impl Attempt<'_> {
             reason: ErrorReason::ConnectFailed,
             detail,
         };
+        let started = Instant::now();
         match monoio::time::timeout(limit, TcpStream::connect_addr(endpoint.addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
+                self.worker
+                    .histograms
+                    .connect(self.cluster.index, started.elapsed());
                 Ok(s)
             }
             Ok(Err(e)) => Err(failed(format!("connect to {} failed: {e}", endpoint.addr))),
@@ -425,6 +429,9 @@ impl Attempt<'_> {
         let now = Instant::now();
         let endpoint = &self.cluster.endpoints[self.ep];
         endpoint.latency.observe(now - sent_at, now);
+        self.worker
+            .histograms
+            .first_byte(self.cluster.index, now - sent_at);
         let counters = &self.worker.counters.http;
         if resp.status >= 500 {
             if self.retry_status && self.policy.on_status.contains(&resp.status) {

@@ -107,7 +107,14 @@ pub async fn serve(
             }
         };
         metrics::add(&worker.counters.http.requests, 1);
-        match handle(&worker, http, &mut client, req, idle, conn_id).await {
+        let started = Instant::now();
+        let (next, route) = handle(&worker, http, &mut client, req, idle, conn_id).await;
+        let took = started.elapsed();
+        worker.histograms.listener(listener_index, took);
+        if let Some(route) = route {
+            worker.histograms.route(listener_index, route, took);
+        }
+        match next {
             Next::KeepAlive => continue,
             Next::Close => return,
             Next::Tunnel(up) => {
@@ -171,6 +178,21 @@ async fn handle(
     req: RequestHead,
     idle: Duration,
     conn_id: u64,
+) -> (Next, Option<usize>) {
+    let mut route_index = None;
+    let next = handle_routed(worker, http, client, req, idle, conn_id, &mut route_index).await;
+    (next, route_index)
+}
+
+/// [`handle`], noting the route taken in `route_out`.
+async fn handle_routed(
+    worker: &Rc<Worker>,
+    http: &HttpListener,
+    client: &mut Client,
+    req: RequestHead,
+    idle: Duration,
+    conn_id: u64,
+    route_out: &mut Option<usize>,
 ) -> Next {
     if let (RequestBody::Length(n), Some(max)) = (req.body, http.body_bytes_max) {
         if n > max {
@@ -188,7 +210,9 @@ async fn handle(
         }
     }
     let view = exchange::View(&req);
-    let route = crate::route::select(&http.routes, &view).map(|i| &http.routes[i]);
+    let route_index = crate::route::select(&http.routes, &view);
+    *route_out = route_index;
+    let route = route_index.map(|i| &http.routes[i]);
     let cluster = match (route, http.default_cluster) {
         (Some(r), _) => crate::route::pick_weighted(&r.clusters, &worker.rng),
         (None, Some(c)) => c,

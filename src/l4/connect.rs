@@ -12,8 +12,12 @@ pub async fn connect(worker: &Worker, cluster: usize) -> Option<(TcpStream, Sock
     let config = &worker.config.clusters[cluster];
     for attempt in 1..=config.connect_attempts {
         let endpoint = config.endpoints[worker.balancers[cluster].pick()];
+        let started = std::time::Instant::now();
         match attempt_one(endpoint, config.connect_timeout).await {
-            Ok(stream) => return Some((stream, endpoint)),
+            Ok(stream) => {
+                worker.histograms.connect(cluster, started.elapsed());
+                return Some((stream, endpoint));
+            }
             Err(failure) => {
                 metrics::add(&worker.counters.connect_failures, 1);
                 if matches!(failure, Failure::TimedOut) {

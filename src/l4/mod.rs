@@ -31,6 +31,12 @@ pub async fn serve(
     _slot: Slot,
 ) {
     let _active = metrics::ActiveGuard::new(&worker.counters.connections_active);
+    let accepted = std::time::Instant::now();
+    let _duration = DurationGuard {
+        worker: &worker,
+        listener: listener_index,
+        accepted,
+    };
     let listener = &worker.config.listeners[listener_index];
     let ListenerKind::Tcp { cluster, copy } = listener.kind else {
         unreachable!("the accept loop sends only tcp listeners here");
@@ -58,6 +64,21 @@ pub async fn serve(
             metrics::add(&worker.counters.idle_timeouts, 1);
             tracing::debug!(conn_id, "idle timeout");
         }
+    }
+}
+
+/// Records the connection's duration when it ends, however it ends.
+struct DurationGuard<'a> {
+    worker: &'a Worker,
+    listener: usize,
+    accepted: std::time::Instant,
+}
+
+impl Drop for DurationGuard<'_> {
+    fn drop(&mut self) {
+        self.worker
+            .histograms
+            .listener(self.listener, self.accepted.elapsed());
     }
 }
 

@@ -25,7 +25,11 @@ pub enum Exit {
 }
 
 /// Serves until signalled, then drains. Returns how it ended.
-pub fn run_until_stopped(proxy: Proxy, notifier: &Notifier) -> anyhow::Result<Exit> {
+pub fn run_until_stopped(
+    proxy: Proxy,
+    notifier: &Notifier,
+    draining: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<Exit> {
     let (sig_tx, sig_rx) = crossbeam_channel::bounded(4);
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     let signal_handle = signals.handle();
@@ -56,6 +60,7 @@ pub fn run_until_stopped(proxy: Proxy, notifier: &Notifier) -> anyhow::Result<Ex
         recv(sig_rx) -> sig => {
             tracing::info!(signal = ?sig.ok(), "draining: no new connections; in-flight ones get {:?}", proxy.config().drain_timeout);
             notifier.send("STOPPING=1\nSTATUS=draining");
+            draining.store(true, std::sync::atomic::Ordering::SeqCst);
             proxy.drain();
             select! {
                 recv(sig_rx) -> _ => {
@@ -65,7 +70,14 @@ pub fn run_until_stopped(proxy: Proxy, notifier: &Notifier) -> anyhow::Result<Ex
                 recv(done) -> _ => Exit::Drained,
             }
         }
-        recv(done) -> _ => Exit::WorkersGone,
+        // Drained through the admin socket (POST /drain), or gone unasked.
+        recv(done) -> _ => {
+            if draining.load(std::sync::atomic::Ordering::SeqCst) {
+                Exit::Drained
+            } else {
+                Exit::WorkersGone
+            }
+        }
     };
     signal_handle.close();
     if exit != Exit::Forced {

@@ -5,6 +5,8 @@
 //! copied out on request through the worker's mailbox, and merge snapshots
 //! themselves.
 
+pub mod histograms;
+
 use std::cell::Cell;
 
 use serde::Serialize;

@@ -68,6 +68,8 @@ impl Endpoint {
 /// A cluster on this worker.
 #[derive(Debug)]
 pub struct ClusterState {
+    /// Index in the config's cluster list (and in per-worker histograms).
+    pub index: usize,
     pub name: String,
     pub endpoints: Vec<Endpoint>,
     pub config: HttpCluster,
@@ -86,8 +88,9 @@ pub enum Outcome {
 }
 
 impl ClusterState {
-    pub fn new(c: &Cluster, worker: usize, now: Instant) -> Self {
+    pub fn new(index: usize, c: &Cluster, worker: usize, now: Instant) -> Self {
         Self {
+            index,
             name: c.name.clone(),
             endpoints: c.endpoints.iter().map(|a| Endpoint::new(*a, now)).collect(),
             config: c.http.clone(),
@@ -201,7 +204,7 @@ mod tests {
             endpoints.join(",")
         );
         let config = Config::parse("t.toml", &text).unwrap();
-        ClusterState::new(&config.clusters[0], 0, Instant::now())
+        ClusterState::new(0, &config.clusters[0], 0, Instant::now())
     }
 
     #[test]

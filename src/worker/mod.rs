@@ -31,7 +31,11 @@ use crate::{
         Config, ListenerKind,
     },
     http, l4,
-    metrics::{self, Counters, Snapshot},
+    metrics::{
+        self,
+        histograms::{Histograms, Key},
+        Counters, Snapshot,
+    },
     upstream::{health, ClusterState},
 };
 use buffers::BufferPool;
@@ -47,6 +51,18 @@ pub enum Command {
     Stop,
     /// Send a copy of this worker's counters.
     Snapshot(Sender<WorkerReport>),
+    /// Send a copy of this worker's histograms; empty them if `reset`.
+    Histograms {
+        reset: bool,
+        reply: Sender<HistogramReport>,
+    },
+}
+
+/// A worker's answer to [`Command::Histograms`].
+#[derive(Debug, Clone)]
+pub struct HistogramReport {
+    pub worker: usize,
+    pub histograms: Vec<(Key, hdrhistogram::Histogram<u64>)>,
 }
 
 /// A worker's answer to [`Command::Snapshot`].
@@ -91,6 +107,8 @@ pub struct Worker {
     pub clusters: Vec<Rc<ClusterState>>,
     /// This worker's random numbers (balancing, splits, request ids).
     pub rng: Rng,
+    /// This worker's latency histograms.
+    pub histograms: Histograms,
     next_conn_id: Cell<u64>,
 }
 
@@ -105,7 +123,8 @@ impl Worker {
         let clusters = config
             .clusters
             .iter()
-            .map(|c| Rc::new(ClusterState::new(c, id, now)))
+            .enumerate()
+            .map(|(i, c)| Rc::new(ClusterState::new(i, c, id, now)))
             .collect();
         Self {
             id,
@@ -113,6 +132,7 @@ impl Worker {
             driver,
             clusters,
             rng: Rng::from_time(id as u64),
+            histograms: Histograms::new(&config),
             slots: Slots::new(config.max_connections_per_worker),
             config,
             counters: Rc::default(),
@@ -247,6 +267,16 @@ async fn serve_mailbox(worker: &Worker, inbox: &Receiver<Command>) {
                 Ok(Command::Snapshot(reply)) => {
                     let _ = reply.try_send(worker.report());
                 }
+                Ok(Command::Histograms { reset, reply }) => {
+                    let histograms = worker.histograms.snapshot();
+                    if reset {
+                        worker.histograms.reset();
+                    }
+                    let _ = reply.try_send(HistogramReport {
+                        worker: worker.id,
+                        histograms,
+                    });
+                }
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
                     worker.draining.fire();
                     return;
@@ -346,11 +376,11 @@ pub const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Asks every worker for a report; workers that do not answer in time are
 /// left out (and named in the log).
-pub fn collect_reports(handles: &[WorkerHandle]) -> Vec<WorkerReport> {
-    let (tx, rx) = crossbeam_channel::bounded(handles.len().max(1));
-    let asked = handles
+pub fn collect_reports(mailboxes: &[Sender<Command>]) -> Vec<WorkerReport> {
+    let (tx, rx) = crossbeam_channel::bounded(mailboxes.len().max(1));
+    let asked = mailboxes
         .iter()
-        .filter(|h| h.mailbox.try_send(Command::Snapshot(tx.clone())).is_ok())
+        .filter(|m| m.try_send(Command::Snapshot(tx.clone())).is_ok())
         .count();
     drop(tx);
     let deadline = Instant::now() + REPORT_TIMEOUT;
@@ -366,6 +396,29 @@ pub fn collect_reports(handles: &[WorkerHandle]) -> Vec<WorkerReport> {
                 );
                 break;
             }
+        }
+    }
+    reports.sort_by_key(|r| r.worker);
+    reports
+}
+
+/// Asks every worker for its histograms (and to reset them if `reset`).
+pub fn collect_histograms(mailboxes: &[Sender<Command>], reset: bool) -> Vec<HistogramReport> {
+    let (tx, rx) = crossbeam_channel::bounded(mailboxes.len().max(1));
+    let asked = mailboxes
+        .iter()
+        .filter(|m| {
+            let reply = tx.clone();
+            m.try_send(Command::Histograms { reset, reply }).is_ok()
+        })
+        .count();
+    drop(tx);
+    let deadline = Instant::now() + REPORT_TIMEOUT;
+    let mut reports = Vec::with_capacity(asked);
+    while reports.len() < asked {
+        match rx.recv_deadline(deadline) {
+            Ok(r) => reports.push(r),
+            Err(_) => break,
         }
     }
     reports.sort_by_key(|r| r.worker);

@@ -1,0 +1,298 @@
+//! The Prometheus text exposition format (version 0.0.4): counters per
+//! core, latency histograms merged over cores with buckets that suit
+//! microseconds, and p50/p90/p99/p999 as summaries.
+
+use std::fmt::Write;
+
+use crate::{
+    metrics::{histograms, ErrorReason, Snapshot},
+    worker::{HistogramReport, WorkerReport},
+};
+
+/// Bucket bounds in µs: 50 µs to 10 s, about three per decade.
+const BUCKETS_US: [u64; 17] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+type Field = (&'static str, &'static str, fn(&Snapshot) -> u64);
+
+/// (name, help, value) for every per-core counter.
+const COUNTERS: &[Field] = &[
+    (
+        "connections_accepted_total",
+        "Client connections accepted.",
+        |s| s.connections_accepted,
+    ),
+    (
+        "connections_unrouted_total",
+        "Client connections closed because no upstream accepted.",
+        |s| s.connections_unrouted,
+    ),
+    (
+        "bytes_downstream_to_upstream_total",
+        "L4 bytes copied client to upstream.",
+        |s| s.bytes_downstream_to_upstream,
+    ),
+    (
+        "bytes_upstream_to_downstream_total",
+        "L4 bytes copied upstream to client.",
+        |s| s.bytes_upstream_to_downstream,
+    ),
+    (
+        "connect_failures_total",
+        "Failed upstream connect attempts (L4).",
+        |s| s.connect_failures,
+    ),
+    (
+        "connect_timeouts_total",
+        "Upstream connect attempts that timed out (L4).",
+        |s| s.connect_timeouts,
+    ),
+    (
+        "idle_timeouts_total",
+        "Connections closed by the idle timeout.",
+        |s| s.idle_timeouts,
+    ),
+    (
+        "drain_cut_total",
+        "Connections cut when the drain timeout ran out.",
+        |s| s.drain_cut,
+    ),
+    (
+        "accept_errors_total",
+        "Accept errors (such as fd exhaustion).",
+        |s| s.accept_errors,
+    ),
+    (
+        "task_panics_total",
+        "Connection tasks that panicked; the worker kept serving.",
+        |s| s.task_panics,
+    ),
+    ("http_requests_total", "HTTP requests received.", |s| {
+        s.http.requests
+    }),
+    ("http_retries_total", "HTTP request retries.", |s| {
+        s.http.retries
+    }),
+    (
+        "http_retries_over_budget_total",
+        "Retries refused by the retry budget.",
+        |s| s.http.retries_over_budget,
+    ),
+    (
+        "http_upstream_connects_total",
+        "New upstream HTTP connections.",
+        |s| s.http.upstream_connects,
+    ),
+    (
+        "http_pool_reuses_total",
+        "Requests sent on a pooled upstream connection.",
+        |s| s.http.pool_reuses,
+    ),
+    (
+        "http_ejections_total",
+        "Endpoints ejected by outlier detection.",
+        |s| s.http.ejections,
+    ),
+    (
+        "http_health_checks_ok_total",
+        "Active health checks passed.",
+        |s| s.http.health_checks_ok,
+    ),
+    (
+        "http_health_checks_failed_total",
+        "Active health checks failed.",
+        |s| s.http.health_checks_failed,
+    ),
+    (
+        "http_responses_cut_total",
+        "Responses cut off midway.",
+        |s| s.http.responses_cut,
+    ),
+];
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(
+        out,
+        "# HELP pilotfish_{name} {help}\n# TYPE pilotfish_{name} {kind}"
+    );
+}
+
+/// Escapes a label value (backslash, quote, newline).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub fn render(reports: &[WorkerReport], hist: &[HistogramReport]) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    family(
+        &mut out,
+        "connections_active",
+        "gauge",
+        "Client connections open now.",
+    );
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "pilotfish_connections_active{{core=\"{}\"}} {}",
+            r.worker, r.counters.connections_active
+        );
+    }
+    for (name, help, get) in COUNTERS {
+        family(&mut out, name, "counter", help);
+        for r in reports {
+            let _ = writeln!(
+                out,
+                "pilotfish_{name}{{core=\"{}\"}} {}",
+                r.worker,
+                get(&r.counters)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "http_responses_total",
+        "counter",
+        "HTTP responses sent to clients, by status class.",
+    );
+    for r in reports {
+        for (i, n) in r.counters.http.responses_by_class.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "pilotfish_http_responses_total{{core=\"{}\",class=\"{}xx\"}} {n}",
+                r.worker,
+                i + 1
+            );
+        }
+    }
+    family(
+        &mut out,
+        "http_generated_responses_total",
+        "counter",
+        "Responses the proxy generated, by reason.",
+    );
+    for r in reports {
+        for reason in ErrorReason::ALL {
+            let _ = writeln!(
+                out,
+                "pilotfish_http_generated_responses_total{{core=\"{}\",reason=\"{}\",status=\"{}\"}} {}",
+                r.worker,
+                reason.name(),
+                reason.status(),
+                r.counters.http.generated(reason)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "worker_driver",
+        "gauge",
+        "The I/O driver each worker runs (1 = this one).",
+    );
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "pilotfish_worker_driver{{core=\"{}\",driver=\"{}\"}} 1",
+            r.worker, r.driver
+        );
+    }
+    latency(&mut out, hist);
+    out
+}
+
+fn latency(out: &mut String, hist: &[HistogramReport]) {
+    let mut keys = Vec::new();
+    for r in hist {
+        for (k, _) in &r.histograms {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+    }
+    let merged: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let parts = hist.iter().flat_map(|r| {
+                r.histograms
+                    .iter()
+                    .filter(|(rk, _)| rk == k)
+                    .map(|(_, h)| h)
+            });
+            (k, histograms::merge(parts))
+        })
+        .collect();
+    let labels = |k: &histograms::Key| {
+        let mut l = format!("metric=\"{}\"", k.metric.name());
+        for (name, v) in [
+            ("listener", &k.listener),
+            ("route", &k.route),
+            ("cluster", &k.cluster),
+        ] {
+            if let Some(v) = v {
+                l += &format!(",{name}=\"{}\"", label(v));
+            }
+        }
+        l
+    };
+    family(
+        out,
+        "latency_microseconds",
+        "histogram",
+        "Latency in microseconds, merged over cores.",
+    );
+    for (k, h) in &merged {
+        let l = labels(k);
+        for le in BUCKETS_US {
+            let n: u64 = h
+                .iter_recorded()
+                .filter(|v| v.value_iterated_to() <= le)
+                .map(|v| v.count_at_value())
+                .sum();
+            let _ = writeln!(
+                out,
+                "pilotfish_latency_microseconds_bucket{{{l},le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "pilotfish_latency_microseconds_bucket{{{l},le=\"+Inf\"}} {}",
+            h.len()
+        );
+        let sum = h.mean() * h.len() as f64;
+        let _ = writeln!(out, "pilotfish_latency_microseconds_sum{{{l}}} {sum:.0}");
+        let _ = writeln!(
+            out,
+            "pilotfish_latency_microseconds_count{{{l}}} {}",
+            h.len()
+        );
+    }
+    family(
+        out,
+        "latency_summary_microseconds",
+        "summary",
+        "Latency percentiles in microseconds, merged over cores.",
+    );
+    for (k, h) in &merged {
+        let l = labels(k);
+        for q in [0.5, 0.9, 0.99, 0.999] {
+            let _ = writeln!(
+                out,
+                "pilotfish_latency_summary_microseconds{{{l},quantile=\"{q}\"}} {}",
+                h.value_at_quantile(q)
+            );
+        }
+        let sum = h.mean() * h.len() as f64;
+        let _ = writeln!(
+            out,
+            "pilotfish_latency_summary_microseconds_sum{{{l}}} {sum:.0}"
+        );
+        let _ = writeln!(
+            out,
+            "pilotfish_latency_summary_microseconds_count{{{l}}} {}",
+            h.len()
+        );
+    }
+}

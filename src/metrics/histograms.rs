@@ -1,0 +1,306 @@
+//! Per-worker HDR latency histograms, copied out on request and merged
+//! by whoever asked.
+//!
+//! What must hold: recording is a plain increment on the worker's own
+//! histogram (no locks, no atomics); the range is bounded (1 µs to one
+//! hour, 3 significant digits) so a wild value saturates at the top
+//! instead of failing; a snapshot is a copy, so a scrape costs a worker
+//! only the time to clone its histograms.
+
+use std::{cell::RefCell, time::Duration};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::config::{Config, ListenerKind};
+
+/// Lowest recordable latency, µs.
+pub const LOW_US: u64 = 1;
+/// Highest recordable latency, µs (one hour: long L4 connections).
+pub const HIGH_US: u64 = 3_600_000_000;
+/// Significant digits kept: 0.1% relative error at every magnitude.
+pub const SIGFIG: u8 = 3;
+
+/// What a histogram measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// HTTP: request head received → response fully sent.
+    RequestTotal,
+    /// New upstream connection: connect started → established.
+    UpstreamConnect,
+    /// Request sent upstream → response head received.
+    UpstreamFirstByte,
+    /// L4: accepted → both sides closed.
+    ConnectionDuration,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::RequestTotal => "request_total",
+            Metric::UpstreamConnect => "upstream_connect",
+            Metric::UpstreamFirstByte => "upstream_first_byte",
+            Metric::ConnectionDuration => "connection_duration",
+        }
+    }
+}
+
+/// Where a histogram belongs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Key {
+    pub listener: Option<String>,
+    pub route: Option<String>,
+    pub cluster: Option<String>,
+    pub metric: Metric,
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(LOW_US, HIGH_US, SIGFIG).expect("static bounds are valid")
+}
+
+/// All of one worker's histograms, laid out by config index.
+#[derive(Debug)]
+pub struct Histograms {
+    /// Per listener: request_total (http) or connection_duration (tcp).
+    listeners: Vec<RefCell<Histogram<u64>>>,
+    /// Per (listener, route): request_total.
+    routes: Vec<Vec<RefCell<Histogram<u64>>>>,
+    /// Per cluster: upstream_connect, upstream_first_byte.
+    connect: Vec<RefCell<Histogram<u64>>>,
+    first_byte: Vec<RefCell<Histogram<u64>>>,
+    names: Names,
+}
+
+#[derive(Debug, Clone)]
+struct Names {
+    listeners: Vec<(String, bool)>, // (name, is_http)
+    routes: Vec<Vec<String>>,
+    clusters: Vec<String>,
+}
+
+fn record(h: &RefCell<Histogram<u64>>, d: Duration) {
+    let us = (d.as_micros() as u64).clamp(LOW_US, HIGH_US);
+    // In range by the clamp, so this cannot fail.
+    let _ = h.borrow_mut().record(us);
+}
+
+impl Histograms {
+    pub fn new(config: &Config) -> Self {
+        let cells = |n: usize| {
+            (0..n)
+                .map(|_| RefCell::new(new_histogram()))
+                .collect::<Vec<_>>()
+        };
+        let names = Names {
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), matches!(l.kind, ListenerKind::Http(_))))
+                .collect(),
+            routes: config
+                .listeners
+                .iter()
+                .map(|l| match &l.kind {
+                    ListenerKind::Http(h) => h.routes.iter().map(|r| r.name.clone()).collect(),
+                    ListenerKind::Tcp { .. } => Vec::new(),
+                })
+                .collect(),
+            clusters: config.clusters.iter().map(|c| c.name.clone()).collect(),
+        };
+        Self {
+            listeners: cells(config.listeners.len()),
+            routes: names.routes.iter().map(|r| cells(r.len())).collect(),
+            connect: cells(config.clusters.len()),
+            first_byte: cells(config.clusters.len()),
+            names,
+        }
+    }
+
+    /// A finished HTTP request (or L4 connection) on `listener`.
+    pub fn listener(&self, listener: usize, d: Duration) {
+        record(&self.listeners[listener], d);
+    }
+
+    pub fn route(&self, listener: usize, route: usize, d: Duration) {
+        record(&self.routes[listener][route], d);
+    }
+
+    pub fn connect(&self, cluster: usize, d: Duration) {
+        record(&self.connect[cluster], d);
+    }
+
+    pub fn first_byte(&self, cluster: usize, d: Duration) {
+        record(&self.first_byte[cluster], d);
+    }
+
+    /// Copies every histogram out (the only cost a scrape puts on a worker).
+    pub fn snapshot(&self) -> Vec<(Key, Histogram<u64>)> {
+        let n = &self.names;
+        let mut out = Vec::new();
+        for (i, (name, http)) in n.listeners.iter().enumerate() {
+            let metric = if *http {
+                Metric::RequestTotal
+            } else {
+                Metric::ConnectionDuration
+            };
+            out.push((
+                Key {
+                    listener: Some(name.clone()),
+                    route: None,
+                    cluster: None,
+                    metric,
+                },
+                self.listeners[i].borrow().clone(),
+            ));
+            for (j, route) in n.routes[i].iter().enumerate() {
+                out.push((
+                    Key {
+                        listener: Some(name.clone()),
+                        route: Some(route.clone()),
+                        cluster: None,
+                        metric: Metric::RequestTotal,
+                    },
+                    self.routes[i][j].borrow().clone(),
+                ));
+            }
+        }
+        for (i, cluster) in n.clusters.iter().enumerate() {
+            for (metric, h) in [
+                (Metric::UpstreamConnect, &self.connect[i]),
+                (Metric::UpstreamFirstByte, &self.first_byte[i]),
+            ] {
+                out.push((
+                    Key {
+                        listener: None,
+                        route: None,
+                        cluster: Some(cluster.clone()),
+                        metric,
+                    },
+                    h.borrow().clone(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Empties every histogram (after a `reset=true` scrape).
+    pub fn reset(&self) {
+        let all = self
+            .listeners
+            .iter()
+            .chain(self.routes.iter().flatten())
+            .chain(&self.connect)
+            .chain(&self.first_byte);
+        for h in all {
+            h.borrow_mut().reset();
+        }
+    }
+}
+
+/// Merges histograms (any number, any workers) into one.
+pub fn merge<'a>(parts: impl IntoIterator<Item = &'a Histogram<u64>>) -> Histogram<u64> {
+    let mut total = new_histogram();
+    for h in parts {
+        // Same bounds everywhere, so addition cannot fail.
+        let _ = total.add(h);
+    }
+    total
+}
+
+/// HdrHistogram's percentile distribution text (the `.hgrm` format that
+/// wrk2 prints and HdrHistogram's plotter reads), values in milliseconds.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut out = format!(
+        "{:>12} {:>14} {:>10} {:>14}\n\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    let ms = |v: u64| v as f64 / 1000.0;
+    let mut total = 0u64;
+    for v in h.iter_quantiles(5) {
+        total += v.count_since_last_iteration();
+        let q = v.quantile_iterated_to();
+        let inv = if q < 1.0 {
+            format!("{:>14.2}", 1.0 / (1.0 - q))
+        } else {
+            format!("{:>14}", "")
+        };
+        out += &format!(
+            "{:>12.3} {:>2.12} {:>10} {}\n",
+            ms(v.value_iterated_to()),
+            q,
+            total,
+            inv
+        );
+    }
+    out += &format!(
+        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]\n#[Max     = {:>12.3}, Total count    = {:>12}]\n#[Buckets = {:>12}, SubBuckets     = {:>12}]\n",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0,
+        ms(h.max()),
+        h.len(),
+        h.buckets(),
+        h.distinct_values()
+    );
+    out
+}
+
+/// Reads `.hgrm` text back into (value ms, percentile, total count) rows.
+pub fn parse_hgrm(text: &str) -> Vec<(f64, f64, u64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let value = f.next()?.parse().ok()?;
+            let q = f.next()?.parse().ok()?;
+            let count = f.next()?.parse().ok()?;
+            Some((value, q, count))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hgrm_round_trips_the_percentiles() {
+        let mut h = new_histogram();
+        for v in 1..=10_000u64 {
+            h.record(v * 10).unwrap();
+        }
+        let rows = parse_hgrm(&hgrm(&h));
+        assert!(rows.len() > 20);
+        assert_eq!(
+            rows.last().unwrap().2,
+            h.len(),
+            "last row counts everything"
+        );
+        for p in [0.5, 0.9, 0.99, 0.999] {
+            let row = rows.iter().find(|r| r.1 >= p).unwrap();
+            let want = h.value_at_quantile(p) as f64 / 1000.0;
+            assert!(
+                (row.0 - want).abs() <= want * 0.002 + 0.001,
+                "p{p}: {} vs {want}",
+                row.0
+            );
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_saturate_and_merge_adds() {
+        let c = Config::parse("t.toml", "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ncluster = \"c\"\n[[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n").unwrap();
+        let a = Histograms::new(&c);
+        let b = Histograms::new(&c);
+        a.listener(0, Duration::from_secs(10_000));
+        a.listener(0, Duration::ZERO);
+        b.listener(0, Duration::from_millis(5));
+        let snaps = [a.snapshot(), b.snapshot()];
+        let merged = merge(snaps.iter().map(|s| &s[0].1));
+        assert_eq!(merged.len(), 3);
+        assert_eq!(merged.max(), merged.highest_equivalent(HIGH_US));
+        assert_eq!(snaps[0][0].0.metric, Metric::ConnectionDuration);
+        a.reset();
+        assert_eq!(a.snapshot()[0].1.len(), 0);
+    }
+}

@@ -1,0 +1,239 @@
+//! The admin socket: merged and per-core histograms agree with the
+//! traffic sent, /metrics parses as Prometheus text and matches the
+//! counters, .hgrm round-trips, the socket is 0600 and removed on exit.
+
+mod support;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use pilotfish::admin::{client, Server, State};
+use support::{http_client::*, http_upstream::HttpUpstream, *};
+
+fn admin_for(proxy: &pilotfish::Proxy, dir: &Path) -> (Server, std::path::PathBuf) {
+    let path = dir.join("admin.sock");
+    let state = State {
+        config: proxy.config_arc(),
+        mailboxes: proxy.mailboxes(),
+        draining: Arc::new(AtomicBool::new(false)),
+    };
+    (Server::start(&path, state).unwrap(), path)
+}
+
+fn get_json(socket: &Path, path: &str) -> serde_json::Value {
+    let (status, body) = client::request(socket, "GET", path).unwrap();
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn merged_histograms_match_per_core_sums_and_the_traffic() {
+    let up = HttpUpstream::start();
+    let toml = http_config("auto", "cluster = \"app\"", &cluster("app", &[up.addr], ""))
+        .replace("workers = 1", "workers = 2");
+    let (proxy, addr) = start_toml(&toml, "web");
+    let dir = temp_dir("admin");
+    let (_server, socket) = admin_for(&proxy, &dir);
+    let sent = 60;
+    for i in 0..sent {
+        // A fresh connection each: the kernel spreads them over both workers.
+        let path = if i % 2 == 0 { "/delay/20" } else { "/delay/40" };
+        assert_eq!(get(addr, path).status, 200);
+    }
+    let merged = get_json(
+        &socket,
+        "/histograms?listener=web&metric=request_total&format=json",
+    );
+    let merged = &merged[0];
+    assert_eq!(merged["count"].as_u64(), Some(sent), "{merged}");
+    let per_core: u64 = (0..2)
+        .map(|core| {
+            get_json(&socket, &format!("/histograms?listener=web&core={core}"))[0]["count"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(per_core, sent, "merged = sum of per-core");
+    // Known delays: half at 20 ms, half at 40 ms (plus proxy and scheduling time).
+    let p = |want: f64| {
+        merged["percentiles_us"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x[0].as_f64() == Some(want))
+            .unwrap()[1]
+            .as_u64()
+            .unwrap()
+    };
+    assert!((20_000..40_000).contains(&p(50.0)), "p50 {}", p(50.0));
+    assert!((40_000..200_000).contains(&p(99.0)), "p99 {}", p(99.0));
+    // The upstream's own time shows in time-to-first-byte for the cluster.
+    let ttfb = get_json(
+        &socket,
+        "/histograms?cluster=app&metric=upstream_first_byte",
+    );
+    assert_eq!(ttfb[0]["count"].as_u64(), Some(sent));
+    let stats = get_json(&socket, "/stats");
+    assert_eq!(stats["total"]["http"]["requests"].as_u64(), Some(sent));
+    assert_eq!(stats["workers"].as_array().unwrap().len(), 2);
+    proxy.shutdown();
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_match_the_counters() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = start_toml(
+        &http_config(
+            "epoll",
+            "cluster = \"app\"",
+            &cluster("app", &[up.addr], ""),
+        ),
+        "web",
+    );
+    let dir = temp_dir("metrics");
+    let (_server, socket) = admin_for(&proxy, &dir);
+    for _ in 0..7 {
+        assert_eq!(get(addr, "/x").status, 200);
+    }
+    assert_eq!(get(addr, "/status/503").status, 503);
+    let (status, text) = client::request(&socket, "GET", "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition text");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    assert_eq!(value("pilotfish_http_requests_total", &[]), 8.0);
+    assert_eq!(
+        value("pilotfish_http_responses_total", &[("class", "2xx")]),
+        7.0
+    );
+    assert_eq!(
+        value("pilotfish_http_responses_total", &[("class", "5xx")]),
+        1.0
+    );
+    assert!(
+        scrape.docs.contains_key("pilotfish_latency_microseconds"),
+        "HELP lines present"
+    );
+    let hist = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "pilotfish_latency_microseconds" && s.labels.get("listener") == Some("web")
+        })
+        .expect("a histogram for the listener");
+    match &hist.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            assert_eq!(
+                buckets.last().unwrap().count,
+                8.0,
+                "+Inf bucket counts every request"
+            );
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+    proxy.shutdown();
+}
+
+#[test]
+fn hgrm_round_trips_to_the_json_percentiles() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = start_toml(
+        &http_config(
+            "epoll",
+            "cluster = \"app\"",
+            &cluster("app", &[up.addr], ""),
+        ),
+        "web",
+    );
+    let dir = temp_dir("hgrm");
+    let (_server, socket) = admin_for(&proxy, &dir);
+    let mut c = Conn::open(addr);
+    for i in 0..200 {
+        c.send(format!("GET /delay/{} HTTP/1.1\r\nHost: a\r\n\r\n", i % 3).as_bytes());
+        assert_eq!(c.read(false).unwrap().status, 200);
+    }
+    let json = get_json(&socket, "/histograms?listener=web");
+    let (status, hgrm) =
+        client::request(&socket, "GET", "/histograms?listener=web&format=hgrm").unwrap();
+    assert_eq!(status, 200, "{hgrm}");
+    let rows = pilotfish::metrics::histograms::parse_hgrm(&hgrm);
+    assert_eq!(rows.last().unwrap().2, json[0]["count"].as_u64().unwrap());
+    for pair in json[0]["percentiles_us"].as_array().unwrap() {
+        let (p, us) = (
+            pair[0].as_f64().unwrap() / 100.0,
+            pair[1].as_u64().unwrap() as f64,
+        );
+        if p >= 1.0 {
+            continue;
+        }
+        // The hgrm is a step function: the JSON percentile lies between
+        // the values of the rows that bracket it.
+        let at = rows.iter().position(|r| r.1 >= p).unwrap();
+        let above = rows[at].0 * 1000.0;
+        let below = if at == 0 {
+            0.0
+        } else {
+            rows[at - 1].0 * 1000.0
+        };
+        let slack = us * 0.002 + 1.0;
+        assert!(
+            below - slack <= us && us <= above + slack,
+            "p{p}: {us} µs not within [{below}, {above}]"
+        );
+    }
+    // reset=true empties: the next read counts only new traffic.
+    let _ = client::request(&socket, "GET", "/histograms?listener=web&reset=true").unwrap();
+    assert_eq!(
+        get_json(&socket, "/histograms?listener=web")[0]["count"].as_u64(),
+        Some(0)
+    );
+    proxy.shutdown();
+}
+
+#[test]
+fn the_socket_is_private_and_removed_on_exit() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("sock");
+    let socket = dir.join("run").join("admin.sock");
+    let toml = http_config(
+        "epoll",
+        "cluster = \"app\"",
+        &cluster("app", &[up.addr], ""),
+    )
+    .replace(
+        "[runtime]",
+        &format!("[admin]\nsocket = \"{}\"\n[runtime]", socket.display()),
+    )
+    .replace("name = \"web\"", "name = \"app-out\"");
+    let mut child = ChildProxy::spawn(&toml);
+    child.wait_ready();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let (status, body) = client::request(&socket, "GET", "/ready").unwrap();
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (status, _) = client::request(&socket, "GET", "/live").unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = client::request(&socket, "POST", "/drain").unwrap();
+    assert_eq!(status, 200, "drain through the admin socket");
+    let exited = child
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits after the drain");
+    assert!(exited.success());
+    assert!(!socket.exists(), "socket removed on exit");
+}
