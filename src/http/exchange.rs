@@ -527,10 +527,16 @@ impl Attempt<'_> {
                 "response body: {e:?}"
             )))));
         }
+        // A HEAD answer that announced a length is not reused: an upstream
+        // that wrongly sends the body anyway would leave it in the pooled
+        // connection, where the next request would read it as its answer.
+        let head_with_length =
+            req.is_head() && resp.head.get("content-length").is_some_and(|v| v != b"0");
         let reusable = resp.hop.keep_alive
             && resp.version == Version::Http11
             && resp.body != ResponseBody::UntilClose
-            && body_sent;
+            && body_sent
+            && !head_with_length;
         let next = if client_keep {
             Next::KeepAlive
         } else {

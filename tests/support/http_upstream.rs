@@ -191,6 +191,9 @@ fn serve(conn: TcpStream, stats: &Stats, fixed: Option<u16>) {
             ("big", Some(n)) => {
                 let n: usize = n.parse().unwrap_or(0);
                 let _ = write!(writer, "HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n");
+                if req.method == Some("HEAD") {
+                    continue;
+                }
                 let block = [b'z'; 64 * 1024];
                 let mut left = n;
                 while left > 0 {
