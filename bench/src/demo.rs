@@ -40,13 +40,13 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
     let binary = crate::sidecar::locate_binary(binary)?;
     std::fs::create_dir_all(out)?;
 
-    let app = upstream::echo("127.0.0.1:0".parse()?)?;
-    println!("service B (echo upstream)     {app}");
+    let app = upstream::http("127.0.0.1:0".parse()?)?;
+    println!("service B (HTTP upstream)     {app}");
     let inbound = Sidecar::start(
         &binary,
         "sidecar-b-inbound",
         out,
-        &config("inbound", "service-b", app),
+        &config(out, "inbound", "service-b", app),
     )?;
     let inbound_addr = inbound.listener("inbound")?;
     println!(
@@ -57,7 +57,7 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         &binary,
         "sidecar-a-outbound",
         out,
-        &config("outbound", "sidecar-b", inbound_addr),
+        &config(out, "outbound", "sidecar-b", inbound_addr),
     )?;
     let outbound_addr = outbound.listener("outbound")?;
     println!(
@@ -65,13 +65,36 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         outbound.pid()
     );
     println!(
-        "\nload: {} connections, {} B request/response, closed loop; warm-up {:?}, then {:?} each, direct then mesh\n",
-        plan.connections, plan.size, plan.warmup, plan.measure
+        "\nload: {} connections, HTTP/1.1 GET keep-alive, closed loop; warm-up {:?}, then {:?} each, direct then mesh\n",
+        plan.connections, plan.warmup, plan.measure
     );
 
     let measure = |target| -> anyhow::Result<pingpong::Outcome> {
-        pingpong::run(target, plan.connections, plan.warmup, plan.size, &stop)?;
-        pingpong::run(target, plan.connections, plan.measure, plan.size, &stop)
+        let mode = pingpong::Mode::Http;
+        pingpong::run_mode(
+            mode,
+            target,
+            plan.connections,
+            plan.warmup,
+            plan.size,
+            &stop,
+        )?;
+        // The sidecars' histograms count the measured window only.
+        for name in ["sidecar-a-outbound", "sidecar-b-inbound"] {
+            let _ = pilotfish::admin::client::request(
+                &out.join(format!("{name}.sock")),
+                "GET",
+                "/histograms?reset=true",
+            );
+        }
+        pingpong::run_mode(
+            mode,
+            target,
+            plan.connections,
+            plan.measure,
+            plan.size,
+            &stop,
+        )
     };
     let direct = measure(app)?;
     let mesh = measure(outbound_addr)?;
@@ -91,8 +114,15 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         let m = mesh.histogram.value_at_quantile(p / 100.0) as i64;
         report += &format!("  p{p:<6} {:>8}\n", m - d);
     }
-    report += "\nSidecars' own histograms: the admin socket that serves them is not built yet,\n\
-               so this report shows the client-observed latency only.\n";
+    report += "\nEach sidecar's own histograms, from its admin socket (µs; through-mesh window)\n";
+    for name in ["sidecar-a-outbound", "sidecar-b-inbound"] {
+        let socket = out.join(format!("{name}.sock"));
+        let (status, body) =
+            pilotfish::admin::client::request(&socket, "GET", "/histograms?format=json")?;
+        anyhow::ensure!(status == 200, "{name}: admin answered {status}: {body}");
+        let table = pilotfish::admin::client::histogram_table(&body).map_err(anyhow::Error::msg)?;
+        report += &format!("{name} ({}):\n{table}", socket.display());
+    }
     let svg = plot::percentile_svg(
         "Pilotfish mesh demo: round-trip latency by percentile",
         &[
@@ -114,15 +144,24 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
     Ok(())
 }
 
-fn config(listener: &str, cluster: &str, endpoint: std::net::SocketAddr) -> String {
+fn config(out: &Path, listener: &str, cluster: &str, endpoint: std::net::SocketAddr) -> String {
+    let name = if listener == "inbound" {
+        "sidecar-b-inbound"
+    } else {
+        "sidecar-a-outbound"
+    };
+    let socket = out.join(format!("{name}.sock"));
+    let socket = socket.display();
     format!(
         r#"# written by pilotfish-bench demo
 workers = 1
 drain_timeout = "1s"
+[admin]
+socket = "{socket}"
 [[listeners]]
 name = "{listener}"
 bind = "127.0.0.1:0"
-protocol = "tcp"
+protocol = "http"
 cluster = "{cluster}"
 [[clusters]]
 name = "{cluster}"

@@ -48,7 +48,27 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 /// Runs the load for `duration` (or until `stop`), merging all connections.
+/// What one round trip is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `size` bytes out, the same bytes echoed back.
+    Echo,
+    /// `GET /` keep-alive, the response framed by its Content-Length.
+    Http,
+}
+
 pub fn run(
+    target: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    size: usize,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<Outcome> {
+    run_mode(Mode::Echo, target, connections, duration, size, stop)
+}
+
+pub fn run_mode(
+    mode: Mode,
     target: SocketAddr,
     connections: usize,
     duration: Duration,
@@ -64,7 +84,10 @@ pub fn run(
     let workers: Vec<_> = (0..connections)
         .map(|_| {
             let stop = Arc::clone(stop);
-            thread::spawn(move || one_connection(target, deadline, size, &stop))
+            thread::spawn(move || match mode {
+                Mode::Echo => one_connection(target, deadline, size, &stop),
+                Mode::Http => one_http_connection(target, deadline, &stop),
+            })
         })
         .collect();
     let mut total = Outcome {
@@ -122,6 +145,73 @@ fn one_connection(
         out.requests += 1;
     }
     out
+}
+
+fn one_http_connection(target: SocketAddr, deadline: Instant, stop: &AtomicBool) -> Outcome {
+    let mut out = Outcome {
+        histogram: new_histogram(),
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
+        out.errors += 1;
+        return out;
+    };
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let request = b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n";
+    let mut buf = vec![0u8; 16 * 1024];
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        let sent = Instant::now();
+        if s.write_all(request).is_err() || !read_http_response(&mut s, &mut buf) {
+            out.errors += 1;
+            break;
+        }
+        let us = sent
+            .elapsed()
+            .as_micros()
+            .clamp(1, u128::from(LATENCY_MAX_US)) as u64;
+        let _ = out.histogram.record(us);
+        out.requests += 1;
+    }
+    out
+}
+
+/// Reads one response with a 200 status and a Content-Length body.
+fn read_http_response(s: &mut TcpStream, buf: &mut [u8]) -> bool {
+    let mut have = 0;
+    loop {
+        if let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            if !head.starts_with("http/1.1 200") {
+                return false;
+            }
+            let Some(len) = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+            else {
+                return false;
+            };
+            let mut body_have = have - (end + 4);
+            while body_have < len {
+                let want = (len - body_have).min(buf.len());
+                match s.read(&mut buf[..want]) {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => body_have += n,
+                }
+            }
+            return true;
+        }
+        if have == buf.len() {
+            return false;
+        }
+        match s.read(&mut buf[have..]) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => have += n,
+        }
+    }
 }
 
 /// The percentiles every report shows.

@@ -41,3 +41,50 @@ pub fn echo(listen: SocketAddr) -> std::io::Result<SocketAddr> {
         })?;
     Ok(addr)
 }
+
+/// The body every demo/bench HTTP request gets.
+pub const HTTP_BODY: &[u8] = b"hello world\n";
+
+/// Starts a minimal HTTP/1.1 upstream: every request head (bodies are not
+/// expected) gets `200` with [`HTTP_BODY`], keep-alive. Returns its address.
+pub fn http(listen: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(listen)?;
+    let addr = listener.local_addr()?;
+    thread::Builder::new()
+        .name("http-accept".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                thread::spawn(move || {
+                    let _ = s.set_nodelay(true);
+                    let mut response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                        HTTP_BODY.len()
+                    )
+                    .into_bytes();
+                    response.extend_from_slice(HTTP_BODY);
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut have = 0;
+                    loop {
+                        // Answer every complete head in the buffer (pipelining).
+                        while let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n")
+                        {
+                            if s.write_all(&response).is_err() {
+                                return;
+                            }
+                            buf.copy_within(end + 4..have, 0);
+                            have -= end + 4;
+                        }
+                        if have == buf.len() {
+                            return; // a head larger than 16 KiB: not ours to serve
+                        }
+                        match s.read(&mut buf[have..]) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => have += n,
+                        }
+                    }
+                });
+            }
+        })?;
+    Ok(addr)
+}
