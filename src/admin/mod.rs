@@ -310,30 +310,7 @@ fn histograms(query: &Query, state: &State) -> Reply {
             && field("cluster", &k.cluster)
             && query.get("metric").is_none_or(|m| m == k.metric.name())
     };
-    let mut keys: Vec<Key> = Vec::new();
-    for r in &reports {
-        for (k, _) in &r.histograms {
-            if wanted(k) && !keys.contains(k) {
-                keys.push(k.clone());
-            }
-        }
-    }
-    let merged: Vec<(Key, hdrhistogram::Histogram<u64>)> = keys
-        .into_iter()
-        .map(|k| {
-            let parts = reports
-                .iter()
-                .filter(|r| core.is_none_or(|c| c == r.worker))
-                .flat_map(|r| {
-                    r.histograms
-                        .iter()
-                        .filter(|(rk, _)| *rk == k)
-                        .map(|(_, h)| h)
-                });
-            let h = histograms::merge(parts);
-            (k, h)
-        })
-        .collect();
+    let merged = histograms::merge_by_key(&reports, core, wanted);
     match query.get("format").unwrap_or("json") {
         "hgrm" => match merged.as_slice() {
             [(_, h)] => text(200, histograms::hgrm(h)),

@@ -204,26 +204,7 @@ pub fn render(reports: &[WorkerReport], hist: &[HistogramReport]) -> String {
 }
 
 fn latency(out: &mut String, hist: &[HistogramReport]) {
-    let mut keys = Vec::new();
-    for r in hist {
-        for (k, _) in &r.histograms {
-            if !keys.contains(k) {
-                keys.push(k.clone());
-            }
-        }
-    }
-    let merged: Vec<_> = keys
-        .iter()
-        .map(|k| {
-            let parts = hist.iter().flat_map(|r| {
-                r.histograms
-                    .iter()
-                    .filter(|(rk, _)| rk == k)
-                    .map(|(_, h)| h)
-            });
-            (k, histograms::merge(parts))
-        })
-        .collect();
+    let merged = histograms::merge_by_key(hist, None, |_| true);
     let labels = |k: &histograms::Key| {
         let mut l = format!("metric=\"{}\"", k.metric.name());
         for (name, v) in [

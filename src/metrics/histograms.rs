@@ -198,6 +198,37 @@ impl Histograms {
     }
 }
 
+/// One histogram per key over all `reports` (or only worker `core`), in
+/// first-seen key order, for keys that pass `wanted`.
+pub fn merge_by_key(
+    reports: &[crate::worker::HistogramReport],
+    core: Option<usize>,
+    wanted: impl Fn(&Key) -> bool,
+) -> Vec<(Key, Histogram<u64>)> {
+    let mut keys: Vec<&Key> = Vec::new();
+    for r in reports {
+        for (k, _) in &r.histograms {
+            if wanted(k) && !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
+    keys.into_iter()
+        .map(|k| {
+            let parts = reports
+                .iter()
+                .filter(|r| core.is_none_or(|c| c == r.worker))
+                .flat_map(|r| {
+                    r.histograms
+                        .iter()
+                        .filter(|(rk, _)| rk == k)
+                        .map(|(_, h)| h)
+                });
+            (k.clone(), merge(parts))
+        })
+        .collect()
+}
+
 /// Merges histograms (any number, any workers) into one.
 pub fn merge<'a>(parts: impl IntoIterator<Item = &'a Histogram<u64>>) -> Histogram<u64> {
     let mut total = new_histogram();

@@ -377,50 +377,41 @@ pub const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Asks every worker for a report; workers that do not answer in time are
 /// left out (and named in the log).
 pub fn collect_reports(mailboxes: &[Sender<Command>]) -> Vec<WorkerReport> {
+    let mut reports = ask_all(mailboxes, Command::Snapshot);
+    reports.sort_by_key(|r| r.worker);
+    reports
+}
+
+/// Sends each worker the command `ask` builds around a reply channel and
+/// gathers the answers that arrive within [`REPORT_TIMEOUT`].
+fn ask_all<T>(mailboxes: &[Sender<Command>], ask: impl Fn(Sender<T>) -> Command) -> Vec<T> {
     let (tx, rx) = crossbeam_channel::bounded(mailboxes.len().max(1));
     let asked = mailboxes
         .iter()
-        .filter(|m| m.try_send(Command::Snapshot(tx.clone())).is_ok())
+        .filter(|m| m.try_send(ask(tx.clone())).is_ok())
         .count();
     drop(tx);
     let deadline = Instant::now() + REPORT_TIMEOUT;
-    let mut reports = Vec::with_capacity(asked);
-    while reports.len() < asked {
+    let mut answers = Vec::with_capacity(asked);
+    while answers.len() < asked {
         match rx.recv_deadline(deadline) {
-            Ok(r) => reports.push(r),
+            Ok(r) => answers.push(r),
             Err(_) => {
                 tracing::warn!(
                     asked,
-                    answered = reports.len(),
-                    "some workers did not report in time"
+                    answered = answers.len(),
+                    "some workers did not answer in time"
                 );
                 break;
             }
         }
     }
-    reports.sort_by_key(|r| r.worker);
-    reports
+    answers
 }
 
 /// Asks every worker for its histograms (and to reset them if `reset`).
 pub fn collect_histograms(mailboxes: &[Sender<Command>], reset: bool) -> Vec<HistogramReport> {
-    let (tx, rx) = crossbeam_channel::bounded(mailboxes.len().max(1));
-    let asked = mailboxes
-        .iter()
-        .filter(|m| {
-            let reply = tx.clone();
-            m.try_send(Command::Histograms { reset, reply }).is_ok()
-        })
-        .count();
-    drop(tx);
-    let deadline = Instant::now() + REPORT_TIMEOUT;
-    let mut reports = Vec::with_capacity(asked);
-    while reports.len() < asked {
-        match rx.recv_deadline(deadline) {
-            Ok(r) => reports.push(r),
-            Err(_) => break,
-        }
-    }
+    let mut reports = ask_all(mailboxes, |reply| Command::Histograms { reset, reply });
     reports.sort_by_key(|r| r.worker);
     reports
 }
