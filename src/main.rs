@@ -82,6 +82,10 @@ enum AdminCommand {
     },
     /// The running config (JSON).
     Config,
+    /// Endpoints per cluster and core: health, ejection, load (JSON).
+    Clusters,
+    /// Replace the log filter, e.g. `debug` or `info,pilotfish::http=debug`.
+    LogLevel { filter: String },
     /// Stop accepting and drain, as SIGTERM does.
     Drain,
 }
@@ -102,6 +106,8 @@ fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
         AdminCommand::Stats { .. } => ("GET", "/stats".to_string()),
         AdminCommand::Metrics => ("GET", "/metrics".to_string()),
         AdminCommand::Config => ("GET", "/config".to_string()),
+        AdminCommand::Clusters => ("GET", "/clusters".to_string()),
+        AdminCommand::LogLevel { filter } => ("POST", format!("/log-level?filter={filter}")),
         AdminCommand::Drain => ("POST", "/drain".to_string()),
         AdminCommand::Histograms {
             listener,
@@ -174,7 +180,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
-    init_logging();
+    let log_handle = init_logging();
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -199,6 +205,11 @@ fn run(path: &std::path::Path) -> ExitCode {
                 config: proxy.config_arc(),
                 mailboxes: proxy.mailboxes(),
                 draining: std::sync::Arc::clone(&draining),
+                set_log_filter: Some(Box::new(move |f: &str| {
+                    let filter =
+                        tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+                    log_handle.reload(filter).map_err(|e| e.to_string())
+                })),
             };
             match pilotfish::admin::Server::start(path, state) {
                 Ok(server) => Some(server),
@@ -227,13 +238,23 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn init_logging() {
+type LogHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Logs to stderr, filtered by RUST_LOG (default info); the returned handle
+/// swaps the filter at run time (`POST /log-level`).
+fn init_logging() -> LogHandle {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let format = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(format)
         .init();
+    handle
 }

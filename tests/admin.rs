@@ -20,6 +20,7 @@ fn admin_for(proxy: &pilotfish::Proxy, dir: &Path) -> (Server, std::path::PathBu
         config: proxy.config_arc(),
         mailboxes: proxy.mailboxes(),
         draining: Arc::new(AtomicBool::new(false)),
+        set_log_filter: None,
     };
     (Server::start(&path, state).unwrap(), path)
 }
@@ -236,4 +237,70 @@ fn the_socket_is_private_and_removed_on_exit() {
         .expect("exits after the drain");
     assert!(exited.success());
     assert!(!socket.exists(), "socket removed on exit");
+}
+
+#[test]
+fn clusters_show_ejected_and_healthy_endpoints_per_core() {
+    let good = HttpUpstream::start();
+    let bad = HttpUpstream::always(503);
+    let toml = http_config(
+        "epoll",
+        "cluster = \"app\"",
+        &cluster("app", &[good.addr, bad.addr], "outlier = { consecutive_failures = 2, base_ejection = \"1m\", max_ejected_percent = 50 }"),
+    );
+    let (proxy, addr) = start_toml(&toml, "web");
+    let dir = temp_dir("clusters");
+    let (_server, socket) = admin_for(&proxy, &dir);
+    for _ in 0..6 {
+        let _ = get(addr, "/x");
+    }
+    let clusters = get_json(&socket, "/clusters");
+    let endpoints = clusters[0]["clusters"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let by_addr = |a: std::net::SocketAddr| {
+        endpoints
+            .iter()
+            .find(|e| e["address"] == a.to_string())
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        by_addr(bad.addr)["ejected_for_ms"].as_u64().is_some(),
+        "{endpoints:?}"
+    );
+    assert!(by_addr(good.addr)["ejected_for_ms"].is_null());
+    assert_eq!(by_addr(bad.addr)["ejections"].as_u64(), Some(1));
+    assert_eq!(by_addr(good.addr)["idle_pooled"].as_u64(), Some(1));
+    proxy.shutdown();
+}
+
+#[test]
+fn log_level_changes_at_run_time() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("loglevel");
+    let socket = dir.join("admin.sock");
+    let toml = http_config(
+        "epoll",
+        "cluster = \"app\"",
+        &cluster("app", &[up.addr], ""),
+    )
+    .replace(
+        "[runtime]",
+        &format!("[admin]\nsocket = \"{}\"\n[runtime]", socket.display()),
+    )
+    .replace("name = \"web\"", "name = \"app-out\"");
+    let mut child = ChildProxy::spawn(&toml);
+    child.wait_ready();
+    let (status, body) = client::request(&socket, "POST", "/log-level?filter=debug").unwrap();
+    assert_eq!((status, body.as_str()), (200, "log filter: debug\n"));
+    let (status, _) = client::request(&socket, "POST", "/log-level?filter=[[bad").unwrap();
+    assert_eq!(status, 400, "an invalid filter is refused");
+    let (status, _) = client::request(&socket, "GET", "/log-level").unwrap();
+    assert_eq!(status, 405, "mutations are POST only");
+    child.signal(15);
+    assert!(child
+        .wait_exit(Duration::from_secs(15))
+        .is_some_and(|s| s.success()));
 }

@@ -4,7 +4,9 @@
 //! Endpoints today: `GET /live`, `GET /ready`, `GET /stats` (JSON, merged
 //! and per core), `GET /metrics` (Prometheus text), `GET /histograms`
 //! (`hgrm` or JSON, filtered by listener, route, cluster, metric, core;
-//! `reset=true` for interval histograms), `GET /config`, `POST /drain`.
+//! `reset=true` for interval histograms), `GET /config`, `GET /clusters`
+//! (endpoints with health, ejection, load, per core), `POST /drain`,
+//! `POST /log-level?filter=...`.
 //!
 //! What must hold: a scrape costs a worker only the copy of its own
 //! counters and histograms (asked through its mailbox); admin connections
@@ -56,7 +58,13 @@ pub struct State {
     pub mailboxes: Vec<Sender<Command>>,
     /// Set once draining starts: /ready answers 503 from then on.
     pub draining: Arc<AtomicBool>,
+    /// Replaces the log filter (`POST /log-level?filter=...`); None where
+    /// the embedding program does not allow it.
+    pub set_log_filter: Option<SetLogFilter>,
 }
+
+/// Replaces the process's log filter; Err says why the filter is invalid.
+pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// The running admin server; stops and removes its socket on drop.
 pub struct Server {
@@ -235,6 +243,8 @@ fn route(method: &[u8], path: &str, query: &Query, state: &State) -> Reply {
         }
         (b"GET", "/histograms") => histograms(query, state),
         (b"GET", "/config") => json(&*state.config),
+        (b"GET", "/clusters") => json(&worker::collect_clusters(&state.mailboxes)),
+        (b"POST", "/log-level") => log_level(query, state),
         (b"POST", "/drain") => {
             state.draining.store(true, Ordering::SeqCst);
             for m in &state.mailboxes {
@@ -242,10 +252,31 @@ fn route(method: &[u8], path: &str, query: &Query, state: &State) -> Reply {
             }
             text(200, "draining\n")
         }
-        (_, "/live" | "/ready" | "/stats" | "/metrics" | "/histograms" | "/config" | "/drain") => {
-            text(405, "method not allowed\n")
-        }
+        (
+            _,
+            "/live" | "/ready" | "/stats" | "/metrics" | "/histograms" | "/config" | "/clusters"
+            | "/drain" | "/log-level",
+        ) => text(405, "method not allowed\n"),
         _ => text(404, format!("no admin endpoint {path}\n")),
+    }
+}
+
+fn log_level(query: &Query, state: &State) -> Reply {
+    let Some(set) = &state.set_log_filter else {
+        return text(404, "this process does not allow changing the log filter\n");
+    };
+    let Some(filter) = query.get("filter").or_else(|| query.get("level")) else {
+        return text(
+            400,
+            "give filter=, e.g. filter=debug or filter=info,pilotfish::http=debug\n",
+        );
+    };
+    match set(filter) {
+        Ok(()) => {
+            tracing::info!(filter, "log filter changed through the admin socket");
+            text(200, format!("log filter: {filter}\n"))
+        }
+        Err(e) => text(400, format!("invalid filter {filter:?}: {e}\n")),
     }
 }
 

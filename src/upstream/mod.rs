@@ -79,6 +79,29 @@ pub struct ClusterState {
     pub active_retries: Cell<u64>,
 }
 
+/// One worker's view of a cluster (`GET /clusters`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterReport {
+    pub name: String,
+    pub active_requests: u64,
+    pub active_retries: u64,
+    pub endpoints: Vec<EndpointReport>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointReport {
+    pub address: SocketAddr,
+    pub active_requests: u64,
+    /// The active health checks' verdict (true without checks).
+    pub healthy: bool,
+    /// Remaining ejection time, if outlier detection ejected it.
+    pub ejected_for_ms: Option<u64>,
+    pub ejections: u32,
+    pub consecutive_failures: u32,
+    pub latency_ewma_us: u64,
+    pub idle_pooled: usize,
+}
+
 /// What a finished attempt tells outlier detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -180,6 +203,33 @@ impl ClusterState {
             / 100)
             .max(RETRY_BUDGET_MIN_CONCURRENT);
         self.active_retries.get() < budget
+    }
+
+    /// This worker's view of the cluster, for `/clusters`.
+    pub fn report(&self, now: Instant) -> ClusterReport {
+        ClusterReport {
+            name: self.name.clone(),
+            active_requests: self.active_requests.get(),
+            active_retries: self.active_retries.get(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| EndpointReport {
+                    address: e.addr,
+                    active_requests: e.active.get(),
+                    healthy: e.healthy.get(),
+                    ejected_for_ms: e
+                        .ejected_until
+                        .get()
+                        .filter(|until| now < *until)
+                        .map(|until| (until - now).as_millis() as u64),
+                    ejections: e.ejections.get(),
+                    consecutive_failures: e.consecutive_failures.get(),
+                    latency_ewma_us: (e.latency.estimate() / 1000.0) as u64,
+                    idle_pooled: e.pool.len(),
+                })
+                .collect(),
+        }
     }
 
     /// Drops idle pooled connections past the idle timeout.

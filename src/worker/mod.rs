@@ -51,11 +51,20 @@ pub enum Command {
     Stop,
     /// Send a copy of this worker's counters.
     Snapshot(Sender<WorkerReport>),
+    /// Send this worker's view of every cluster.
+    Clusters(Sender<ClustersReport>),
     /// Send a copy of this worker's histograms; empty them if `reset`.
     Histograms {
         reset: bool,
         reply: Sender<HistogramReport>,
     },
+}
+
+/// A worker's answer to [`Command::Clusters`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ClustersReport {
+    pub worker: usize,
+    pub clusters: Vec<crate::upstream::ClusterReport>,
 }
 
 /// A worker's answer to [`Command::Histograms`].
@@ -267,6 +276,13 @@ async fn serve_mailbox(worker: &Worker, inbox: &Receiver<Command>) {
                 Ok(Command::Snapshot(reply)) => {
                     let _ = reply.try_send(worker.report());
                 }
+                Ok(Command::Clusters(reply)) => {
+                    let now = Instant::now();
+                    let _ = reply.try_send(ClustersReport {
+                        worker: worker.id,
+                        clusters: worker.clusters.iter().map(|c| c.report(now)).collect(),
+                    });
+                }
                 Ok(Command::Histograms { reset, reply }) => {
                     let histograms = worker.histograms.snapshot();
                     if reset {
@@ -407,6 +423,13 @@ fn ask_all<T>(mailboxes: &[Sender<Command>], ask: impl Fn(Sender<T>) -> Command)
         }
     }
     answers
+}
+
+/// Asks every worker for its view of the clusters.
+pub fn collect_clusters(mailboxes: &[Sender<Command>]) -> Vec<ClustersReport> {
+    let mut reports = ask_all(mailboxes, Command::Clusters);
+    reports.sort_by_key(|r| r.worker);
+    reports
 }
 
 /// Asks every worker for its histograms (and to reset them if `reset`).
