@@ -168,6 +168,3 @@ pub const OUTLIER_MAX_EJECTION_DEFAULT: Duration = Duration::from_secs(300);
 pub const OUTLIER_MAX_EJECTED_PERCENT_DEFAULT: u32 = 50;
 /// Health-check response bytes read before the check counts as failed.
 pub const HEALTH_CHECK_RESPONSE_BYTES_MAX: usize = 16 * 1024;
-/// Bytes of an upstream response body we read only to drain it (a 1xx we
-/// do not forward, an error body after a retryable status).
-pub const DISCARD_BODY_BYTES_MAX: u64 = 64 * 1024;

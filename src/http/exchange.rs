@@ -20,10 +20,7 @@ use super::{
     Client, Next,
 };
 use crate::{
-    config::{
-        http::{HttpListener, LbPolicy, RetryPolicy, Route},
-        limits::DISCARD_BODY_BYTES_MAX,
-    },
+    config::http::{HttpListener, LbPolicy, RetryPolicy, Route},
     http1::{
         head::RequestKind,
         write::{self, Edits, Forwarding, OutBody},
@@ -689,19 +686,4 @@ enum HeadRead {
 enum Exit {
     Tunnel,
     Failed(AttemptError),
-}
-
-/// Drains a request body we will not forward (after a generated answer),
-/// so the connection can carry the next request. Bounded: past
-/// [`DISCARD_BODY_BYTES_MAX`] the caller closes instead.
-pub async fn discard_request_body(client: &mut Client, req: &RequestHead, idle: Duration) -> bool {
-    let mut src = super::request_source(client);
-    let (chunked, len) = match req.body {
-        RequestBody::Empty => return true,
-        RequestBody::Length(n) => (false, n),
-        RequestBody::Chunked => (true, 0),
-    };
-    body::discard(&mut src, chunked, len, DISCARD_BODY_BYTES_MAX, idle)
-        .await
-        .is_ok()
 }

@@ -303,7 +303,7 @@ async fn tunnel(worker: &Worker, mut client: Client, mut up: exchange::Upstream,
     }
 }
 
-/// For tests and the fuzzers: the source view of a request body.
+/// The client connection as the source of a request body.
 pub fn request_source<'a>(client: &'a mut Client) -> Source<'a, TcpStream> {
     Source {
         inbound: &mut client.inbound,
