@@ -226,15 +226,21 @@ fn latency(out: &mut String, hist: &[HistogramReport]) {
     );
     for (k, h) in &merged {
         let l = labels(k);
-        for le in BUCKETS_US {
-            let n: u64 = h
-                .iter_recorded()
-                .filter(|v| v.value_iterated_to() <= le)
-                .map(|v| v.count_at_value())
-                .sum();
+        // One pass over the recorded values, not one per bucket: this runs
+        // on the admin thread, which may share a core with a worker.
+        let mut per_bucket = [0u64; BUCKETS_US.len()];
+        for v in h.iter_recorded() {
+            let first = BUCKETS_US.partition_point(|&le| le < v.value_iterated_to());
+            if let Some(c) = per_bucket.get_mut(first) {
+                *c += v.count_at_value();
+            }
+        }
+        let mut running = 0;
+        for (le, n) in BUCKETS_US.iter().zip(per_bucket) {
+            running += n;
             let _ = writeln!(
                 out,
-                "pilotfish_latency_microseconds_bucket{{{l},le=\"{le}\"}} {n}"
+                "pilotfish_latency_microseconds_bucket{{{l},le=\"{le}\"}} {running}"
             );
         }
         let _ = writeln!(

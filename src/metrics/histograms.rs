@@ -134,8 +134,11 @@ impl Histograms {
         record(&self.first_byte[cluster], d);
     }
 
-    /// Copies every histogram out (the only cost a scrape puts on a worker).
-    pub fn snapshot(&self) -> Vec<(Key, Histogram<u64>)> {
+    /// Copies every histogram out (the only cost a scrape puts on a worker),
+    /// sparsely: only the recorded (value, count) pairs, a few hundred
+    /// entries, instead of cloning each ~220 KB counts array (measured: the
+    /// clones' allocation and page faults showed in the data path's p99).
+    pub fn snapshot(&self) -> Vec<(Key, Sparse)> {
         let n = &self.names;
         let mut out = Vec::new();
         for (i, (name, http)) in n.listeners.iter().enumerate() {
@@ -151,7 +154,7 @@ impl Histograms {
                     cluster: None,
                     metric,
                 },
-                self.listeners[i].borrow().clone(),
+                sparse(&self.listeners[i].borrow()),
             ));
             for (j, route) in n.routes[i].iter().enumerate() {
                 out.push((
@@ -161,7 +164,7 @@ impl Histograms {
                         cluster: None,
                         metric: Metric::RequestTotal,
                     },
-                    self.routes[i][j].borrow().clone(),
+                    sparse(&self.routes[i][j].borrow()),
                 ));
             }
         }
@@ -177,7 +180,7 @@ impl Histograms {
                         cluster: Some(cluster.clone()),
                         metric,
                     },
-                    h.borrow().clone(),
+                    sparse(&h.borrow()),
                 ));
             }
         }
@@ -196,6 +199,25 @@ impl Histograms {
             h.borrow_mut().reset();
         }
     }
+}
+
+/// A histogram as its recorded (value, count) pairs.
+pub type Sparse = Vec<(u64, u64)>;
+
+fn sparse(h: &Histogram<u64>) -> Sparse {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+/// Rebuilds a histogram from its sparse form.
+pub fn from_sparse(s: &Sparse) -> Histogram<u64> {
+    let mut h = new_histogram();
+    for &(value, count) in s {
+        // Values came from a histogram with the same bounds.
+        let _ = h.record_n(value, count);
+    }
+    h
 }
 
 /// One histogram per key over all `reports` (or only worker `core`), in
@@ -224,7 +246,14 @@ pub fn merge_by_key(
                         .filter(|(rk, _)| rk == k)
                         .map(|(_, h)| h)
                 });
-            (k.clone(), merge(parts))
+            let mut total = new_histogram();
+            for part in parts {
+                for &(value, count) in part {
+                    // Same bounds everywhere: recording cannot fail.
+                    let _ = total.record_n(value, count);
+                }
+            }
+            (k.clone(), total)
         })
         .collect()
 }
@@ -327,11 +356,12 @@ mod tests {
         a.listener(0, Duration::ZERO);
         b.listener(0, Duration::from_millis(5));
         let snaps = [a.snapshot(), b.snapshot()];
-        let merged = merge(snaps.iter().map(|s| &s[0].1));
+        let whole: Vec<_> = snaps.iter().map(|s| from_sparse(&s[0].1)).collect();
+        let merged = merge(&whole);
         assert_eq!(merged.len(), 3);
         assert_eq!(merged.max(), merged.highest_equivalent(HIGH_US));
         assert_eq!(snaps[0][0].0.metric, Metric::ConnectionDuration);
         a.reset();
-        assert_eq!(a.snapshot()[0].1.len(), 0);
+        assert!(a.snapshot()[0].1.is_empty());
     }
 }

@@ -71,7 +71,7 @@ pub struct ClustersReport {
 #[derive(Debug, Clone)]
 pub struct HistogramReport {
     pub worker: usize,
-    pub histograms: Vec<(Key, hdrhistogram::Histogram<u64>)>,
+    pub histograms: Vec<(Key, crate::metrics::histograms::Sparse)>,
 }
 
 /// A worker's answer to [`Command::Snapshot`].
