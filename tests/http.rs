@@ -500,3 +500,20 @@ fn a_response_that_fails_midway_is_cut_off_not_completed() {
     assert_eq!(proxy.stats().total.http.responses_cut, 1);
     proxy.shutdown();
 }
+
+#[test]
+fn connect_becomes_a_tunnel_after_the_upstream_answers_2xx() {
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        let (proxy, addr) = simple(driver, &up);
+        let mut c = Conn::open(addr);
+        c.send(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n");
+        let r = c.read(true).unwrap();
+        assert_eq!(r.status, 200, "{driver}");
+        c.send(b"raw bytes after CONNECT");
+        let mut buf = [0u8; 23];
+        std::io::Read::read_exact(&mut c.reader, &mut buf).unwrap();
+        assert_eq!(&buf, b"raw bytes after CONNECT", "{driver}");
+        proxy.shutdown();
+    }
+}

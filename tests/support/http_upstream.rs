@@ -15,6 +15,7 @@
 //! - `/bad-framing`: 200 with both Content-Length and Transfer-Encoding.
 //! - `/truncated`: promises 100 bytes, sends 10, closes.
 //! - `/ws`: answers an Upgrade with 101, then echoes bytes.
+//! - any `CONNECT`: 200, then echoes bytes.
 //! - anything else: 200 "ok <path>".
 
 use std::{
@@ -126,6 +127,21 @@ fn serve(conn: TcpStream, stats: &Stats, fixed: Option<u16>) {
             read_exact(&mut reader, length)
         };
         let Some(body) = body else { return };
+        if req.method == Some("CONNECT") {
+            // A CONNECT target: establish, then echo bytes both ways.
+            let _ = writer.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+            let mut buf = [0u8; 4096];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if writer.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
         if let Some(status) = fixed {
             let _ = write!(
                 writer,
