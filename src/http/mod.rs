@@ -108,7 +108,8 @@ pub async fn serve(
         };
         metrics::add(&worker.counters.http.requests, 1);
         let started = Instant::now();
-        let (next, route) = handle(&worker, http, &mut client, req, idle, conn_id).await;
+        let mut route = None;
+        let next = handle(&worker, http, &mut client, req, idle, conn_id, &mut route).await;
         let took = started.elapsed();
         worker.histograms.listener(listener_index, took);
         if let Some(route) = route {
@@ -170,22 +171,9 @@ async fn read_head(
     }
 }
 
-/// Routes and forwards one request; says what the connection does next.
+/// Routes and forwards one request; says what the connection does next,
+/// and notes the route taken (for its histogram) in `route_out`.
 async fn handle(
-    worker: &Rc<Worker>,
-    http: &HttpListener,
-    client: &mut Client,
-    req: RequestHead,
-    idle: Duration,
-    conn_id: u64,
-) -> (Next, Option<usize>) {
-    let mut route_index = None;
-    let next = handle_routed(worker, http, client, req, idle, conn_id, &mut route_index).await;
-    (next, route_index)
-}
-
-/// [`handle`], noting the route taken in `route_out`.
-async fn handle_routed(
     worker: &Rc<Worker>,
     http: &HttpListener,
     client: &mut Client,

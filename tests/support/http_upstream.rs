@@ -130,17 +130,8 @@ fn serve(conn: TcpStream, stats: &Stats, fixed: Option<u16>) {
         if req.method == Some("CONNECT") {
             // A CONNECT target: establish, then echo bytes both ways.
             let _ = writer.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
-            let mut buf = [0u8; 4096];
-            loop {
-                match reader.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        if writer.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
+            echo_until_closed(&mut reader, &mut writer);
+            return;
         }
         if let Some(status) = fixed {
             let _ = write!(
@@ -231,21 +222,22 @@ fn serve(conn: TcpStream, stats: &Stats, fixed: Option<u16>) {
             }
             ("ws", _) if upgrade => {
                 let _ = writer.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n");
-                let mut buf = [0u8; 4096];
-                loop {
-                    match reader.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if writer.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
+                echo_until_closed(&mut reader, &mut writer);
+                return;
             }
             _ => ok(&mut writer, format!("ok {path}").as_bytes()),
         }
         if close {
+            return;
+        }
+    }
+}
+
+/// After a 101 or a CONNECT 200: echo bytes until the peer closes.
+fn echo_until_closed(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = reader.read(&mut buf) {
+        if n == 0 || writer.write_all(&buf[..n]).is_err() {
             return;
         }
     }
