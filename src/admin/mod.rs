@@ -35,7 +35,7 @@ use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use crate::{
-    config::Config,
+    config::{limits::ACCEPT_ERROR_BACKOFF, Config},
     http1::{HeadLimits, RequestParser},
     metrics::{
         histograms::{self, Key},
@@ -120,7 +120,13 @@ fn accept_loop(listener: UnixListener, state: Arc<State>, stop: Arc<AtomicBool>)
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(conn) = conn else { continue };
+        let Ok(conn) = conn else {
+            // EMFILE and friends: back off instead of spinning. This is the
+            // admin thread, not a worker, so blocking it is fine.
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(ACCEPT_ERROR_BACKOFF);
+            continue;
+        };
         if live.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
             let _ = respond(&conn, 503, "text/plain", b"admin socket busy\n");
             continue;
