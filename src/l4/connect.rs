@@ -11,7 +11,7 @@ use crate::{metrics, worker::Worker};
 pub async fn connect(worker: &Worker, cluster: usize) -> Option<(TcpStream, SocketAddr)> {
     let config = &worker.config.clusters[cluster];
     for attempt in 1..=config.connect_attempts {
-        let endpoint = config.endpoints[worker.balancers[cluster].pick()];
+        let endpoint = config.endpoints[worker.clusters[cluster].next_round_robin()];
         let started = std::time::Instant::now();
         match attempt_one(endpoint, config.connect_timeout).await {
             Ok(stream) => {

@@ -124,6 +124,12 @@ impl ClusterState {
         }
     }
 
+    /// The next endpoint in round-robin order, eligible or not (L4 connects
+    /// use it: they try endpoints in turn and let the connect decide).
+    pub fn next_round_robin(&self) -> usize {
+        self.round_robin.pick()
+    }
+
     /// Picks an endpoint for a request; `hash_key` is the value of the
     /// cluster's hash header when it has one. None: nothing is eligible.
     pub fn pick(&self, rng: &Rng, now: Instant, hash_key: Option<&[u8]>) -> Option<usize> {

@@ -25,7 +25,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use serde::Serialize;
 
 use crate::{
-    balance::{Rng, RoundRobin},
+    balance::Rng,
     config::{
         limits::{ACCEPT_ERROR_BACKOFF, MAILBOX_CAPACITY, MAILBOX_POLL_INTERVAL},
         Config, ListenerKind,
@@ -107,8 +107,6 @@ pub struct Worker {
     pub driver: Driver,
     pub config: Arc<Config>,
     pub counters: Rc<Counters>,
-    /// One picker per cluster, indexed like `config.clusters`.
-    pub balancers: Vec<RoundRobin>,
     pub buffers: BufferPool,
     pub slots: Rc<Slots>,
     pub draining: Trigger,
@@ -123,11 +121,6 @@ pub struct Worker {
 
 impl Worker {
     fn new(id: usize, core: Option<usize>, driver: Driver, config: Arc<Config>) -> Self {
-        let balancers = config
-            .clusters
-            .iter()
-            .map(|c| RoundRobin::new(c.endpoints.len(), id))
-            .collect();
         let now = Instant::now();
         let clusters = config
             .clusters
@@ -145,7 +138,6 @@ impl Worker {
             slots: Slots::new(config.max_connections_per_worker),
             config,
             counters: Rc::default(),
-            balancers,
             buffers: BufferPool::default(),
             draining: Trigger::default(),
             next_conn_id: Cell::new(0),
