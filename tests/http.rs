@@ -517,3 +517,27 @@ fn connect_becomes_a_tunnel_after_the_upstream_answers_2xx() {
         proxy.shutdown();
     }
 }
+
+#[test]
+fn interim_responses_are_relayed_and_bounded() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = simple("epoll", &up);
+    let mut c = Conn::open(addr);
+    c.send(b"GET /interims/2 HTTP/1.1\r\nHost: a\r\n\r\n");
+    for _ in 0..2 {
+        let hint = c.read(false).unwrap();
+        assert_eq!(hint.status, 103);
+        assert_eq!(hint.header("link"), Some("</a.css>; rel=preload"));
+    }
+    assert_eq!(c.read(false).unwrap().text(), "final");
+    // An upstream streaming 1xx forever is cut off after the cap.
+    let mut c = Conn::open(addr);
+    c.send(b"GET /interims/100 HTTP/1.1\r\nHost: a\r\n\r\n");
+    let last = std::iter::from_fn(|| c.read(false)).last().unwrap();
+    assert_eq!(last.status, 502);
+    assert_eq!(
+        last.header("x-pilotfish-error"),
+        Some("bad_upstream_response")
+    );
+    proxy.shutdown();
+}

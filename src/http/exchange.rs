@@ -42,6 +42,11 @@ const EXPECT_CONTINUE_WAIT: Duration = Duration::from_secs(1);
 /// than the second syscall it saves.
 const INLINE_BODY_BYTES_MAX: usize = 16 * 1024;
 
+/// Interim (1xx) responses accepted before the final one. Real upstreams
+/// send one or two (100, 103); without a cap, one that streams them would
+/// keep us relaying until the request timeout.
+const INTERIM_RESPONSES_MAX: usize = 16;
+
 /// An upstream connection during one exchange.
 pub struct Upstream {
     pub stream: TcpStream,
@@ -404,6 +409,7 @@ impl Attempt<'_> {
             self.send_body(client, up).await?;
             body_sent = true;
         }
+        let mut interims = 0;
         let resp = loop {
             let resp = match early.take() {
                 Some(r) => r,
@@ -416,6 +422,22 @@ impl Attempt<'_> {
                 },
             };
             if resp.is_interim() {
+                interims += 1;
+                if interims > INTERIM_RESPONSES_MAX {
+                    self.cluster.record(
+                        self.ep,
+                        Outcome::Failure,
+                        Instant::now(),
+                        &self.worker.counters.http,
+                    );
+                    return Err(Exit::Failed(AttemptError::Final(Failure::Generated {
+                        reason: ErrorReason::BadUpstreamResponse,
+                        detail: format!(
+                            "more than {INTERIM_RESPONSES_MAX} interim (1xx) responses"
+                        ),
+                        close: true,
+                    })));
+                }
                 if resp.status != 100 || req.hop.expect_continue {
                     self.relay_interim(client, &resp).await?;
                 }

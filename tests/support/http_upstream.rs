@@ -14,6 +14,7 @@
 //! - `/big/N`: 200 with N bytes of a fixed pattern (Content-Length).
 //! - `/bad-framing`: 200 with both Content-Length and Transfer-Encoding.
 //! - `/truncated`: promises 100 bytes, sends 10, closes.
+//! - `/interims/N`: N `103 Early Hints`, then 200 "final".
 //! - `/ws`: answers an Upgrade with 101, then echoes bytes.
 //! - any `CONNECT`: 200, then echoes bytes.
 //! - anything else: 200 "ok <path>".
@@ -160,6 +161,7 @@ fn serve(conn: TcpStream, stats: &Stats, fixed: Option<u16>) {
             "bad-framing",
             "ws",
             "truncated",
+            "interims",
         ];
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let at = segments
@@ -210,6 +212,15 @@ fn serve(conn: TcpStream, stats: &Stats, fixed: Option<u16>) {
                     }
                     left -= k;
                 }
+            }
+            ("interims", Some(n)) => {
+                // N interim responses (103 Early Hints), then 200.
+                for _ in 0..n.parse::<usize>().unwrap_or(0) {
+                    let _ = writer.write_all(
+                        b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n",
+                    );
+                }
+                ok(&mut writer, b"final");
             }
             ("truncated", _) => {
                 // Promises 100 bytes, sends 10, closes.
