@@ -8,11 +8,16 @@
 //! - [`balance`]: endpoint pickers, pure and per worker.
 //! - [`metrics`]: per-worker counters and their merged snapshots.
 //! - [`proxy`]: starting, draining and stopping the set of workers.
+//! - [`control`]: live config swaps, two-phase across every worker.
+//! - [`admin`]: the admin socket (stats, metrics, histograms, control).
+//! - [`access_log`]: per-core buffered request lines, written off-core.
 //! - [`lifecycle`]: signals, systemd notify, the process's exit.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod http1;
 pub mod l4;

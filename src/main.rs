@@ -15,7 +15,9 @@ Examples:
   RUST_LOG=debug pilotfish run -c my.toml     with per-connection logs
 
 Signals: SIGTERM/SIGINT drain (stop accepting, let connections finish up to
-drain_timeout, exit 0); a second one exits at once.
+drain_timeout, exit 0); a second one exits at once. SIGHUP re-reads the
+config file and swaps it on every worker or none (`pilotfish admin apply
+FILE` does the same through the admin socket).
 Under systemd (Type=notify) it sends READY=1 once every worker listens.";
 
 #[derive(Debug, Parser)]
@@ -84,6 +86,8 @@ enum AdminCommand {
     Config,
     /// Endpoints per cluster and core: health, ejection, load (JSON).
     Clusters,
+    /// Swap the running config for FILE on every worker (or none, saying why).
+    Apply { file: PathBuf },
     /// Replace the log filter, e.g. `debug` or `info,pilotfish::http=debug`.
     LogLevel { filter: String },
     /// Stop accepting and drain, as SIGTERM does.
@@ -101,7 +105,23 @@ fn main() -> ExitCode {
 
 fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
     use pilotfish::admin::client;
+    let mut body = Vec::new();
+    if let AdminCommand::Apply { file } = &what {
+        // Validate here first: the error then names the real file and line.
+        if let Err(e) = Config::load(file) {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+        body = match std::fs::read(file) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: {}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
+        };
+    }
     let (method, path) = match &what {
+        AdminCommand::Apply { .. } => ("POST", "/config".to_string()),
         AdminCommand::Ready => ("GET", "/ready".to_string()),
         AdminCommand::Stats { .. } => ("GET", "/stats".to_string()),
         AdminCommand::Metrics => ("GET", "/metrics".to_string()),
@@ -138,7 +158,7 @@ fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
             ("GET", format!("/histograms?{}", q.join("&")))
         }
     };
-    let (status, body) = match client::request(socket, method, &path) {
+    let (status, body) = match client::request_with_body(socket, method, &path, &body) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: admin socket {}: {e}", socket.display());
@@ -198,12 +218,12 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _admin = match &proxy.config().admin.socket {
-        None => None,
-        Some(path) => {
+    let admin_config = proxy.config().admin.clone();
+    let _admin = match (&admin_config.socket, admin_config.bind) {
+        (None, None) => None,
+        (socket, tcp) => {
             let state = pilotfish::admin::State {
-                config: proxy.config_arc(),
-                mailboxes: proxy.mailboxes(),
+                control: proxy.controller(),
                 draining: std::sync::Arc::clone(&draining),
                 set_log_filter: Some(Box::new(move |f: &str| {
                     let filter =
@@ -211,17 +231,21 @@ fn run(path: &std::path::Path) -> ExitCode {
                     log_handle.reload(filter).map_err(|e| e.to_string())
                 })),
             };
-            match pilotfish::admin::Server::start(path, state) {
+            let listen = pilotfish::admin::Listen {
+                socket: socket.clone(),
+                tcp,
+            };
+            match pilotfish::admin::Server::start(&listen, state) {
                 Ok(server) => Some(server),
                 Err(e) => {
-                    tracing::error!(socket = %path.display(), error = %e, "cannot start the admin socket");
+                    tracing::error!(?listen, error = %e, "cannot start the admin server");
                     proxy.shutdown();
                     return ExitCode::FAILURE;
                 }
             }
         }
     };
-    match lifecycle::run_until_stopped(proxy, &notifier, &draining) {
+    match lifecycle::run_until_stopped(proxy, Some(path.to_path_buf()), &notifier, &draining) {
         Ok(Exit::Drained) => {
             tracing::info!("drained; exiting");
             ExitCode::SUCCESS

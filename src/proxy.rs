@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::{
     config::Config,
+    control::Controller,
     metrics::Snapshot,
     worker::{self, listener, Command, WorkerHandle, WorkerReport},
 };
@@ -45,9 +46,10 @@ pub struct Stats {
 
 #[derive(Debug)]
 pub struct Proxy {
-    config: Arc<Config>,
+    control: Arc<Controller>,
     handles: Vec<WorkerHandle>,
-    listeners: Vec<(String, SocketAddr)>,
+    /// The access log writer; finished after the last worker exits.
+    access_log: crate::access_log::Writer,
     exited: Receiver<()>,
 }
 
@@ -69,6 +71,7 @@ impl Proxy {
             reservations.push(held);
         }
         let binds = Arc::new(binds);
+        let access_log = crate::access_log::Writer::start().map_err(StartError::Spawn)?;
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let (started_tx, started_rx) = crossbeam_channel::bounded(config.workers);
         let (alive_tx, exited) = crossbeam_channel::bounded(0);
@@ -78,8 +81,11 @@ impl Proxy {
             let spawned = worker::spawn(
                 id,
                 core,
-                Arc::clone(&config),
-                Arc::clone(&binds),
+                worker::Setup {
+                    config: Arc::clone(&config),
+                    binds: Arc::clone(&binds),
+                    access_log: access_log.sink(),
+                },
                 started_tx.clone(),
                 alive_tx.clone(),
             );
@@ -103,26 +109,24 @@ impl Proxy {
             return Err(failure);
         }
         drop(reservations);
-        let listeners = config
-            .listeners
-            .iter()
-            .zip(binds.iter())
-            .map(|(l, a)| (l.name.clone(), *a))
-            .collect();
+        let mailboxes = handles.iter().map(|h| h.mailbox.clone()).collect();
         Ok(Proxy {
-            config,
+            control: Arc::new(Controller::new(config, binds, mailboxes)),
             handles,
-            listeners,
+            access_log,
             exited,
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The config new connections get (it changes with every swap).
+    pub fn config(&self) -> Arc<Config> {
+        self.control.config()
     }
 
-    pub fn config_arc(&self) -> Arc<Config> {
-        Arc::clone(&self.config)
+    /// What swaps the config on every worker (shared with the admin server
+    /// and the SIGHUP handler).
+    pub fn controller(&self) -> Arc<Controller> {
+        Arc::clone(&self.control)
     }
 
     pub fn worker_count(&self) -> usize {
@@ -130,16 +134,16 @@ impl Proxy {
     }
 
     /// Every listener's name and the address it is bound to.
-    pub fn listeners(&self) -> &[(String, SocketAddr)] {
-        &self.listeners
+    pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        self.control.listeners()
     }
 
     /// The bound address of the listener called `name`.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
+        self.listeners()
+            .into_iter()
             .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
+            .map(|(_, a)| a)
     }
 
     /// A receiver that disconnects once every worker thread has exited.
@@ -173,12 +177,15 @@ impl Proxy {
     }
 
     /// Waits for every worker thread to exit.
+    /// Waits for every worker thread to exit, then for the access log
+    /// writer to write what they left.
     pub fn join(self) {
         for h in self.handles {
             if h.thread.join().is_err() {
                 tracing::error!(worker = h.id, "worker thread panicked");
             }
         }
+        self.access_log.finish();
     }
 
     /// Stops every worker now and waits for them.

@@ -11,18 +11,21 @@ use std::{
     time::Duration,
 };
 
-use pilotfish::admin::{client, Server, State};
+use pilotfish::admin::{client, Listen, Server, State};
 use support::{http_client::*, http_upstream::HttpUpstream, *};
 
 fn admin_for(proxy: &pilotfish::Proxy, dir: &Path) -> (Server, std::path::PathBuf) {
     let path = dir.join("admin.sock");
     let state = State {
-        config: proxy.config_arc(),
-        mailboxes: proxy.mailboxes(),
+        control: proxy.controller(),
         draining: Arc::new(AtomicBool::new(false)),
         set_log_filter: None,
     };
-    (Server::start(&path, state).unwrap(), path)
+    let listen = Listen {
+        socket: Some(path.clone()),
+        tcp: None,
+    };
+    (Server::start(&listen, state).unwrap(), path)
 }
 
 fn get_json(socket: &Path, path: &str) -> serde_json::Value {
@@ -303,4 +306,64 @@ fn log_level_changes_at_run_time() {
     assert!(child
         .wait_exit(Duration::from_secs(15))
         .is_some_and(|s| s.success()));
+}
+
+#[test]
+fn access_log_writes_one_line_per_request_from_every_core() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("access-log");
+    let json_log = dir.join("access.json.log");
+    let clf_log = dir.join("access.clf.log");
+    let toml = format!(
+        "workers = 2\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\naccess_log = {{ path = \"{}\", format = \"json\" }}\n[[listeners.routes]]\nname = \"app\"\npath_prefix = \"/app/\"\ncluster = \"app\"\n[[listeners]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"app\"\naccess_log = {{ path = \"{}\", format = \"common\" }}\n{}",
+        json_log.display(),
+        clf_log.display(),
+        cluster("app", &[up.addr], "")
+    );
+    let (proxy, web) = start_toml(&toml, "web");
+    let plain = proxy.listener_addr("plain").unwrap();
+    for i in 0..40 {
+        // Fresh connections: both workers log.
+        let path = if i % 4 == 0 { "/nowhere" } else { "/app/x" };
+        get(web, path);
+    }
+    for _ in 0..10 {
+        assert_eq!(get(plain, "/q?a=\"b\"").status, 200);
+    }
+    let stats = proxy.stats();
+    proxy.shutdown();
+
+    let text = std::fs::read_to_string(&json_log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 40, "{text}");
+    let count = |status: u64| lines.iter().filter(|l| l["status"] == status).count();
+    assert_eq!(count(200), 30);
+    assert_eq!(count(404), 10);
+    let routed = lines.iter().find(|l| l["status"] == 200).unwrap();
+    assert_eq!(routed["route"], "app");
+    assert_eq!(routed["upstream"], up.addr.to_string());
+    assert_eq!(routed["method"], "GET");
+    let refused = lines.iter().find(|l| l["status"] == 404).unwrap();
+    assert_eq!(refused["error"], "no_route");
+    let workers: std::collections::BTreeSet<u64> = lines
+        .iter()
+        .map(|l| l["worker"].as_u64().unwrap())
+        .collect();
+    assert_eq!(workers.len(), 2, "both cores logged: {workers:?}");
+
+    let clf = std::fs::read_to_string(&clf_log).unwrap();
+    assert_eq!(clf.lines().count(), 10, "{clf}");
+    for line in clf.lines() {
+        assert!(
+            line.starts_with("127.0.0.1 - - [")
+                && line.ends_with("\"GET /q?a=\\x22b\\x22 HTTP/1.1\" 200 -"),
+            "{line}"
+        );
+    }
+    // Counted before the last flush at shutdown, so at most what was written.
+    assert!(stats.total.access_log_lines <= 50);
+    assert_eq!(stats.total.access_log_dropped, 0);
 }

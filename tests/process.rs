@@ -137,3 +137,65 @@ fn start_up_failure_exits_nonzero_without_ready() {
         assert!(!msg.contains("READY=1"), "never ready: {msg}");
     }
 }
+
+#[test]
+fn sighup_reloads_the_file_with_reloading_then_ready() {
+    const SIGHUP: i32 = 1;
+    let first = echo_server();
+    // The second upstream announces itself, so the switch is visible.
+    let second = serve(|mut s| {
+        let _ = s.write_all(b"second");
+    });
+    let mut cfg = L4Config::new("epoll", vec![first]);
+    cfg.workers = 2;
+    let mut child = ChildProxy::spawn(&cfg.toml());
+    let addr = child.wait_ready();
+    assert_eq!(echo_round_trip(addr, b"ping"), b"ping");
+
+    // Same listener address (kept), new endpoint.
+    cfg.bind = addr.to_string();
+    cfg.endpoints = vec![second];
+    let file = child.dir.join("pilotfish.toml");
+    std::fs::write(&file, cfg.toml()).unwrap();
+    child.signal(SIGHUP);
+    let reloading = child.next_notify();
+    assert!(
+        reloading.lines().any(|l| l == "RELOADING=1"),
+        "{reloading:?}"
+    );
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .expect("MONOTONIC_USEC with RELOADING=1");
+    assert!(usec > 0);
+    let ready = child.next_notify();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(ready.contains("reloaded generation 1"), "{ready:?}");
+    let mut s = connect(addr);
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"second", "new connections use the reloaded config");
+    drop(s);
+
+    // A broken file: the reload is refused, READY=1 still closes it, and
+    // the running config stays.
+    std::fs::write(&file, "workers = \"many\"\n").unwrap();
+    child.signal(SIGHUP);
+    assert!(child.next_notify().contains("RELOADING=1"));
+    let ready = child.next_notify();
+    assert!(
+        ready.contains("READY=1") && ready.contains("reload refused"),
+        "{ready:?}"
+    );
+    let mut s = connect(addr);
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"second");
+    drop(s);
+
+    child.signal(SIGTERM);
+    assert!(child.next_notify().contains("STOPPING=1"));
+    let status = child.wait_exit(EXIT_DEADLINE).expect("exits");
+    assert!(status.success());
+}

@@ -13,12 +13,25 @@ const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Sends `METHOD path` and returns (status, body).
 pub fn request(socket: &Path, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    request_with_body(socket, method, path, b"")
+}
+
+/// Sends `METHOD path` with `body` and returns (status, body).
+pub fn request_with_body(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // A config swap waits for every worker to prepare and commit.
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
     )?;
+    s.write_all(body)?;
     let mut raw = Vec::new();
     s.take(RESPONSE_BYTES_MAX as u64).read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
@@ -75,29 +88,50 @@ pub fn histogram_table(json: &str) -> Result<String, String> {
 pub fn stats_table(json: &str) -> Result<String, String> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let mut out = format!(
-        "{:<8}{:>8}{:>10}{:>12}{:>12}{:>10}{:>10}{:>8}\n",
-        "core", "driver", "active", "accepted", "http req", "retries", "5xx", "panics"
+        "{:<8}{:>10}{:>6}{:>10}{:>12}{:>12}{:>10}{:>10}{:>8}\n",
+        "core", "driver", "gen", "active", "accepted", "http req", "retries", "5xx", "panics"
     );
-    let row = |label: &str, w: &serde_json::Value, driver: &str| {
+    // serde_json's Display ignores width: make strings first.
+    let n = |x: &serde_json::Value| x.to_string();
+    let row = |label: &str, w: &serde_json::Value, driver: &str, generation: &str| {
         format!(
-            "{:<8}{:>8}{:>10}{:>12}{:>12}{:>10}{:>10}{:>8}\n",
+            "{:<8}{:>10}{:>6}{:>10}{:>12}{:>12}{:>10}{:>10}{:>8}\n",
             label,
             driver,
-            w["connections_active"],
-            w["connections_accepted"],
-            w["http"]["requests"],
-            w["http"]["retries"],
-            w["http"]["responses_by_class"][4],
-            w["task_panics"]
+            generation,
+            n(&w["connections_active"]),
+            n(&w["connections_accepted"]),
+            n(&w["http"]["requests"]),
+            n(&w["http"]["retries"]),
+            n(&w["http"]["responses_by_class"][4]),
+            n(&w["task_panics"])
         )
     };
     for w in v["workers"].as_array().into_iter().flatten() {
         out += &row(
-            &w["worker"].to_string(),
+            &n(&w["worker"]),
             &w["counters"],
             w["driver"].as_str().unwrap_or("?"),
+            &n(&w["generation"]),
         );
     }
-    out += &row("total", &v["total"], "");
+    out += &row("total", &v["total"], "", "");
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_table_columns_line_up() {
+        let json = r#"{"total":{"connections_active":1,"connections_accepted":12345,"task_panics":0,"http":{"requests":99,"retries":0,"responses_by_class":[0,99,0,0,3]}},
+            "workers":[{"worker":0,"driver":"io_uring","generation":2,"counters":{"connections_active":1,"connections_accepted":12345,"task_panics":0,"http":{"requests":99,"retries":0,"responses_by_class":[0,99,0,0,3]}}}]}"#;
+        let table = stats_table(json).unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{table}");
+        assert!(lines[1].contains("  io_uring     2"), "{table}");
+        assert!(lines[1].ends_with("       0"), "{table}");
+    }
 }

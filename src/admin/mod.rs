@@ -1,23 +1,26 @@
-//! The admin socket: HTTP/1.1 on a Unix socket (mode 0600), served by a
-//! thread of its own, never by a data worker.
+//! The admin server: HTTP/1.1 on a Unix socket (mode 0600) and optionally
+//! on a TCP address, served by threads of its own, never by a data worker.
 //!
-//! Endpoints today: `GET /live`, `GET /ready`, `GET /stats` (JSON, merged
-//! and per core), `GET /metrics` (Prometheus text), `GET /histograms`
-//! (`hgrm` or JSON, filtered by listener, route, cluster, metric, core;
-//! `reset=true` for interval histograms), `GET /config`, `GET /clusters`
-//! (endpoints with health, ejection, load, per core), `POST /drain`,
+//! Endpoints: `GET /live`, `GET /ready`, `GET /stats` (JSON, merged and per
+//! core), `GET /metrics` (Prometheus text), `GET /histograms` (`hgrm` or
+//! JSON, filtered by listener, route, cluster, metric, core; `reset=true`
+//! for interval histograms), `GET /config`, `GET /clusters` (endpoints with
+//! health, ejection, load, per core), `POST /config` (a whole TOML config,
+//! swapped on every worker or none; see [`crate::control`]), `POST /drain`,
 //! `POST /log-level?filter=...`.
 //!
 //! What must hold: a scrape costs a worker only the copy of its own
 //! counters and histograms (asked through its mailbox); admin connections
-//! are bounded in number and time; the socket file is created 0600 and
-//! removed when the server stops.
+//! are bounded in number, size and time; mutations (every POST) are
+//! answered only on the Unix socket or to a loopback peer; the socket file
+//! is created 0600 and removed when the server stops.
 
 pub mod client;
 pub mod prometheus;
 
 use std::{
     io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
     os::unix::{
         fs::PermissionsExt,
         net::{UnixListener, UnixStream},
@@ -31,11 +34,14 @@ use std::{
     time::Duration,
 };
 
-use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use crate::{
-    config::{limits::ACCEPT_ERROR_BACKOFF, Config},
+    config::{
+        limits::{ACCEPT_ERROR_BACKOFF, CONFIG_FILE_BYTES_MAX},
+        Config,
+    },
+    control::Controller,
     http1::{HeadLimits, RequestParser},
     metrics::{
         histograms::{self, Key},
@@ -44,18 +50,22 @@ use crate::{
     worker::{self, Command},
 };
 
-/// Admin connections served at once; more wait in the backlog. The admin
-/// socket is for a local agent and an operator, not for traffic.
+/// Admin connections served at once (both listeners together); more get a
+/// 503. The admin server is for a local agent, a scraper and an operator,
+/// not for traffic.
 const CONNECTIONS_MAX: usize = 8;
 /// An admin client gets this long to send its request and read the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Request head cap on the admin socket (POST bodies are not read yet).
+/// Request head cap on the admin server.
 const HEAD_BYTES_MAX: usize = 16 * 1024;
+/// Request body cap: a whole config, as large as a config file may be.
+const BODY_BYTES_MAX: u64 = CONFIG_FILE_BYTES_MAX;
 
-/// What the admin thread needs from the proxy.
+/// What the admin threads need from the proxy.
 pub struct State {
-    pub config: Arc<Config>,
-    pub mailboxes: Vec<Sender<Command>>,
+    /// The running config and the way to swap it; also every worker's
+    /// mailbox.
+    pub control: Arc<Controller>,
     /// Set once draining starts: /ready answers 503 from then on.
     pub draining: Arc<AtomicBool>,
     /// Replaces the log filter (`POST /log-level?filter=...`); None where
@@ -63,64 +73,183 @@ pub struct State {
     pub set_log_filter: Option<SetLogFilter>,
 }
 
+impl State {
+    fn mailboxes(&self) -> &[crossbeam_channel::Sender<Command>] {
+        self.control.mailboxes()
+    }
+}
+
 /// Replaces the process's log filter; Err says why the filter is invalid.
 pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
+/// Where the admin server listens.
+#[derive(Debug, Clone, Default)]
+pub struct Listen {
+    /// The Unix socket (created 0600; mutations allowed).
+    pub socket: Option<PathBuf>,
+    /// A TCP address, e.g. for a Prometheus scraper on the node; mutations
+    /// only from loopback peers.
+    pub tcp: Option<SocketAddr>,
+}
+
 /// The running admin server; stops and removes its socket on drop.
 pub struct Server {
-    path: PathBuf,
+    socket: Option<PathBuf>,
+    tcp: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Binds `path` (replacing a stale socket) and serves it.
-    pub fn start(path: &Path, state: State) -> std::io::Result<Server> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // Under systemd, RuntimeDirectory= made it; by hand, we do.
-            std::fs::create_dir_all(dir)?;
-        }
-        if path.exists() {
-            // A socket left by a crashed run; a live one would still be
-            // bound by its owner, and binding over it is what we want.
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    /// Binds what `listen` names (replacing a stale Unix socket) and serves.
+    pub fn start(listen: &Listen, state: State) -> std::io::Result<Server> {
         let stop = Arc::new(AtomicBool::new(false));
         let state = Arc::new(state);
-        let s = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("pilotfish-admin".into())
-            .spawn(move || accept_loop(listener, state, s))?;
-        tracing::info!(socket = %path.display(), "admin socket listening");
-        Ok(Server {
-            path: path.to_path_buf(),
-            stop,
-            thread: Some(thread),
-        })
+        let live = Arc::new(AtomicUsize::new(0));
+        let mut server = Server {
+            socket: None,
+            tcp: None,
+            stop: Arc::clone(&stop),
+            threads: Vec::new(),
+        };
+        if let Some(path) = &listen.socket {
+            let listener = bind_unix(path)?;
+            server.socket = Some(path.clone());
+            let (state, stop, live) = (Arc::clone(&state), Arc::clone(&stop), Arc::clone(&live));
+            server.threads.push(
+                std::thread::Builder::new()
+                    .name("pilotfish-admin".into())
+                    .spawn(move || {
+                        accept_loop(
+                            || listener.accept().map(|(c, _)| (Conn::Unix(c), true)),
+                            &state,
+                            &stop,
+                            &live,
+                        )
+                    })?,
+            );
+            tracing::info!(socket = %path.display(), "admin socket listening");
+        }
+        if let Some(addr) = listen.tcp {
+            let listener = TcpListener::bind(addr)?;
+            let bound = listener.local_addr()?;
+            server.tcp = Some(bound);
+            let (state, stop, live) = (Arc::clone(&state), Arc::clone(&stop), Arc::clone(&live));
+            server.threads.push(
+                std::thread::Builder::new()
+                    .name("pilotfish-admin-tcp".into())
+                    .spawn(move || {
+                        accept_loop(
+                            || {
+                                listener
+                                    .accept()
+                                    .map(|(c, peer)| (Conn::Tcp(c), peer.ip().is_loopback()))
+                            },
+                            &state,
+                            &stop,
+                            &live,
+                        )
+                    })?,
+            );
+            tracing::info!(address = %bound, "admin TCP listener (mutations from loopback only)");
+        }
+        Ok(server)
     }
+
+    /// The bound TCP address, if the server listens on TCP.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+}
+
+fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Under systemd, RuntimeDirectory= made it; by hand, we do.
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        // A socket left by a crashed run; a live one would still be
+        // bound by its owner, and binding over it is what we want.
+        std::fs::remove_file(path)?;
+    }
+    // Created with the process umask, then narrowed before anyone could
+    // use it for anything: the listener is not yet accepting.
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept.
-        let _ = UnixStream::connect(&self.path);
-        if let Some(t) = self.thread.take() {
+        // Wake the blocking accepts.
+        if let Some(path) = &self.socket {
+            let _ = UnixStream::connect(path);
+        }
+        if let Some(addr) = self.tcp {
+            let _ = TcpStream::connect(addr);
+        }
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
-fn accept_loop(listener: UnixListener, state: Arc<State>, stop: Arc<AtomicBool>) {
-    let live = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
+/// An accepted admin connection.
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn set_timeouts(&self) {
+        let t = Some(IO_TIMEOUT);
+        let _ = match self {
+            Conn::Unix(c) => c.set_read_timeout(t).and(c.set_write_timeout(t)),
+            Conn::Tcp(c) => c.set_read_timeout(t).and(c.set_write_timeout(t)),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(c) => c.read(buf),
+            Conn::Tcp(c) => c.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(c) => c.write(buf),
+            Conn::Tcp(c) => c.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Accepts until stopped. `accept` gives a connection and whether its peer
+/// may mutate (the Unix socket, or a loopback TCP peer).
+fn accept_loop(
+    accept: impl Fn() -> std::io::Result<(Conn, bool)>,
+    state: &Arc<State>,
+    stop: &AtomicBool,
+    live: &Arc<AtomicUsize>,
+) {
+    loop {
+        let accepted = accept();
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(conn) = conn else {
+        let Ok((mut conn, local)) = accepted else {
             // EMFILE and friends: back off instead of spinning. This is the
             // admin thread, not a worker, so blocking it is fine.
             #[allow(clippy::disallowed_methods)]
@@ -128,15 +257,16 @@ fn accept_loop(listener: UnixListener, state: Arc<State>, stop: Arc<AtomicBool>)
             continue;
         };
         if live.load(Ordering::SeqCst) >= CONNECTIONS_MAX {
-            let _ = respond(&conn, 503, "text/plain", b"admin socket busy\n");
+            conn.set_timeouts();
+            let _ = respond(&mut conn, 503, "text/plain", b"admin server busy\n");
             continue;
         }
         live.fetch_add(1, Ordering::SeqCst);
-        let (state, done) = (Arc::clone(&state), Arc::clone(&live));
+        let (state, done) = (Arc::clone(state), Arc::clone(live));
         let spawned = std::thread::Builder::new()
             .name("pilotfish-admin-conn".into())
             .spawn(move || {
-                serve(conn, &state);
+                serve(conn, local, &state);
                 done.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
@@ -145,21 +275,20 @@ fn accept_loop(listener: UnixListener, state: Arc<State>, stop: Arc<AtomicBool>)
     }
 }
 
-fn serve(mut conn: UnixStream, state: &State) {
-    let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+fn serve(mut conn: Conn, local: bool, state: &State) {
+    conn.set_timeouts();
     let mut parser = RequestParser::new(HeadLimits {
         head_bytes: HEAD_BYTES_MAX,
         ..HeadLimits::default()
     });
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let req = loop {
+    let mut chunk = [0u8; 4096];
+    let (req, head_len) = loop {
         match parser.parse(&buf) {
-            Ok(Some((req, _))) => break req,
+            Ok(Some(parsed)) => break parsed,
             Ok(None) => {}
             Err(e) => {
-                let _ = respond(&conn, 400, "text/plain", format!("{e}\n").as_bytes());
+                let _ = respond(&mut conn, 400, "text/plain", format!("{e}\n").as_bytes());
                 return;
             }
         }
@@ -168,19 +297,54 @@ fn serve(mut conn: UnixStream, state: &State) {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
+    // The body, framed strictly by the parser: Content-Length only (the
+    // admin client and curl send it), bounded by the largest config file.
+    let length = match req.body {
+        crate::http1::RequestBody::Empty => 0,
+        crate::http1::RequestBody::Length(n) => n,
+        crate::http1::RequestBody::Chunked => {
+            let msg = b"send the body with content-length\n";
+            let _ = respond(&mut conn, 411, "text/plain", msg);
+            return;
+        }
+    };
+    if length > BODY_BYTES_MAX {
+        let msg = format!("body is {length} bytes; the limit is {BODY_BYTES_MAX}\n");
+        let _ = respond(&mut conn, 413, "text/plain", msg.as_bytes());
+        return;
+    }
+    let mut body = buf.split_off(head_len.min(buf.len()));
+    body.truncate(length as usize);
+    if (body.len() as u64) < length {
+        let rest = length - body.len() as u64;
+        if (&mut conn).take(rest).read_to_end(&mut body).is_err() || (body.len() as u64) < length {
+            return;
+        }
+    }
     let target = String::from_utf8_lossy(req.target()).into_owned();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let query = Query::parse(query);
-    let (status, kind, body) = route(req.method(), path, &query, state);
-    let _ = respond(&conn, status, kind, &body);
+    let (status, kind, answer) = if req.method() != b"GET" && !local {
+        text(
+            403,
+            "mutations are answered only on the admin Unix socket or to a loopback peer\n",
+        )
+    } else {
+        route(req.method(), path, &query, &body, state)
+    };
+    let _ = respond(&mut conn, status, kind, &answer);
 }
 
-fn respond(mut conn: &UnixStream, status: u16, kind: &str, body: &[u8]) -> std::io::Result<()> {
+fn respond(conn: &mut Conn, status: u16, kind: &str, body: &[u8]) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
         503 => "Service Unavailable",
         _ => "Error",
     };
@@ -233,14 +397,14 @@ fn json(value: &impl Serialize) -> Reply {
     }
 }
 
-fn route(method: &[u8], path: &str, query: &Query, state: &State) -> Reply {
+fn route(method: &[u8], path: &str, query: &Query, body: &[u8], state: &State) -> Reply {
     match (method, path) {
         (b"GET", "/live") => text(200, "live\n"),
         (b"GET", "/ready") => ready(state),
         (b"GET", "/stats") => json(&stats(state)),
         (b"GET", "/metrics") => {
-            let reports = worker::collect_reports(&state.mailboxes);
-            let hist = worker::collect_histograms(&state.mailboxes, false);
+            let reports = worker::collect_reports(state.mailboxes());
+            let hist = worker::collect_histograms(state.mailboxes(), false);
             (
                 200,
                 "text/plain; version=0.0.4",
@@ -248,12 +412,13 @@ fn route(method: &[u8], path: &str, query: &Query, state: &State) -> Reply {
             )
         }
         (b"GET", "/histograms") => histograms(query, state),
-        (b"GET", "/config") => json(&*state.config),
-        (b"GET", "/clusters") => json(&worker::collect_clusters(&state.mailboxes)),
+        (b"GET", "/config") => json(&*state.control.config()),
+        (b"POST", "/config") => apply(query, body, state),
+        (b"GET", "/clusters") => json(&worker::collect_clusters(state.mailboxes())),
         (b"POST", "/log-level") => log_level(query, state),
         (b"POST", "/drain") => {
             state.draining.store(true, Ordering::SeqCst);
-            for m in &state.mailboxes {
+            for m in state.mailboxes() {
                 let _ = m.try_send(Command::Drain);
             }
             text(200, "draining\n")
@@ -264,6 +429,32 @@ fn route(method: &[u8], path: &str, query: &Query, state: &State) -> Reply {
             | "/drain" | "/log-level",
         ) => text(405, "method not allowed\n"),
         _ => text(404, format!("no admin endpoint {path}\n")),
+    }
+}
+
+/// `POST /config`: a whole TOML config, validated, then swapped on every
+/// worker or none. 200 with what changed; 400 invalid (with file position);
+/// 409 a worker could not prepare; 503 draining.
+fn apply(query: &Query, body: &[u8], state: &State) -> Reply {
+    let Ok(text_body) = std::str::from_utf8(body) else {
+        return text(400, "the config must be UTF-8 TOML\n");
+    };
+    // Every field has a default, so an empty body would parse as a config
+    // with no listeners: almost surely a mistake, never what to swap in.
+    if text_body.trim().is_empty() {
+        return text(400, "empty body: send a whole config (TOML)\n");
+    }
+    let config = match Config::parse("POST /config", text_body) {
+        Ok(c) => c,
+        Err(e) => return text(400, format!("{e}\n")),
+    };
+    match state.control.apply(config) {
+        Ok(changes) if query.get("format") == Some("json") => json(&changes),
+        Ok(changes) => text(200, format!("{}\n", changes.summary())),
+        Err(e) => {
+            tracing::warn!(error = %e, "config swap refused");
+            text(e.status(), format!("{e}\n"))
+        }
     }
 }
 
@@ -290,13 +481,16 @@ fn ready(state: &State) -> Reply {
     if state.draining.load(Ordering::SeqCst) {
         return text(503, "draining\n");
     }
-    let answered = worker::collect_reports(&state.mailboxes).len();
-    if answered == state.mailboxes.len() {
+    let answered = worker::collect_reports(state.mailboxes()).len();
+    if answered == state.mailboxes().len() {
         text(200, "ready\n")
     } else {
         text(
             503,
-            format!("{answered} of {} workers answered\n", state.mailboxes.len()),
+            format!(
+                "{answered} of {} workers answered\n",
+                state.mailboxes().len()
+            ),
         )
     }
 }
@@ -308,7 +502,7 @@ struct Stats {
 }
 
 fn stats(state: &State) -> Stats {
-    let workers = worker::collect_reports(&state.mailboxes);
+    let workers = worker::collect_reports(state.mailboxes());
     let mut total = Snapshot::default();
     for w in &workers {
         total.merge(&w.counters);
@@ -335,7 +529,7 @@ fn histograms(query: &Query, state: &State) -> Reply {
         Some(Ok(c)) => Some(c),
         Some(Err(_)) => return text(400, "core must be a number\n"),
     };
-    let reports = worker::collect_histograms(&state.mailboxes, reset);
+    let reports = worker::collect_histograms(state.mailboxes(), reset);
     let wanted = |k: &Key| {
         let field = |name: &str, value: &Option<String>| {
             query

@@ -69,6 +69,16 @@ const COUNTERS: &[Field] = &[
         "Connection tasks that panicked; the worker kept serving.",
         |s| s.task_panics,
     ),
+    (
+        "access_log_lines_total",
+        "Access log lines handed to the writer.",
+        |s| s.access_log_lines,
+    ),
+    (
+        "access_log_dropped_total",
+        "Access log lines dropped because the writer fell behind.",
+        |s| s.access_log_dropped,
+    ),
     ("http_requests_total", "HTTP requests received.", |s| {
         s.http.requests
     }),

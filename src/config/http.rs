@@ -17,7 +17,6 @@ use crate::http1::{write::Edits, HeadLimits};
 /// An HTTP listener's settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HttpListener {
-    #[serde(skip)]
     pub limits: HeadLimits,
     /// Request bodies larger than this get 413; None: unbounded (streamed).
     pub body_bytes_max: Option<u64>,
@@ -40,7 +39,6 @@ pub struct Route {
     #[serde(with = "super::humantime_serde_compat")]
     pub timeout: Duration,
     pub retry: RetryPolicy,
-    #[serde(skip)]
     pub edits: Edits,
 }
 

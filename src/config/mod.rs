@@ -77,7 +77,28 @@ pub enum DriverChoice {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct Admin {
+    /// The admin Unix socket (mode 0600; every endpoint).
     pub socket: Option<PathBuf>,
+    /// An optional admin TCP address (e.g. for a node's Prometheus); it
+    /// answers mutations (POST) only to loopback peers.
+    pub bind: Option<SocketAddr>,
+}
+
+/// Where and how a listener logs its requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccessLog {
+    /// A file (opened for append), or `stdout`.
+    pub path: PathBuf,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// NCSA Common Log Format.
+    Common,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -90,6 +111,8 @@ pub struct Listener {
     /// body stalled this long, is closed.
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
+    /// HTTP: one line per request, if set.
+    pub access_log: Option<AccessLog>,
     pub kind: ListenerKind,
 }
 
@@ -178,6 +201,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Admin {
         pub socket: Option<PathBuf>,
+        pub bind: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -195,8 +219,17 @@ mod raw {
         pub headers_max: Option<Spanned<usize>>,
         pub uri_bytes_max: Option<Spanned<usize>>,
         pub body_bytes_max: Option<Spanned<u64>>,
+        pub access_log: Option<Spanned<AccessLog>>,
         #[serde(default)]
         pub routes: Vec<super::http::raw::Route>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct AccessLog {
+        /// A file path, or "stdout".
+        pub path: String,
+        pub format: Option<LogFormat>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -342,6 +375,20 @@ impl Validator<'_> {
             uring_setup: raw.runtime.uring_setup.unwrap_or(UringSetup::CoopTaskrun),
             admin: Admin {
                 socket: raw.admin.socket,
+                bind: raw
+                    .admin
+                    .bind
+                    .as_ref()
+                    .map(|b| {
+                        b.get_ref().parse::<SocketAddr>().map_err(|_| {
+                            self.error(
+                                b,
+                                "admin.bind".to_string(),
+                                format!("expected IP:port, found {:?}", b.get_ref()),
+                            )
+                        })
+                    })
+                    .transpose()?,
             },
             max_connections_per_worker,
             drain_timeout: raw
@@ -535,11 +582,36 @@ impl Validator<'_> {
                     ListenerKind::Http(self.http_listener(i, l, cluster, clusters)?)
                 }
             };
+            let access_log = match &l.access_log {
+                None => None,
+                Some(spanned) => {
+                    let raw = spanned.get_ref();
+                    if matches!(kind, ListenerKind::Tcp { .. }) {
+                        return Err(self.error(
+                            spanned,
+                            key("access_log"),
+                            "`access_log` applies to http listeners only".into(),
+                        ));
+                    }
+                    if raw.path.trim().is_empty() {
+                        return Err(self.error(
+                            spanned,
+                            key("access_log.path"),
+                            "give a file path or \"stdout\"".into(),
+                        ));
+                    }
+                    Some(AccessLog {
+                        path: PathBuf::from(&raw.path),
+                        format: raw.format.unwrap_or(LogFormat::Json),
+                    })
+                }
+            };
             out.push(Listener {
                 name: l.name.get_ref().clone(),
                 bind,
                 protocol: *l.protocol.get_ref(),
                 idle_timeout: l.idle_timeout.map_or(limits::IDLE_TIMEOUT_DEFAULT, |d| d.0),
+                access_log,
                 kind,
             });
         }

@@ -27,7 +27,7 @@ use crate::{
         HeadError, HeadLimits, RequestBody, RequestHead, ResponseBody, ResponseHead,
         ResponseParser, Version,
     },
-    metrics::{self, ActiveGuard, ErrorReason},
+    metrics::{self, histograms, ActiveGuard, ErrorReason},
     route::{host_without_port, RequestView},
     upstream::{ClusterState, Outcome},
     worker::Worker,
@@ -331,9 +331,7 @@ impl Attempt<'_> {
         match monoio::time::timeout(limit, TcpStream::connect_addr(endpoint.addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
-                self.worker
-                    .histograms
-                    .connect(self.cluster.index, started.elapsed());
+                histograms::record(&self.cluster.connect_histogram, started.elapsed());
                 Ok(s)
             }
             Ok(Err(e)) => Err(failed(format!("connect to {} failed: {e}", endpoint.addr))),
@@ -448,9 +446,7 @@ impl Attempt<'_> {
         let now = Instant::now();
         let endpoint = &self.cluster.endpoints[self.ep];
         endpoint.latency.observe(now - sent_at, now);
-        self.worker
-            .histograms
-            .first_byte(self.cluster.index, now - sent_at);
+        histograms::record(&self.cluster.first_byte_histogram, now - sent_at);
         let counters = &self.worker.counters.http;
         if resp.status >= 500 {
             if self.retry_status && self.policy.on_status.contains(&resp.status) {
@@ -484,12 +480,13 @@ impl Attempt<'_> {
         };
         // A final answer before the request body was sent: the client may
         // still be sending it, so this connection ends after the response.
-        // Draining: this response says `connection: close`.
+        // Draining, or a newer config generation took over: this response
+        // says `connection: close`, so the client reconnects onto it.
         let client_keep = req.hop.keep_alive
             && body_sent
             && out_body != OutBody::Close
             && !tunnel
-            && !self.worker.draining.is_fired();
+            && !self.worker.retired.is_fired();
         let mut out = std::mem::take(&mut client.out);
         out.clear();
         write::response(&resp, out_body, client_keep, tunnel, &mut out);
@@ -506,6 +503,8 @@ impl Attempt<'_> {
         let (written, out) = write_all_timed(&mut client.stream, out, self.idle).await;
         client.out = out;
         counters.response(resp.status);
+        client.note.status = resp.status;
+        client.note.upstream = Some(self.cluster.endpoints[self.ep].addr);
         if let Err(e) = written {
             return Err(Exit::Failed(AttemptError::Final(Failure::Cut(format!(
                 "writing the response head: {e}"

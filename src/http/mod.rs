@@ -51,6 +51,17 @@ pub struct Client {
     pub out: Vec<u8>,
     /// Reused for every request head we write upstream.
     pub head_out: Vec<u8>,
+    /// What happened to the current request, for the access log.
+    pub note: Note,
+}
+
+/// What one request came to: the final status sent (0: none), the
+/// upstream that answered, and the reason if the proxy answered itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Note {
+    pub status: u16,
+    pub upstream: Option<SocketAddr>,
+    pub error: Option<&'static str>,
 }
 
 /// What the connection does after a request.
@@ -82,6 +93,7 @@ pub async fn serve(
         ip: peer.ip().to_string(),
         out: Vec::with_capacity(1024),
         head_out: Vec::with_capacity(1024),
+        note: Note::default(),
     };
     let idle = listener.idle_timeout;
     let mut parser = RequestParser::new(http.limits);
@@ -109,11 +121,41 @@ pub async fn serve(
         metrics::add(&worker.counters.http.requests, 1);
         let started = Instant::now();
         let mut route = None;
+        client.note = Note::default();
+        // Copied only when this listener logs: the head is consumed below.
+        let logged = listener.access_log.as_ref().map(|log| {
+            (
+                log,
+                req.method().to_vec(),
+                req.target().to_vec(),
+                req.version,
+            )
+        });
         let next = handle(&worker, http, &mut client, req, idle, conn_id, &mut route).await;
         let took = started.elapsed();
         worker.histograms.listener(listener_index, took);
         if let Some(route) = route {
             worker.histograms.route(listener_index, route, took);
+        }
+        if let Some((log, method, target, version)) = logged {
+            let line = crate::access_log::Line {
+                time: crate::access_log::now(),
+                worker: worker.id,
+                listener: &listener.name,
+                route: route.map(|r| http.routes[r].name.as_str()),
+                client: &client.ip,
+                method: &String::from_utf8_lossy(&method),
+                target: &String::from_utf8_lossy(&target),
+                version: match version {
+                    crate::http1::Version::Http10 => "HTTP/1.0",
+                    crate::http1::Version::Http11 => "HTTP/1.1",
+                },
+                status: client.note.status,
+                duration_us: took.as_micros() as u64,
+                upstream: client.note.upstream,
+                error: client.note.error,
+            };
+            worker.access_log.record(&worker.counters, log, &line);
         }
         match next {
             Next::KeepAlive => continue,
@@ -257,6 +299,8 @@ async fn send_generated(
 ) {
     worker.counters.http.generated(reason);
     worker.counters.http.response(reason.status());
+    client.note.status = reason.status();
+    client.note.error = Some(reason.name());
     let mut out = std::mem::take(&mut client.out);
     out.clear();
     respond::generated(reason, detail, close, &mut out);

@@ -16,7 +16,7 @@ use super::scan::{HeadScanner, ScanError};
 use crate::config::limits::HTTP1_HEADERS_MAX;
 
 /// Limits applied while parsing a head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct HeadLimits {
     pub head_bytes: usize,
     pub headers: usize,

@@ -20,7 +20,7 @@ pub enum OutBody {
 }
 
 /// Header changes applied to a forwarded head, in order: remove, set, add.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Edits {
     /// Lower-case names to drop.
     pub remove: Vec<String>,

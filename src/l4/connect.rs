@@ -4,7 +4,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use monoio::net::TcpStream;
 
-use crate::{metrics, worker::Worker};
+use crate::{
+    metrics::{self, histograms},
+    worker::Worker,
+};
 
 /// Connects to the next endpoint of `cluster`, trying further endpoints on
 /// failure, at most `connect_attempts` times in all.
@@ -15,7 +18,10 @@ pub async fn connect(worker: &Worker, cluster: usize) -> Option<(TcpStream, Sock
         let started = std::time::Instant::now();
         match attempt_one(endpoint, config.connect_timeout).await {
             Ok(stream) => {
-                worker.histograms.connect(cluster, started.elapsed());
+                histograms::record(
+                    &worker.clusters[cluster].connect_histogram,
+                    started.elapsed(),
+                );
                 return Some((stream, endpoint));
             }
             Err(failure) => {

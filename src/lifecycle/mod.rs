@@ -3,12 +3,19 @@
 //! What must hold: `READY=1` is sent only after every worker has bound every
 //! listener; the first SIGTERM/SIGINT stops accepting everywhere
 //! (`STOPPING=1`) and gives in-flight connections the drain timeout; a
-//! second signal exits at once.
+//! second signal exits at once. SIGHUP re-reads the config file and swaps
+//! it on every worker or none (see [`crate::control`]), announced as
+//! `RELOADING=1` + `MONOTONIC_USEC=` and closed by `READY=1` whether or not
+//! the new config was taken (systemd's `Type=notify-reload` protocol); a
+//! refused reload keeps the old config, and says why in the log and in
+//! `STATUS=`.
 
 pub mod notify;
 
 use crossbeam_channel::select;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use std::path::{Path, PathBuf};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::proxy::Proxy;
 use notify::Notifier;
@@ -25,18 +32,28 @@ pub enum Exit {
 }
 
 /// Serves until signalled, then drains. Returns how it ended.
+///
+/// `config_path` is what SIGHUP re-reads (None: SIGHUP is logged and
+/// ignored, for embedders without a file).
 pub fn run_until_stopped(
     proxy: Proxy,
+    config_path: Option<PathBuf>,
     notifier: &Notifier,
     draining: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<Exit> {
     let (sig_tx, sig_rx) = crossbeam_channel::bounded(4);
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let (hup_tx, hup_rx) = crossbeam_channel::bounded(1);
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let signal_handle = signals.handle();
     std::thread::Builder::new()
         .name("pilotfish-signals".into())
         .spawn(move || {
             for signal in signals.forever() {
+                if signal == SIGHUP {
+                    // Reloads coalesce: one pending is as good as many.
+                    let _ = hup_tx.try_send(());
+                    continue;
+                }
                 if sig_tx.send(signal).is_err() {
                     break;
                 }
@@ -56,26 +73,23 @@ pub fn run_until_stopped(
     ));
 
     let done = proxy.exited();
-    let exit = select! {
-        recv(sig_rx) -> sig => {
-            tracing::info!(signal = ?sig.ok(), "draining: no new connections; in-flight ones get {:?}", proxy.config().drain_timeout);
-            notifier.send("STOPPING=1\nSTATUS=draining");
-            draining.store(true, std::sync::atomic::Ordering::SeqCst);
-            proxy.drain();
-            select! {
-                recv(sig_rx) -> _ => {
-                    tracing::warn!("second signal: exiting without waiting for the drain");
-                    Exit::Forced
+    let exit = loop {
+        select! {
+            recv(hup_rx) -> _ => {
+                if draining.load(std::sync::atomic::Ordering::SeqCst) {
+                    tracing::info!("SIGHUP while draining: ignored");
+                    continue;
                 }
-                recv(done) -> _ => Exit::Drained,
+                reload(&proxy, config_path.as_deref(), notifier);
             }
-        }
-        // Drained through the admin socket (POST /drain), or gone unasked.
-        recv(done) -> _ => {
-            if draining.load(std::sync::atomic::Ordering::SeqCst) {
-                Exit::Drained
-            } else {
-                Exit::WorkersGone
+            recv(sig_rx) -> sig => break stop(&proxy, sig.ok(), notifier, draining, &sig_rx, &done),
+            // Drained through the admin socket (POST /drain), or gone unasked.
+            recv(done) -> _ => {
+                break if draining.load(std::sync::atomic::Ordering::SeqCst) {
+                    Exit::Drained
+                } else {
+                    Exit::WorkersGone
+                };
             }
         }
     };
@@ -84,4 +98,55 @@ pub fn run_until_stopped(
         proxy.join();
     }
     Ok(exit)
+}
+
+/// Re-reads the config file and swaps it on every worker or none.
+fn reload(proxy: &Proxy, path: Option<&Path>, notifier: &Notifier) {
+    notifier.send(&format!(
+        "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading the config",
+        notify::monotonic_usec()
+    ));
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: no config file to re-read; ignored");
+        notifier.send("READY=1\nSTATUS=reload ignored: no config file");
+        return;
+    };
+    let outcome = crate::Config::load(path)
+        .map_err(crate::control::ApplyError::from)
+        .and_then(|c| proxy.controller().apply(c));
+    let status = match outcome {
+        Ok(changes) => {
+            tracing::info!(file = %path.display(), changes = %changes.summary(), "reloaded on SIGHUP");
+            format!("serving; reloaded {}", changes.summary())
+        }
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "reload refused; the running config stays");
+            // STATUS is one line; the log has the whole error.
+            let first = e.to_string().lines().next().unwrap_or_default().to_string();
+            format!("serving the previous config; reload refused: {first}")
+        }
+    };
+    notifier.send(&format!("READY=1\nSTATUS={status}"));
+}
+
+/// The first stop signal: drain, and wait for the drain or a second signal.
+fn stop(
+    proxy: &Proxy,
+    sig: Option<i32>,
+    notifier: &Notifier,
+    draining: &std::sync::atomic::AtomicBool,
+    sig_rx: &crossbeam_channel::Receiver<i32>,
+    done: &crossbeam_channel::Receiver<()>,
+) -> Exit {
+    tracing::info!(signal = ?sig, "draining: no new connections; in-flight ones get {:?}", proxy.config().drain_timeout);
+    notifier.send("STOPPING=1\nSTATUS=draining");
+    draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    proxy.drain();
+    select! {
+        recv(sig_rx) -> _ => {
+            tracing::warn!("second signal: exiting without waiting for the drain");
+            Exit::Forced
+        }
+        recv(done) -> _ => Exit::Drained,
+    }
 }

@@ -1,7 +1,7 @@
 //! The systemd notify protocol (sd_notify(3)), spoken directly.
 //!
 //! When `NOTIFY_SOCKET` is set, state lines (`READY=1`, `STOPPING=1`,
-//! `STATUS=…`) are sent as datagrams to that Unix socket; a leading `@`
+//! `RELOADING=1` with `MONOTONIC_USEC=`, `STATUS=…`) are sent as datagrams to that Unix socket; a leading `@`
 //! names an abstract socket. Without the variable every call is a no-op, so
 //! the same binary runs by hand, under systemd, or in a container.
 
@@ -62,6 +62,23 @@ impl Notifier {
     }
 }
 
+/// CLOCK_MONOTONIC in microseconds, as `MONOTONIC_USEC=` in a
+/// `RELOADING=1` message wants it (systemd compares it with its own clock).
+#[allow(unsafe_code)]
+pub fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always
+    // exists on Linux, so the call cannot fail on a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +98,15 @@ mod tests {
         let len = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"READY=1\nSTATUS=serving");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn monotonic_clock_moves_forward_like_instant() {
+        let a = monotonic_usec();
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(2) {}
+        let b = monotonic_usec();
+        assert!(a > 0 && b >= a + 2_000, "{a} then {b}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! instead of failing; a snapshot is a copy, so a scrape costs a worker
 //! only the time to clone its histograms.
 
-use std::{cell::RefCell, time::Duration};
+use std::{cell::RefCell, rc::Rc, time::Duration};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -59,62 +59,117 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(LOW_US, HIGH_US, SIGFIG).expect("static bounds are valid")
 }
 
-/// All of one worker's histograms, laid out by config index.
-#[derive(Debug)]
-pub struct Histograms {
-    /// Per listener: request_total (http) or connection_duration (tcp).
-    listeners: Vec<RefCell<Histogram<u64>>>,
-    /// Per (listener, route): request_total.
-    routes: Vec<Vec<RefCell<Histogram<u64>>>>,
-    /// Per cluster: upstream_connect, upstream_first_byte.
-    connect: Vec<RefCell<Histogram<u64>>>,
-    first_byte: Vec<RefCell<Histogram<u64>>>,
-    names: Names,
-}
+/// One recordable histogram, shared by every config generation that names
+/// the same listener, route or cluster.
+pub type Cell = Rc<RefCell<Histogram<u64>>>;
 
-#[derive(Debug, Clone)]
-struct Names {
-    listeners: Vec<(String, bool)>, // (name, is_http)
-    routes: Vec<Vec<String>>,
-    clusters: Vec<String>,
-}
-
-fn record(h: &RefCell<Histogram<u64>>, d: Duration) {
+/// Records `d` into `h`, saturating outside the bounded range.
+pub fn record(h: &Cell, d: Duration) {
     let us = (d.as_micros() as u64).clamp(LOW_US, HIGH_US);
     // In range by the clamp, so this cannot fail.
     let _ = h.borrow_mut().record(us);
 }
 
-impl Histograms {
-    pub fn new(config: &Config) -> Self {
-        let cells = |n: usize| {
-            (0..n)
-                .map(|_| RefCell::new(new_histogram()))
-                .collect::<Vec<_>>()
-        };
-        let names = Names {
-            listeners: config
-                .listeners
-                .iter()
-                .map(|l| (l.name.clone(), matches!(l.kind, ListenerKind::Http(_))))
-                .collect(),
-            routes: config
-                .listeners
-                .iter()
-                .map(|l| match &l.kind {
-                    ListenerKind::Http(h) => h.routes.iter().map(|r| r.name.clone()).collect(),
-                    ListenerKind::Tcp { .. } => Vec::new(),
-                })
-                .collect(),
-            clusters: config.clusters.iter().map(|c| c.name.clone()).collect(),
-        };
-        Self {
-            listeners: cells(config.listeners.len()),
-            routes: names.routes.iter().map(|r| cells(r.len())).collect(),
-            connect: cells(config.clusters.len()),
-            first_byte: cells(config.clusters.len()),
-            names,
+/// Every histogram a worker has, by key, across config generations: a
+/// listener kept over a config swap keeps its histogram, and one removed
+/// keeps what it recorded (counts never go backwards for a scraper).
+///
+/// Bounded: a key is added only when a config names it, and configs are
+/// bounded in listeners, routes and clusters; keys of removed objects stay
+/// until the process exits (one ~220 KB histogram each, a handful per swap).
+#[derive(Debug, Default)]
+pub struct Store {
+    cells: RefCell<Vec<(Key, Cell)>>,
+}
+
+impl Store {
+    /// The histogram for `key`, created empty the first time.
+    pub fn cell(&self, key: Key) -> Cell {
+        let mut cells = self.cells.borrow_mut();
+        if let Some((_, c)) = cells.iter().find(|(k, _)| *k == key) {
+            return Rc::clone(c);
         }
+        let c = Rc::new(RefCell::new(new_histogram()));
+        cells.push((key, Rc::clone(&c)));
+        c
+    }
+
+    /// The histograms for one cluster: (upstream_connect, upstream_first_byte).
+    pub fn cluster(&self, name: &str) -> (Cell, Cell) {
+        let key = |metric| Key {
+            listener: None,
+            route: None,
+            cluster: Some(name.to_string()),
+            metric,
+        };
+        (
+            self.cell(key(Metric::UpstreamConnect)),
+            self.cell(key(Metric::UpstreamFirstByte)),
+        )
+    }
+
+    /// Copies every histogram out (the only cost a scrape puts on a worker),
+    /// sparsely: only the recorded (value, count) pairs, a few hundred
+    /// entries, instead of cloning each ~220 KB counts array (measured: the
+    /// clones' allocation and page faults showed in the data path's p99).
+    pub fn snapshot(&self) -> Vec<(Key, Sparse)> {
+        self.cells
+            .borrow()
+            .iter()
+            .map(|(k, h)| (k.clone(), sparse(&h.borrow())))
+            .collect()
+    }
+
+    /// Empties every histogram (after a `reset=true` scrape).
+    pub fn reset(&self) {
+        for (_, h) in self.cells.borrow().iter() {
+            h.borrow_mut().reset();
+        }
+    }
+}
+
+/// One config generation's histograms, laid out by its config indices so
+/// the data path records without a lookup.
+#[derive(Debug)]
+pub struct Histograms {
+    /// Per listener: request_total (http) or connection_duration (tcp).
+    listeners: Vec<Cell>,
+    /// Per (listener, route): request_total.
+    routes: Vec<Vec<Cell>>,
+}
+
+impl Histograms {
+    pub fn new(store: &Store, config: &Config) -> Self {
+        let key = |listener: &str, route: Option<&str>, metric| Key {
+            listener: Some(listener.to_string()),
+            route: route.map(str::to_string),
+            cluster: None,
+            metric,
+        };
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let metric = match l.kind {
+                    ListenerKind::Http(_) => Metric::RequestTotal,
+                    ListenerKind::Tcp { .. } => Metric::ConnectionDuration,
+                };
+                store.cell(key(&l.name, None, metric))
+            })
+            .collect();
+        let routes = config
+            .listeners
+            .iter()
+            .map(|l| match &l.kind {
+                ListenerKind::Http(h) => h
+                    .routes
+                    .iter()
+                    .map(|r| store.cell(key(&l.name, Some(&r.name), Metric::RequestTotal)))
+                    .collect(),
+                ListenerKind::Tcp { .. } => Vec::new(),
+            })
+            .collect();
+        Self { listeners, routes }
     }
 
     /// A finished HTTP request (or L4 connection) on `listener`.
@@ -124,80 +179,6 @@ impl Histograms {
 
     pub fn route(&self, listener: usize, route: usize, d: Duration) {
         record(&self.routes[listener][route], d);
-    }
-
-    pub fn connect(&self, cluster: usize, d: Duration) {
-        record(&self.connect[cluster], d);
-    }
-
-    pub fn first_byte(&self, cluster: usize, d: Duration) {
-        record(&self.first_byte[cluster], d);
-    }
-
-    /// Copies every histogram out (the only cost a scrape puts on a worker),
-    /// sparsely: only the recorded (value, count) pairs, a few hundred
-    /// entries, instead of cloning each ~220 KB counts array (measured: the
-    /// clones' allocation and page faults showed in the data path's p99).
-    pub fn snapshot(&self) -> Vec<(Key, Sparse)> {
-        let n = &self.names;
-        let mut out = Vec::new();
-        for (i, (name, http)) in n.listeners.iter().enumerate() {
-            let metric = if *http {
-                Metric::RequestTotal
-            } else {
-                Metric::ConnectionDuration
-            };
-            out.push((
-                Key {
-                    listener: Some(name.clone()),
-                    route: None,
-                    cluster: None,
-                    metric,
-                },
-                sparse(&self.listeners[i].borrow()),
-            ));
-            for (j, route) in n.routes[i].iter().enumerate() {
-                out.push((
-                    Key {
-                        listener: Some(name.clone()),
-                        route: Some(route.clone()),
-                        cluster: None,
-                        metric: Metric::RequestTotal,
-                    },
-                    sparse(&self.routes[i][j].borrow()),
-                ));
-            }
-        }
-        for (i, cluster) in n.clusters.iter().enumerate() {
-            for (metric, h) in [
-                (Metric::UpstreamConnect, &self.connect[i]),
-                (Metric::UpstreamFirstByte, &self.first_byte[i]),
-            ] {
-                out.push((
-                    Key {
-                        listener: None,
-                        route: None,
-                        cluster: Some(cluster.clone()),
-                        metric,
-                    },
-                    sparse(&h.borrow()),
-                ));
-            }
-        }
-        out
-    }
-
-    /// Empties every histogram (after a `reset=true` scrape).
-    pub fn reset(&self) {
-        let all = self
-            .listeners
-            .iter()
-            .chain(self.routes.iter().flatten())
-            .chain(&self.connect)
-            .chain(&self.first_byte);
-        for h in all {
-            h.borrow_mut().reset();
-        }
     }
 }
 
@@ -350,18 +331,24 @@ mod tests {
     #[test]
     fn out_of_range_values_saturate_and_merge_adds() {
         let c = Config::parse("t.toml", "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ncluster = \"c\"\n[[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n").unwrap();
-        let a = Histograms::new(&c);
-        let b = Histograms::new(&c);
+        let (sa, sb) = (Store::default(), Store::default());
+        let a = Histograms::new(&sa, &c);
+        let b = Histograms::new(&sb, &c);
         a.listener(0, Duration::from_secs(10_000));
         a.listener(0, Duration::ZERO);
         b.listener(0, Duration::from_millis(5));
-        let snaps = [a.snapshot(), b.snapshot()];
+        let snaps = [sa.snapshot(), sb.snapshot()];
         let whole: Vec<_> = snaps.iter().map(|s| from_sparse(&s[0].1)).collect();
         let merged = merge(&whole);
         assert_eq!(merged.len(), 3);
         assert_eq!(merged.max(), merged.highest_equivalent(HIGH_US));
         assert_eq!(snaps[0][0].0.metric, Metric::ConnectionDuration);
-        a.reset();
-        assert!(a.snapshot()[0].1.is_empty());
+        sa.reset();
+        assert!(sa.snapshot()[0].1.is_empty());
+        // A second generation naming the same listener shares its histogram.
+        let again = Histograms::new(&sa, &c);
+        again.listener(0, Duration::from_millis(1));
+        assert_eq!(sa.snapshot().len(), 1);
+        assert_eq!(sa.snapshot()[0].1, vec![(1000, 1)]);
     }
 }

@@ -30,6 +30,9 @@ pub struct Counters {
     pub accept_errors: Cell<u64>,
     /// Connection tasks that panicked; the worker kept serving.
     pub task_panics: Cell<u64>,
+    /// Access log lines written, and dropped because the writer fell behind.
+    pub access_log_lines: Cell<u64>,
+    pub access_log_dropped: Cell<u64>,
     pub http: HttpCounters,
 }
 
@@ -222,6 +225,8 @@ pub struct Snapshot {
     pub drain_cut: u64,
     pub accept_errors: u64,
     pub task_panics: u64,
+    pub access_log_lines: u64,
+    pub access_log_dropped: u64,
     pub http: HttpSnapshot,
 }
 
@@ -245,6 +250,8 @@ impl Counters {
             drain_cut: self.drain_cut.get(),
             accept_errors: self.accept_errors.get(),
             task_panics: self.task_panics.get(),
+            access_log_lines: self.access_log_lines.get(),
+            access_log_dropped: self.access_log_dropped.get(),
             http: HttpSnapshot {
                 requests: self.http.requests.get(),
                 responses_by_class: std::array::from_fn(|i| self.http.responses_by_class[i].get()),
@@ -279,6 +286,8 @@ impl Snapshot {
         self.drain_cut += other.drain_cut;
         self.accept_errors += other.accept_errors;
         self.task_panics += other.task_panics;
+        self.access_log_lines += other.access_log_lines;
+        self.access_log_dropped += other.access_log_dropped;
         self.http.merge(&other.http);
     }
 }

@@ -22,7 +22,7 @@ use crate::{
         limits::RETRY_BUDGET_MIN_CONCURRENT,
         Cluster,
     },
-    metrics::{self, HttpCounters},
+    metrics::{self, histograms, HttpCounters},
 };
 use pool::Pool;
 
@@ -68,9 +68,14 @@ impl Endpoint {
 /// A cluster on this worker.
 #[derive(Debug)]
 pub struct ClusterState {
-    /// Index in the config's cluster list (and in per-worker histograms).
-    pub index: usize,
     pub name: String,
+    /// This cluster's histograms: new-connection connect time and time to
+    /// the response's first byte (shared with later config generations).
+    pub connect_histogram: histograms::Cell,
+    pub first_byte_histogram: histograms::Cell,
+    /// The config this state was built from; a config swap keeps the state
+    /// (pools, ejections, health) of a cluster whose config is unchanged.
+    pub source: Cluster,
     pub endpoints: Vec<Endpoint>,
     pub config: HttpCluster,
     pub connect_timeout: Duration,
@@ -111,10 +116,13 @@ pub enum Outcome {
 }
 
 impl ClusterState {
-    pub fn new(index: usize, c: &Cluster, worker: usize, now: Instant) -> Self {
+    pub fn new(c: &Cluster, worker: usize, now: Instant, store: &histograms::Store) -> Self {
+        let (connect_histogram, first_byte_histogram) = store.cluster(&c.name);
         Self {
-            index,
             name: c.name.clone(),
+            connect_histogram,
+            first_byte_histogram,
+            source: c.clone(),
             endpoints: c.endpoints.iter().map(|a| Endpoint::new(*a, now)).collect(),
             config: c.http.clone(),
             connect_timeout: c.connect_timeout,
@@ -260,7 +268,12 @@ mod tests {
             endpoints.join(",")
         );
         let config = Config::parse("t.toml", &text).unwrap();
-        ClusterState::new(0, &config.clusters[0], 0, Instant::now())
+        ClusterState::new(
+            &config.clusters[0],
+            0,
+            Instant::now(),
+            &histograms::Store::default(),
+        )
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl Trigger {
 /// A limit on concurrently held slots (connections per worker).
 #[derive(Debug)]
 pub struct Slots {
-    max: usize,
+    max: Cell<usize>,
     used: Cell<usize>,
     waiters: RefCell<Vec<Waker>>,
 }
@@ -65,7 +65,7 @@ pub struct Slot {
 impl Slots {
     pub fn new(max: usize) -> Rc<Self> {
         Rc::new(Self {
-            max,
+            max: Cell::new(max),
             used: Cell::new(0),
             waiters: RefCell::default(),
         })
@@ -75,10 +75,19 @@ impl Slots {
         self.used.get()
     }
 
+    /// Changes the limit (a config swap); connections over a lowered limit
+    /// keep their slots, new ones wait until the count is under it.
+    pub fn set_max(&self, max: usize) {
+        self.max.set(max);
+        for waker in self.waiters.take() {
+            waker.wake();
+        }
+    }
+
     /// Waits until a slot is free, then takes it.
     pub async fn acquire(self: &Rc<Self>) -> Slot {
         std::future::poll_fn(|cx| {
-            if self.used.get() < self.max {
+            if self.used.get() < self.max.get() {
                 return Poll::Ready(());
             }
             register(&self.waiters, cx);

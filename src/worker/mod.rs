@@ -5,6 +5,16 @@
 //! worker's state lives in `Rc`/`Cell` on its own thread. Other threads talk
 //! to a worker only through its mailbox (a bounded crossbeam channel, polled
 //! every [`MAILBOX_POLL_INTERVAL`] so the event loop never blocks on it).
+//!
+//! Config generations: a [`Worker`] value is one config generation. Each
+//! connection holds the generation it was accepted under and finishes on
+//! it; the accept loops (one per listening socket, not per generation) hand
+//! new connections to the current one. A swap is two-phase
+//! ([`Command::Prepare`] binds the new sockets and builds the generation,
+//! [`Command::Commit`] installs it), so either every worker switches or none
+//! does. Listening sockets whose address stays in the config are kept, so
+//! a swap refuses no connection. Clusters whose config did not change keep
+//! their state (pools, ejections, health) across generations.
 
 pub mod buffers;
 pub mod gate;
@@ -13,7 +23,7 @@ pub mod listener;
 pub mod runtime;
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     net::SocketAddr,
     rc::Rc,
     sync::Arc,
@@ -25,6 +35,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use serde::Serialize;
 
 use crate::{
+    access_log,
     balance::Rng,
     config::{
         limits::{ACCEPT_ERROR_BACKOFF, MAILBOX_CAPACITY, MAILBOX_POLL_INTERVAL},
@@ -33,7 +44,7 @@ use crate::{
     http, l4,
     metrics::{
         self,
-        histograms::{Histograms, Key},
+        histograms::{self, Histograms, Key},
         Counters, Snapshot,
     },
     upstream::{health, ClusterState},
@@ -58,6 +69,31 @@ pub enum Command {
         reset: bool,
         reply: Sender<HistogramReport>,
     },
+    /// Phase one of a config swap: bind the listeners this worker does not
+    /// have yet and build the generation, then answer. Nothing serves on it
+    /// until [`Command::Commit`].
+    Prepare {
+        generation: u64,
+        config: Arc<Config>,
+        /// The resolved address of every listener, in config order.
+        binds: Arc<Vec<SocketAddr>>,
+        reply: Sender<Prepared>,
+    },
+    /// Phase two: serve new connections on the prepared generation, then
+    /// answer with the worker id.
+    Commit {
+        generation: u64,
+        reply: Sender<usize>,
+    },
+    /// Drop the prepared generation and the sockets it bound.
+    Abort { generation: u64 },
+}
+
+/// A worker's answer to [`Command::Prepare`].
+#[derive(Debug)]
+pub struct Prepared {
+    pub worker: usize,
+    pub result: Result<(), String>,
 }
 
 /// A worker's answer to [`Command::Clusters`].
@@ -81,6 +117,8 @@ pub struct WorkerReport {
     pub core: Option<usize>,
     pub driver: Driver,
     pub draining: bool,
+    /// The config generation new connections get.
+    pub generation: u64,
     pub counters: Snapshot,
 }
 
@@ -99,48 +137,112 @@ pub struct WorkerHandle {
     pub thread: JoinHandle<()>,
 }
 
-/// Everything one worker owns. Shared by its tasks through `Rc`.
+/// One config generation of a worker: what its connections see. Shared by
+/// their tasks through `Rc`; the parts that outlive a generation (counters,
+/// buffers, connection slots, histograms, the drain trigger) are shared
+/// with the next one.
 #[derive(Debug)]
 pub struct Worker {
     pub id: usize,
     pub core: Option<usize>,
     pub driver: Driver,
+    /// Which config generation this is (0 at start, +1 per swap).
+    pub generation: u64,
     pub config: Arc<Config>,
+    /// The bound address of every listener, in config order.
+    pub binds: Arc<Vec<SocketAddr>>,
     pub counters: Rc<Counters>,
-    pub buffers: BufferPool,
+    pub buffers: Rc<BufferPool>,
     pub slots: Rc<Slots>,
+    /// Fires once when the process drains: stop accepting, close idle
+    /// keep-alive connections.
     pub draining: Trigger,
+    /// Fires when this generation stops taking new connections: a newer one
+    /// was committed, or the process drains. Its keep-alive connections
+    /// close after their current response; its upkeep tasks stop.
+    pub retired: Trigger,
     /// HTTP view of every cluster, indexed like `config.clusters`.
     pub clusters: Vec<Rc<ClusterState>>,
     /// This worker's random numbers (balancing, splits, request ids).
-    pub rng: Rng,
-    /// This worker's latency histograms.
+    pub rng: Rc<Rng>,
+    /// This generation's view of the worker's latency histograms.
     pub histograms: Histograms,
-    next_conn_id: Cell<u64>,
+    /// This worker's access log buffers.
+    pub access_log: Rc<access_log::Buffers>,
+    store: Rc<histograms::Store>,
+    next_conn_id: Rc<Cell<u64>>,
 }
 
 impl Worker {
-    fn new(id: usize, core: Option<usize>, driver: Driver, config: Arc<Config>) -> Self {
+    fn first(
+        id: usize,
+        core: Option<usize>,
+        driver: Driver,
+        config: Arc<Config>,
+        binds: Arc<Vec<SocketAddr>>,
+        access_log: Sender<access_log::Batch>,
+    ) -> Self {
         let now = Instant::now();
+        let store = Rc::new(histograms::Store::default());
         let clusters = config
             .clusters
             .iter()
-            .enumerate()
-            .map(|(i, c)| Rc::new(ClusterState::new(i, c, id, now)))
+            .map(|c| Rc::new(ClusterState::new(c, id, now, &store)))
             .collect();
         Self {
             id,
             core,
             driver,
+            generation: 0,
             clusters,
-            rng: Rng::from_time(id as u64),
-            histograms: Histograms::new(&config),
+            rng: Rc::new(Rng::from_time(id as u64)),
+            histograms: Histograms::new(&store, &config),
+            access_log: Rc::new(access_log::Buffers::new(access_log)),
+            store,
             slots: Slots::new(config.max_connections_per_worker),
+            binds,
             config,
             counters: Rc::default(),
-            buffers: BufferPool::default(),
+            buffers: Rc::default(),
             draining: Trigger::default(),
-            next_conn_id: Cell::new(0),
+            retired: Trigger::default(),
+            next_conn_id: Rc::new(Cell::new(0)),
+        }
+    }
+
+    /// The generation after this one: shares what outlives generations and
+    /// keeps the state of every cluster whose config did not change.
+    fn next(&self, generation: u64, config: Arc<Config>, binds: Arc<Vec<SocketAddr>>) -> Self {
+        let now = Instant::now();
+        let clusters = config
+            .clusters
+            .iter()
+            .map(|c| {
+                self.clusters
+                    .iter()
+                    .find(|old| old.source == *c)
+                    .map(Rc::clone)
+                    .unwrap_or_else(|| Rc::new(ClusterState::new(c, self.id, now, &self.store)))
+            })
+            .collect();
+        Self {
+            id: self.id,
+            core: self.core,
+            driver: self.driver,
+            generation,
+            clusters,
+            rng: Rc::clone(&self.rng),
+            histograms: Histograms::new(&self.store, &config),
+            access_log: Rc::clone(&self.access_log),
+            store: Rc::clone(&self.store),
+            slots: Rc::clone(&self.slots),
+            binds,
+            config,
+            counters: Rc::clone(&self.counters),
+            buffers: Rc::clone(&self.buffers),
+            draining: self.draining.clone(),
+            retired: Trigger::default(),
+            next_conn_id: Rc::clone(&self.next_conn_id),
         }
     }
 
@@ -158,19 +260,17 @@ impl Worker {
             core: self.core,
             driver: self.driver,
             draining: self.draining.is_fired(),
+            generation: self.generation,
             counters,
         }
     }
 }
 
 /// Starts worker `id` on its own thread, pinned to `core` when given.
-///
-/// `binds` holds the concrete address of every listener, in config order.
 pub fn spawn(
     id: usize,
     core: Option<core_affinity::CoreId>,
-    config: Arc<Config>,
-    binds: Arc<Vec<SocketAddr>>,
+    setup: Setup,
     started: Sender<Started>,
     alive: Sender<()>,
 ) -> std::io::Result<WorkerHandle> {
@@ -186,10 +286,10 @@ pub fn spawn(
                 );
             }
             let core = pinned.map(|c| c.id);
-            let choice = config.driver;
-            let setup = config.uring_setup;
-            let ran = runtime::block_on(choice, setup, |driver| {
-                worker_main(id, core, driver, config, binds, inbox, started.clone())
+            let choice = setup.config.driver;
+            let uring_setup = setup.config.uring_setup;
+            let ran = runtime::block_on(choice, uring_setup, |driver| {
+                worker_main(id, core, driver, setup, inbox, started.clone())
             });
             if let Err(e) = ran {
                 let _ = started.send(Started {
@@ -210,19 +310,33 @@ pub fn spawn(
     })
 }
 
+/// What a worker starts from.
+#[derive(Debug)]
+pub struct Setup {
+    pub config: Arc<Config>,
+    /// The concrete address of every listener, in config order.
+    pub binds: Arc<Vec<SocketAddr>>,
+    /// Where the worker's access log batches go.
+    pub access_log: Sender<access_log::Batch>,
+}
+
 async fn worker_main(
     id: usize,
     core: Option<usize>,
     driver: Driver,
-    config: Arc<Config>,
-    binds: Arc<Vec<SocketAddr>>,
+    setup: Setup,
     inbox: Receiver<Command>,
     started: Sender<Started>,
 ) {
-    let mut listeners = Vec::with_capacity(binds.len());
+    let Setup {
+        config,
+        binds,
+        access_log,
+    } = setup;
+    let mut sockets = Vec::with_capacity(binds.len());
     for (l, addr) in config.listeners.iter().zip(binds.iter()) {
         match listener::bind(*addr) {
-            Ok(sock) => listeners.push(sock),
+            Ok(sock) => sockets.push((*addr, sock)),
             Err(e) => {
                 let result = Err(format!(
                     "worker {id}: listener {:?} cannot bind {addr}: {e}",
@@ -234,30 +348,172 @@ async fn worker_main(
         }
     }
     tracing::info!(worker = id, core, %driver, "worker serving");
-    let worker = Rc::new(Worker::new(id, core, driver, config));
-    for (index, sock) in listeners.into_iter().enumerate() {
-        monoio::spawn(accept_loop(Rc::clone(&worker), index, sock));
-    }
+    let worker = Rc::new(Worker::first(id, core, driver, config, binds, access_log));
     spawn_upstream_upkeep(&worker);
+    spawn_access_log_flusher(&worker);
+    let mut control = Control {
+        current: Rc::new(RefCell::new(worker)),
+        listening: Vec::with_capacity(sockets.len()),
+        pending: None,
+    };
+    for (addr, sock) in sockets {
+        control.listen(addr, sock);
+    }
     let _ = started.send(Started {
         worker: id,
         result: Ok(driver),
     });
     drop(started);
-    serve_mailbox(&worker, &inbox).await;
+    serve_mailbox(&mut control, &inbox).await;
+    let worker = control.worker();
+    worker.access_log.flush(&worker.counters);
+}
+
+/// Hands partly filled access log buffers to the writer every
+/// [`access_log::FLUSH_INTERVAL`], for the worker's whole life.
+fn spawn_access_log_flusher(worker: &Rc<Worker>) {
+    let (buffers, counters) = (Rc::clone(&worker.access_log), Rc::clone(&worker.counters));
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(access_log::FLUSH_INTERVAL).await;
+            buffers.flush(&counters);
+        }
+    });
+}
+
+/// The current generation, as the accept loops see it.
+type Current = Rc<RefCell<Rc<Worker>>>;
+
+/// What the mailbox loop keeps to steer the worker: the current
+/// generation, the listening sockets, a prepared generation.
+struct Control {
+    current: Current,
+    /// One accept loop per listening address, stopped by its trigger.
+    listening: Vec<(SocketAddr, Trigger)>,
+    pending: Option<Pending>,
+}
+
+/// A prepared, not yet committed, generation.
+struct Pending {
+    generation: u64,
+    worker: Worker,
+    /// Sockets bound for listeners new in this generation.
+    sockets: Vec<(SocketAddr, monoio::net::TcpListener)>,
+}
+
+impl Control {
+    fn worker(&self) -> Rc<Worker> {
+        Rc::clone(&self.current.borrow())
+    }
+
+    fn listen(&mut self, addr: SocketAddr, sock: monoio::net::TcpListener) {
+        let stop = Trigger::default();
+        monoio::spawn(accept_loop(
+            Rc::clone(&self.current),
+            addr,
+            sock,
+            stop.clone(),
+        ));
+        self.listening.push((addr, stop));
+    }
+
+    /// Phase one: bind what is new, build the generation, keep it pending.
+    fn prepare(
+        &mut self,
+        generation: u64,
+        config: Arc<Config>,
+        binds: Arc<Vec<SocketAddr>>,
+    ) -> Result<(), String> {
+        self.pending = None;
+        let current = self.worker();
+        if fault::prepare_fails_on(current.id, &config) {
+            return Err(format!(
+                "worker {}: injected prepare failure (test seam)",
+                current.id
+            ));
+        }
+        let mut sockets: Vec<(SocketAddr, monoio::net::TcpListener)> = Vec::new();
+        for (l, addr) in config.listeners.iter().zip(binds.iter()) {
+            let held = self.listening.iter().any(|(a, _)| a == addr)
+                || sockets.iter().any(|(a, _)| a == addr);
+            if held {
+                continue;
+            }
+            let sock = listener::bind(*addr).map_err(|e| {
+                format!(
+                    "worker {}: listener {:?} cannot bind {addr}: {e}",
+                    current.id, l.name
+                )
+            })?;
+            sockets.push((*addr, sock));
+        }
+        let worker = current.next(generation, config, binds);
+        self.pending = Some(Pending {
+            generation,
+            worker,
+            sockets,
+        });
+        Ok(())
+    }
+
+    /// Phase two: new connections get the prepared generation; listeners it
+    /// no longer names stop; the old generation retires.
+    fn commit(&mut self, generation: u64) {
+        let Some(pending) = self.pending.take_if(|p| p.generation == generation) else {
+            tracing::error!(
+                generation,
+                "commit for a generation that is not prepared; ignored"
+            );
+            return;
+        };
+        let new = Rc::new(pending.worker);
+        new.slots.set_max(new.config.max_connections_per_worker);
+        let old = self.current.replace(Rc::clone(&new));
+        self.listening.retain(|(addr, stop)| {
+            let kept = new.binds.contains(addr);
+            if !kept {
+                stop.fire();
+            }
+            kept
+        });
+        for (addr, sock) in pending.sockets {
+            self.listen(addr, sock);
+        }
+        spawn_upstream_upkeep(&new);
+        old.retired.fire();
+        tracing::info!(
+            worker = new.id,
+            generation,
+            listening = self.listening.len(),
+            "config generation committed"
+        );
+    }
+
+    fn abort(&mut self, generation: u64) {
+        if self
+            .pending
+            .take_if(|p| p.generation == generation)
+            .is_some()
+        {
+            tracing::info!(generation, "prepared config generation dropped");
+        }
+    }
 }
 
 /// Polls the mailbox until the worker should exit.
-async fn serve_mailbox(worker: &Worker, inbox: &Receiver<Command>) {
+async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>) {
     let mut drain_deadline: Option<Instant> = None;
     loop {
         monoio::time::sleep(MAILBOX_POLL_INTERVAL).await;
         loop {
+            let worker = control.worker();
             match inbox.try_recv() {
                 Ok(Command::Drain) => {
                     if drain_deadline.is_none() {
                         drain_deadline = Some(Instant::now() + worker.config.drain_timeout);
                         worker.draining.fire();
+                        worker.retired.fire();
+                        control.pending = None;
                         tracing::info!(
                             worker = worker.id,
                             active = worker.slots.used(),
@@ -276,23 +532,48 @@ async fn serve_mailbox(worker: &Worker, inbox: &Receiver<Command>) {
                     });
                 }
                 Ok(Command::Histograms { reset, reply }) => {
-                    let histograms = worker.histograms.snapshot();
+                    let histograms = worker.store.snapshot();
                     if reset {
-                        worker.histograms.reset();
+                        worker.store.reset();
                     }
                     let _ = reply.try_send(HistogramReport {
                         worker: worker.id,
                         histograms,
                     });
                 }
+                Ok(Command::Prepare {
+                    generation,
+                    config,
+                    binds,
+                    reply,
+                }) => {
+                    let result = if worker.draining.is_fired() {
+                        Err(format!("worker {}: draining", worker.id))
+                    } else {
+                        control.prepare(generation, config, binds)
+                    };
+                    let _ = reply.try_send(Prepared {
+                        worker: worker.id,
+                        result,
+                    });
+                }
+                Ok(Command::Commit { generation, reply }) => {
+                    if !worker.draining.is_fired() {
+                        control.commit(generation);
+                    }
+                    let _ = reply.try_send(worker.id);
+                }
+                Ok(Command::Abort { generation }) => control.abort(generation),
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
                     worker.draining.fire();
+                    worker.retired.fire();
                     return;
                 }
                 Err(TryRecvError::Empty) => break,
             }
         }
         if let Some(deadline) = drain_deadline {
+            let worker = control.worker();
             let active = worker.slots.used();
             if active == 0 {
                 tracing::info!(worker = worker.id, "drained");
@@ -315,13 +596,14 @@ async fn serve_mailbox(worker: &Worker, inbox: &Receiver<Command>) {
 const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Health checks for clusters that ask for them, and the pool sweeper;
-/// both stop when the worker drains.
+/// both stop when the generation retires (the next one starts its own,
+/// on the cluster states it kept).
 fn spawn_upstream_upkeep(worker: &Rc<Worker>) {
     for cluster in &worker.clusters {
         if let Some(check) = cluster.config.health_check.clone() {
             let cluster = Rc::clone(cluster);
             let counters = Rc::clone(&worker.counters);
-            let stop = worker.draining.clone();
+            let stop = worker.retired.clone();
             monoio::spawn(health::run(cluster, check, counters, stop));
         }
     }
@@ -330,7 +612,7 @@ fn spawn_upstream_upkeep(worker: &Rc<Worker>) {
         loop {
             monoio::select! {
                 _ = monoio::time::sleep(POOL_SWEEP_INTERVAL) => {}
-                _ = w.draining.wait() => return,
+                _ = w.retired.wait() => return,
             }
             let now = Instant::now();
             for c in &w.clusters {
@@ -340,20 +622,39 @@ fn spawn_upstream_upkeep(worker: &Rc<Worker>) {
     });
 }
 
-/// Accepts on one listener until the worker drains.
-async fn accept_loop(worker: Rc<Worker>, listener_index: usize, sock: monoio::net::TcpListener) {
+/// Accepts on one listening socket until it is stopped (its address left
+/// the config) or the worker drains; each connection goes to the
+/// generation current when it was accepted.
+async fn accept_loop(
+    current: Current,
+    addr: SocketAddr,
+    sock: monoio::net::TcpListener,
+    stop: Trigger,
+) {
+    let (slots, draining) = {
+        let w = current.borrow();
+        (Rc::clone(&w.slots), w.draining.clone())
+    };
     loop {
         let slot = monoio::select! {
-            slot = worker.slots.acquire() => slot,
-            _ = worker.draining.wait() => return,
+            slot = slots.acquire() => slot,
+            _ = draining.wait() => return,
+            _ = stop.wait() => return,
         };
         let accepted = monoio::select! {
             accepted = sock.accept() => accepted,
-            _ = worker.draining.wait() => return,
+            _ = draining.wait() => return,
+            _ = stop.wait() => return,
         };
+        let worker = Rc::clone(&current.borrow());
         match accepted {
             Ok((stream, peer)) => {
                 metrics::add(&worker.counters.connections_accepted, 1);
+                let Some(listener_index) = worker.binds.iter().position(|a| *a == addr) else {
+                    // Accepted between a commit that dropped this address
+                    // and this loop seeing its stop: no listener owns it.
+                    continue;
+                };
                 let conn_id = worker.next_conn_id();
                 let counters = Rc::clone(&worker.counters);
                 let w = Rc::clone(&worker);
@@ -375,6 +676,40 @@ async fn accept_loop(worker: Rc<Worker>, listener_index: usize, sock: monoio::ne
                 monoio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
         }
+    }
+}
+
+/// A test seam: make one worker's [`Command::Prepare`] fail for configs
+/// with a given listener name, so tests can check that a swap one worker
+/// cannot make switches no worker. Read once per prepare (admin-rate), never
+/// on the data path; the listener name keeps concurrent tests apart.
+#[doc(hidden)]
+pub mod fault {
+    use std::sync::OnceLock;
+
+    // The admin path only; the data path never takes this lock.
+    #[allow(clippy::disallowed_types)]
+    type Lock<T> = std::sync::Mutex<T>;
+
+    static FAIL_PREPARE: OnceLock<Lock<Vec<(usize, String)>>> = OnceLock::new();
+
+    /// From now on, worker `id`'s prepare fails for any config that has a
+    /// listener called `listener`.
+    pub fn fail_prepare_on(id: usize, listener: &str) {
+        let list = FAIL_PREPARE.get_or_init(Lock::default);
+        if let Ok(mut list) = list.lock() {
+            list.push((id, listener.to_string()));
+        }
+    }
+
+    pub(super) fn prepare_fails_on(id: usize, config: &crate::config::Config) -> bool {
+        let Some(list) = FAIL_PREPARE.get() else {
+            return false;
+        };
+        list.lock().is_ok_and(|list| {
+            list.iter()
+                .any(|(w, name)| *w == id && config.listeners.iter().any(|l| l.name == *name))
+        })
     }
 }
 

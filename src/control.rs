@@ -1,0 +1,393 @@
+//! Live config swaps on every worker: validate once, prepare everywhere,
+//! then commit everywhere or nowhere.
+//!
+//! What must hold: a swap either switches every worker to the new config or
+//! leaves every worker on the old one (a worker that cannot prepare, e.g.
+//! cannot bind a new listener, aborts the swap for all); listeners whose
+//! address stays keep their sockets, so no connection is refused during a
+//! swap; connections accepted before the commit finish on the config they
+//! started with; [`Controller::apply`] returns only once every worker
+//! serves new connections on the new config. Swaps are serialised: the
+//! admin socket, the admin TCP listener and SIGHUP may race, and each waits
+//! its turn.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use crossbeam_channel::Sender;
+use serde::Serialize;
+
+use crate::{
+    config::{Config, ConfigError},
+    worker::{listener, Command},
+};
+
+// The admin path only, never taken by a worker: swaps are rare, and
+// serialising them is the point.
+#[allow(clippy::disallowed_types)]
+type Lock<T> = std::sync::Mutex<T>;
+
+/// How long a swap waits for every worker to prepare and then to commit.
+/// A worker polls its mailbox every 10 ms and binding is immediate; a
+/// worker silent this long is wedged, and the swap is called off.
+pub const SWAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a swap did not happen. Nothing changed on any worker.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    #[error("these settings take effect only at start; restart to change them: {}", .0.join(", "))]
+    NeedsRestart(Vec<&'static str>),
+    #[error("listener {listener:?} cannot reserve {addr}: {source}")]
+    Reserve {
+        listener: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("no worker switched: {}", .0.join("; "))]
+    Prepare(Vec<String>),
+    #[error("the proxy is draining")]
+    Draining,
+}
+
+impl ApplyError {
+    /// The admin socket's status for this error: the request's fault (400)
+    /// or the proxy's state (409/503).
+    pub fn status(&self) -> u16 {
+        match self {
+            ApplyError::Invalid(_) | ApplyError::NeedsRestart(_) => 400,
+            ApplyError::Reserve { .. } | ApplyError::Prepare(_) => 409,
+            ApplyError::Draining => 503,
+        }
+    }
+}
+
+/// What a swap changed, by name.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Changes {
+    pub generation: u64,
+    pub listeners_added: Vec<String>,
+    pub listeners_removed: Vec<String>,
+    pub listeners_changed: Vec<String>,
+    pub clusters_added: Vec<String>,
+    pub clusters_removed: Vec<String>,
+    pub clusters_changed: Vec<String>,
+    /// Top-level settings that changed (drain_timeout, ...).
+    pub settings_changed: Vec<&'static str>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.listeners_added.is_empty()
+            && self.listeners_removed.is_empty()
+            && self.listeners_changed.is_empty()
+            && self.clusters_added.is_empty()
+            && self.clusters_removed.is_empty()
+            && self.clusters_changed.is_empty()
+            && self.settings_changed.is_empty()
+    }
+
+    /// One line for logs and the admin CLI.
+    pub fn summary(&self) -> String {
+        if self.is_empty() {
+            return format!("generation {}: nothing changed", self.generation);
+        }
+        let mut parts = Vec::new();
+        for (what, names) in [
+            ("listeners added", &self.listeners_added),
+            ("listeners removed", &self.listeners_removed),
+            ("listeners changed", &self.listeners_changed),
+            ("clusters added", &self.clusters_added),
+            ("clusters removed", &self.clusters_removed),
+            ("clusters changed", &self.clusters_changed),
+        ] {
+            if !names.is_empty() {
+                parts.push(format!("{what}: {}", names.join(", ")));
+            }
+        }
+        if !self.settings_changed.is_empty() {
+            parts.push(format!("settings: {}", self.settings_changed.join(", ")));
+        }
+        format!("generation {}: {}", self.generation, parts.join("; "))
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    config: Arc<Config>,
+    binds: Arc<Vec<SocketAddr>>,
+    generation: u64,
+}
+
+/// The proxy's config as every worker runs it, and the way to change it.
+#[derive(Debug)]
+pub struct Controller {
+    mailboxes: Vec<Sender<Command>>,
+    running: Lock<Running>,
+}
+
+impl Controller {
+    pub fn new(
+        config: Arc<Config>,
+        binds: Arc<Vec<SocketAddr>>,
+        mailboxes: Vec<Sender<Command>>,
+    ) -> Self {
+        Self {
+            mailboxes,
+            running: Lock::new(Running {
+                config,
+                binds,
+                generation: 0,
+            }),
+        }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Running> {
+        // A panic while holding the lock left a consistent Running (it is
+        // replaced whole), so a poisoned lock is still usable.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn mailboxes(&self) -> &[Sender<Command>] {
+        &self.mailboxes
+    }
+
+    /// The config new connections get.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.running().config)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.running().generation
+    }
+
+    /// Every listener's name and bound address.
+    pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        let r = self.running();
+        r.config
+            .listeners
+            .iter()
+            .zip(r.binds.iter())
+            .map(|(l, a)| (l.name.clone(), *a))
+            .collect()
+    }
+
+    /// Swaps every worker to `config`, or none. See the module header.
+    pub fn apply(&self, config: Config) -> Result<Changes, ApplyError> {
+        let mut running = self.running();
+        let old = Arc::clone(&running.config);
+        let restart = needs_restart(&old, &config);
+        if !restart.is_empty() {
+            return Err(ApplyError::NeedsRestart(restart));
+        }
+        // Where each listener binds: a kept address keeps its sockets; a
+        // port-0 listener that keeps its name and bind keeps its port.
+        let mut reservations = Vec::new();
+        let mut binds = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let kept = old
+                .listeners
+                .iter()
+                .zip(running.binds.iter())
+                .find(|(o, _)| l.bind.port() == 0 && o.name == l.name && o.bind == l.bind)
+                .map(|(_, a)| *a);
+            let addr = match kept {
+                Some(a) => a,
+                None if l.bind.port() == 0 => {
+                    let (addr, held) =
+                        listener::reserve(l.bind).map_err(|source| ApplyError::Reserve {
+                            listener: l.name.clone(),
+                            addr: l.bind,
+                            source,
+                        })?;
+                    reservations.push(held);
+                    addr
+                }
+                None => l.bind,
+            };
+            binds.push(addr);
+        }
+        let config = Arc::new(config);
+        let binds = Arc::new(binds);
+        let generation = running.generation + 1;
+
+        let answers = ask_all(&self.mailboxes, |reply| Command::Prepare {
+            generation,
+            config: Arc::clone(&config),
+            binds: Arc::clone(&binds),
+            reply,
+        });
+        let mut failures: Vec<String> = answers
+            .iter()
+            .filter_map(|p| p.result.as_ref().err().cloned())
+            .collect();
+        if answers.len() < self.mailboxes.len() {
+            failures.push(format!(
+                "{} of {} workers did not answer within {SWAP_TIMEOUT:?}",
+                self.mailboxes.len() - answers.len(),
+                self.mailboxes.len()
+            ));
+        }
+        if !failures.is_empty() {
+            for m in &self.mailboxes {
+                let _ = m.send_timeout(Command::Abort { generation }, SWAP_TIMEOUT);
+            }
+            failures.sort();
+            if failures.iter().all(|f| f.ends_with(": draining")) {
+                return Err(ApplyError::Draining);
+            }
+            return Err(ApplyError::Prepare(failures));
+        }
+        let committed = ask_all(&self.mailboxes, |reply| Command::Commit {
+            generation,
+            reply,
+        });
+        if committed.len() < self.mailboxes.len() {
+            // Every worker prepared, so a commit cannot fail; one that has
+            // not confirmed yet is slow, and will switch when it gets to it.
+            tracing::error!(
+                generation,
+                confirmed = committed.len(),
+                workers = self.mailboxes.len(),
+                "not every worker confirmed the commit in time"
+            );
+        }
+        drop(reservations);
+        let changes = diff(&old, &config, generation);
+        *running = Running {
+            config,
+            binds,
+            generation,
+        };
+        tracing::info!(changes = %changes.summary(), "config swapped on every worker");
+        Ok(changes)
+    }
+}
+
+/// Sends each worker a command around a reply channel and gathers the
+/// answers that arrive within [`SWAP_TIMEOUT`].
+fn ask_all<T>(mailboxes: &[Sender<Command>], ask: impl Fn(Sender<T>) -> Command) -> Vec<T> {
+    let (tx, rx) = crossbeam_channel::bounded(mailboxes.len().max(1));
+    let deadline = std::time::Instant::now() + SWAP_TIMEOUT;
+    let asked = mailboxes
+        .iter()
+        .filter(|m| m.send_deadline(ask(tx.clone()), deadline).is_ok())
+        .count();
+    drop(tx);
+    let mut answers = Vec::with_capacity(asked);
+    while answers.len() < asked {
+        match rx.recv_deadline(deadline) {
+            Ok(a) => answers.push(a),
+            Err(_) => break,
+        }
+    }
+    answers
+}
+
+/// Settings a running process cannot change: the worker threads, their
+/// runtimes, and the admin endpoints it answers this very request on.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if old.workers != new.workers {
+        out.push("workers");
+    }
+    if old.driver != new.driver {
+        out.push("runtime.driver");
+    }
+    if old.uring_setup != new.uring_setup {
+        out.push("runtime.uring_setup");
+    }
+    if old.admin != new.admin {
+        out.push("admin");
+    }
+    out
+}
+
+fn diff(old: &Config, new: &Config, generation: u64) -> Changes {
+    fn by_name<'a, T: PartialEq>(
+        old: &'a [T],
+        new: &'a [T],
+        name: impl Fn(&T) -> &str,
+    ) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let find = |list: &'a [T], n: &str| list.iter().find(|x| name(x) == n);
+        let added = new
+            .iter()
+            .filter(|x| find(old, name(x)).is_none())
+            .map(|x| name(x).to_string())
+            .collect();
+        let removed = old
+            .iter()
+            .filter(|x| find(new, name(x)).is_none())
+            .map(|x| name(x).to_string())
+            .collect();
+        let changed = new
+            .iter()
+            .filter(|x| find(old, name(x)).is_some_and(|o| o != *x))
+            .map(|x| name(x).to_string())
+            .collect();
+        (added, removed, changed)
+    }
+    let (listeners_added, listeners_removed, listeners_changed) =
+        by_name(&old.listeners, &new.listeners, |l| &l.name);
+    let (clusters_added, clusters_removed, clusters_changed) =
+        by_name(&old.clusters, &new.clusters, |c| &c.name);
+    let mut settings_changed = Vec::new();
+    if old.drain_timeout != new.drain_timeout {
+        settings_changed.push("drain_timeout");
+    }
+    if old.max_connections_per_worker != new.max_connections_per_worker {
+        settings_changed.push("max_connections_per_worker");
+    }
+    Changes {
+        generation,
+        listeners_added,
+        listeners_removed,
+        listeners_changed,
+        clusters_added,
+        clusters_removed,
+        clusters_changed,
+        settings_changed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra_listener: &str, endpoint: u16) -> Config {
+        Config::parse(
+            "t.toml",
+            &format!(
+                "workers = 1\n[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ncluster = \"c\"\n{extra_listener}\n[[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:{endpoint}\"]\n"
+            ),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn diff_names_what_changed() {
+        let a = config("", 1);
+        let b = config(
+            "[[listeners]]\nname = \"m\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ncluster = \"c\"",
+            2,
+        );
+        let d = diff(&a, &b, 3);
+        assert_eq!(d.listeners_added, ["m"]);
+        assert!(d.listeners_removed.is_empty() && d.listeners_changed.is_empty());
+        assert_eq!(d.clusters_changed, ["c"]);
+        assert_eq!(
+            d.summary(),
+            "generation 3: listeners added: m; clusters changed: c"
+        );
+        assert!(diff(&a, &a, 4).is_empty());
+    }
+
+    #[test]
+    fn runtime_settings_need_a_restart() {
+        let a = config("", 1);
+        let mut b = a.clone();
+        b.workers = 2;
+        b.admin.socket = Some("/tmp/x.sock".into());
+        assert_eq!(needs_restart(&a, &b), ["workers", "admin"]);
+    }
+}

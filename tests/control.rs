@@ -1,0 +1,369 @@
+//! Live config swaps through the admin socket (`POST /config`): routing
+//! changes under continuous traffic with no failed request and no refused
+//! connection; an invalid config, a restart-only change and a config one
+//! worker cannot prepare all change nothing; the admin TCP listener refuses
+//! mutations from a non-loopback peer.
+
+// Test threads are not workers: polling with a short sleep is fine here.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use pilotfish::admin::{client, Listen, Server, State};
+use support::{http_client::*, http_upstream::HttpUpstream, *};
+
+/// A two-worker HTTP config whose only route tags each request with
+/// `x-config: {tag}` and sends it to `upstream`; `extra` is appended.
+fn tagged_config(bind: SocketAddr, tag: &str, upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        "workers = 2\ndrain_timeout = \"2s\"\n[[listeners]]\nname = \"web\"\nbind = \"{bind}\"\nprotocol = \"http\"\n[[listeners.routes]]\nname = \"all\"\npath_prefix = \"/\"\ncluster = \"app\"\nrequest_headers = {{ set = {{ \"x-config\" = \"{tag}\" }} }}\n{extra}\n{}",
+        cluster("app", &[upstream], "")
+    )
+}
+
+fn start(toml: &str, dir: &Path) -> (pilotfish::Proxy, Server, std::path::PathBuf, SocketAddr) {
+    let (proxy, addr) = start_toml(toml, "web");
+    let socket = dir.join("admin.sock");
+    let state = State {
+        control: proxy.controller(),
+        draining: Arc::new(AtomicBool::new(false)),
+        set_log_filter: None,
+    };
+    let listen = Listen {
+        socket: Some(socket.clone()),
+        tcp: None,
+    };
+    (proxy, Server::start(&listen, state).unwrap(), socket, addr)
+}
+
+fn post_config(socket: &Path, toml: &str) -> (u16, String) {
+    client::request_with_body(socket, "POST", "/config", toml.as_bytes()).unwrap()
+}
+
+/// Which config tagged this echoed request, if the response is an echo.
+fn tag_of(r: &Response) -> Option<String> {
+    let text = r.text();
+    let line = text
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("x-config:"))?;
+    Some(line.split(':').nth(1)?.trim().to_string())
+}
+
+/// Drives traffic until `stop`: keep-alive clients that reconnect when told
+/// `connection: close`, and clients that open a connection per request.
+/// Every failure (refused connect, error status, lost response) counts.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    /// Responses tagged by the second config.
+    seen_two: Arc<AtomicUsize>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed, seen_two) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let mut threads = Vec::new();
+        for keep_alive in [true, true, false, false] {
+            let (stop, ok, failed, seen_two) = (
+                Arc::clone(&stop),
+                Arc::clone(&ok),
+                Arc::clone(&failed),
+                Arc::clone(&seen_two),
+            );
+            threads.push(thread::spawn(move || {
+                let mut conn: Option<Conn> = None;
+                while !stop.load(Ordering::SeqCst) {
+                    let c = match conn.take() {
+                        Some(c) => c,
+                        None => match TcpStream::connect(addr) {
+                            Ok(s) => {
+                                drop(s);
+                                Conn::open(addr)
+                            }
+                            Err(e) => {
+                                eprintln!("connect refused: {e}");
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                continue;
+                            }
+                        },
+                    };
+                    let mut c = c;
+                    c.send(b"GET /echo HTTP/1.1\r\nHost: load\r\n\r\n");
+                    match c.read(false) {
+                        Some(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                            if tag_of(&r).as_deref() == Some("two") {
+                                seen_two.fetch_add(1, Ordering::SeqCst);
+                            }
+                            let close = r.header("connection") == Some("close");
+                            if keep_alive && !close {
+                                conn = Some(c);
+                            }
+                        }
+                        other => {
+                            eprintln!("failed request: {other:?}");
+                            failed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }));
+        }
+        Self {
+            stop,
+            threads,
+            ok,
+            failed,
+            seen_two,
+        }
+    }
+
+    fn finish(self) -> (usize, usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+            self.seen_two.load(Ordering::SeqCst),
+        )
+    }
+}
+
+fn wait_for(count: &AtomicUsize, at_least: usize) {
+    let deadline = Instant::now() + IO_DEADLINE;
+    while count.load(Ordering::SeqCst) < at_least {
+        assert!(Instant::now() < deadline, "traffic stalled");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn swap_under_load_changes_routing_with_no_failed_request() {
+    let (one, two) = (HttpUpstream::start(), HttpUpstream::start());
+    let dir = temp_dir("swap");
+    let first = tagged_config("127.0.0.1:0".parse().unwrap(), "one", one.addr, "");
+    let (proxy, _server, socket, addr) = start(&first, &dir);
+    let load = Load::start(addr);
+    wait_for(&load.ok, 200);
+
+    // The same listener address (its socket is kept), a new tag and a new
+    // upstream, plus a new listener.
+    let second = tagged_config(
+        addr,
+        "two",
+        two.addr,
+        "[[listeners]]\nname = \"extra\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"app\"",
+    );
+    let (status, body) = post_config(&socket, &second);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("generation 1"), "{body}");
+    assert!(body.contains("listeners added: extra"), "{body}");
+    assert!(body.contains("clusters changed: app"), "{body}");
+
+    // apply returned: every worker now gives new connections the new config.
+    for _ in 0..20 {
+        let r = get(addr, "/echo");
+        assert_eq!(tag_of(&r).as_deref(), Some("two"), "{}", r.text());
+    }
+    let extra = proxy.listener_addr("extra").expect("the new listener");
+    assert_eq!(get(extra, "/echo").status, 200);
+    wait_for(&load.seen_two, 200);
+
+    // A third config drops the extra listener again.
+    let third = tagged_config(addr, "three", two.addr, "");
+    let (status, body) = post_config(&socket, &third);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("listeners removed: extra"), "{body}");
+    eventually("the removed listener's sockets close", || {
+        TcpStream::connect(extra).is_err()
+    });
+    let ok_before = load.ok.load(Ordering::SeqCst);
+    wait_for(&load.ok, ok_before + 200);
+
+    // Swap back and forth while requests are in flight on both workers.
+    for round in 0..8 {
+        let (tag, upstream) = if round % 2 == 0 {
+            ("one", one.addr)
+        } else {
+            ("three", two.addr)
+        };
+        let (status, body) = post_config(&socket, &tagged_config(addr, tag, upstream, ""));
+        assert_eq!(status, 200, "{body}");
+        let ok_before = load.ok.load(Ordering::SeqCst);
+        wait_for(&load.ok, ok_before + 100);
+    }
+
+    let (ok, failed, seen_two) = load.finish();
+    eprintln!("{ok} requests ok, {failed} failed, {seen_two} tagged by the second config");
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(seen_two > 0 && one.requests() > 0 && two.requests() > 0);
+    let config = client::request(&socket, "GET", "/config").unwrap().1;
+    assert!(
+        config.contains("three"),
+        "GET /config shows the running config"
+    );
+    proxy.shutdown();
+}
+
+#[test]
+fn invalid_or_restart_only_configs_get_400_and_change_nothing() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("swap-invalid");
+    let first = tagged_config("127.0.0.1:0".parse().unwrap(), "one", up.addr, "");
+    let (proxy, _server, socket, addr) = start(&first, &dir);
+    let before = client::request(&socket, "GET", "/config").unwrap().1;
+
+    let broken = first.replace("protocol = \"http\"", "protocol = \"htp\"");
+    let (status, body) = post_config(&socket, &broken);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("POST /config:6:"), "names where: {body}");
+    assert!(body.contains("protocol"), "names the field: {body}");
+
+    let unknown_cluster = first.replace("cluster = \"app\"", "cluster = \"nope\"");
+    let (status, body) = post_config(&socket, &unknown_cluster);
+    assert_eq!(status, 400, "{body}");
+
+    let more_workers =
+        tagged_config(addr, "two", up.addr, "").replace("workers = 2", "workers = 3");
+    let (status, body) = post_config(&socket, &more_workers);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("restart") && body.contains("workers"),
+        "{body}"
+    );
+
+    assert_eq!(
+        client::request(&socket, "GET", "/config").unwrap().1,
+        before
+    );
+    for _ in 0..10 {
+        assert_eq!(tag_of(&get(addr, "/echo")).as_deref(), Some("one"));
+    }
+    proxy.shutdown();
+}
+
+#[test]
+fn a_config_one_worker_cannot_prepare_switches_no_worker() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("swap-fail");
+    let first = tagged_config("127.0.0.1:0".parse().unwrap(), "one", up.addr, "");
+    let (proxy, _server, socket, addr) = start(&first, &dir);
+
+    // Worker 1 alone fails to prepare any config with this listener.
+    pilotfish::worker::fault::fail_prepare_on(1, "canary");
+    let second = tagged_config(
+        addr,
+        "two",
+        up.addr,
+        "[[listeners]]\nname = \"canary\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"app\"",
+    );
+    let (status, body) = post_config(&socket, &second);
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("no worker switched") && body.contains("worker 1"),
+        "{body}"
+    );
+
+    // A real bind failure too: the port is held by a socket without
+    // SO_REUSEPORT, so no worker can bind it.
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    let third = tagged_config(
+        addr,
+        "three",
+        up.addr,
+        &format!("[[listeners]]\nname = \"taken\"\nbind = \"{taken}\"\nprotocol = \"http\"\ncluster = \"app\""),
+    );
+    let (status, body) = post_config(&socket, &third);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("cannot bind"), "{body}");
+
+    // Fresh connections land on both workers; all still get config one.
+    for _ in 0..40 {
+        assert_eq!(tag_of(&get(addr, "/echo")).as_deref(), Some("one"));
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&client::request(&socket, "GET", "/stats").unwrap().1).unwrap();
+    for w in stats["workers"].as_array().unwrap() {
+        assert_eq!(w["generation"], 0, "{w}");
+        assert!(
+            w["counters"]["connections_accepted"].as_u64().unwrap() > 0,
+            "{w}"
+        );
+    }
+    assert!(proxy.listener_addr("canary").is_none());
+    proxy.shutdown();
+}
+
+/// A local address that is not loopback (the first host address the kernel
+/// lists in /proc/net/fib_trie), if the machine has one.
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    let trie = std::fs::read_to_string("/proc/net/fib_trie").ok()?;
+    let lines: Vec<&str> = trie.lines().collect();
+    lines.windows(2).find_map(|w| {
+        let ip: std::net::IpAddr = w[0].trim().trim_start_matches("|-- ").parse().ok()?;
+        (w[1].contains("/32 host LOCAL") && !ip.is_loopback()).then_some(ip)
+    })
+}
+
+#[test]
+fn admin_tcp_answers_reads_to_anyone_and_mutations_to_loopback_only() {
+    let up = HttpUpstream::start();
+    let first = tagged_config("127.0.0.1:0".parse().unwrap(), "one", up.addr, "");
+    let (proxy, _) = start_toml(&first, "web");
+    let state = State {
+        control: proxy.controller(),
+        draining: Arc::new(AtomicBool::new(false)),
+        set_log_filter: None,
+    };
+    let listen = Listen {
+        socket: None,
+        tcp: Some("0.0.0.0:0".parse().unwrap()),
+    };
+    let server = Server::start(&listen, state).unwrap();
+    let port = server.tcp_addr().unwrap().port();
+    let ask = |ip: std::net::IpAddr, method: &str, path: &str| -> u16 {
+        let mut c = Conn::open(SocketAddr::new(ip, port));
+        c.send(
+            format!("{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+        );
+        c.read(false).expect("an answer").status
+    };
+    let loopback = "127.0.0.1".parse().unwrap();
+    assert_eq!(ask(loopback, "GET", "/live"), 200);
+    // From loopback the mutation is routed: an empty config is invalid (400),
+    // not forbidden.
+    assert_eq!(ask(loopback, "POST", "/config"), 400);
+    let Some(outside) = non_loopback_address() else {
+        panic!("this test needs a non-loopback address on the machine");
+    };
+    assert_eq!(ask(outside, "GET", "/live"), 200);
+    assert_eq!(ask(outside, "POST", "/drain"), 403);
+    assert_eq!(ask(outside, "POST", "/config"), 403);
+    // Not drained by the refused request.
+    assert_eq!(
+        get(proxy.listener_addr("web").unwrap(), "/echo").status,
+        200
+    );
+    drop(server);
+    proxy.shutdown();
+}
