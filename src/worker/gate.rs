@@ -7,6 +7,7 @@
 use std::{
     cell::{Cell, RefCell},
     future::Future,
+    pin::Pin,
     rc::Rc,
     task::{Context, Poll, Waker},
 };
@@ -20,15 +21,13 @@ pub struct Trigger {
 #[derive(Debug, Default)]
 struct TriggerInner {
     fired: Cell<bool>,
-    waiters: RefCell<Vec<Waker>>,
+    waiters: Waiters,
 }
 
 impl Trigger {
     pub fn fire(&self) {
         if !self.inner.fired.replace(true) {
-            for waker in self.inner.waiters.take() {
-                waker.wake();
-            }
+            self.inner.waiters.wake_all();
         }
     }
 
@@ -36,15 +35,42 @@ impl Trigger {
         self.inner.fired.get()
     }
 
-    /// Completes once [`Trigger::fire`] has been called.
-    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx: &mut Context<'_>| {
-            if self.inner.fired.get() {
-                return Poll::Ready(());
-            }
-            register(&self.inner.waiters, cx);
-            Poll::Pending
-        })
+    /// Completes once [`Trigger::fire`] has been called. Dropping the
+    /// future unregisters it, so a connection that waited on the drain and
+    /// ended for another reason leaves nothing behind.
+    pub fn wait(&self) -> Wait<'_> {
+        Wait {
+            trigger: self,
+            key: None,
+        }
+    }
+}
+
+/// The future of [`Trigger::wait`].
+#[derive(Debug)]
+pub struct Wait<'a> {
+    trigger: &'a Trigger,
+    key: Option<Key>,
+}
+
+impl Future for Wait<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let inner = &self.trigger.inner;
+        if inner.fired.get() {
+            return Poll::Ready(());
+        }
+        let mut key = self.key;
+        inner.waiters.register(&mut key, cx.waker());
+        self.key = key;
+        Poll::Pending
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        self.trigger.inner.waiters.remove(self.key);
     }
 }
 
@@ -53,7 +79,7 @@ impl Trigger {
 pub struct Slots {
     max: Cell<usize>,
     used: Cell<usize>,
-    waiters: RefCell<Vec<Waker>>,
+    waiters: Waiters,
 }
 
 /// One held slot; released on drop, even if the holding task panicked.
@@ -67,7 +93,7 @@ impl Slots {
         Rc::new(Self {
             max: Cell::new(max),
             used: Cell::new(0),
-            waiters: RefCell::default(),
+            waiters: Waiters::default(),
         })
     }
 
@@ -79,21 +105,12 @@ impl Slots {
     /// keep their slots, new ones wait until the count is under it.
     pub fn set_max(&self, max: usize) {
         self.max.set(max);
-        for waker in self.waiters.take() {
-            waker.wake();
-        }
+        self.waiters.wake_all();
     }
 
     /// Waits until a slot is free, then takes it.
     pub async fn acquire(self: &Rc<Self>) -> Slot {
-        std::future::poll_fn(|cx| {
-            if self.used.get() < self.max.get() {
-                return Poll::Ready(());
-            }
-            register(&self.waiters, cx);
-            Poll::Pending
-        })
-        .await;
+        self.until(|s| s.used.get() < s.max.get()).await;
         self.used.set(self.used.get() + 1);
         Slot {
             slots: Rc::clone(self),
@@ -101,14 +118,43 @@ impl Slots {
     }
 
     /// Completes when no slot is held.
-    pub fn idle(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.used.get() == 0 {
-                return Poll::Ready(());
-            }
-            register(&self.waiters, cx);
-            Poll::Pending
-        })
+    pub async fn idle(&self) {
+        self.until(|s| s.used.get() == 0).await;
+    }
+
+    fn until(&self, ready: fn(&Slots) -> bool) -> Until<'_> {
+        Until {
+            slots: self,
+            ready,
+            key: None,
+        }
+    }
+}
+
+/// Waits until `ready(slots)`; unregisters on drop.
+struct Until<'a> {
+    slots: &'a Slots,
+    ready: fn(&Slots) -> bool,
+    key: Option<Key>,
+}
+
+impl Future for Until<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if (self.ready)(self.slots) {
+            return Poll::Ready(());
+        }
+        let mut key = self.key;
+        self.slots.waiters.register(&mut key, cx.waker());
+        self.key = key;
+        Poll::Pending
+    }
+}
+
+impl Drop for Until<'_> {
+    fn drop(&mut self) {
+        self.slots.waiters.remove(self.key);
     }
 }
 
@@ -117,18 +163,75 @@ impl Drop for Slot {
         let slots = &self.slots;
         slots.used.set(slots.used.get() - 1);
         // Few waiters (one accept loop per listener, plus drain): wake all.
-        for waker in slots.waiters.take() {
-            waker.wake();
-        }
+        slots.waiters.wake_all();
     }
 }
 
-/// Adds a waker unless an equivalent one is already registered, so a task
-/// polled repeatedly does not grow the list.
-fn register(waiters: &RefCell<Vec<Waker>>, cx: &Context<'_>) {
-    let mut waiters = waiters.borrow_mut();
-    if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-        waiters.push(cx.waker().clone());
+/// Where a waiter's waker sits: (epoch, index).
+type Key = (u64, usize);
+
+/// Registered wakers, O(1) to add, replace and remove.
+///
+/// Every waiting future owns a key and removes its waker when dropped, so
+/// the list holds exactly the futures still waiting: many connections may
+/// wait on the drain trigger, and each that ends for another reason must
+/// not leave a waker (which keeps its whole task allocated) behind. Waking
+/// all starts a new epoch, so keys from before are recognised as stale.
+#[derive(Debug, Default)]
+struct Waiters {
+    slots: RefCell<Vec<Option<Waker>>>,
+    free: RefCell<Vec<usize>>,
+    epoch: Cell<u64>,
+}
+
+impl Waiters {
+    fn register(&self, key: &mut Option<Key>, waker: &Waker) {
+        let mut slots = self.slots.borrow_mut();
+        if let Some((epoch, i)) = *key {
+            if epoch == self.epoch.get() {
+                if let Some(slot) = slots.get_mut(i) {
+                    if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                        *slot = Some(waker.clone());
+                    }
+                    return;
+                }
+            }
+        }
+        let i = match self.free.borrow_mut().pop() {
+            Some(i) => i,
+            None => {
+                slots.push(None);
+                slots.len() - 1
+            }
+        };
+        slots[i] = Some(waker.clone());
+        *key = Some((self.epoch.get(), i));
+    }
+
+    fn remove(&self, key: Option<Key>) {
+        let Some((epoch, i)) = key else { return };
+        if epoch != self.epoch.get() {
+            return;
+        }
+        if let Some(slot) = self.slots.borrow_mut().get_mut(i) {
+            if slot.take().is_some() {
+                self.free.borrow_mut().push(i);
+            }
+        }
+    }
+
+    fn wake_all(&self) {
+        self.epoch.set(self.epoch.get() + 1);
+        self.free.borrow_mut().clear();
+        let slots = self.slots.take();
+        for waker in slots.into_iter().flatten() {
+            waker.wake();
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.slots.borrow().iter().flatten().count()
     }
 }
 
@@ -138,6 +241,7 @@ mod tests {
 
     fn block_on<F: Future>(f: F) -> F::Output {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
             .build()
             .unwrap()
             .block_on(f)
@@ -150,6 +254,31 @@ mod tests {
             let t2 = t.clone();
             let waiter = monoio::spawn(async move { t2.wait().await });
             monoio::spawn(async move { t.fire() });
+            waiter.await;
+        });
+    }
+
+    #[test]
+    fn a_dropped_wait_leaves_no_waker_behind() {
+        block_on(async {
+            let t = Trigger::default();
+            for _ in 0..100 {
+                // A connection waits on the drain, then ends another way.
+                let t2 = t.clone();
+                let task = monoio::spawn(async move {
+                    monoio::select! {
+                        _ = t2.wait() => false,
+                        _ = monoio::time::sleep(std::time::Duration::from_millis(1)) => true,
+                    }
+                });
+                assert!(task.await);
+            }
+            assert_eq!(t.inner.waiters.len(), 0, "no waker kept per ended waiter");
+            let t2 = t.clone();
+            let waiter = monoio::spawn(async move { t2.wait().await });
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            assert_eq!(t.inner.waiters.len(), 1);
+            t.fire();
             waiter.await;
         });
     }
