@@ -17,7 +17,6 @@ struct Plan {
     connections: usize,
     warmup: Duration,
     measure: Duration,
-    size: usize,
 }
 
 pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<()> {
@@ -26,14 +25,12 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
             connections: 4,
             warmup: Duration::from_millis(200),
             measure: Duration::from_secs(1),
-            size: 64,
         }
     } else {
         Plan {
             connections: 16,
             warmup: Duration::from_secs(1),
             measure: Duration::from_secs(10),
-            size: 64,
         }
     };
     let stop = pingpong::stop_on_ctrl_c()?;
@@ -71,14 +68,7 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
 
     let measure = |target| -> anyhow::Result<pingpong::Outcome> {
         let mode = pingpong::Mode::Http;
-        pingpong::run_mode(
-            mode,
-            target,
-            plan.connections,
-            plan.warmup,
-            plan.size,
-            &stop,
-        )?;
+        pingpong::run_mode(mode, target, plan.connections, plan.warmup, &stop)?;
         // The sidecars' histograms count the measured window only.
         for name in ["sidecar-a-outbound", "sidecar-b-inbound"] {
             let _ = pilotfish::admin::client::request(
@@ -87,14 +77,7 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
                 "/histograms?reset=true",
             );
         }
-        pingpong::run_mode(
-            mode,
-            target,
-            plan.connections,
-            plan.measure,
-            plan.size,
-            &stop,
-        )
+        pingpong::run_mode(mode, target, plan.connections, plan.measure, &stop)
     };
     let direct = measure(app)?;
     let mesh = measure(outbound_addr)?;

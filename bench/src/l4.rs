@@ -142,7 +142,7 @@ fn measure(mode: Mode, sink: SocketAddr, bytes: usize) -> anyhow::Result<(f64, f
 }
 
 /// A sink that counts bytes until EOF, then replies with the count.
-fn sink() -> anyhow::Result<SocketAddr> {
+pub fn sink() -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     thread::spawn(move || {

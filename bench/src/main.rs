@@ -4,6 +4,7 @@
 mod compare;
 mod demo;
 mod l4;
+mod load;
 mod pingpong;
 mod plot;
 mod sidecar;
@@ -43,7 +44,7 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// HTTP/1.1 keep-alive: Pilotfish vs nginx and HAProxy, same run.
+    /// Pilotfish vs nginx and HAProxy over several scenarios, same run.
     Compare {
         /// One short round (CI).
         #[arg(long)]
@@ -55,22 +56,64 @@ enum Command {
         /// 'uring_setup = "defer_taskrun"' (default: its defaults).
         #[arg(long, default_value = "")]
         runtime: String,
+        /// Where the results (.md, .json, .svg) go.
+        #[arg(long, value_name = "DIR", default_value = "bench/results")]
+        out: PathBuf,
     },
-    /// A TCP echo upstream for tests and benchmarks.
+    /// An HTTP/1.1 (or, with --tcp, echo) upstream for tests and benchmarks.
     Upstream {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// A TCP echo server instead of HTTP.
+        #[arg(long)]
+        tcp: bool,
+        #[command(flatten)]
+        http: upstream::HttpOptions,
     },
-    /// Closed-loop TCP request/response load against ADDR.
-    Load {
-        target: SocketAddr,
-        #[arg(long, default_value_t = 16)]
-        connections: usize,
-        #[arg(long, default_value = "5s", value_parser = humantime_arg)]
-        duration: Duration,
-        #[arg(long, default_value_t = 64)]
-        size: usize,
-    },
+    /// Load: open loop at --rate (coordinated omission corrected) or closed loop.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// host:port to load.
+    target: SocketAddr,
+    /// http (keep-alive), http-close (a connection per request), tcp (echo).
+    #[arg(long, value_enum, default_value = "http")]
+    mode: load::Mode,
+    /// Requests per second over all connections (open loop); leave out for
+    /// a closed loop (as fast as responses come back).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Load threads, each pinned to a core (default: the cores available).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value = "10s", value_parser = humantime_arg)]
+    duration: Duration,
+    /// Run this long first without recording.
+    #[arg(long, default_value = "1s", value_parser = humantime_arg)]
+    warmup: Duration,
+    #[arg(long, default_value = "GET")]
+    method: String,
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Extra request header, e.g. 'x-bench-delay: 5ms' (repeatable).
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    /// HTTP request body bytes; tcp: bytes per request.
+    #[arg(long, default_value_t = 0)]
+    body_size: usize,
+    /// A request without a whole response within this counts as an error.
+    #[arg(long, default_value = "10s", value_parser = humantime_arg)]
+    timeout: Duration,
+    /// Write HdrHistogram's percentile distribution (.hgrm) here.
+    #[arg(long, value_name = "FILE")]
+    hgrm: Option<PathBuf>,
+    /// Write a JSON summary here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 fn humantime_arg(s: &str) -> Result<Duration, String> {
@@ -89,28 +132,71 @@ fn main() -> anyhow::Result<()> {
             quick,
             pilotfish,
             runtime,
-        } => compare::run(
+            out,
+        } => compare::run(&compare::Options {
             quick,
-            pilotfish,
-            &format!("[runtime]\n{}", runtime.replace(';', "\n")),
-        ),
-        Command::Upstream { listen } => {
-            let addr = upstream::echo(listen)?;
-            println!("echo upstream on {addr}; Ctrl-C to stop");
+            binary: pilotfish,
+            runtime: format!("[runtime]\n{}", runtime.replace(';', "\n")),
+            out,
+        }),
+        Command::Upstream { listen, tcp, http } => {
+            let addr = if tcp {
+                upstream::echo(listen)?
+            } else {
+                upstream::http_with(listen, http)?
+            };
+            let kind = if tcp { "TCP echo" } else { "HTTP/1.1" };
+            println!("{kind} upstream on {addr}; Ctrl-C to stop");
             loop {
                 std::thread::park();
             }
         }
-        Command::Load {
-            target,
-            connections,
-            duration,
-            size,
-        } => {
-            let stop = pingpong::stop_on_ctrl_c()?;
-            let r = pingpong::run(target, connections, duration, size, &stop)?;
-            print!("{}", pingpong::table(&[("target", &r)]));
-            Ok(())
-        }
+        Command::Load(args) => run_load(args),
     }
+}
+
+fn run_load(a: LoadArgs) -> anyhow::Result<()> {
+    let request = match a.mode {
+        load::Mode::Tcp => vec![b'x'; a.body_size.max(1)],
+        mode => load::http_request(
+            &a.method,
+            &a.path,
+            &a.target.to_string(),
+            &a.headers,
+            a.body_size,
+            mode == load::Mode::HttpClose,
+        ),
+    };
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let spec = load::Spec {
+        target: a.target,
+        mode: a.mode,
+        rate: a.rate,
+        connections: a.connections,
+        threads,
+        duration: a.duration,
+        warmup: a.warmup,
+        request,
+        timeout: a.timeout,
+    };
+    println!(
+        "{:?} load on {} with {} connection(s) on {} thread(s), {:?} after {:?} warm-up",
+        a.mode, a.target, a.connections, threads, a.duration, a.warmup
+    );
+    let report = load::run(&spec)?;
+    print!("{}", report.table());
+    if let Some(path) = &a.hgrm {
+        std::fs::write(
+            path,
+            pilotfish::metrics::histograms::hgrm(&report.corrected),
+        )?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report.json())?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }

@@ -1,6 +1,9 @@
-//! Closed-loop TCP request/response load: each connection sends `size`
-//! bytes, waits for the echo, records the round trip in an HDR histogram,
-//! repeats. Histograms are per thread and merged at the end.
+//! The demo's closed-loop HTTP/1.1 load: a blocking thread per connection
+//! sends `GET /`, waits for the whole response, records the round trip in
+//! an HDR histogram, repeats. Histograms are per thread and merged at the
+//! end. (`pilotfish-bench load` is the general harness; the demo keeps this
+//! small loop so it can reset the sidecars' histograms between its warm-up
+//! and measured runs.)
 
 use std::{
     io::{Read, Write},
@@ -47,24 +50,11 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds")
 }
 
-/// Runs the load for `duration` (or until `stop`), merging all connections.
 /// What one round trip is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// `size` bytes out, the same bytes echoed back.
-    Echo,
     /// `GET /` keep-alive, the response framed by its Content-Length.
     Http,
-}
-
-pub fn run(
-    target: SocketAddr,
-    connections: usize,
-    duration: Duration,
-    size: usize,
-    stop: &Arc<AtomicBool>,
-) -> anyhow::Result<Outcome> {
-    run_mode(Mode::Echo, target, connections, duration, size, stop)
 }
 
 pub fn run_mode(
@@ -72,7 +62,6 @@ pub fn run_mode(
     target: SocketAddr,
     connections: usize,
     duration: Duration,
-    size: usize,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<Outcome> {
     anyhow::ensure!(
@@ -85,7 +74,6 @@ pub fn run_mode(
         .map(|_| {
             let stop = Arc::clone(stop);
             thread::spawn(move || match mode {
-                Mode::Echo => one_connection(target, deadline, size, &stop),
                 Mode::Http => one_http_connection(target, deadline, &stop),
             })
         })
@@ -106,45 +94,6 @@ pub fn run_mode(
     }
     total.elapsed = started.elapsed();
     Ok(total)
-}
-
-fn one_connection(
-    target: SocketAddr,
-    deadline: Instant,
-    size: usize,
-    stop: &AtomicBool,
-) -> Outcome {
-    let mut out = Outcome {
-        histogram: new_histogram(),
-        requests: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
-    let request = vec![b'x'; size];
-    let mut reply = vec![0u8; size];
-    let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
-        out.errors += 1;
-        return out;
-    };
-    let _ = s.set_nodelay(true);
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-        let sent = Instant::now();
-        if s.write_all(&request)
-            .and_then(|_| s.read_exact(&mut reply))
-            .is_err()
-        {
-            out.errors += 1;
-            break;
-        }
-        let us = sent
-            .elapsed()
-            .as_micros()
-            .clamp(1, u128::from(LATENCY_MAX_US)) as u64;
-        let _ = out.histogram.record(us);
-        out.requests += 1;
-    }
-    out
 }
 
 fn one_http_connection(target: SocketAddr, deadline: Instant, stop: &AtomicBool) -> Outcome {
