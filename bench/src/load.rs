@@ -342,9 +342,7 @@ async fn connection(spec: Spec, index: usize, start: Instant) -> Report {
                 if due >= end {
                     break;
                 }
-                if due > Instant::now() {
-                    monoio::time::sleep_until(due.into()).await;
-                }
+                send_at(due).await;
                 due
             }
             None => {
@@ -609,6 +607,37 @@ async fn read_response(mut s: TcpStream, mut buf: Vec<u8>) -> Exchanged {
         return (Err(kind), s, buf);
     }
     (Ok((received, keep)), s, buf)
+}
+
+/// The runtime's timers tick in whole milliseconds and round up, so a
+/// sleep alone sends up to ~1.5 ms late, and that lateness would show as
+/// latency. Sleep until [`SPIN_BEFORE`] ahead, then yield until due: the
+/// load thread burns that slice of CPU for send times that are accurate to
+/// the scheduler's granularity.
+const SPIN_BEFORE: Duration = Duration::from_millis(2);
+
+async fn send_at(due: Instant) {
+    let now = Instant::now();
+    if due > now + SPIN_BEFORE {
+        monoio::time::sleep_until((due - SPIN_BEFORE).into()).await;
+    }
+    while Instant::now() < due {
+        yield_now().await;
+    }
+}
+
+/// Lets the other tasks run once.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await;
 }
 
 /// Reads more into the spare capacity of `buf` (grown if full).

@@ -50,6 +50,9 @@ pub struct Source<'a, S> {
     pub side: Side,
 }
 
+/// The most a streamed body grows a connection's read buffer to.
+pub const STREAM_BUFFER_BYTES_MAX: usize = 64 * 1024;
+
 impl<S: AsyncReadRent> Source<'_, S> {
     fn other(&self) -> Side {
         match self.side {
@@ -62,6 +65,13 @@ impl<S: AsyncReadRent> Source<'_, S> {
     async fn more(&mut self, idle: Duration) -> Result<bool, BodyError> {
         if !self.inbound.is_empty() {
             return Ok(true);
+        }
+        // A body that keeps filling the buffer gets a larger one (up to
+        // STREAM_BUFFER_BYTES_MAX): fewer reads for uploads, while a
+        // connection that only ever sends small requests keeps a small one.
+        if self.inbound.saturated() {
+            let grown = (self.inbound.capacity() * 2).min(STREAM_BUFFER_BYTES_MAX);
+            self.inbound.reserve_to(grown);
         }
         let cap = self.inbound.capacity();
         match self.inbound.fill(self.stream, cap, idle).await {

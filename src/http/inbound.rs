@@ -16,6 +16,9 @@ use monoio::{
 pub struct Inbound {
     buf: Vec<u8>,
     start: usize,
+    /// The last read filled all the space it had: more is likely waiting
+    /// (a streamed body), so a larger buffer would save reads.
+    saturated: bool,
 }
 
 /// Errors of a timed read or write.
@@ -25,7 +28,23 @@ pub fn timed_out() -> io::Error {
 
 impl Inbound {
     pub fn new(buf: Vec<u8>) -> Self {
-        Self { buf, start: 0 }
+        Self {
+            buf,
+            start: 0,
+            saturated: false,
+        }
+    }
+
+    /// Whether the last read filled all the space it was given.
+    pub fn saturated(&self) -> bool {
+        self.saturated
+    }
+
+    /// Grows the buffer's capacity to `cap` (never shrinks it).
+    pub fn reserve_to(&mut self, cap: usize) {
+        if self.buf.capacity() < cap {
+            self.buf.reserve_exact(cap - self.buf.len());
+        }
     }
 
     /// Unconsumed bytes.
@@ -78,11 +97,13 @@ impl Inbound {
             self.buf.reserve_exact(grow);
         }
         let len = self.buf.len();
+        let space = self.buf.capacity() - len;
         let buf = std::mem::take(&mut self.buf);
         let (read, slice) = monoio::time::timeout(idle, r.read(buf.slice_mut(len..)))
             .await
             .map_err(|_| timed_out())?;
         self.buf = slice.into_inner();
+        self.saturated = matches!(read, Ok(n) if n == space);
         read
     }
 
