@@ -221,7 +221,7 @@ fn start_nginx_proxy(
         _ => (String::new(), String::new()),
     };
     let conf = format!(
-        "{load}worker_processes 1;\n{rlimit}daemon off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log crit;\nevents {{ worker_connections {connections}; }}\n{stream}http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n keepalive_requests 1000000;\n proxy_buffering off;\n upstream up {{ server {upstream}; keepalive 256; }}\n server {{ listen {http}; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
+        "{load}worker_processes 1;\n{rlimit}daemon off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log crit;\nevents {{ worker_connections {connections}; }}\n{stream}http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n keepalive_requests 1000000;\n proxy_buffering off;\n proxy_buffer_size 64k;\n proxy_buffers 4 64k;\n proxy_busy_buffers_size 128k;\n upstream up {{ server {upstream}; keepalive 256; }}\n server {{ listen {http}; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
         d = dir.display(),
         rlimit = if nofile { format!("worker_rlimit_nofile {PROXY_NOFILE};\n") } else { String::new() },
     );
@@ -229,10 +229,13 @@ fn start_nginx_proxy(
     let child = pinned(cpus, "nginx", nofile)
         .args(["-p", &dir.to_string_lossy(), "-c", "nginx.conf"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.log"))?)
         .spawn()?;
     let p = Proc { child };
-    wait_listening(http)?;
+    wait_listening(http).with_context(|| {
+        let why = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+        format!("nginx (proxy) did not start: {why}")
+    })?;
     Ok(p)
 }
 
@@ -396,10 +399,12 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     } else {
         nofile_limits().1
     };
-    let idle_target = if o.quick { 500 } else { IDLE_CONNECTIONS };
-    // Each idle client holds one descriptor in the proxy (upstream
-    // connections are pooled); leave room for the rest.
-    let proxy_connections = (idle_target as u64 + 4096).min(proxy_fds.saturating_sub(256));
+    // Each idle client holds one descriptor in the proxy; HAProxy reserves
+    // two per connection it admits, so half the limit (less a margin) is
+    // what every proxy can be asked to hold.
+    let idle_target = if o.quick { 500 } else { IDLE_CONNECTIONS }
+        .min((proxy_fds.saturating_sub(1000) / 2) as usize);
+    let proxy_connections = idle_target as u64 + 256;
     let dir = std::env::temp_dir().join(format!("pilotfish-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let placement = format!(
@@ -413,6 +418,11 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
 
     let mut candidates = Vec::new();
     let mut notes = Vec::new();
+    if !o.quick && idle_target < IDLE_CONNECTIONS {
+        notes.push(format!(
+            "idle scenario: {idle_target} connections instead of {IDLE_CONNECTIONS}: the proxies may open {proxy_fds} files and HAProxy reserves two per connection"
+        ));
+    }
     let pf_toml = format!(
         "workers = 1\nmax_connections_per_worker = {proxy_connections}\n{}\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"up\"\nidle_timeout = \"5m\"\n[[listeners]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ncluster = \"sink\"\n[[clusters]]\nname = \"up\"\nendpoints = [\"{upstream}\"]\n[[clusters]]\nname = \"sink\"\nendpoints = [\"{sink}\"]\n",
         o.runtime

@@ -4,10 +4,13 @@
 //!
 //! Open loop follows wrk2's model: every connection owns an even share of
 //! the rate and a fixed schedule of send times, phase-shifted so the
-//! connections interleave. A request's latency is measured from when it was
-//! *scheduled* to be sent, not from when it was sent, so a server that
-//! stalls is charged for every request that the stall delayed
-//! (coordinated-omission correction). The uncorrected service time (from
+//! connections interleave. A request the server delayed (its connection was
+//! still waiting for the previous response when it fell due) has its
+//! latency measured from when it was *scheduled*, not from when it was
+//! sent, so a server that stalls is charged for every request that the
+//! stall delayed (coordinated-omission correction). A request sent late only
+//! because the runtime's millisecond timer woke late is measured from its
+//! send: that lateness is the harness's. The uncorrected service time (from
 //! the actual send) is recorded alongside, to show what a closed-loop tool
 //! would have reported.
 //!
@@ -334,6 +337,7 @@ async fn connection(spec: Spec, index: usize, start: Instant) -> Report {
     let mut conn: Option<TcpStream> = None;
     let mut buf = Vec::with_capacity(16 * 1024);
     let mut k = 0u64;
+    let mut prev_done = start;
     loop {
         let scheduled = match &schedule {
             Some(s) => {
@@ -342,8 +346,22 @@ async fn connection(spec: Spec, index: usize, start: Instant) -> Report {
                 if due >= end {
                     break;
                 }
-                send_at(due).await;
-                due
+                if due > Instant::now() {
+                    monoio::time::sleep_until(due.into()).await;
+                }
+                // The runtime's timers tick in whole milliseconds and round
+                // up, so a sleep wakes up to ~1.5 ms late. When this
+                // connection was idle at `due` (its last response came
+                // first), that lateness is the harness's own, not the
+                // server's: measure from the actual send. When the last
+                // response came after `due`, the server delayed this
+                // request: measure from `due` (the correction).
+                let now = Instant::now();
+                if prev_done > due {
+                    due
+                } else {
+                    now
+                }
             }
             None => {
                 let now = Instant::now();
@@ -382,6 +400,7 @@ async fn connection(spec: Spec, index: usize, start: Instant) -> Report {
         )
         .await;
         let done = Instant::now();
+        prev_done = done;
         match outcome {
             Ok((Ok((received, keep)), stream, b)) => {
                 buf = b;
@@ -607,37 +626,6 @@ async fn read_response(mut s: TcpStream, mut buf: Vec<u8>) -> Exchanged {
         return (Err(kind), s, buf);
     }
     (Ok((received, keep)), s, buf)
-}
-
-/// The runtime's timers tick in whole milliseconds and round up, so a
-/// sleep alone sends up to ~1.5 ms late, and that lateness would show as
-/// latency. Sleep until [`SPIN_BEFORE`] ahead, then yield until due: the
-/// load thread burns that slice of CPU for send times that are accurate to
-/// the scheduler's granularity.
-const SPIN_BEFORE: Duration = Duration::from_millis(2);
-
-async fn send_at(due: Instant) {
-    let now = Instant::now();
-    if due > now + SPIN_BEFORE {
-        monoio::time::sleep_until((due - SPIN_BEFORE).into()).await;
-    }
-    while Instant::now() < due {
-        yield_now().await;
-    }
-}
-
-/// Lets the other tasks run once.
-async fn yield_now() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            return std::task::Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-    .await;
 }
 
 /// Reads more into the spare capacity of `buf` (grown if full).
