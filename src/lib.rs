@@ -11,6 +11,7 @@
 //! - [`control`]: live config swaps, two-phase across every worker.
 //! - [`admin`]: the admin socket (stats, metrics, histograms, control).
 //! - [`access_log`]: per-core buffered request lines, written off-core.
+//! - [`tls`]: SPIFFE identities, SVID verification, TLS material, dev CA.
 //! - [`lifecycle`]: signals, systemd notify, the process's exit.
 
 pub mod access_log;
@@ -25,6 +26,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod tls;
 pub mod upstream;
 pub mod worker;
 

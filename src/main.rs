@@ -41,6 +41,12 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// A development certificate authority (NOT for production: use your
+    /// PKI, e.g. SPIRE, cert-manager or step-ca, and give Pilotfish files).
+    Ca {
+        #[command(subcommand)]
+        what: CaCommand,
+    },
     /// Ask a running proxy through its admin socket.
     Admin {
         /// The admin socket ([admin] socket in the config).
@@ -48,6 +54,27 @@ enum Command {
         socket: PathBuf,
         #[command(subcommand)]
         what: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a CA in DIR (ca.pem, ca.key with mode 0600).
+    Init { dir: PathBuf },
+    /// Issue a workload certificate (X.509-SVID) into OUT (cert.pem,
+    /// key.pem, ca.pem).
+    Issue {
+        /// The CA directory made by `pilotfish ca init`.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The workload's identity, e.g. spiffe://mesh.local/ns/prod/sa/web.
+        #[arg(long, value_name = "ID")]
+        spiffe_id: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity, e.g. 24h or 30d.
+        #[arg(long, default_value = "30d")]
+        valid_for: String,
     },
 }
 
@@ -100,6 +127,57 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
         Command::Admin { socket, what } => admin(&socket, what),
+        Command::Ca { what } => ca(what),
+    }
+}
+
+fn ca(what: CaCommand) -> ExitCode {
+    use pilotfish::tls::{ca, identity::SpiffeId};
+    eprintln!("note: {}", ca::NOT_FOR_PRODUCTION);
+    let done = match what {
+        CaCommand::Init { dir } => {
+            ca::init(&dir).map(|p| format!("CA certificate: {}", p.display()))
+        }
+        CaCommand::Issue {
+            ca: ca_dir,
+            spiffe_id,
+            out,
+            valid_for,
+        } => {
+            let id = match SpiffeId::parse(&spiffe_id) {
+                Ok(id) => id,
+                Err(e) => {
+                    eprintln!("error: --spiffe-id {spiffe_id:?}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let valid = match humantime::parse_duration(&valid_for) {
+                Ok(d) if d >= std::time::Duration::from_secs(60) && d <= ca::LEAF_VALIDITY_MAX => d,
+                Ok(_) => {
+                    eprintln!(
+                        "error: --valid-for {valid_for:?}: between 1m and {:?}",
+                        ca::LEAF_VALIDITY_MAX
+                    );
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    eprintln!("error: --valid-for {valid_for:?}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            ca::issue(&ca_dir, &id, &out, valid)
+                .map(|p| format!("{id}: {} (key.pem, ca.pem beside it)", p.display()))
+        }
+    };
+    match done {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,0 +1,200 @@
+//! A workload's TLS material from PEM files: its certificate chain (leaf
+//! first), its private key, and the trust bundle; and the rustls configs
+//! built from them.
+//!
+//! What must hold: material is loaded whole or not at all (a rotation that
+//! finds a half-written file keeps the old material); the leaf itself must
+//! be a valid SVID; the files are bounded in size; configs offer TLS 1.3
+//! (1.2 only when asked) and keep resumption state in a bounded cache that
+//! is new with every set of material, so no session outlives a trust-bundle
+//! change.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use rustls::{
+    crypto::CryptoProvider,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    server::ServerSessionMemoryCache,
+    ClientConfig, RootCertStore, ServerConfig,
+};
+
+use super::{
+    identity::SpiffeId,
+    svid::{self, Purpose},
+    verify::{ClientVerifier, ServerVerifier},
+};
+
+/// PEM files larger than this are refused (a chain of a few certificates
+/// is a few KiB; a bundle of hundreds of roots still fits).
+pub const PEM_BYTES_MAX: u64 = 1024 * 1024;
+/// TLS sessions remembered per server config for resumption.
+pub const SESSION_CACHE_MAX: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaterialError {
+    #[error("{path}: {what}")]
+    File { path: PathBuf, what: String },
+    #[error("the workload certificate is not a usable SVID: {0}")]
+    Leaf(svid::SvidError),
+    #[error("TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn file_error(path: &Path, what: impl Into<String>) -> MaterialError {
+    MaterialError::File {
+        path: path.to_path_buf(),
+        what: what.into(),
+    }
+}
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>, MaterialError> {
+    let meta = std::fs::metadata(path).map_err(|e| file_error(path, e.to_string()))?;
+    if meta.len() > PEM_BYTES_MAX {
+        return Err(file_error(
+            path,
+            format!("{} bytes; the limit is {PEM_BYTES_MAX}", meta.len()),
+        ));
+    }
+    std::fs::read(path).map_err(|e| file_error(path, e.to_string()))
+}
+
+/// One workload's certificate, key and trust bundle.
+#[derive(Debug, Clone)]
+pub struct Material {
+    pub chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    pub roots: Arc<RootCertStore>,
+    /// The leaf's SPIFFE ID.
+    pub identity: SpiffeId,
+    /// The leaf's expiry.
+    pub not_after: SystemTime,
+    /// The leaf's serial number, hex.
+    pub serial: String,
+}
+
+impl Material {
+    /// Reads and checks the three files.
+    pub fn load(cert: &Path, key: &Path, trust_bundle: &Path) -> Result<Self, MaterialError> {
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&read_bounded(cert)?)
+                .collect::<Result<_, _>>()
+                .map_err(|e| file_error(cert, format!("not PEM certificates: {e}")))?;
+        if chain.is_empty() {
+            return Err(file_error(cert, "no certificate in the file"));
+        }
+        let key_der = PrivateKeyDer::from_pem_slice(&read_bounded(key)?)
+            .map_err(|e| file_error(key, format!("no PEM private key: {e}")))?;
+        let mut roots = RootCertStore::empty();
+        let anchors: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&read_bounded(trust_bundle)?)
+                .collect::<Result<_, _>>()
+                .map_err(|e| file_error(trust_bundle, format!("not PEM certificates: {e}")))?;
+        let (added, _ignored) = roots.add_parsable_certificates(anchors);
+        if added == 0 {
+            return Err(file_error(trust_bundle, "no usable CA certificate"));
+        }
+        // The leaf must be an SVID we could present in either role.
+        let identity = svid::check_leaf(&chain[0], Purpose::Server)
+            .and_then(|id| svid::check_leaf(&chain[0], Purpose::Client).map(|_| id))
+            .map_err(MaterialError::Leaf)?;
+        let (not_after, serial) = leaf_facts(&chain[0]);
+        Ok(Self {
+            chain,
+            key: Arc::new(key_der),
+            roots: Arc::new(roots),
+            identity,
+            not_after,
+            serial,
+        })
+    }
+
+    /// Seconds until the leaf expires (negative once expired).
+    pub fn seconds_to_expiry(&self) -> i64 {
+        match self.not_after.duration_since(SystemTime::now()) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        }
+    }
+
+    fn versions(tls12: bool) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+        if tls12 {
+            rustls::ALL_VERSIONS
+        } else {
+            &TLS13_ONLY
+        }
+    }
+
+    /// For an inbound listener: present our SVID, verify client SVIDs.
+    pub fn server_config(
+        &self,
+        provider: &Arc<CryptoProvider>,
+        require_client_cert: bool,
+        tls12: bool,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ServerConfig>, MaterialError> {
+        let verifier = ClientVerifier::new(
+            Arc::clone(&self.roots),
+            Arc::clone(provider),
+            require_client_cert,
+        )?;
+        let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
+            .with_protocol_versions(Self::versions(tls12))?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_MAX);
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    /// For an outbound cluster: present our SVID, accept only a server
+    /// with the `expected` identity.
+    pub fn client_config(
+        &self,
+        provider: &Arc<CryptoProvider>,
+        expected: SpiffeId,
+        tls12: bool,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ClientConfig>, MaterialError> {
+        let verifier = ServerVerifier::new(Arc::clone(&self.roots), expected, Arc::clone(provider));
+        let mut config = ClientConfig::builder_with_provider(Arc::clone(provider))
+            .with_protocol_versions(Self::versions(tls12))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
+/// The name a client puts in SNI: sidecars are addressed by SPIFFE ID, not
+/// DNS name, and the verifier ignores it, so any fixed valid name will do.
+pub fn sni() -> ServerName<'static> {
+    ServerName::try_from("pilotfish.mesh").expect("a valid DNS name")
+}
+
+/// The leaf's notAfter and serial (both only for display).
+fn leaf_facts(der: &[u8]) -> (SystemTime, String) {
+    use x509_parser::prelude::*;
+    match X509Certificate::from_der(der) {
+        Ok((_, cert)) => {
+            let secs = cert.validity().not_after.timestamp();
+            let not_after = if secs >= 0 {
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64)
+            } else {
+                SystemTime::UNIX_EPOCH
+            };
+            (not_after, cert.raw_serial_as_string().replace(':', ""))
+        }
+        Err(_) => (SystemTime::UNIX_EPOCH, String::new()),
+    }
+}
+
+/// The process's crypto provider (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}

@@ -1,0 +1,594 @@
+//! SPIFFE mTLS building blocks with real rustls handshakes (in memory):
+//! the negative matrix of the mTLS issue, each case rejected with its
+//! reason; the development CA's output accepted; certificates made by the
+//! `openssl` command line accepted or rejected as they should be.
+
+use std::{path::Path, process::Command, sync::Arc, time::Duration};
+
+use pilotfish::tls::{
+    ca,
+    identity::SpiffeId,
+    material::{self, Material},
+    svid::{self, Purpose},
+    verify::{self, ServerVerifier},
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose as Ku, SanType,
+};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer},
+    ClientConfig, ClientConnection, ServerConfig, ServerConnection,
+};
+
+const FRONTEND: &str = "spiffe://mesh.local/ns/prod/sa/frontend";
+const ORDERS: &str = "spiffe://mesh.local/ns/prod/sa/orders";
+
+struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn new_ca(name: &str) -> TestCa {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![Ku::KeyCertSign, Ku::CrlSign];
+    let cert = p.self_signed(&key).unwrap();
+    TestCa {
+        pem: cert.pem(),
+        issuer: Issuer::new(p, key),
+    }
+}
+
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Leaf {
+    fn chain(&self) -> Vec<CertificateDer<'static>> {
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        use rustls::pki_types::pem::PemObject;
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap()
+    }
+}
+
+/// A valid SVID for `id`, changed by `edit` first.
+fn leaf(ca: &TestCa, id: &str, edit: impl FnOnce(&mut CertificateParams)) -> Leaf {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![Ku::DigitalSignature];
+    p.extended_key_usages = vec![Eku::ServerAuth, Eku::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::hours(1);
+    edit(&mut p);
+    let cert = p.signed_by(&key, &ca.issuer).unwrap();
+    Leaf {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// Writes a leaf and a bundle to files and loads them as Material.
+fn material(dir: &Path, name: &str, leaf: &Leaf, bundle: &str) -> Material {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("cert.pem"), &leaf.cert_pem).unwrap();
+    std::fs::write(d.join("key.pem"), &leaf.key_pem).unwrap();
+    std::fs::write(d.join("ca.pem"), bundle).unwrap();
+    Material::load(&d.join("cert.pem"), &d.join("key.pem"), &d.join("ca.pem")).unwrap()
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("pf-tls-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[derive(Debug)]
+struct Outcome {
+    client: Result<(), rustls::Error>,
+    server: Result<(), rustls::Error>,
+    /// The client's identity as the server verified it.
+    peer: Option<SpiffeId>,
+}
+
+/// Runs a handshake between the two configs through memory buffers.
+fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> Outcome {
+    let mut c = ClientConnection::new(client, material::sni()).unwrap();
+    let mut s = ServerConnection::new(server).unwrap();
+    let mut client_result = Ok(());
+    let mut server_result = Ok(());
+    for _ in 0..16 {
+        let mut buf = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
+        }
+        if !buf.is_empty() {
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            if let Err(e) = s.process_new_packets() {
+                server_result = Err(e);
+            }
+        }
+        let mut buf = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut buf).unwrap();
+        }
+        if !buf.is_empty() {
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            if let Err(e) = c.process_new_packets() {
+                client_result = Err(e);
+            }
+        }
+        if client_result.is_err() || server_result.is_err() {
+            break;
+        }
+        if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() && !s.wants_write() {
+            break;
+        }
+    }
+    let peer = s
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| svid::check_leaf(leaf, Purpose::Client).ok());
+    Outcome {
+        client: client_result,
+        server: server_result,
+        peer,
+    }
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+/// An outbound client presenting `leaf` (however bad), verifying the server
+/// as `expected`.
+fn raw_client(bundle: &Material, leaf: Option<&Leaf>, expected: &str) -> Arc<ClientConfig> {
+    let provider = material::provider();
+    let verifier = ServerVerifier::new(
+        Arc::clone(&bundle.roots),
+        id(expected),
+        Arc::clone(&provider),
+    );
+    let b = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    Arc::new(match leaf {
+        Some(l) => b.with_client_auth_cert(l.chain(), l.key()).unwrap(),
+        None => b.with_no_client_auth(),
+    })
+}
+
+/// An inbound server presenting `leaf` (however bad), not asking for
+/// client certificates.
+fn raw_server(leaf: &Leaf) -> Arc<ServerConfig> {
+    Arc::new(
+        ServerConfig::builder_with_provider(material::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(leaf.chain(), leaf.key())
+            .unwrap(),
+    )
+}
+
+#[test]
+fn mutual_tls_accepts_valid_svids_and_names_the_caller() {
+    let dir = temp_dir("ok");
+    let ca = new_ca("mesh CA");
+    let client = material(&dir, "frontend", &leaf(&ca, FRONTEND, |_| {}), &ca.pem);
+    let server = material(&dir, "orders", &leaf(&ca, ORDERS, |_| {}), &ca.pem);
+    assert_eq!(client.identity.as_str(), FRONTEND);
+    assert!(server.seconds_to_expiry() > 3000 && server.seconds_to_expiry() <= 3600);
+    let p = material::provider();
+    let out = handshake(
+        client.client_config(&p, id(ORDERS), false, &[]).unwrap(),
+        server.server_config(&p, true, false, &[]).unwrap(),
+    );
+    assert!(out.client.is_ok() && out.server.is_ok(), "{out:?}");
+    assert_eq!(out.peer, Some(id(FRONTEND)));
+}
+
+/// The inbound half of the matrix: a listener requiring client SVIDs
+/// rejects each bad client certificate, with the reason.
+#[test]
+fn inbound_rejects_bad_client_certificates_with_reasons() {
+    let dir = temp_dir("inbound");
+    let ca = new_ca("mesh CA");
+    let foreign = new_ca("another CA");
+    // A different CA that took the same name: found by name, its signature
+    // does not verify.
+    let impostor = new_ca("mesh CA");
+    let server = material(&dir, "orders", &leaf(&ca, ORDERS, |_| {}), &ca.pem);
+    let p = material::provider();
+    let server_config = server.server_config(&p, true, false, &[]).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let cases: Vec<(&str, Option<Leaf>, &[&str])> = vec![
+        (
+            "no URI SAN",
+            Some(leaf(&ca, FRONTEND, |p| {
+                p.subject_alt_names =
+                    vec![SanType::DnsName("frontend.mesh.local".try_into().unwrap())];
+            })),
+            &["no_uri_san"],
+        ),
+        (
+            "two URI SANs",
+            Some(leaf(&ca, FRONTEND, |p| {
+                p.subject_alt_names.push(SanType::URI(
+                    "spiffe://mesh.local/other".try_into().unwrap(),
+                ));
+            })),
+            &["several_uri_sans"],
+        ),
+        (
+            "URI given as DNS SAN",
+            Some(leaf(&ca, FRONTEND, |p| {
+                p.subject_alt_names = vec![SanType::DnsName(FRONTEND.try_into().unwrap())];
+            })),
+            &["no_uri_san"],
+        ),
+        (
+            "CA:true leaf",
+            Some(leaf(&ca, FRONTEND, |p| {
+                p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            })),
+            &["ca_leaf"],
+        ),
+        (
+            "keyCertSign on the leaf",
+            Some(leaf(&ca, FRONTEND, |p| {
+                p.key_usages = vec![Ku::DigitalSignature, Ku::KeyCertSign];
+            })),
+            &["signing_leaf"],
+        ),
+        (
+            "no digitalSignature",
+            Some(leaf(&ca, FRONTEND, |p| {
+                p.key_usages = vec![Ku::KeyAgreement];
+            })),
+            &["no_digital_signature"],
+        ),
+        (
+            "no clientAuth EKU",
+            Some(leaf(&ca, FRONTEND, |p| {
+                p.extended_key_usages = vec![Eku::ServerAuth];
+            })),
+            &["wrong_extended_key_usage"],
+        ),
+        (
+            "expired",
+            Some(leaf(&ca, FRONTEND, |p| {
+                p.not_before = now - time::Duration::days(2);
+                p.not_after = now - time::Duration::days(1);
+            })),
+            &["expired"],
+        ),
+        (
+            "not yet valid",
+            Some(leaf(&ca, FRONTEND, |p| {
+                p.not_before = now + time::Duration::days(1);
+                p.not_after = now + time::Duration::days(2);
+            })),
+            &["not_yet_valid"],
+        ),
+        (
+            "foreign root",
+            Some(leaf(&foreign, FRONTEND, |_| {})),
+            &["unknown_issuer"],
+        ),
+        (
+            "foreign root with the mesh CA's name",
+            Some(leaf(&impostor, FRONTEND, |_| {})),
+            &["bad_signature"],
+        ),
+        ("no client certificate", None, &["no_client_certificate"]),
+    ];
+    for (name, bad, reasons) in cases {
+        let out = handshake(
+            raw_client(&server, bad.as_ref(), ORDERS),
+            Arc::clone(&server_config),
+        );
+        let err = out.server.as_ref().expect_err(name);
+        let why = verify::reason(err);
+        println!("{name}: rejected, {why} ({err})");
+        assert!(
+            reasons.contains(&why),
+            "{name}: {why} not in {reasons:?} ({err})"
+        );
+        assert_eq!(out.peer, None, "{name}");
+    }
+}
+
+/// The outbound half: a client expecting `orders` rejects a server that is
+/// someone else, or whose certificate is not a server SVID.
+#[test]
+fn outbound_rejects_the_wrong_server_with_reasons() {
+    let dir = temp_dir("outbound");
+    let ca = new_ca("mesh CA");
+    let client = material(&dir, "frontend", &leaf(&ca, FRONTEND, |_| {}), &ca.pem);
+    let p = material::provider();
+    let client_config = client.client_config(&p, id(ORDERS), false, &[]).unwrap();
+    let cases: Vec<(&str, Leaf, &str)> = vec![
+        (
+            "wrong identity",
+            leaf(&ca, "spiffe://mesh.local/ns/prod/sa/payments", |_| {}),
+            "wrong_identity",
+        ),
+        (
+            "right ID as a DNS SAN",
+            leaf(&ca, ORDERS, |p| {
+                p.subject_alt_names =
+                    vec![SanType::DnsName("orders.mesh.local".try_into().unwrap())];
+            }),
+            "no_uri_san",
+        ),
+        (
+            "no serverAuth EKU",
+            leaf(&ca, ORDERS, |p| {
+                p.extended_key_usages = vec![Eku::ClientAuth];
+            }),
+            "wrong_extended_key_usage",
+        ),
+        (
+            "foreign root",
+            leaf(&new_ca("another CA"), ORDERS, |_| {}),
+            "unknown_issuer",
+        ),
+        (
+            "foreign root with the mesh CA's name",
+            leaf(&new_ca("mesh CA"), ORDERS, |_| {}),
+            "bad_signature",
+        ),
+    ];
+    for (name, bad, reason) in cases {
+        let out = handshake(Arc::clone(&client_config), raw_server(&bad));
+        let err = out.client.as_ref().expect_err(name);
+        println!("{name}: rejected, {} ({err})", verify::reason(err));
+        assert_eq!(verify::reason(err), reason, "{name}: {err}");
+    }
+}
+
+#[test]
+fn the_development_ca_issues_usable_svids() {
+    let dir = temp_dir("devca");
+    ca::init(&dir.join("ca")).unwrap();
+    assert!(ca::init(&dir.join("ca")).is_err(), "never overwrites a CA");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("ca/ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    for (name, who) in [("a", FRONTEND), ("b", ORDERS)] {
+        ca::issue(
+            &dir.join("ca"),
+            &id(who),
+            &dir.join(name),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    }
+    let load = |n: &str| {
+        let d = dir.join(n);
+        Material::load(&d.join("cert.pem"), &d.join("key.pem"), &d.join("ca.pem")).unwrap()
+    };
+    let (a, b) = (load("a"), load("b"));
+    let p = material::provider();
+    let out = handshake(
+        a.client_config(&p, id(ORDERS), false, &[]).unwrap(),
+        b.server_config(&p, true, false, &[]).unwrap(),
+    );
+    assert!(out.client.is_ok() && out.server.is_ok(), "{out:?}");
+    assert_eq!(out.peer, Some(id(FRONTEND)));
+}
+
+fn openssl(args: &[&str], dir: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Certificates from the `openssl` command line, not from rcgen: a proper
+/// SVID is accepted; one with the ID only as a DNS SAN is refused.
+#[test]
+fn openssl_made_certificates_are_judged_the_same_way() {
+    let have = Command::new("sh")
+        .args(["-c", "command -v openssl"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "openssl must be installed in CI"
+        );
+        eprintln!("openssl not installed: skipping (install it to run this test)");
+        return;
+    }
+    let dir = temp_dir("openssl");
+    let d = dir.as_path();
+    openssl(
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ca.key",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-subj",
+            "/CN=openssl CA",
+            "-days",
+            "2",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "ca.pem",
+        ],
+        d,
+    );
+    let issue = |name: &str, san: &str| {
+        openssl(
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                &format!("{name}.key"),
+            ],
+            d,
+        );
+        openssl(
+            &[
+                "req",
+                "-new",
+                "-key",
+                &format!("{name}.key"),
+                "-subj",
+                &format!("/CN={name}"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+            d,
+        );
+        std::fs::write(
+            d.join(format!("{name}.ext")),
+            format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        )
+        .unwrap();
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+            d,
+        );
+        // openssl writes SEC1 EC keys; Material reads PKCS#8 and SEC1 alike.
+    };
+    issue("frontend", &format!("URI:{FRONTEND}"));
+    issue("orders", &format!("URI:{ORDERS}"));
+    issue("dnsonly", "DNS:frontend.mesh.local");
+    let load = |n: &str| {
+        Material::load(
+            &d.join(format!("{n}.pem")),
+            &d.join(format!("{n}.key")),
+            &d.join("ca.pem"),
+        )
+    };
+    let (a, b) = (load("frontend").unwrap(), load("orders").unwrap());
+    let p = material::provider();
+    let out = handshake(
+        a.client_config(&p, id(ORDERS), false, &[]).unwrap(),
+        b.server_config(&p, true, false, &[]).unwrap(),
+    );
+    assert!(out.client.is_ok() && out.server.is_ok(), "{out:?}");
+    assert_eq!(out.peer, Some(id(FRONTEND)));
+    let refused = load("dnsonly").expect_err("a DNS-only certificate is not an SVID");
+    assert!(refused.to_string().contains("no URI SAN"), "{refused}");
+}
+
+/// `pilotfish ca init` and `pilotfish ca issue`, as a user runs them.
+#[test]
+fn the_ca_command_line_makes_loadable_material() {
+    let dir = temp_dir("cli");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pilotfish"))
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(stderr.contains("not for production"), "{stderr}");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+        )
+    };
+    assert!(run(&["ca", "init", "ca"]).0);
+    let (ok, stdout, _) = run(&[
+        "ca",
+        "issue",
+        "--ca",
+        "ca",
+        "--spiffe-id",
+        ORDERS,
+        "--out",
+        "orders",
+        "--valid-for",
+        "2h",
+    ]);
+    assert!(ok && stdout.contains(ORDERS), "{stdout}");
+    let m = Material::load(
+        &dir.join("orders/cert.pem"),
+        &dir.join("orders/key.pem"),
+        &dir.join("orders/ca.pem"),
+    )
+    .unwrap();
+    assert_eq!(m.identity.as_str(), ORDERS);
+    assert!(
+        (7000..=7200).contains(&m.seconds_to_expiry()),
+        "{}",
+        m.seconds_to_expiry()
+    );
+    let (ok, _, stderr) = run(&[
+        "ca",
+        "issue",
+        "--ca",
+        "ca",
+        "--spiffe-id",
+        "https://not-spiffe",
+        "--out",
+        "x",
+    ]);
+    assert!(!ok && stderr.contains("spiffe://"), "{stderr}");
+}
