@@ -367,3 +367,28 @@ fn access_log_writes_one_line_per_request_from_every_core() {
     assert!(stats.total.access_log_lines <= 50);
     assert_eq!(stats.total.access_log_dropped, 0);
 }
+
+#[test]
+fn the_server_stops_even_when_its_socket_file_was_removed() {
+    let up = HttpUpstream::start();
+    let toml = http_config(
+        "epoll",
+        "cluster = \"app\"",
+        &cluster("app", &[up.addr], ""),
+    );
+    let (proxy, _) = start_toml(&toml, "web");
+    let dir = temp_dir("admin-removed");
+    let (server, socket) = admin_for(&proxy, &dir);
+    assert_eq!(client::request(&socket, "GET", "/live").unwrap().0, 200);
+    // tmpfiles cleanup, or an operator, removes the file under us.
+    std::fs::remove_file(&socket).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(server);
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the admin server stops without its socket file");
+    proxy.shutdown();
+}

@@ -98,6 +98,10 @@ pub struct Server {
     tcp: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// The listening sockets (clones), shut down on drop to wake the
+    /// blocked accepts: even when the socket file was removed meanwhile,
+    /// so a connect by path could not reach it.
+    listening: Vec<socket2::Socket>,
 }
 
 impl Server {
@@ -111,9 +115,15 @@ impl Server {
             tcp: None,
             stop: Arc::clone(&stop),
             threads: Vec::new(),
+            listening: Vec::new(),
         };
         if let Some(path) = &listen.socket {
             let listener = bind_unix(path)?;
+            server
+                .listening
+                .push(socket2::Socket::from(std::os::fd::OwnedFd::from(
+                    listener.try_clone()?,
+                )));
             server.socket = Some(path.clone());
             let (state, stop, live) = (Arc::clone(&state), Arc::clone(&stop), Arc::clone(&live));
             server.threads.push(
@@ -133,6 +143,11 @@ impl Server {
         if let Some(addr) = listen.tcp {
             let listener = TcpListener::bind(addr)?;
             let bound = listener.local_addr()?;
+            server
+                .listening
+                .push(socket2::Socket::from(std::os::fd::OwnedFd::from(
+                    listener.try_clone()?,
+                )));
             server.tcp = Some(bound);
             let (state, stop, live) = (Arc::clone(&state), Arc::clone(&stop), Arc::clone(&live));
             server.threads.push(
@@ -182,12 +197,10 @@ fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accepts.
-        if let Some(path) = &self.socket {
-            let _ = UnixStream::connect(path);
-        }
-        if let Some(addr) = self.tcp {
-            let _ = TcpStream::connect(addr);
+        // Wake the blocking accepts: shutdown(2) on a listening socket makes
+        // a blocked accept return at once on Linux.
+        for l in &self.listening {
+            let _ = l.shutdown(std::net::Shutdown::Both);
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
