@@ -163,9 +163,8 @@ pub async fn forward(
         LbPolicy::Hash { header } => req.head.get(header.as_str()),
         _ => None,
     };
-    // The connection's head buffer, reused request after request.
-    let mut head = std::mem::take(&mut client.head_out);
-    head.clear();
+    // Lent by the worker for this request only.
+    let mut head = worker.heads.take();
     write::request(req, body_out, tunnel, &fwd, edits, &mut head);
     let result = attempts(
         worker,
@@ -180,7 +179,7 @@ pub async fn forward(
         idle,
     )
     .await;
-    client.head_out = head;
+    worker.heads.give(head);
     result
 }
 
@@ -487,8 +486,7 @@ impl Attempt<'_> {
             && out_body != OutBody::Close
             && !tunnel
             && !self.worker.retired.is_fired();
-        let mut out = std::mem::take(&mut client.out);
-        out.clear();
+        let mut out = self.worker.heads.take();
         write::response(&resp, out_body, client_keep, tunnel, &mut out);
         // A small body already read goes out with the head: one write.
         let mut body_done = false;
@@ -501,7 +499,7 @@ impl Attempt<'_> {
             }
         }
         let (written, out) = write_all_timed(&mut client.stream, out, self.idle).await;
-        client.out = out;
+        self.worker.heads.give(out);
         counters.response(resp.status);
         client.note.status = resp.status;
         client.note.upstream = Some(self.cluster.endpoints[self.ep].addr);
@@ -610,11 +608,10 @@ impl Attempt<'_> {
         if self.req.version != Version::Http11 {
             return Ok(());
         }
-        let mut out = std::mem::take(&mut client.out);
-        out.clear();
+        let mut out = self.worker.heads.take();
         write::response(resp, OutBody::None, true, false, &mut out);
         let (written, out) = write_all_timed(&mut client.stream, out, self.idle).await;
-        client.out = out;
+        self.worker.heads.give(out);
         self.worker.counters.http.response(resp.status);
         written.map_err(|e| {
             Exit::Failed(AttemptError::Final(Failure::Cut(format!(

@@ -36,10 +36,10 @@ use inbound::{write_all_timed, Inbound};
 /// Bytes a client connection's read buffer starts with; it grows (up to
 /// the head limit) only for a head that does not fit, and (up to
 /// [`body::STREAM_BUFFER_BYTES_MAX`]) for a streamed body that keeps
-/// filling it. Held for the connection's life, so it starts small: 10k idle
-/// keep-alive connections hold 40 MiB of buffers at this size (160 MiB at
-/// the 16 KiB it used to be).
-const CLIENT_BUFFER_BYTES: usize = 4 * 1024;
+/// filling it. Held for the connection's life, so it starts small: most
+/// request heads fit in 1 KiB, and small allocations share pages, so an
+/// idle keep-alive connection does not pin a whole page for it.
+const CLIENT_BUFFER_BYTES: usize = 1024;
 /// Time a client gets to send a whole request head once it started one
 /// (slow-loris bound); the idle timeout covers the wait before the first byte.
 const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,10 +49,6 @@ pub struct Client {
     pub stream: TcpStream,
     pub inbound: Inbound,
     pub ip: String,
-    /// Reused for every head we write to the client.
-    pub out: Vec<u8>,
-    /// Reused for every request head we write upstream.
-    pub head_out: Vec<u8>,
     /// What happened to the current request, for the access log.
     pub note: Note,
 }
@@ -93,8 +89,6 @@ pub async fn serve(
         stream,
         inbound: Inbound::new(Vec::with_capacity(CLIENT_BUFFER_BYTES)),
         ip: peer.ip().to_string(),
-        out: Vec::with_capacity(1024),
-        head_out: Vec::with_capacity(1024),
         note: Note::default(),
     };
     let idle = listener.idle_timeout;
@@ -315,11 +309,10 @@ async fn send_generated(
     worker.counters.http.response(reason.status());
     client.note.status = reason.status();
     client.note.error = Some(reason.name());
-    let mut out = std::mem::take(&mut client.out);
-    out.clear();
+    let mut out = worker.heads.take();
     respond::generated(reason, detail, close, &mut out);
     let (_, out) = write_all_timed(&mut client.stream, out, idle).await;
-    client.out = out;
+    worker.heads.give(out);
 }
 
 /// After a 101 or a CONNECT 2xx: flush what each side already sent, then

@@ -39,9 +39,66 @@ impl BufferPool {
     }
 }
 
+/// Bytes a head buffer starts with: a typical response or request head.
+pub const HEAD_BUFFER_BYTES: usize = 1024;
+/// Idle head buffers a worker keeps: enough for the heads being written at
+/// once on a busy core; a burst beyond this allocates and frees.
+pub const HEAD_BUFFER_POOL_MAX: usize = 256;
+/// A head buffer that grew past this (a huge head) is freed, not pooled.
+pub const HEAD_BUFFER_KEEP_MAX: usize = 64 * 1024;
+
+/// A worker's small buffers for writing heads, lent per write: a
+/// connection holds one only while it writes, so 10k idle keep-alive
+/// connections hold none.
+#[derive(Debug, Default)]
+pub struct HeadBuffers {
+    idle: RefCell<Vec<Vec<u8>>>,
+}
+
+impl HeadBuffers {
+    /// An empty buffer.
+    pub fn take(&self) -> Vec<u8> {
+        self.idle
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(HEAD_BUFFER_BYTES))
+    }
+
+    /// Returns a buffer (dropped if the pool is full, or it is empty or
+    /// oversized).
+    pub fn give(&self, mut buf: Vec<u8>) {
+        if buf.capacity() < HEAD_BUFFER_BYTES || buf.capacity() > HEAD_BUFFER_KEEP_MAX {
+            return;
+        }
+        buf.clear();
+        let mut idle = self.idle.borrow_mut();
+        if idle.len() < HEAD_BUFFER_POOL_MAX {
+            idle.push(buf);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_buffers_are_lent_and_bounded() {
+        let pool = HeadBuffers::default();
+        let mut a = pool.take();
+        a.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        let ptr = a.as_ptr();
+        pool.give(a);
+        let b = pool.take();
+        assert!(b.is_empty() && b.as_ptr() == ptr, "cleared and reused");
+        pool.give(Vec::with_capacity(HEAD_BUFFER_KEEP_MAX + 1));
+        pool.give(Vec::new());
+        assert_eq!(
+            pool.idle.borrow().len(),
+            0,
+            "oversized and empty are not pooled"
+        );
+    }
 
     #[test]
     fn reuses_and_bounds() {

@@ -153,6 +153,8 @@ pub struct Worker {
     pub binds: Arc<Vec<SocketAddr>>,
     pub counters: Rc<Counters>,
     pub buffers: Rc<BufferPool>,
+    /// Head buffers lent per write (HTTP).
+    pub heads: Rc<buffers::HeadBuffers>,
     pub slots: Rc<Slots>,
     /// Fires once when the process drains: stop accepting, close idle
     /// keep-alive connections.
@@ -204,6 +206,7 @@ impl Worker {
             config,
             counters: Rc::default(),
             buffers: Rc::default(),
+            heads: Rc::default(),
             draining: Trigger::default(),
             retired: Trigger::default(),
             next_conn_id: Rc::new(Cell::new(0)),
@@ -240,6 +243,7 @@ impl Worker {
             config,
             counters: Rc::clone(&self.counters),
             buffers: Rc::clone(&self.buffers),
+            heads: Rc::clone(&self.heads),
             draining: self.draining.clone(),
             retired: Trigger::default(),
             next_conn_id: Rc::clone(&self.next_conn_id),
