@@ -75,8 +75,10 @@ pub fn record(h: &Cell, d: Duration) {
 /// keeps what it recorded (counts never go backwards for a scraper).
 ///
 /// Bounded: a key is added only when a config names it, and configs are
-/// bounded in listeners, routes and clusters; keys of removed objects stay
-/// until the process exits (one ~220 KB histogram each, a handful per swap).
+/// bounded in listeners, routes and clusters; [`Store::prune`] (after every
+/// swap) drops the histograms no live generation records into any more, so
+/// a long series of swaps that rename things cannot accumulate them (each
+/// is ~220 KB).
 #[derive(Debug, Default)]
 pub struct Store {
     cells: RefCell<Vec<(Key, Cell)>>,
@@ -125,6 +127,15 @@ impl Store {
         for (_, h) in self.cells.borrow().iter() {
             h.borrow_mut().reset();
         }
+    }
+
+    /// Drops the histograms only the store still holds: their listener,
+    /// route or cluster left the config and every connection that recorded
+    /// into them has ended.
+    pub fn prune(&self) {
+        self.cells
+            .borrow_mut()
+            .retain(|(_, h)| Rc::strong_count(h) > 1);
     }
 }
 
@@ -328,9 +339,13 @@ mod tests {
         }
     }
 
+    fn c_text() -> String {
+        "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ncluster = \"c\"\n[[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n".to_string()
+    }
+
     #[test]
     fn out_of_range_values_saturate_and_merge_adds() {
-        let c = Config::parse("t.toml", "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ncluster = \"c\"\n[[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n").unwrap();
+        let c = Config::parse("t.toml", &c_text()).unwrap();
         let (sa, sb) = (Store::default(), Store::default());
         let a = Histograms::new(&sa, &c);
         let b = Histograms::new(&sb, &c);
@@ -350,5 +365,16 @@ mod tests {
         again.listener(0, Duration::from_millis(1));
         assert_eq!(sa.snapshot().len(), 1);
         assert_eq!(sa.snapshot()[0].1, vec![(1000, 1)]);
+        // Renamed in a later config: the old histogram goes once no
+        // generation holds it.
+        let renamed = Config::parse("t.toml", &c_text().replace("\"l\"", "\"m\"")).unwrap();
+        let next = Histograms::new(&sa, &renamed);
+        sa.prune();
+        assert_eq!(sa.snapshot().len(), 2, "the old one is still held");
+        drop((a, again));
+        sa.prune();
+        let keys: Vec<_> = sa.snapshot().into_iter().map(|(k, _)| k.listener).collect();
+        assert_eq!(keys, vec![Some("m".to_string())]);
+        drop(next);
     }
 }

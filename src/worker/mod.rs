@@ -485,6 +485,10 @@ impl Control {
         }
         spawn_upstream_upkeep(&new);
         old.retired.fire();
+        drop(old);
+        // Histograms of names the new config dropped go once no older
+        // generation's connection records into them (checked every swap).
+        new.store.prune();
         tracing::info!(
             worker = new.id,
             generation,
