@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::{
     config::{Config, ConfigError},
-    worker::{listener, Command},
+    worker::{ask_all, listener, Command},
 };
 
 // The admin path only, never taken by a worker: swaps are rare, and
@@ -157,10 +157,6 @@ impl Controller {
         Arc::clone(&self.running().config)
     }
 
-    pub fn generation(&self) -> u64 {
-        self.running().generation
-    }
-
     /// Every listener's name and bound address.
     pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
         let r = self.running();
@@ -211,7 +207,7 @@ impl Controller {
         let binds = Arc::new(binds);
         let generation = running.generation + 1;
 
-        let answers = ask_all(&self.mailboxes, |reply| Command::Prepare {
+        let answers = ask_all(&self.mailboxes, SWAP_TIMEOUT, |reply| Command::Prepare {
             generation,
             config: Arc::clone(&config),
             binds: Arc::clone(&binds),
@@ -238,7 +234,7 @@ impl Controller {
             }
             return Err(ApplyError::Prepare(failures));
         }
-        let committed = ask_all(&self.mailboxes, |reply| Command::Commit {
+        let committed = ask_all(&self.mailboxes, SWAP_TIMEOUT, |reply| Command::Commit {
             generation,
             reply,
         });
@@ -262,26 +258,6 @@ impl Controller {
         tracing::info!(changes = %changes.summary(), "config swapped on every worker");
         Ok(changes)
     }
-}
-
-/// Sends each worker a command around a reply channel and gathers the
-/// answers that arrive within [`SWAP_TIMEOUT`].
-fn ask_all<T>(mailboxes: &[Sender<Command>], ask: impl Fn(Sender<T>) -> Command) -> Vec<T> {
-    let (tx, rx) = crossbeam_channel::bounded(mailboxes.len().max(1));
-    let deadline = std::time::Instant::now() + SWAP_TIMEOUT;
-    let asked = mailboxes
-        .iter()
-        .filter(|m| m.send_deadline(ask(tx.clone()), deadline).is_ok())
-        .count();
-    drop(tx);
-    let mut answers = Vec::with_capacity(asked);
-    while answers.len() < asked {
-        match rx.recv_deadline(deadline) {
-            Ok(a) => answers.push(a),
-            Err(_) => break,
-        }
-    }
-    answers
 }
 
 /// Settings a running process cannot change: the worker threads, their

@@ -728,21 +728,27 @@ pub const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Asks every worker for a report; workers that do not answer in time are
 /// left out (and named in the log).
 pub fn collect_reports(mailboxes: &[Sender<Command>]) -> Vec<WorkerReport> {
-    let mut reports = ask_all(mailboxes, Command::Snapshot);
+    let mut reports = ask_all(mailboxes, REPORT_TIMEOUT, Command::Snapshot);
     reports.sort_by_key(|r| r.worker);
     reports
 }
 
 /// Sends each worker the command `ask` builds around a reply channel and
 /// gathers the answers that arrive within [`REPORT_TIMEOUT`].
-fn ask_all<T>(mailboxes: &[Sender<Command>], ask: impl Fn(Sender<T>) -> Command) -> Vec<T> {
+pub(crate) fn ask_all<T>(
+    mailboxes: &[Sender<Command>],
+    timeout: Duration,
+    ask: impl Fn(Sender<T>) -> Command,
+) -> Vec<T> {
     let (tx, rx) = crossbeam_channel::bounded(mailboxes.len().max(1));
+    let deadline = Instant::now() + timeout;
+    // A full mailbox gets until the deadline too: a wedged worker is left
+    // out (and named in the log), it does not hold the caller forever.
     let asked = mailboxes
         .iter()
-        .filter(|m| m.try_send(ask(tx.clone())).is_ok())
+        .filter(|m| m.send_deadline(ask(tx.clone()), deadline).is_ok())
         .count();
     drop(tx);
-    let deadline = Instant::now() + REPORT_TIMEOUT;
     let mut answers = Vec::with_capacity(asked);
     while answers.len() < asked {
         match rx.recv_deadline(deadline) {
@@ -762,14 +768,17 @@ fn ask_all<T>(mailboxes: &[Sender<Command>], ask: impl Fn(Sender<T>) -> Command)
 
 /// Asks every worker for its view of the clusters.
 pub fn collect_clusters(mailboxes: &[Sender<Command>]) -> Vec<ClustersReport> {
-    let mut reports = ask_all(mailboxes, Command::Clusters);
+    let mut reports = ask_all(mailboxes, REPORT_TIMEOUT, Command::Clusters);
     reports.sort_by_key(|r| r.worker);
     reports
 }
 
 /// Asks every worker for its histograms (and to reset them if `reset`).
 pub fn collect_histograms(mailboxes: &[Sender<Command>], reset: bool) -> Vec<HistogramReport> {
-    let mut reports = ask_all(mailboxes, |reply| Command::Histograms { reset, reply });
+    let mut reports = ask_all(mailboxes, REPORT_TIMEOUT, |reply| Command::Histograms {
+        reset,
+        reply,
+    });
     reports.sort_by_key(|r| r.worker);
     reports
 }
