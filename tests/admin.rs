@@ -363,8 +363,6 @@ fn access_log_writes_one_line_per_request_from_every_core() {
             "{line}"
         );
     }
-    // Counted before the last flush at shutdown, so at most what was written.
-    assert!(stats.total.access_log_lines <= 50);
     assert_eq!(stats.total.access_log_dropped, 0);
 }
 

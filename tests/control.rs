@@ -367,3 +367,39 @@ fn admin_tcp_answers_reads_to_anyone_and_mutations_to_loopback_only() {
     drop(server);
     proxy.shutdown();
 }
+
+#[test]
+fn a_swap_keeps_the_pools_of_clusters_it_did_not_change() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("swap-pool");
+    let one_worker = |toml: String| toml.replace("workers = 2", "workers = 1");
+    let first = one_worker(tagged_config(
+        "127.0.0.1:0".parse().unwrap(),
+        "one",
+        up.addr,
+        "",
+    ));
+    let (proxy, _server, socket, addr) = start(&first, &dir);
+    assert_eq!(tag_of(&get(addr, "/echo")).as_deref(), Some("one"));
+    assert_eq!(up.connections(), 1);
+
+    // Only the route changed: the cluster's pooled connection is reused.
+    let (status, body) = post_config(
+        &socket,
+        &one_worker(tagged_config(addr, "two", up.addr, "")),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("clusters changed"), "{body}");
+    assert_eq!(tag_of(&get(addr, "/echo")).as_deref(), Some("two"));
+    assert_eq!(up.connections(), 1, "the unchanged cluster kept its pool");
+
+    // The cluster changed: new state, new pool, a new upstream connection.
+    let changed = one_worker(tagged_config(addr, "three", up.addr, ""))
+        .replace("endpoints = [", "connect_timeout = \"2s\"\nendpoints = [");
+    let (status, body) = post_config(&socket, &changed);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("clusters changed: app"), "{body}");
+    assert_eq!(tag_of(&get(addr, "/echo")).as_deref(), Some("three"));
+    assert_eq!(up.connections(), 2);
+    proxy.shutdown();
+}
