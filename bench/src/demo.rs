@@ -67,8 +67,7 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
     );
 
     let measure = |target| -> anyhow::Result<pingpong::Outcome> {
-        let mode = pingpong::Mode::Http;
-        pingpong::run_mode(mode, target, plan.connections, plan.warmup, &stop)?;
+        pingpong::run(target, plan.connections, plan.warmup, &stop)?;
         // The sidecars' histograms count the measured window only.
         for name in ["sidecar-a-outbound", "sidecar-b-inbound"] {
             let _ = pilotfish::admin::client::request(
@@ -77,7 +76,7 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
                 "/histograms?reset=true",
             );
         }
-        pingpong::run_mode(mode, target, plan.connections, plan.measure, &stop)
+        pingpong::run(target, plan.connections, plan.measure, &stop)
     };
     let direct = measure(app)?;
     let mesh = measure(outbound_addr)?;

@@ -334,8 +334,7 @@ async fn connection(spec: Spec, index: usize, start: Instant) -> Report {
     let schedule = spec
         .rate
         .map(|rate| Schedule::new(start, rate, spec.connections, index));
-    let mut conn: Option<TcpStream> = None;
-    let mut buf = Vec::with_capacity(16 * 1024);
+    let mut conn: Option<Wire> = None;
     let mut k = 0u64;
     let mut prev_done = start;
     loop {
@@ -375,13 +374,13 @@ async fn connection(spec: Spec, index: usize, start: Instant) -> Report {
             }
         };
         let measured = scheduled >= measure_from;
-        let stream = match conn.take() {
-            Some(s) => s,
+        let mut wire = match conn.take() {
+            Some(w) => w,
             None => {
                 match monoio::time::timeout(spec.timeout, TcpStream::connect(spec.target)).await {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
-                        s
+                        Wire::new(s)
                     }
                     Ok(Err(_)) | Err(_) => {
                         if measured {
@@ -394,32 +393,28 @@ async fn connection(spec: Spec, index: usize, start: Instant) -> Report {
             }
         };
         let sent = Instant::now();
-        let outcome = monoio::time::timeout(
-            spec.timeout,
-            exchange(spec.mode, stream, &spec.request, buf),
-        )
-        .await;
+        let outcome =
+            monoio::time::timeout(spec.timeout, exchange(spec.mode, &mut wire, &spec.request))
+                .await;
         let done = Instant::now();
         prev_done = done;
         match outcome {
-            Ok((Ok((received, keep)), stream, b)) => {
-                buf = b;
+            Ok(Ok((received, keep))) => {
                 if measured {
                     report.record(scheduled, sent, done);
                     report.bytes_received += received;
                 }
                 if keep {
-                    conn = Some(stream);
+                    conn = Some(wire);
                 }
             }
-            Ok((Err(kind), _, b)) => {
-                buf = b;
+            // A failed or timed-out connection is dropped and replaced.
+            Ok(Err(kind)) => {
                 if measured {
                     report.error(kind);
                 }
             }
             Err(_) => {
-                buf = Vec::with_capacity(16 * 1024);
                 if measured {
                     report.error("timeout");
                 }
@@ -429,37 +424,67 @@ async fn connection(spec: Spec, index: usize, start: Instant) -> Report {
     report
 }
 
-type Exchanged = (Result<(u64, bool), &'static str>, TcpStream, Vec<u8>);
+/// A connection and its read buffer.
+struct Wire {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    fn new(s: TcpStream) -> Self {
+        Self {
+            s,
+            buf: Vec::with_capacity(16 * 1024),
+        }
+    }
+
+    /// Reads more into the spare capacity of the buffer (grown if nearly
+    /// full). EOF is an error (`closed`) unless `eof_ok`, then Ok(0).
+    async fn fill(&mut self, eof_ok: bool) -> Result<usize, &'static str> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        let len = self.buf.len();
+        let (r, slice) = self
+            .s
+            .read(std::mem::take(&mut self.buf).slice_mut(len..))
+            .await;
+        self.buf = slice.into_inner();
+        match r {
+            Ok(0) if eof_ok => Ok(0),
+            Ok(0) => Err("closed"),
+            Ok(n) => Ok(n),
+            Err(_) => Err("read"),
+        }
+    }
+
+    /// Discards the buffered bytes and reads more; the count read.
+    async fn refill(&mut self, eof_ok: bool) -> Result<usize, &'static str> {
+        self.buf.clear();
+        self.fill(eof_ok).await
+    }
+}
 
 /// Sends one request and reads its whole response. Ok((bytes received,
 /// whether the connection may be reused)).
-async fn exchange(mode: Mode, mut s: TcpStream, request: &[u8], mut buf: Vec<u8>) -> Exchanged {
+async fn exchange(mode: Mode, w: &mut Wire, request: &[u8]) -> Result<(u64, bool), &'static str> {
     // The request is copied into an owned buffer for the kernel: small,
     // and the copy is the load generator's cost, not the target's.
-    let (written, _) = s.write_all(request.to_vec()).await;
-    if written.is_err() {
-        return (Err("write"), s, buf);
-    }
-    buf.clear();
+    let (written, _) = w.s.write_all(request.to_vec()).await;
+    written.map_err(|_| "write")?;
+    w.buf.clear();
     match mode {
         Mode::Tcp => {
             let want = request.len() as u64;
             let mut got = 0u64;
             while got < want {
-                let (r, b) = s.read(buf).await;
-                buf = b;
-                match r {
-                    Ok(0) => return (Err("closed"), s, buf),
-                    Ok(n) => got += n as u64,
-                    Err(_) => return (Err("read"), s, buf),
-                }
+                got += w.refill(false).await? as u64;
             }
-            (Ok((got, true)), s, buf)
+            Ok((got, true))
         }
         Mode::Http | Mode::HttpClose => {
-            let (r, s, buf) = read_response(s, buf).await;
-            let r = r.map(|(n, keep)| (n, keep && mode == Mode::Http));
-            (r, s, buf)
+            let (n, keep) = read_response(w).await?;
+            Ok((n, keep && mode == Mode::Http))
         }
     }
 }
@@ -472,173 +497,131 @@ enum Framing {
     UntilClose,
 }
 
+/// A response head: its length, status, framing, and whether it keeps the
+/// connection; None while incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<(usize, u16, Framing, bool)>, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let n = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("bad_response"),
+    };
+    let status = resp.code.unwrap_or(0);
+    let mut framing = Framing::UntilClose;
+    let mut keep = resp.version == Some(1);
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let len = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or("bad_response")?;
+            framing = Framing::Length(len);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+            && h.value.eq_ignore_ascii_case(b"chunked")
+        {
+            framing = Framing::Chunked;
+        } else if h.name.eq_ignore_ascii_case("connection")
+            && h.value.eq_ignore_ascii_case(b"close")
+        {
+            keep = false;
+        }
+    }
+    if status == 204 || status == 304 {
+        framing = Framing::Length(0);
+    }
+    Ok(Some((n, status, framing, keep)))
+}
+
 /// Reads one response; non-2xx statuses are errors by class.
-async fn read_response(mut s: TcpStream, mut buf: Vec<u8>) -> Exchanged {
-    // The head.
+async fn read_response(w: &mut Wire) -> Result<(u64, bool), &'static str> {
     let (head_len, status, framing, keep) = loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(n)) => {
-                let status = resp.code.unwrap_or(0);
-                let mut framing = Framing::UntilClose;
-                let mut keep = resp.version == Some(1);
-                for h in resp.headers.iter() {
-                    if h.name.eq_ignore_ascii_case("content-length") {
-                        match std::str::from_utf8(h.value)
-                            .ok()
-                            .and_then(|v| v.trim().parse().ok())
-                        {
-                            Some(len) => framing = Framing::Length(len),
-                            None => return (Err("bad_response"), s, buf),
-                        }
-                    } else if h.name.eq_ignore_ascii_case("transfer-encoding")
-                        && h.value.eq_ignore_ascii_case(b"chunked")
-                    {
-                        framing = Framing::Chunked;
-                    } else if h.name.eq_ignore_ascii_case("connection")
-                        && h.value.eq_ignore_ascii_case(b"close")
-                    {
-                        keep = false;
-                    }
-                }
-                if (100..200).contains(&status) {
-                    // An interim response: drop it and read on.
-                    buf.drain(..n);
-                    continue;
-                }
-                if status == 204 || status == 304 {
-                    framing = Framing::Length(0);
-                }
-                break (n, status, framing, keep);
+        match parse_head(&w.buf)? {
+            // An interim response: drop it and read on.
+            Some((n, status, ..)) if (100..200).contains(&status) => {
+                w.buf.drain(..n);
             }
-            Ok(httparse::Status::Partial) => {}
-            Err(_) => return (Err("bad_response"), s, buf),
-        }
-        if buf.len() >= HEAD_BYTES_MAX {
-            return (Err("head_too_large"), s, buf);
-        }
-        let (r, b) = fill(s, buf).await;
-        s = r.1;
-        buf = b;
-        match r.0 {
-            Ok(0) => return (Err("closed"), s, buf),
-            Ok(_) => {}
-            Err(_) => return (Err("read"), s, buf),
+            Some(head) => break head,
+            None if w.buf.len() >= HEAD_BYTES_MAX => return Err("head_too_large"),
+            None => {
+                w.fill(false).await?;
+            }
         }
     };
     let mut received = head_len as u64;
-    let mut body_have = (buf.len() - head_len) as u64;
-    buf.drain(..head_len);
+    w.buf.drain(..head_len);
     let keep = match framing {
         Framing::Length(len) => {
-            while body_have < len {
-                buf.clear();
-                let (r, b) = fill(s, buf).await;
-                s = r.1;
-                buf = b;
-                match r.0 {
-                    Ok(0) => return (Err("closed"), s, buf),
-                    Ok(n) => body_have += n as u64,
-                    Err(_) => return (Err("read"), s, buf),
-                }
+            let mut have = w.buf.len() as u64;
+            while have < len {
+                have += w.refill(false).await? as u64;
             }
             received += len;
-            keep && body_have == len
+            keep && have == len
         }
         Framing::UntilClose => {
+            let mut have = w.buf.len() as u64;
             loop {
-                buf.clear();
-                let (r, b) = fill(s, buf).await;
-                s = r.1;
-                buf = b;
-                match r.0 {
-                    Ok(0) => break,
-                    Ok(n) => body_have += n as u64,
-                    Err(_) => return (Err("read"), s, buf),
+                match w.refill(true).await? {
+                    0 => break,
+                    n => have += n as u64,
                 }
             }
-            received += body_have;
+            received += have;
             false
         }
         Framing::Chunked => {
-            // Walk chunk sizes; data is counted, not kept.
-            let mut pos = 0usize;
-            loop {
-                let line_end = loop {
-                    if let Some(i) = buf[pos..].windows(2).position(|w| w == b"\r\n") {
-                        break pos + i;
-                    }
-                    if buf.len() - pos > 1024 {
-                        return (Err("bad_response"), s, buf);
-                    }
-                    let (r, b) = fill(s, buf).await;
-                    s = r.1;
-                    buf = b;
-                    match r.0 {
-                        Ok(0) => return (Err("closed"), s, buf),
-                        Ok(_) => {}
-                        Err(_) => return (Err("read"), s, buf),
-                    }
-                };
-                let size_text = String::from_utf8_lossy(&buf[pos..line_end]).to_string();
-                let size_hex = size_text.split(';').next().unwrap_or("").trim();
-                let Ok(size) = u64::from_str_radix(size_hex, 16) else {
-                    return (Err("bad_response"), s, buf);
-                };
-                // Skip the data and its CRLF (after the last, empty chunk:
-                // the CRLF that ends an empty trailer section).
-                received += size;
-                pos = line_end + 2;
-                let mut skip = size + 2;
-                while ((buf.len() - pos) as u64) < skip {
-                    skip -= (buf.len() - pos) as u64;
-                    buf.clear();
-                    pos = 0;
-                    let (r, b) = fill(s, buf).await;
-                    s = r.1;
-                    buf = b;
-                    match r.0 {
-                        Ok(0) => return (Err("closed"), s, buf),
-                        Ok(_) => {}
-                        Err(_) => return (Err("read"), s, buf),
-                    }
-                }
-                pos += skip as usize;
-                if size == 0 {
-                    break;
-                }
-                if pos > 8 * 1024 {
-                    buf.drain(..pos);
-                    pos = 0;
-                }
-            }
+            received += read_chunked(w).await?;
             keep
         }
     };
     if !(200..300).contains(&status) {
-        let kind = match status / 100 {
+        return Err(match status / 100 {
             3 => "status_3xx",
             4 => "status_4xx",
             5 => "status_5xx",
             _ => "status_other",
-        };
-        return (Err(kind), s, buf);
+        });
     }
-    (Ok((received, keep)), s, buf)
+    Ok((received, keep))
 }
 
-/// Reads more into the spare capacity of `buf` (grown if full).
-async fn fill(
-    mut s: TcpStream,
-    mut buf: Vec<u8>,
-) -> ((std::io::Result<usize>, TcpStream), Vec<u8>) {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(16 * 1024);
+/// Walks a chunked body (data counted, not kept); the data bytes.
+async fn read_chunked(w: &mut Wire) -> Result<u64, &'static str> {
+    let mut data = 0u64;
+    let mut pos = 0usize;
+    loop {
+        let line_end = loop {
+            if let Some(i) = w.buf[pos..].windows(2).position(|x| x == b"\r\n") {
+                break pos + i;
+            }
+            if w.buf.len() - pos > 1024 {
+                return Err("bad_response");
+            }
+            w.fill(false).await?;
+        };
+        let size_text = std::str::from_utf8(&w.buf[pos..line_end]).map_err(|_| "bad_response")?;
+        let size_hex = size_text.split(';').next().unwrap_or("").trim();
+        let size = u64::from_str_radix(size_hex, 16).map_err(|_| "bad_response")?;
+        // Skip the data and its CRLF (after the last, empty chunk: the CRLF
+        // that ends an empty trailer section).
+        data += size;
+        pos = line_end + 2;
+        let mut skip = size + 2;
+        while ((w.buf.len() - pos) as u64) < skip {
+            skip -= (w.buf.len() - pos) as u64;
+            pos = 0;
+            w.refill(false).await?;
+        }
+        pos += skip as usize;
+        if size == 0 {
+            return Ok(data);
+        }
+        if pos > 8 * 1024 {
+            w.buf.drain(..pos);
+            pos = 0;
+        }
     }
-    let len = buf.len();
-    let (r, slice) = s.read(buf.slice_mut(len..)).await;
-    ((r, s), slice.into_inner())
 }
 
 #[cfg(test)]
@@ -696,6 +679,47 @@ mod tests {
         assert!(r.corrected.value_at_quantile(0.99) >= 400_000);
         assert!(r.service.value_at_quantile(0.99) <= 1_100);
         assert_eq!(r.corrected.max(), r.service.max());
+    }
+
+    /// One server connection answering three requests: chunked (split
+    /// across writes), Content-Length after a 103, then close-delimited.
+    #[test]
+    fn reads_each_framing_and_keeps_the_connection_when_it_may() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let answers: [&[&[u8]]; 3] = [
+                &[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nhel", b"lo\r\n6\r\n world\r\n0\r\n\r\n"],
+                &[b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc"],
+                &[b"HTTP/1.1 200 OK\r\n\r\nuntil close"],
+            ];
+            for parts in answers {
+                let _ = s.read(&mut buf).unwrap();
+                for p in parts {
+                    s.write_all(p).unwrap();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        });
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut w = Wire::new(TcpStream::connect(addr).await.unwrap());
+            let req = http_request("GET", "/", "t", &[], 0, false);
+            let (n, keep) = exchange(Mode::Http, &mut w, &req).await.unwrap();
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".len() as u64;
+            assert!(keep && n == head + 11, "chunked: {n}");
+            let (n, keep) = exchange(Mode::Http, &mut w, &req).await.unwrap();
+            assert!(keep && n == 38 + 3, "length after an interim: {n}");
+            let (n, keep) = exchange(Mode::Http, &mut w, &req).await.unwrap();
+            assert!(!keep && n == 19 + 11, "until close: {n}");
+        });
+        server.join().unwrap();
     }
 
     #[test]

@@ -18,8 +18,8 @@ use std::{
 
 use hdrhistogram::Histogram;
 
-/// Highest latency recorded (µs): one minute. Longer is an error, not a sample.
-pub const LATENCY_MAX_US: u64 = 60_000_000;
+use crate::load::{new_histogram, LATENCY_MAX_US, PERCENTILES};
+
 /// Connections one run may open: each is a thread here.
 pub const CONNECTIONS_MAX: usize = 1024;
 
@@ -46,19 +46,7 @@ pub fn stop_on_ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-pub fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds")
-}
-
-/// What one round trip is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// `GET /` keep-alive, the response framed by its Content-Length.
-    Http,
-}
-
-pub fn run_mode(
-    mode: Mode,
+pub fn run(
     target: SocketAddr,
     connections: usize,
     duration: Duration,
@@ -73,9 +61,7 @@ pub fn run_mode(
     let workers: Vec<_> = (0..connections)
         .map(|_| {
             let stop = Arc::clone(stop);
-            thread::spawn(move || match mode {
-                Mode::Http => one_http_connection(target, deadline, &stop),
-            })
+            thread::spawn(move || one_http_connection(target, deadline, &stop))
         })
         .collect();
     let mut total = Outcome {
@@ -162,9 +148,6 @@ fn read_http_response(s: &mut TcpStream, buf: &mut [u8]) -> bool {
         }
     }
 }
-
-/// The percentiles every report shows.
-pub const PERCENTILES: [f64; 7] = [50.0, 75.0, 90.0, 99.0, 99.9, 99.99, 100.0];
 
 /// A percentile table, one column per named outcome.
 pub fn table(rows: &[(&str, &Outcome)]) -> String {
