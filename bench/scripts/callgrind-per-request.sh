@@ -11,19 +11,9 @@
 # run long enough (default 8 s) for it to be small per request.
 set -euo pipefail
 secs=${1:-8}
-root=$(cd "$(dirname "$0")/../.." && pwd)
-cargo build --release -q --manifest-path "$root/Cargo.toml" --bin pilotfish
-dir=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/lib.sh"
 up=$(port); px=$(port)
-cat > "$dir/nginx.conf" <<NGINX
-worker_processes 1; daemon off; user root; pid $dir/nginx.pid; error_log $dir/error.log crit;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000;
-  client_body_temp_path $dir/b; proxy_temp_path $dir/p; fastcgi_temp_path $dir/f; uwsgi_temp_path $dir/u; scgi_temp_path $dir/s;
-  server { listen 127.0.0.1:$up; location / { return 200 "hello world\n"; } } }
-NGINX
+nginx_upstream "$up"
 cat > "$dir/pilotfish.toml" <<TOML
 workers = 1
 [[listeners]]
@@ -35,11 +25,11 @@ cluster = "up"
 name = "up"
 endpoints = ["127.0.0.1:$up"]
 TOML
-nginx -p "$dir" -c nginx.conf &
 MONOIO_FORCE_LEGACY_DRIVER=1 valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" \
-  "$root/target/release/pilotfish" run -c "$dir/pilotfish.toml" 2>/dev/null &
+  "$bin" run -c "$dir/pilotfish.toml" 2>/dev/null &
 vg=$!
-for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$px") 2>/dev/null && break; sleep 0.1; done
+pids+=("$vg")
+wait_port "$px"
 n=$(wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$px/" | awk '/requests in/{print $1}')
 kill -TERM $vg; wait $vg || true
 total=$(callgrind_annotate "$dir/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')

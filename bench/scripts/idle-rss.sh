@@ -6,21 +6,9 @@
 #   bench/scripts/idle-rss.sh [connections]
 set -euo pipefail
 n=${1:-5000}
-root=$(cd "$(dirname "$0")/../.." && pwd)
-cargo build --release -q --manifest-path "$root/Cargo.toml" --bin pilotfish
-bin="$root/target/release/pilotfish"
-dir=$(mktemp -d)
-pf=""
-trap 'kill $pf 2>/dev/null; kill $(cat "$dir/nginx.pid" 2>/dev/null) 2>/dev/null; rm -rf "$dir"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/lib.sh"
 up=$(port); px=$(port)
-cat > "$dir/nginx.conf" <<NGINX
-worker_processes 1; daemon on; user root; pid $dir/nginx.pid; error_log $dir/error.log crit;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000;
-  client_body_temp_path $dir/b; proxy_temp_path $dir/p; fastcgi_temp_path $dir/f; uwsgi_temp_path $dir/u; scgi_temp_path $dir/s;
-  server { listen 127.0.0.1:$up; location / { return 200 "hello world\n"; } } }
-NGINX
+nginx_upstream "$up"
 cat > "$dir/pilotfish.toml" <<TOML
 workers = 1
 max_connections_per_worker = $((n + 1000))
@@ -34,10 +22,10 @@ idle_timeout = "5m"
 name = "up"
 endpoints = ["127.0.0.1:$up"]
 TOML
-nginx -p "$dir" -c nginx.conf
 "$bin" run --config "$dir/pilotfish.toml" >/dev/null 2>"$dir/pilotfish.log" &
 pf=$!
-sleep 0.5
+pids+=("$pf")
+wait_port "$px"
 python3 - "$pf" "$n" "$px" <<'PY'
 import socket, sys, time
 pid, n, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
