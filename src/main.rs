@@ -251,7 +251,12 @@ fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
         _ => Ok(body),
     };
     match shown {
-        Ok(text) => print!("{text}"),
+        // `print!` panics when stdout is closed (`pilotfish admin metrics |
+        // head`); a closed pipe just ends the output.
+        Ok(text) => {
+            use std::io::Write;
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        }
         Err(e) => {
             eprintln!("error: unexpected admin answer: {e}");
             return ExitCode::FAILURE;
