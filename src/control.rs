@@ -17,7 +17,8 @@ use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use crate::{
-    config::{Config, ConfigError},
+    config::{tls::TlsFiles, Config, ConfigError},
+    tls::material::{MaterialError, Workload},
     worker::{ask_all, listener, Command},
 };
 
@@ -48,6 +49,8 @@ pub enum ApplyError {
     Prepare(Vec<String>),
     #[error("the proxy is draining")]
     Draining,
+    #[error("TLS material: {0}")]
+    Tls(#[from] MaterialError),
 }
 
 impl ApplyError {
@@ -55,7 +58,7 @@ impl ApplyError {
     /// or the proxy's state (409/503).
     pub fn status(&self) -> u16 {
         match self {
-            ApplyError::Invalid(_) | ApplyError::NeedsRestart(_) => 400,
+            ApplyError::Invalid(_) | ApplyError::NeedsRestart(_) | ApplyError::Tls(_) => 400,
             ApplyError::Reserve { .. } | ApplyError::Prepare(_) => 409,
             ApplyError::Draining => 503,
         }
@@ -117,6 +120,55 @@ struct Running {
     config: Arc<Config>,
     binds: Arc<Vec<SocketAddr>>,
     generation: u64,
+    tls: TlsRunning,
+}
+
+/// The TLS material every worker uses, and what the files looked like
+/// when it was read.
+#[derive(Debug, Default)]
+struct TlsRunning {
+    workload: Option<Arc<Workload>>,
+    /// The files' stamps at the last load attempt (successful or not: a
+    /// half-written file is retried when it changes again, not every tick).
+    stamps: Vec<Stamp>,
+    reloads: u64,
+    reload_failures: u64,
+    last_error: Option<String>,
+}
+
+/// What tells a changed file: modification time, size and inode (a
+/// Kubernetes secret volume swaps a symlink; metadata follows it).
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn stamps(files: &TlsFiles) -> Vec<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    [&files.cert, &files.key, &files.trust_bundle]
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
+        })
+        .collect()
+}
+
+/// How often the TLS files' stamps are checked: new handshakes use new
+/// material within this plus a mailbox poll (10 ms) of the change.
+pub const TLS_WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The TLS material in use, for `/stats` and `/metrics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsStatus {
+    pub identity: String,
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    pub seconds_to_expiry: i64,
+    pub trust_anchors: usize,
+    /// Successful loads after the first.
+    pub reloads: u64,
+    pub reload_failures: u64,
+    pub last_error: Option<String>,
 }
 
 /// The proxy's config as every worker runs it, and the way to change it.
@@ -131,15 +183,93 @@ impl Controller {
         config: Arc<Config>,
         binds: Arc<Vec<SocketAddr>>,
         mailboxes: Vec<Sender<Command>>,
+        tls: Option<Arc<Workload>>,
     ) -> Self {
+        let stamps = config.tls.as_ref().map(stamps).unwrap_or_default();
         Self {
             mailboxes,
             running: Lock::new(Running {
                 config,
                 binds,
                 generation: 0,
+                tls: TlsRunning {
+                    workload: tls,
+                    stamps,
+                    ..TlsRunning::default()
+                },
             }),
         }
+    }
+
+    /// Loads the material `config` names, as the workers will use it.
+    pub fn load_tls(config: &Config) -> Result<Option<Arc<Workload>>, MaterialError> {
+        config
+            .tls
+            .as_ref()
+            .map(|files| Workload::load(files).map(Arc::new))
+            .transpose()
+    }
+
+    /// The material in use, if any.
+    pub fn tls_status(&self) -> Option<TlsStatus> {
+        let r = self.running();
+        let w = r.tls.workload.as_ref()?;
+        let m = &w.material;
+        Some(TlsStatus {
+            identity: m.identity.to_string(),
+            serial: m.serial.clone(),
+            not_after: m
+                .not_after
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            seconds_to_expiry: m.seconds_to_expiry(),
+            trust_anchors: m.roots.len(),
+            reloads: r.tls.reloads,
+            reload_failures: r.tls.reload_failures,
+            last_error: r.tls.last_error.clone(),
+        })
+    }
+
+    /// Reloads the TLS files if their stamps changed since the last
+    /// attempt, and hands the new material to every worker. Ok(Some(serial))
+    /// when new material is in use; a file that does not load keeps the
+    /// old material (and is counted and logged).
+    pub fn reload_tls_if_changed(&self) -> Result<Option<String>, MaterialError> {
+        let mut running = self.running();
+        let Some(files) = running.config.tls.clone() else {
+            return Ok(None);
+        };
+        let now = stamps(&files);
+        if now == running.tls.stamps {
+            return Ok(None);
+        }
+        running.tls.stamps = now;
+        let workload = match Workload::load(&files) {
+            Ok(w) => Arc::new(w),
+            Err(e) => {
+                running.tls.reload_failures += 1;
+                running.tls.last_error = Some(e.to_string());
+                tracing::warn!(error = %e, "TLS files changed but do not load; keeping the material in use");
+                return Err(e);
+            }
+        };
+        let serial = workload.material.serial.clone();
+        let answered = ask_all(&self.mailboxes, SWAP_TIMEOUT, |reply| Command::Tls {
+            workload: Some(Arc::clone(&workload)),
+            reply,
+        });
+        if answered.len() < self.mailboxes.len() {
+            tracing::error!(
+                answered = answered.len(),
+                workers = self.mailboxes.len(),
+                "not every worker confirmed the new TLS material in time"
+            );
+        }
+        tracing::info!(identity = %workload.material.identity, %serial, "TLS material reloaded");
+        running.tls.workload = Some(workload);
+        running.tls.reloads += 1;
+        running.tls.last_error = None;
+        Ok(Some(serial))
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, Running> {
@@ -203,6 +333,10 @@ impl Controller {
             };
             binds.push(addr);
         }
+        // Every swap reads the TLS files afresh: SIGHUP and POST /config
+        // are also how an operator says "the certificates changed".
+        let tls_stamps = config.tls.as_ref().map(stamps).unwrap_or_default();
+        let tls = Self::load_tls(&config)?;
         let config = Arc::new(config);
         let binds = Arc::new(binds);
         let generation = running.generation + 1;
@@ -211,6 +345,7 @@ impl Controller {
             generation,
             config: Arc::clone(&config),
             binds: Arc::clone(&binds),
+            tls: tls.clone(),
             reply,
         });
         let mut failures: Vec<String> = answers
@@ -250,10 +385,19 @@ impl Controller {
         }
         drop(reservations);
         let changes = diff(&old, &config, generation);
+        let reloads = running.tls.reloads + u64::from(tls.is_some());
+        let reload_failures = running.tls.reload_failures;
         *running = Running {
             config,
             binds,
             generation,
+            tls: TlsRunning {
+                workload: tls,
+                stamps: tls_stamps,
+                reloads,
+                reload_failures,
+                last_error: None,
+            },
         };
         tracing::info!(changes = %changes.summary(), "config swapped on every worker");
         Ok(changes)

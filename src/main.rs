@@ -271,10 +271,25 @@ fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
 
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
-        Ok(config) => {
-            print!("{}: ok\n{}", path.display(), config.summary());
-            ExitCode::SUCCESS
-        }
+        Ok(config) => match pilotfish::control::Controller::load_tls(&config) {
+            Ok(tls) => {
+                print!("{}: ok\n{}", path.display(), config.summary());
+                if let Some(t) = tls {
+                    let m = &t.material;
+                    println!(
+                        "tls: {} (serial {}, expires in {} s)",
+                        m.identity,
+                        m.serial,
+                        m.seconds_to_expiry()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}: TLS material: {e}", path.display());
+                ExitCode::FAILURE
+            }
+        },
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -35,6 +35,8 @@ pub enum StartError {
     Worker(String),
     #[error("workers did not start within {START_TIMEOUT:?}")]
     Timeout,
+    #[error("TLS material: {0}")]
+    Tls(#[from] crate::tls::material::MaterialError),
 }
 
 /// Counters merged over all workers, plus each worker's own.
@@ -51,11 +53,14 @@ pub struct Proxy {
     /// The access log writer; finished after the last worker exits.
     access_log: crate::access_log::Writer,
     exited: Receiver<()>,
+    /// Dropped to stop the TLS file watcher.
+    tls_watch: crossbeam_channel::Sender<()>,
 }
 
 impl Proxy {
     /// Starts every worker and returns once all of them serve.
     pub fn start(config: Config) -> Result<Proxy, StartError> {
+        let tls = Controller::load_tls(&config)?;
         let config = Arc::new(config);
         // Resolve port 0 once; the reservations hold the ports until every
         // worker has bound its own socket to them.
@@ -85,6 +90,7 @@ impl Proxy {
                     config: Arc::clone(&config),
                     binds: Arc::clone(&binds),
                     access_log: access_log.sink(),
+                    tls: tls.clone(),
                 },
                 started_tx.clone(),
                 alive_tx.clone(),
@@ -110,11 +116,14 @@ impl Proxy {
         }
         drop(reservations);
         let mailboxes = handles.iter().map(|h| h.mailbox.clone()).collect();
+        let control = Arc::new(Controller::new(config, binds, mailboxes, tls));
+        let tls_watch = spawn_tls_watch(&control).map_err(StartError::Spawn)?;
         Ok(Proxy {
-            control: Arc::new(Controller::new(config, binds, mailboxes)),
+            control,
             handles,
             access_log,
             exited,
+            tls_watch,
         })
     }
 
@@ -180,6 +189,7 @@ impl Proxy {
     /// Waits for every worker thread to exit, then for the access log
     /// writer to write what they left.
     pub fn join(self) {
+        drop(self.tls_watch);
         for h in self.handles {
             if h.thread.join().is_err() {
                 tracing::error!(worker = h.id, "worker thread panicked");
@@ -201,6 +211,24 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Checks the TLS files every [`crate::control::TLS_WATCH_INTERVAL`] and
+/// rotates the material when they change, until the sender is dropped.
+fn spawn_tls_watch(control: &Arc<Controller>) -> std::io::Result<crossbeam_channel::Sender<()>> {
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let control = Arc::clone(control);
+    std::thread::Builder::new()
+        .name("pilotfish-tls-watch".into())
+        .spawn(move || {
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(crate::control::TLS_WATCH_INTERVAL)
+            {
+                // Errors are logged and counted by the controller.
+                let _ = control.reload_tls_if_changed();
+            }
+        })?;
+    Ok(stop)
 }
 
 fn stop_all(handles: Vec<WorkerHandle>) {

@@ -78,6 +78,8 @@ fn forwarded(req: &RequestHead) -> Vec<u8> {
         client_ip: "192.0.2.1",
         proto: "http",
         request_id: b"test-id",
+        identity_header: "x-pilotfish-peer-identity",
+        identity: None,
     };
     let mut out = Vec::new();
     write::request(req, body, false, &fwd, &Edits::default(), &mut out);

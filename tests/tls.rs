@@ -13,72 +13,12 @@ use pilotfish::tls::{
     verify::{self, ServerVerifier},
 };
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose as Ku, SanType,
+    BasicConstraints, ExtendedKeyUsagePurpose as Eku, IsCa, KeyUsagePurpose as Ku, SanType,
 };
-use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer},
-    ClientConfig, ClientConnection, ServerConfig, ServerConnection,
-};
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
-const FRONTEND: &str = "spiffe://mesh.local/ns/prod/sa/frontend";
-const ORDERS: &str = "spiffe://mesh.local/ns/prod/sa/orders";
-
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn new_ca(name: &str) -> TestCa {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![Ku::KeyCertSign, Ku::CrlSign];
-    let cert = p.self_signed(&key).unwrap();
-    TestCa {
-        pem: cert.pem(),
-        issuer: Issuer::new(p, key),
-    }
-}
-
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-}
-
-impl Leaf {
-    fn chain(&self) -> Vec<CertificateDer<'static>> {
-        use rustls::pki_types::pem::PemObject;
-        CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap()
-    }
-
-    fn key(&self) -> PrivateKeyDer<'static> {
-        use rustls::pki_types::pem::PemObject;
-        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap()
-    }
-}
-
-/// A valid SVID for `id`, changed by `edit` first.
-fn leaf(ca: &TestCa, id: &str, edit: impl FnOnce(&mut CertificateParams)) -> Leaf {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![Ku::DigitalSignature];
-    p.extended_key_usages = vec![Eku::ServerAuth, Eku::ClientAuth];
-    let now = time::OffsetDateTime::now_utc();
-    p.not_before = now - time::Duration::hours(1);
-    p.not_after = now + time::Duration::hours(1);
-    edit(&mut p);
-    let cert = p.signed_by(&key, &ca.issuer).unwrap();
-    Leaf {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    }
-}
+mod support;
+use support::pki::{id, leaf, new_ca, Leaf, FRONTEND, ORDERS};
 
 /// Writes a leaf and a bundle to files and loads them as Material.
 fn material(dir: &Path, name: &str, leaf: &Leaf, bundle: &str) -> Material {
@@ -148,10 +88,6 @@ fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> Outcome {
         server: server_result,
         peer,
     }
-}
-
-fn id(s: &str) -> SpiffeId {
-    SpiffeId::parse(s).unwrap()
 }
 
 /// An outbound client presenting `leaf` (however bad), verifying the server

@@ -29,7 +29,13 @@ fuzz_target!(|data: &[u8]| {
         RequestBody::Length(n) => OutBody::Length(n),
         RequestBody::Chunked => OutBody::Chunked,
     };
-    let fwd = Forwarding { client_ip: "192.0.2.1", proto: "http", request_id: b"fuzz" };
+    let fwd = Forwarding {
+        client_ip: "192.0.2.1",
+        proto: "http",
+        request_id: b"fuzz",
+        identity_header: "x-pilotfish-peer-identity",
+        identity: None,
+    };
     let mut out = Vec::new();
     write::request(&req, body, req.hop.upgrade, &fwd, &Edits::default(), &mut out);
     let (again, again_used) = RequestParser::new(wide())

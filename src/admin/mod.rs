@@ -421,7 +421,8 @@ fn route(method: &[u8], path: &str, query: &Query, body: &[u8], state: &State) -
             (
                 200,
                 "text/plain; version=0.0.4",
-                prometheus::render(&reports, &hist).into_bytes(),
+                prometheus::render(&reports, &hist, state.control.tls_status().as_ref())
+                    .into_bytes(),
             )
         }
         (b"GET", "/histograms") => histograms(query, state),
@@ -511,6 +512,9 @@ fn ready(state: &State) -> Reply {
 #[derive(Serialize)]
 struct Stats {
     total: Snapshot,
+    /// The certificate new handshakes present (absent without `[tls]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<crate::control::TlsStatus>,
     workers: Vec<worker::WorkerReport>,
 }
 
@@ -520,7 +524,11 @@ fn stats(state: &State) -> Stats {
     for w in &workers {
         total.merge(&w.counters);
     }
-    Stats { total, workers }
+    Stats {
+        total,
+        tls: state.control.tls_status(),
+        workers,
+    }
 }
 
 #[derive(Serialize)]

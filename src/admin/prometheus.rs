@@ -136,7 +136,11 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn render(reports: &[WorkerReport], hist: &[HistogramReport]) -> String {
+pub fn render(
+    reports: &[WorkerReport],
+    hist: &[HistogramReport],
+    tls: Option<&crate::control::TlsStatus>,
+) -> String {
     let mut out = String::with_capacity(16 * 1024);
     family(
         &mut out,
@@ -209,8 +213,108 @@ pub fn render(reports: &[WorkerReport], hist: &[HistogramReport]) -> String {
             r.worker, r.driver
         );
     }
+    tls_families(&mut out, reports, tls);
     latency(&mut out, hist);
     out
+}
+
+/// Handshakes, failures by reason, authorization decisions by caller, and
+/// the certificate in use.
+fn tls_families(
+    out: &mut String,
+    reports: &[WorkerReport],
+    tls: Option<&crate::control::TlsStatus>,
+) {
+    family(
+        out,
+        "tls_handshakes_total",
+        "counter",
+        "Completed TLS handshakes by side and kind (full or resumed).",
+    );
+    for r in reports {
+        let t = &r.counters.tls;
+        for (side, kind, n) in [
+            ("inbound", "full", t.handshakes_inbound),
+            ("inbound", "resumed", t.handshakes_inbound_resumed),
+            ("outbound", "full", t.handshakes_outbound),
+            ("outbound", "resumed", t.handshakes_outbound_resumed),
+        ] {
+            let _ = writeln!(
+                out,
+                "pilotfish_tls_handshakes_total{{core=\"{}\",side=\"{side}\",kind=\"{kind}\"}} {n}",
+                r.worker
+            );
+        }
+    }
+    family(
+        out,
+        "tls_handshake_failures_total",
+        "counter",
+        "Failed TLS handshakes by side and reason.",
+    );
+    for r in reports {
+        for f in &r.counters.tls.handshake_failures {
+            let _ = writeln!(
+                out,
+                "pilotfish_tls_handshake_failures_total{{core=\"{}\",side=\"{}\",reason=\"{}\"}} {}",
+                r.worker,
+                f.side.name(),
+                f.reason,
+                f.count
+            );
+        }
+    }
+    family(
+        out,
+        "authorization_total",
+        "counter",
+        "Authorization decisions by listener, caller identity and decision.",
+    );
+    for r in reports {
+        for d in &r.counters.tls.authorization {
+            let _ = writeln!(
+                out,
+                "pilotfish_authorization_total{{core=\"{}\",listener=\"{}\",identity=\"{}\",decision=\"{}\"}} {}",
+                r.worker,
+                label(&d.listener),
+                label(&d.identity),
+                if d.allowed { "allow" } else { "deny" },
+                d.count
+            );
+        }
+    }
+    let Some(t) = tls else {
+        return;
+    };
+    family(
+        out,
+        "tls_certificate_expiry_seconds",
+        "gauge",
+        "Seconds until the certificate new handshakes present expires.",
+    );
+    let _ = writeln!(
+        out,
+        "pilotfish_tls_certificate_expiry_seconds{{identity=\"{}\",serial=\"{}\"}} {}",
+        label(&t.identity),
+        label(&t.serial),
+        t.seconds_to_expiry
+    );
+    family(
+        out,
+        "tls_material_reloads_total",
+        "counter",
+        "TLS material loads after start, and failed attempts.",
+    );
+    let _ = writeln!(
+        out,
+        "pilotfish_tls_material_reloads_total{{result=\"ok\"}} {}",
+        t.reloads
+    );
+    let _ = writeln!(
+        out,
+        "pilotfish_tls_material_reloads_total{{result=\"failed\"}} {}",
+        t.reload_failures
+    );
 }
 
 fn latency(out: &mut String, hist: &[HistogramReport]) {

@@ -25,6 +25,9 @@ pub struct HttpListener {
     pub default_cluster: Option<usize>,
     #[serde(with = "super::humantime_serde_compat")]
     pub request_timeout: Duration,
+    /// Lower-case header that carries the caller's verified identity to
+    /// the local app; removed from every request first.
+    pub identity_header: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -40,6 +43,8 @@ pub struct Route {
     pub timeout: Duration,
     pub retry: RetryPolicy,
     pub edits: Edits,
+    /// Caller identities this route admits (on top of the listener's).
+    pub authorize: Option<Vec<crate::tls::identity::Pattern>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -171,6 +176,7 @@ pub(super) mod raw {
         pub timeout: Option<HumanDuration>,
         pub retry: Option<Retry>,
         pub request_headers: Option<HeaderEdits>,
+        pub authorize: Option<Spanned<Vec<Spanned<String>>>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -254,15 +260,36 @@ impl super::Validator<'_> {
             || l.headers_max.is_some()
             || l.uri_bytes_max.is_some()
             || l.body_bytes_max.is_some()
+            || l.identity_header.is_some()
             || !l.routes.is_empty();
         if http_only {
             return Err(self.error(
                 &l.protocol,
                 format!("listeners[{i}]"),
-                "request_timeout, *_max limits and routes apply to protocol \"http\" only".into(),
+                "request_timeout, *_max limits, identity_header and routes apply to protocol \"http\" only".into(),
             ));
         }
         Ok(())
+    }
+
+    fn identity_header(
+        &self,
+        i: usize,
+        l: &super::raw::Listener,
+    ) -> Result<String, super::ConfigError> {
+        let Some(h) = &l.identity_header else {
+            return Ok(super::tls::IDENTITY_HEADER_DEFAULT.to_string());
+        };
+        let name = h.get_ref();
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || !name.bytes().all(token) {
+            return Err(self.error(
+                h,
+                format!("listeners[{i}].identity_header"),
+                format!("{name:?} is not a valid header name"),
+            ));
+        }
+        Ok(name.to_ascii_lowercase())
     }
 
     pub(super) fn http_listener(
@@ -271,6 +298,7 @@ impl super::Validator<'_> {
         l: &super::raw::Listener,
         default_cluster: Option<usize>,
         clusters: &[super::raw::Cluster],
+        tls: Option<&super::tls::ListenerTls>,
     ) -> Result<HttpListener, super::ConfigError> {
         let key = |f: &str| format!("listeners[{i}].{f}");
         let limits = HeadLimits {
@@ -305,7 +333,7 @@ impl super::Validator<'_> {
             .routes
             .iter()
             .enumerate()
-            .map(|(j, r)| self.route(i, j, r, clusters, request_timeout))
+            .map(|(j, r)| self.route(i, j, r, clusters, request_timeout, tls))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(HttpListener {
             limits,
@@ -313,6 +341,7 @@ impl super::Validator<'_> {
             routes,
             default_cluster,
             request_timeout,
+            identity_header: self.identity_header(i, l)?,
         })
     }
 
@@ -341,6 +370,7 @@ impl super::Validator<'_> {
         r: &raw::Route,
         clusters: &[super::raw::Cluster],
         default_timeout: Duration,
+        tls: Option<&super::tls::ListenerTls>,
     ) -> Result<Route, super::ConfigError> {
         let key = |f: &str| format!("listeners[{i}].routes[{j}].{f}");
         let name = r
@@ -436,6 +466,7 @@ impl super::Validator<'_> {
             timeout: r.timeout.map_or(default_timeout, |d| d.0),
             retry: self.retry(r.retry.as_ref(), &key("retry"))?,
             edits: self.edits(r.request_headers.as_ref(), r, &key("request_headers"))?,
+            authorize: self.authorize(tls, r.authorize.as_ref(), key("authorize"))?,
         })
     }
 

@@ -10,6 +10,7 @@ pub mod duration;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod tls;
 
 use std::{
     collections::HashSet,
@@ -41,6 +42,9 @@ pub struct Config {
     /// Time in-flight connections get to finish after SIGTERM.
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
+    /// This workload's TLS material, for listeners and clusters that use
+    /// mTLS.
+    pub tls: Option<tls::TlsFiles>,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
 }
@@ -113,6 +117,10 @@ pub struct Listener {
     pub idle_timeout: Duration,
     /// HTTP: one line per request, if set.
     pub access_log: Option<AccessLog>,
+    /// Terminate mTLS from peer sidecars (inbound role).
+    pub tls: Option<tls::ListenerTls>,
+    /// Caller identities allowed in; None: any caller the handshake admits.
+    pub authorize: Option<Vec<crate::tls::identity::Pattern>>,
     pub kind: ListenerKind,
 }
 
@@ -157,6 +165,8 @@ pub struct Cluster {
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
     pub connect_attempts: u32,
+    /// Originate mTLS to the endpoints (outbound role).
+    pub tls: Option<tls::ClusterTls>,
     /// Used by HTTP listeners; L4 listeners use round robin and connect
     /// retries only.
     pub http: http::HttpCluster,
@@ -177,6 +187,7 @@ mod raw {
         pub runtime: Runtime,
         #[serde(default)]
         pub admin: Admin,
+        pub tls: Option<Spanned<super::tls::raw::Files>>,
         #[serde(default)]
         pub listeners: Vec<Listener>,
         #[serde(default)]
@@ -220,6 +231,9 @@ mod raw {
         pub uri_bytes_max: Option<Spanned<usize>>,
         pub body_bytes_max: Option<Spanned<u64>>,
         pub access_log: Option<Spanned<AccessLog>>,
+        pub tls: Option<Spanned<super::tls::raw::ListenerTls>>,
+        pub authorize: Option<Spanned<Vec<Spanned<String>>>>,
+        pub identity_header: Option<Spanned<String>>,
         #[serde(default)]
         pub routes: Vec<super::http::raw::Route>,
     }
@@ -239,6 +253,7 @@ mod raw {
         pub endpoints: Spanned<Vec<Spanned<String>>>,
         pub connect_timeout: Option<HumanDuration>,
         pub connect_attempts: Option<Spanned<u32>>,
+        pub tls: Option<Spanned<super::tls::raw::ClusterTls>>,
         // HTTP only.
         pub lb: Option<Spanned<String>>,
         pub hash_header: Option<Spanned<String>>,
@@ -367,8 +382,9 @@ impl Validator<'_> {
                 ))
             }
         };
-        let clusters = self.clusters(&raw.clusters)?;
-        let listeners = self.listeners(&raw.listeners, &raw.clusters)?;
+        let tls = self.tls_files(raw.tls.as_ref())?;
+        let clusters = self.clusters(&raw.clusters, tls.as_ref())?;
+        let listeners = self.listeners(&raw.listeners, &raw.clusters, tls.as_ref())?;
         Ok(Config {
             workers,
             driver: raw.runtime.driver.unwrap_or(DriverChoice::Auto),
@@ -394,6 +410,7 @@ impl Validator<'_> {
             drain_timeout: raw
                 .drain_timeout
                 .map_or(limits::DRAIN_TIMEOUT_DEFAULT, |d| d.0),
+            tls,
             listeners,
             clusters,
         })
@@ -424,7 +441,11 @@ impl Validator<'_> {
         Ok(n)
     }
 
-    fn clusters(&self, raw: &[raw::Cluster]) -> Result<Vec<Cluster>, ConfigError> {
+    fn clusters(
+        &self,
+        raw: &[raw::Cluster],
+        files: Option<&tls::TlsFiles>,
+    ) -> Result<Vec<Cluster>, ConfigError> {
         if raw.len() > limits::CLUSTERS_MAX {
             return Err(ConfigError::whole_file(
                 &self.file,
@@ -490,6 +511,7 @@ impl Validator<'_> {
                     .connect_timeout
                     .map_or(limits::CONNECT_TIMEOUT_DEFAULT, |d| d.0),
                 connect_attempts,
+                tls: self.cluster_tls(files, c.tls.as_ref(), key("tls"))?,
                 http: self.http_cluster(i, c)?,
             });
         }
@@ -500,6 +522,7 @@ impl Validator<'_> {
         &self,
         raw: &[raw::Listener],
         clusters: &[raw::Cluster],
+        files: Option<&tls::TlsFiles>,
     ) -> Result<Vec<Listener>, ConfigError> {
         if raw.len() > limits::LISTENERS_MAX {
             return Err(ConfigError::whole_file(
@@ -556,6 +579,8 @@ impl Validator<'_> {
                         })?,
                 ),
             };
+            let tls = self.listener_tls(files, l.tls.as_ref(), key("tls"))?;
+            let authorize = self.authorize(tls.as_ref(), l.authorize.as_ref(), key("authorize"))?;
             let kind = match l.protocol.get_ref() {
                 Protocol::Tcp => {
                     let Some(cluster) = cluster else {
@@ -579,7 +604,7 @@ impl Validator<'_> {
                             "`copy` applies to tcp listeners only".into(),
                         ));
                     }
-                    ListenerKind::Http(self.http_listener(i, l, cluster, clusters)?)
+                    ListenerKind::Http(self.http_listener(i, l, cluster, clusters, tls.as_ref())?)
                 }
             };
             let access_log = match &l.access_log {
@@ -612,6 +637,8 @@ impl Validator<'_> {
                 protocol: *l.protocol.get_ref(),
                 idle_timeout: l.idle_timeout.map_or(limits::IDLE_TIMEOUT_DEFAULT, |d| d.0),
                 access_log,
+                tls,
+                authorize,
                 kind,
             });
         }

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 
+use crate::tls::stream::Stream;
+
 use super::{
     body::{self, BodyError, Side, Source},
     inbound::{write_all_timed, Inbound},
@@ -49,7 +51,7 @@ const INTERIM_RESPONSES_MAX: usize = 16;
 
 /// An upstream connection during one exchange.
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub inbound: Inbound,
 }
 
@@ -156,8 +158,14 @@ pub async fn forward(
     let request_id = request_id(&worker.rng);
     let fwd = Forwarding {
         client_ip: &client.ip,
-        proto: "http",
+        proto: if client.stream.is_tls() {
+            "https"
+        } else {
+            "http"
+        },
         request_id: &request_id,
+        identity_header: &http.identity_header,
+        identity: client.identity.as_ref().map(|i| i.as_str()),
     };
     let hash_key = match &cluster.config.lb {
         LbPolicy::Hash { header } => req.head.get(header.as_str()),
@@ -308,7 +316,7 @@ impl Attempt<'_> {
         })
     }
 
-    async fn connect(&self) -> Result<TcpStream, AttemptError> {
+    async fn connect(&self) -> Result<Stream, AttemptError> {
         let endpoint = &self.cluster.endpoints[self.ep];
         let counters = &self.worker.counters.http;
         let now = Instant::now();
@@ -330,6 +338,18 @@ impl Attempt<'_> {
         match monoio::time::timeout(limit, TcpStream::connect_addr(endpoint.addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
+                let s = match &self.cluster.source.tls {
+                    None => Stream::Plain(s),
+                    Some(tls) => {
+                        let counters = &self.worker.counters.tls;
+                        let limit = self.cluster.connect_timeout.min(self.until_deadline());
+                        self.worker
+                            .tls
+                            .connect(counters, tls, true, s, limit)
+                            .await
+                            .map_err(failed)?
+                    }
+                };
                 histograms::record(&self.cluster.connect_histogram, started.elapsed());
                 Ok(s)
             }

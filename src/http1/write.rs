@@ -39,6 +39,11 @@ pub struct Forwarding<'a> {
     pub proto: &'a str,
     /// An x-request-id to add when the request has none.
     pub request_id: &'a [u8],
+    /// The lower-case header that carries the caller's identity: every
+    /// copy the client sent is dropped, and `identity` is written in it.
+    pub identity_header: &'a str,
+    /// The caller's verified SPIFFE ID (mTLS listeners).
+    pub identity: Option<&'a str>,
 }
 
 /// Whether `name` is one of the always hop-by-hop fields (or framing,
@@ -158,6 +163,7 @@ pub fn request(
                 .iter()
                 .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
             || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+            || name.eq_ignore_ascii_case(fwd.identity_header.as_bytes())
         {
             continue;
         }
@@ -193,6 +199,9 @@ pub fn request(
     out.extend_from_slice(b"\r\n");
     if !has_request_id {
         write_field(out, b"x-request-id", fwd.request_id);
+    }
+    if let Some(id) = fwd.identity {
+        write_field(out, fwd.identity_header.as_bytes(), id.as_bytes());
     }
     write_framing(out, body, head, &req.codings);
     write_edits(out, edits);

@@ -24,11 +24,40 @@ use monoio::{
 use crate::{
     config::{limits::SPLICE_CHUNK_BYTES, CopyMode},
     metrics,
+    tls::stream::Stream,
     worker::{Driver, Worker},
 };
 
 /// Copies client ↔ upstream until both directions saw FIN, or one failed.
+/// A TLS side always copies through buffers: its bytes must pass through
+/// rustls, so neither splice nor the plain path applies.
 pub async fn both_ways(
+    worker: &Worker,
+    mode: CopyMode,
+    client: Stream,
+    upstream: Stream,
+    activity: &Cell<u64>,
+) -> io::Result<()> {
+    match (client, upstream) {
+        (Stream::Plain(c), Stream::Plain(u)) => plain(worker, mode, c, u, activity).await,
+        (client, upstream) => {
+            let (mut client_r, mut client_w) = client.into_split();
+            let (mut upstream_r, mut upstream_w) = upstream.into_split();
+            let counters = &worker.counters;
+            let up = &counters.bytes_downstream_to_upstream;
+            let down = &counters.bytes_upstream_to_downstream;
+            futures_util::future::try_join(
+                buffered(worker, &mut client_r, &mut upstream_w, up, activity),
+                buffered(worker, &mut upstream_r, &mut client_w, down, activity),
+            )
+            .await?;
+            Ok(())
+        }
+    }
+}
+
+/// Both sides plain TCP: buffered or splice, as `mode` resolves.
+async fn plain(
     worker: &Worker,
     mode: CopyMode,
     client: TcpStream,

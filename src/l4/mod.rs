@@ -15,6 +15,7 @@ use monoio::net::TcpStream;
 use crate::{
     config::ListenerKind,
     metrics,
+    tls::{identity, stream::Stream},
     worker::{gate::Slot, Worker},
 };
 
@@ -41,14 +42,35 @@ pub async fn serve(
     let ListenerKind::Tcp { cluster, copy } = listener.kind else {
         unreachable!("the accept loop sends only tcp listeners here");
     };
+    let _ = client.set_nodelay(true);
+    let client = match &listener.tls {
+        None => Stream::Plain(client),
+        Some(settings) => {
+            let tls = &worker.counters.tls;
+            let accepted = worker
+                .tls
+                .accept(tls, settings, false, client, &listener.name, conn_id)
+                .await;
+            let Some((stream, caller)) = accepted else {
+                return;
+            };
+            if let Some(allow) = &listener.authorize {
+                let id = caller.identity.as_ref();
+                let allowed = id.is_some_and(|id| identity::allowed(allow, id));
+                tls.decision(&listener.name, id.map(|i| i.as_str()), allowed);
+                if !allowed {
+                    tracing::info!(conn_id, %peer, listener = %listener.name, caller = ?id.map(|i| i.as_str()), "caller not authorized; closing");
+                    return;
+                }
+            }
+            stream
+        }
+    };
     let Some((upstream, endpoint)) = connect::connect(&worker, cluster).await else {
         metrics::add(&worker.counters.connections_unrouted, 1);
         tracing::debug!(conn_id, %peer, listener = %listener.name, "no endpoint accepted; closing client");
         return;
     };
-    // Small writes are the proxied application's business, not ours to delay.
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
     tracing::debug!(conn_id, %peer, %endpoint, "proxying");
 
     let activity = Cell::new(0u64);

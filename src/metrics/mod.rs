@@ -34,6 +34,7 @@ pub struct Counters {
     pub access_log_lines: Cell<u64>,
     pub access_log_dropped: Cell<u64>,
     pub http: HttpCounters,
+    pub tls: crate::tls::counters::TlsCounters,
 }
 
 /// Why the proxy generated a response itself. Each is counted, and named
@@ -52,10 +53,12 @@ pub enum ErrorReason {
     UpstreamTimeout,
     UnsupportedVersion,
     NotImplemented,
+    /// The caller's identity is not on the listener's or route's allow-list.
+    Forbidden,
 }
 
 impl ErrorReason {
-    pub const ALL: [ErrorReason; 12] = [
+    pub const ALL: [ErrorReason; 13] = [
         ErrorReason::BadRequest,
         ErrorReason::HeadTooLarge,
         ErrorReason::UriTooLong,
@@ -68,11 +71,13 @@ impl ErrorReason {
         ErrorReason::UpstreamTimeout,
         ErrorReason::UnsupportedVersion,
         ErrorReason::NotImplemented,
+        ErrorReason::Forbidden,
     ];
 
     pub fn status(self) -> u16 {
         match self {
             ErrorReason::BadRequest => 400,
+            ErrorReason::Forbidden => 403,
             ErrorReason::NoRoute => 404,
             ErrorReason::BodyTooLarge => 413,
             ErrorReason::UriTooLong => 414,
@@ -99,6 +104,7 @@ impl ErrorReason {
             ErrorReason::UpstreamTimeout => "upstream_timeout",
             ErrorReason::UnsupportedVersion => "unsupported_http_version",
             ErrorReason::NotImplemented => "not_implemented",
+            ErrorReason::Forbidden => "forbidden",
         }
     }
 
@@ -117,7 +123,7 @@ pub struct HttpCounters {
     /// Responses sent to clients by status class: 1xx (interim), 2xx ... 5xx.
     pub responses_by_class: [Cell<u64>; 5],
     /// Responses the proxy generated itself, by [`ErrorReason`].
-    pub generated: [Cell<u64>; 12],
+    pub generated: [Cell<u64>; 13],
     pub retries: Cell<u64>,
     /// Retries refused because the cluster's retry budget was spent.
     pub retries_over_budget: Cell<u64>,
@@ -228,6 +234,7 @@ pub struct Snapshot {
     pub access_log_lines: u64,
     pub access_log_dropped: u64,
     pub http: HttpSnapshot,
+    pub tls: crate::tls::counters::TlsSnapshot,
 }
 
 /// Adds `n` to a counter cell.
@@ -268,6 +275,7 @@ impl Counters {
                 health_checks_failed: self.http.health_checks_failed.get(),
                 responses_cut: self.http.responses_cut.get(),
             },
+            tls: self.tls.snapshot(),
         }
     }
 }
@@ -289,6 +297,7 @@ impl Snapshot {
         self.access_log_lines += other.access_log_lines;
         self.access_log_dropped += other.access_log_dropped;
         self.http.merge(&other.http);
+        self.tls.merge(&other.tls);
     }
 }
 

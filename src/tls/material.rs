@@ -12,7 +12,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use rustls::{
@@ -74,6 +74,8 @@ pub struct Material {
     pub not_after: SystemTime,
     /// The leaf's serial number, hex.
     pub serial: String,
+    /// How long a session may be resumed (zero: never).
+    pub session_lifetime: Duration,
 }
 
 impl Material {
@@ -109,7 +111,15 @@ impl Material {
             identity,
             not_after,
             serial,
+            session_lifetime: crate::config::tls::SESSION_LIFETIME_DEFAULT,
         })
+    }
+
+    /// Reads the files a config's `[tls]` names, with its settings.
+    pub fn from_files(files: &crate::config::tls::TlsFiles) -> Result<Self, MaterialError> {
+        let mut m = Self::load(&files.cert, &files.key, &files.trust_bundle)?;
+        m.session_lifetime = files.session_lifetime;
+        Ok(m)
     }
 
     /// Seconds until the leaf expires (negative once expired).
@@ -146,7 +156,18 @@ impl Material {
             .with_protocol_versions(Self::versions(tls12))?
             .with_client_cert_verifier(Arc::new(verifier))
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
-        config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_MAX);
+        if self.session_lifetime.is_zero() {
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        } else {
+            config.session_storage = Arc::new(BoundedSessions {
+                inner: ServerSessionMemoryCache::new(SESSION_CACHE_MAX),
+                lifetime: self.session_lifetime,
+            });
+            // One ticket per handshake: a sidecar resumes one connection at
+            // a time per session, and stateful tickets cost cache entries.
+            config.send_tls13_tickets = 1;
+        }
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
@@ -166,8 +187,57 @@ impl Material {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        if self.session_lifetime.is_zero() {
+            config.resumption = rustls::client::Resumption::disabled();
+        } else {
+            config.resumption = rustls::client::Resumption::in_memory_sessions(SESSION_CACHE_MAX);
+        }
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
+    }
+}
+
+/// rustls's server session cache with a time bound: each value is stored
+/// behind the second it was made, and one older than `lifetime` is not
+/// resumed (rustls itself keeps stateful sessions until they are evicted).
+#[derive(Debug)]
+struct BoundedSessions {
+    inner: Arc<ServerSessionMemoryCache>,
+    lifetime: Duration,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl BoundedSessions {
+    fn fresh(&self, stored: Vec<u8>) -> Option<Vec<u8>> {
+        let (stamp, value) = stored.split_first_chunk::<8>()?;
+        let age = unix_now().saturating_sub(u64::from_be_bytes(*stamp));
+        (age < self.lifetime.as_secs().max(1)).then(|| value.to_vec())
+    }
+}
+
+impl rustls::server::StoresServerSessions for BoundedSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let mut stored = Vec::with_capacity(8 + value.len());
+        stored.extend_from_slice(&unix_now().to_be_bytes());
+        stored.extend_from_slice(&value);
+        self.inner.put(key, stored)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.fresh(self.inner.get(key)?)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.fresh(self.inner.take(key)?)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
     }
 }
 
@@ -197,4 +267,22 @@ fn leaf_facts(der: &[u8]) -> (SystemTime, String) {
 /// The process's crypto provider (ring).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// This workload's TLS as the config and the files give it: what workers
+/// build their rustls configs from. A new one is made for every change of
+/// the files or of `[tls]`.
+#[derive(Debug)]
+pub struct Workload {
+    pub material: Material,
+    pub files: crate::config::tls::TlsFiles,
+}
+
+impl Workload {
+    pub fn load(files: &crate::config::tls::TlsFiles) -> Result<Self, MaterialError> {
+        Ok(Self {
+            material: Material::from_files(files)?,
+            files: files.clone(),
+        })
+    }
 }

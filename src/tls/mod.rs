@@ -14,7 +14,10 @@
 //! than none).
 
 pub mod ca;
+pub mod counters;
 pub mod identity;
 pub mod material;
+pub mod per_worker;
+pub mod stream;
 pub mod svid;
 pub mod verify;

@@ -121,3 +121,19 @@ pub fn check_leaf(der: &[u8], purpose: Purpose) -> Result<SpiffeId, SvidError> {
         many => Err(SvidError::SeveralUriSans(many.len())),
     }
 }
+
+/// The SPIFFE ID of a leaf already verified as an SVID (for the role the
+/// handshake checked): its one URI SAN. None if it has not exactly one.
+pub fn uri_san(der: &[u8]) -> Option<SpiffeId> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let first = uris.next()?;
+    if uris.next().is_some() {
+        return None;
+    }
+    SpiffeId::parse(first).ok()
+}

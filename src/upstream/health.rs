@@ -5,7 +5,9 @@
 //! failure. `healthy_threshold` passes in a row mark it healthy,
 //! `unhealthy_threshold` failures in a row unhealthy. Each worker checks on
 //! its own (shared-nothing: no verdicts cross cores), so a cluster sees
-//! `workers` checks per interval.
+//! `workers` checks per interval. A cluster with `tls` is checked over
+//! mTLS, as its requests are: a check that skipped the handshake would
+//! call healthy an endpoint that no request can reach.
 
 use std::{rc::Rc, time::Duration};
 
@@ -19,6 +21,7 @@ use crate::{
     config::{http::HealthCheck, limits::HEALTH_CHECK_RESPONSE_BYTES_MAX},
     http1::{head::RequestKind, HeadLimits, ResponseParser},
     metrics::{self, Counters},
+    tls::{per_worker::WorkerTls, stream::Stream},
     worker::gate::Trigger,
 };
 
@@ -27,12 +30,13 @@ pub async fn run(
     cluster: Rc<ClusterState>,
     check: HealthCheck,
     counters: Rc<Counters>,
+    tls: Rc<WorkerTls>,
     stop: Trigger,
 ) {
     loop {
         for (i, e) in cluster.endpoints.iter().enumerate() {
             let passed = monoio::select! {
-                r = probe(e.addr, &check.path, check.timeout) => r,
+                r = probe(e.addr, &check.path, check.timeout, &cluster, &counters, &tls) => r,
                 _ = stop.wait() => return,
             };
             metrics::add(
@@ -72,15 +76,32 @@ pub fn apply(cluster: &ClusterState, endpoint: usize, passed: bool, check: &Heal
     }
 }
 
-async fn probe(addr: std::net::SocketAddr, path: &str, timeout: Duration) -> bool {
+async fn probe(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+    cluster: &ClusterState,
+    counters: &Counters,
+    tls: &WorkerTls,
+) -> bool {
+    let once = async {
+        let tcp = TcpStream::connect_addr(addr).await.ok()?;
+        let stream = match &cluster.source.tls {
+            None => Stream::Plain(tcp),
+            Some(settings) => tls
+                .connect(&counters.tls, settings, true, tcp, timeout)
+                .await
+                .ok()?,
+        };
+        probe_once(stream, addr, path).await
+    };
     matches!(
-        monoio::time::timeout(timeout, probe_once(addr, path)).await,
+        monoio::time::timeout(timeout, once).await,
         Ok(Some(status)) if (200..300).contains(&status)
     )
 }
 
-async fn probe_once(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect_addr(addr).await.ok()?;
+async fn probe_once(mut stream: Stream, addr: std::net::SocketAddr, path: &str) -> Option<u16> {
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: pilotfish-health-check\r\nConnection: close\r\n\r\n"
     );

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monoio::net::TcpStream;
+use crate::tls::stream::Stream;
 
 /// Connections idle for less than this are handed out without the
 /// liveness peek (one syscall saved per request under load): upstreams
@@ -28,7 +28,7 @@ const PEEK_AFTER: Duration = Duration::from_millis(250);
 
 #[derive(Debug)]
 struct Idle {
-    stream: TcpStream,
+    stream: Stream,
     since: Instant,
 }
 
@@ -39,7 +39,7 @@ pub struct Pool {
 
 impl Pool {
     /// A connection idle for less than `timeout` and still open, if any.
-    pub fn checkout(&self, now: Instant, timeout: Duration) -> Option<TcpStream> {
+    pub fn checkout(&self, now: Instant, timeout: Duration) -> Option<Stream> {
         let mut idle = self.idle.borrow_mut();
         while let Some(c) = idle.pop_back() {
             let age = now.saturating_duration_since(c.since);
@@ -51,7 +51,7 @@ impl Pool {
     }
 
     /// Keeps `stream` for reuse; drops the oldest when `max_idle` is reached.
-    pub fn checkin(&self, stream: TcpStream, now: Instant, max_idle: usize) {
+    pub fn checkin(&self, stream: Stream, now: Instant, max_idle: usize) {
         if max_idle == 0 {
             return;
         }
@@ -85,11 +85,11 @@ impl Pool {
 /// Whether the peer has not closed or reset the connection and sent
 /// nothing unsolicited: a non-blocking one-byte peek must find no data.
 #[allow(unsafe_code)]
-fn still_open(stream: &TcpStream) -> bool {
-    use std::os::fd::{AsRawFd, BorrowedFd};
+fn still_open(stream: &Stream) -> bool {
+    use std::os::fd::BorrowedFd;
     // SAFETY: the descriptor is owned by `stream`, which is borrowed for
     // this whole function, so it stays open while `fd` is used.
-    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.raw_fd()) };
     let sock = socket2::SockRef::from(&fd);
     let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     match sock.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
@@ -101,6 +101,8 @@ fn still_open(stream: &TcpStream) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use monoio::net::TcpStream;
+
     use super::*;
 
     #[test]
@@ -115,9 +117,9 @@ mod tests {
             let pool = Pool::default();
             let now = Instant::now();
             let minute = Duration::from_secs(60);
-            let a = TcpStream::connect_addr(addr).await.unwrap();
+            let a = Stream::Plain(TcpStream::connect_addr(addr).await.unwrap());
             let (peer_a, _) = listener.accept().unwrap();
-            let b = TcpStream::connect_addr(addr).await.unwrap();
+            let b = Stream::Plain(TcpStream::connect_addr(addr).await.unwrap());
             let (_peer_b, _) = listener.accept().unwrap();
             pool.checkin(a, now, 4);
             pool.checkin(b, now, 4);
@@ -132,7 +134,7 @@ mod tests {
             assert!(pool.checkout(later, minute).is_none());
             // Expiry and the bound.
             for _ in 0..3 {
-                let s = TcpStream::connect_addr(addr).await.unwrap();
+                let s = Stream::Plain(TcpStream::connect_addr(addr).await.unwrap());
                 let _ = listener.accept().unwrap();
                 pool.checkin(s, now, 2);
             }

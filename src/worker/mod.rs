@@ -77,6 +77,8 @@ pub enum Command {
         config: Arc<Config>,
         /// The resolved address of every listener, in config order.
         binds: Arc<Vec<SocketAddr>>,
+        /// The TLS material the config's `[tls]` names, installed at commit.
+        tls: Option<Arc<crate::tls::material::Workload>>,
         reply: Sender<Prepared>,
     },
     /// Phase two: serve new connections on the prepared generation, then
@@ -87,6 +89,12 @@ pub enum Command {
     },
     /// Drop the prepared generation and the sockets it bound.
     Abort { generation: u64 },
+    /// Use this TLS material for every handshake from now on (rotation),
+    /// then answer with the worker id.
+    Tls {
+        workload: Option<Arc<crate::tls::material::Workload>>,
+        reply: Sender<usize>,
+    },
 }
 
 /// A worker's answer to [`Command::Prepare`].
@@ -171,6 +179,8 @@ pub struct Worker {
     pub histograms: Histograms,
     /// This worker's access log buffers.
     pub access_log: Rc<access_log::Buffers>,
+    /// The TLS configs new handshakes use (replaced on rotation).
+    pub tls: Rc<crate::tls::per_worker::WorkerTls>,
     store: Rc<histograms::Store>,
     next_conn_id: Rc<Cell<u64>>,
 }
@@ -183,6 +193,7 @@ impl Worker {
         config: Arc<Config>,
         binds: Arc<Vec<SocketAddr>>,
         access_log: Sender<access_log::Batch>,
+        tls: Option<Arc<crate::tls::material::Workload>>,
     ) -> Self {
         let now = Instant::now();
         let store = Rc::new(histograms::Store::default());
@@ -200,6 +211,7 @@ impl Worker {
             rng: Rc::new(Rng::from_time(id as u64)),
             histograms: Histograms::new(&store, &config),
             access_log: Rc::new(access_log::Buffers::new(access_log)),
+            tls: Rc::new(crate::tls::per_worker::WorkerTls::new(tls)),
             store,
             slots: Slots::new(config.max_connections_per_worker),
             binds,
@@ -237,6 +249,7 @@ impl Worker {
             rng: Rc::clone(&self.rng),
             histograms: Histograms::new(&self.store, &config),
             access_log: Rc::clone(&self.access_log),
+            tls: Rc::clone(&self.tls),
             store: Rc::clone(&self.store),
             slots: Rc::clone(&self.slots),
             binds,
@@ -322,6 +335,8 @@ pub struct Setup {
     pub binds: Arc<Vec<SocketAddr>>,
     /// Where the worker's access log batches go.
     pub access_log: Sender<access_log::Batch>,
+    /// The TLS material, when the config has `[tls]`.
+    pub tls: Option<Arc<crate::tls::material::Workload>>,
 }
 
 async fn worker_main(
@@ -336,6 +351,7 @@ async fn worker_main(
         config,
         binds,
         access_log,
+        tls,
     } = setup;
     let mut sockets = Vec::with_capacity(binds.len());
     for (l, addr) in config.listeners.iter().zip(binds.iter()) {
@@ -352,7 +368,9 @@ async fn worker_main(
         }
     }
     tracing::info!(worker = id, core, %driver, "worker serving");
-    let worker = Rc::new(Worker::first(id, core, driver, config, binds, access_log));
+    let worker = Rc::new(Worker::first(
+        id, core, driver, config, binds, access_log, tls,
+    ));
     spawn_upstream_upkeep(&worker);
     spawn_access_log_flusher(&worker);
     let mut control = Control {
@@ -403,6 +421,7 @@ struct Pending {
     worker: Worker,
     /// Sockets bound for listeners new in this generation.
     sockets: Vec<(SocketAddr, monoio::net::TcpListener)>,
+    tls: Option<Arc<crate::tls::material::Workload>>,
 }
 
 impl Control {
@@ -427,6 +446,7 @@ impl Control {
         generation: u64,
         config: Arc<Config>,
         binds: Arc<Vec<SocketAddr>>,
+        tls: Option<Arc<crate::tls::material::Workload>>,
     ) -> Result<(), String> {
         self.pending = None;
         let current = self.worker();
@@ -456,6 +476,7 @@ impl Control {
             generation,
             worker,
             sockets,
+            tls,
         });
         Ok(())
     }
@@ -471,6 +492,7 @@ impl Control {
             return;
         };
         let new = Rc::new(pending.worker);
+        new.tls.install(pending.tls);
         new.slots.set_max(new.config.max_connections_per_worker);
         let old = self.current.replace(Rc::clone(&new));
         self.listening.retain(|(addr, stop)| {
@@ -553,12 +575,13 @@ async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>) {
                     generation,
                     config,
                     binds,
+                    tls,
                     reply,
                 }) => {
                     let result = if worker.draining.is_fired() {
                         Err(format!("worker {}: draining", worker.id))
                     } else {
-                        control.prepare(generation, config, binds)
+                        control.prepare(generation, config, binds, tls)
                     };
                     let _ = reply.try_send(Prepared {
                         worker: worker.id,
@@ -572,6 +595,10 @@ async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>) {
                     let _ = reply.try_send(worker.id);
                 }
                 Ok(Command::Abort { generation }) => control.abort(generation),
+                Ok(Command::Tls { workload, reply }) => {
+                    worker.tls.install(workload);
+                    let _ = reply.try_send(worker.id);
+                }
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
                     worker.draining.fire();
                     worker.retired.fire();
@@ -611,8 +638,9 @@ fn spawn_upstream_upkeep(worker: &Rc<Worker>) {
         if let Some(check) = cluster.config.health_check.clone() {
             let cluster = Rc::clone(cluster);
             let counters = Rc::clone(&worker.counters);
+            let tls = Rc::clone(&worker.tls);
             let stop = worker.retired.clone();
-            monoio::spawn(health::run(cluster, check, counters, stop));
+            monoio::spawn(health::run(cluster, check, counters, tls, stop));
         }
     }
     let w = Rc::clone(worker);

@@ -21,6 +21,7 @@ use pilotfish::{Config, Proxy};
 
 pub mod http_client;
 pub mod http_upstream;
+pub mod pki;
 
 /// Upper bound on any single blocking socket operation in tests.
 pub const IO_DEADLINE: Duration = Duration::from_secs(20);

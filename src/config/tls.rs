@@ -1,0 +1,246 @@
+//! The mTLS parts of the config: the workload's files (`[tls]`), a
+//! listener's `tls` and `authorize`, a route's `authorize`, a cluster's
+//! `tls` (the identity its endpoints must prove).
+//!
+//! What must hold: nothing asks for TLS unless `[tls]` names the files;
+//! an allow-list is accepted only where a client certificate is required
+//! (without one there is no identity to authorize, and an allow-list that
+//! silently let everyone in would be worse than none); every SPIFFE ID and
+//! pattern is checked here, with the key that holds it.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use super::{duration::HumanDuration, ConfigError, Validator};
+use crate::tls::identity::{Pattern, SpiffeId};
+
+/// A caller's identity goes to the local app in this header unless the
+/// listener names another; any copy the client sent is removed first.
+pub const IDENTITY_HEADER_DEFAULT: &str = "x-pilotfish-peer-identity";
+/// A handshake not finished in this long is abandoned (a peer that opens a
+/// connection and sends nothing must not hold a slot for the idle timeout).
+pub const HANDSHAKE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// How long a TLS session may be resumed after its full handshake: the
+/// OpenSSL and nginx default. Bounded so a stolen ticket is worth little,
+/// and a rotated certificate is presented on every connection soon.
+pub const SESSION_LIFETIME_DEFAULT: Duration = Duration::from_secs(300);
+/// Resumption longer than a day is refused (rustls announces stateful
+/// tickets as valid for a day; more would be a lie to the client).
+pub const SESSION_LIFETIME_MAX: Duration = Duration::from_secs(24 * 3600);
+/// Entries in one allow-list: checked per request, linearly.
+pub const AUTHORIZE_PATTERNS_MAX: usize = 64;
+
+/// `[tls]`: this workload's certificate, key and trust bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// The leaf's private key (PEM).
+    pub key: PathBuf,
+    /// The CA certificates peers must chain to (PEM).
+    pub trust_bundle: PathBuf,
+    /// Whether TLS 1.2 is offered besides 1.3.
+    pub tls12: bool,
+    #[serde(with = "super::humantime_serde_compat")]
+    pub handshake_timeout: Duration,
+    /// Zero: no resumption.
+    #[serde(with = "super::humantime_serde_compat")]
+    pub session_lifetime: Duration,
+}
+
+/// A listener's `tls`: terminate TLS from peer sidecars.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerTls {
+    /// Refuse handshakes without a client certificate (default true: an
+    /// inbound sidecar listener exists to know who calls).
+    pub require_client_cert: bool,
+}
+
+/// A cluster's `tls`: originate mTLS to its endpoints, which must prove
+/// this identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterTls {
+    pub server_identity: SpiffeId,
+}
+
+pub(super) mod raw {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Files {
+        pub cert: PathBuf,
+        pub key: PathBuf,
+        pub trust_bundle: PathBuf,
+        pub min_version: Option<Spanned<String>>,
+        pub handshake_timeout: Option<HumanDuration>,
+        pub session_lifetime: Option<Spanned<HumanDuration>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ListenerTls {
+        pub require_client_cert: Option<bool>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ClusterTls {
+        pub server_identity: Spanned<String>,
+    }
+}
+
+impl Validator<'_> {
+    pub(super) fn tls_files(
+        &self,
+        raw: Option<&Spanned<raw::Files>>,
+    ) -> Result<Option<TlsFiles>, ConfigError> {
+        let Some(spanned) = raw else {
+            return Ok(None);
+        };
+        let f = spanned.get_ref();
+        let tls12 = match &f.min_version {
+            None => false,
+            Some(v) if v.get_ref() == "1.3" => false,
+            Some(v) if v.get_ref() == "1.2" => true,
+            Some(v) => {
+                return Err(self.error(
+                    v,
+                    "tls.min_version".into(),
+                    format!("expected \"1.2\" or \"1.3\", found {:?}", v.get_ref()),
+                ))
+            }
+        };
+        let session_lifetime = match &f.session_lifetime {
+            None => SESSION_LIFETIME_DEFAULT,
+            Some(d) if d.get_ref().0 <= SESSION_LIFETIME_MAX => d.get_ref().0,
+            Some(d) => {
+                return Err(self.error(
+                    d,
+                    "tls.session_lifetime".into(),
+                    format!(
+                        "must be at most {}",
+                        humantime::format_duration(SESSION_LIFETIME_MAX)
+                    ),
+                ))
+            }
+        };
+        for (name, path) in [
+            ("cert", &f.cert),
+            ("key", &f.key),
+            ("trust_bundle", &f.trust_bundle),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(self.error(
+                    spanned,
+                    format!("tls.{name}"),
+                    "must name a PEM file".into(),
+                ));
+            }
+        }
+        Ok(Some(TlsFiles {
+            cert: f.cert.clone(),
+            key: f.key.clone(),
+            trust_bundle: f.trust_bundle.clone(),
+            tls12,
+            handshake_timeout: f
+                .handshake_timeout
+                .map_or(HANDSHAKE_TIMEOUT_DEFAULT, |d| d.0),
+            session_lifetime,
+        }))
+    }
+
+    fn needs_files<T>(
+        &self,
+        files: Option<&TlsFiles>,
+        at: &Spanned<T>,
+        key: String,
+    ) -> Result<(), ConfigError> {
+        if files.is_none() {
+            return Err(self.error(
+                at,
+                key,
+                "needs a [tls] section naming this workload's cert, key and trust_bundle".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn listener_tls(
+        &self,
+        files: Option<&TlsFiles>,
+        raw: Option<&Spanned<raw::ListenerTls>>,
+        key: String,
+    ) -> Result<Option<ListenerTls>, ConfigError> {
+        let Some(spanned) = raw else {
+            return Ok(None);
+        };
+        self.needs_files(files, spanned, key)?;
+        Ok(Some(ListenerTls {
+            require_client_cert: spanned.get_ref().require_client_cert.unwrap_or(true),
+        }))
+    }
+
+    pub(super) fn cluster_tls(
+        &self,
+        files: Option<&TlsFiles>,
+        raw: Option<&Spanned<raw::ClusterTls>>,
+        key: String,
+    ) -> Result<Option<ClusterTls>, ConfigError> {
+        let Some(spanned) = raw else {
+            return Ok(None);
+        };
+        self.needs_files(files, spanned, key.clone())?;
+        let id = &spanned.get_ref().server_identity;
+        let server_identity = SpiffeId::parse(id.get_ref())
+            .map_err(|e| self.error(id, format!("{key}.server_identity"), e.to_string()))?;
+        Ok(Some(ClusterTls { server_identity }))
+    }
+
+    /// An allow-list, where `tls` says a client certificate is required.
+    pub(super) fn authorize(
+        &self,
+        tls: Option<&ListenerTls>,
+        raw: Option<&Spanned<Vec<Spanned<String>>>>,
+        key: String,
+    ) -> Result<Option<Vec<Pattern>>, ConfigError> {
+        let Some(list) = raw else {
+            return Ok(None);
+        };
+        if !tls.is_some_and(|t| t.require_client_cert) {
+            return Err(self.error(
+                list,
+                key,
+                "needs the listener's `tls = { require_client_cert = true }`: without a \
+                 client certificate there is no identity to authorize"
+                    .into(),
+            ));
+        }
+        if list.get_ref().len() > AUTHORIZE_PATTERNS_MAX {
+            return Err(self.error(
+                list,
+                key,
+                format!(
+                    "{} entries; the limit is {AUTHORIZE_PATTERNS_MAX}",
+                    list.get_ref().len()
+                ),
+            ));
+        }
+        list.get_ref()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Pattern::parse(p.get_ref()).map_err(|e| {
+                    self.error(
+                        p,
+                        format!("{key}[{i}]"),
+                        format!("{e} (an exact SPIFFE ID, or one ending in /*)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+}

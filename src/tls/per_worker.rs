@@ -1,0 +1,217 @@
+//! One worker's TLS: the rustls configs built from the current workload
+//! material, made on first use and replaced whole when the material
+//! rotates.
+//!
+//! What must hold: each worker builds its own configs (and so its own
+//! session caches): no lock is shared between cores, and a rotation
+//! starts every cache afresh, so no session outlives the material (and the
+//! trust bundle) it was made under. Handshakes already running finish on
+//! the configs they started with; the next one uses the new material.
+
+use std::{cell::RefCell, rc::Rc, sync::Arc, time::Duration};
+
+use monoio::net::TcpStream;
+use rustls::{crypto::CryptoProvider, ClientConfig, ServerConfig};
+
+use super::{
+    counters::{Side, TlsCounters},
+    identity::SpiffeId,
+    material::Workload,
+    stream::{self, Peer, Stream},
+};
+use crate::config::tls::{ClusterTls, ListenerTls};
+
+/// ALPN for HTTP listeners and clusters: HTTP/1.1 is what the proxy
+/// speaks on both sides (`h2` is not offered until it is served).
+const ALPN_HTTP: &[&[u8]] = &[b"http/1.1"];
+
+/// A worker's TLS state, shared by all its config generations.
+#[derive(Debug)]
+pub struct WorkerTls {
+    provider: Arc<CryptoProvider>,
+    current: RefCell<Option<Rc<Built>>>,
+}
+
+/// Built configs, found by a small key (a handful per worker).
+type Cache<K, C> = RefCell<Vec<(K, Arc<C>)>>;
+
+/// Configs built from one workload, per use.
+#[derive(Debug)]
+struct Built {
+    workload: Arc<Workload>,
+    /// Keyed by (require_client_cert, http).
+    servers: Cache<(bool, bool), ServerConfig>,
+    /// Keyed by (expected identity, http).
+    clients: Cache<(SpiffeId, bool), ClientConfig>,
+}
+
+/// What a handshake needs: the rustls config and the deadline.
+pub struct Use<C> {
+    pub config: Arc<C>,
+    pub timeout: Duration,
+}
+
+impl WorkerTls {
+    pub fn new(workload: Option<Arc<Workload>>) -> Self {
+        let tls = Self {
+            provider: super::material::provider(),
+            current: RefCell::new(None),
+        };
+        tls.install(workload);
+        tls
+    }
+
+    /// Uses `workload` for every handshake from now on.
+    pub fn install(&self, workload: Option<Arc<Workload>>) {
+        let built = workload.map(|workload| {
+            Rc::new(Built {
+                workload,
+                servers: RefCell::default(),
+                clients: RefCell::default(),
+            })
+        });
+        *self.current.borrow_mut() = built;
+    }
+
+    /// The serial of the certificate new handshakes present.
+    pub fn serial(&self) -> Option<String> {
+        let current = self.current.borrow();
+        current.as_ref().map(|b| b.workload.material.serial.clone())
+    }
+
+    fn built(&self) -> Result<Rc<Built>, String> {
+        self.current
+            .borrow()
+            .clone()
+            .ok_or_else(|| "no [tls] material is loaded".to_string())
+    }
+
+    /// The config for an inbound listener.
+    pub fn server(
+        &self,
+        require_client_cert: bool,
+        http: bool,
+    ) -> Result<Use<ServerConfig>, String> {
+        let built = self.built()?;
+        let timeout = built.workload.files.handshake_timeout;
+        let key = (require_client_cert, http);
+        if let Some((_, c)) = built.servers.borrow().iter().find(|(k, _)| *k == key) {
+            return Ok(Use {
+                config: Arc::clone(c),
+                timeout,
+            });
+        }
+        let alpn: &[&[u8]] = if http { ALPN_HTTP } else { &[] };
+        let config = built
+            .workload
+            .material
+            .server_config(
+                &self.provider,
+                require_client_cert,
+                built.workload.files.tls12,
+                alpn,
+            )
+            .map_err(|e| e.to_string())?;
+        built.servers.borrow_mut().push((key, Arc::clone(&config)));
+        Ok(Use { config, timeout })
+    }
+
+    /// The config for connecting to endpoints that must be `expected`.
+    pub fn client(&self, expected: &SpiffeId, http: bool) -> Result<Use<ClientConfig>, String> {
+        let built = self.built()?;
+        let timeout = built.workload.files.handshake_timeout;
+        if let Some((_, c)) = built
+            .clients
+            .borrow()
+            .iter()
+            .find(|((id, h), _)| id == expected && *h == http)
+        {
+            return Ok(Use {
+                config: Arc::clone(c),
+                timeout,
+            });
+        }
+        let alpn: &[&[u8]] = if http { ALPN_HTTP } else { &[] };
+        let config = built
+            .workload
+            .material
+            .client_config(
+                &self.provider,
+                expected.clone(),
+                built.workload.files.tls12,
+                alpn,
+            )
+            .map_err(|e| e.to_string())?;
+        built
+            .clients
+            .borrow_mut()
+            .push(((expected.clone(), http), Arc::clone(&config)));
+        Ok(Use { config, timeout })
+    }
+}
+
+impl WorkerTls {
+    /// Terminates TLS on an accepted connection for a listener with
+    /// `tls`; counts the handshake or its failure (logged with the reason).
+    /// None: the connection is done (the handshake failed).
+    pub async fn accept(
+        &self,
+        counters: &TlsCounters,
+        settings: &ListenerTls,
+        http: bool,
+        tcp: TcpStream,
+        listener: &str,
+        conn_id: u64,
+    ) -> Option<(Stream, Peer)> {
+        let server = match self.server(settings.require_client_cert, http) {
+            Ok(s) => s,
+            Err(e) => {
+                counters.failure(Side::Inbound, "no_material");
+                tracing::warn!(conn_id, listener, error = %e, "cannot terminate TLS");
+                return None;
+            }
+        };
+        match stream::accept(tcp, server.config, server.timeout).await {
+            Ok((stream, peer)) => {
+                counters.handshake(Side::Inbound, peer.resumed);
+                Some((stream, peer))
+            }
+            Err(e) => {
+                counters.failure(Side::Inbound, e.reason());
+                tracing::info!(conn_id, listener, reason = e.reason(), error = %e, "inbound TLS handshake failed");
+                None
+            }
+        }
+    }
+
+    /// Originates TLS to an endpoint of a cluster with `tls`; counts the
+    /// handshake or its failure.
+    pub async fn connect(
+        &self,
+        counters: &TlsCounters,
+        settings: &ClusterTls,
+        http: bool,
+        tcp: TcpStream,
+        timeout_cap: Duration,
+    ) -> Result<Stream, String> {
+        let client = self
+            .client(&settings.server_identity, http)
+            .inspect_err(|_| {
+                counters.failure(Side::Outbound, "no_material");
+            })?;
+        match stream::connect(tcp, client.config, client.timeout.min(timeout_cap)).await {
+            Ok((stream, resumed)) => {
+                counters.handshake(Side::Outbound, resumed);
+                Ok(stream)
+            }
+            Err(e) => {
+                counters.failure(Side::Outbound, e.reason());
+                Err(format!(
+                    "TLS handshake with {} failed ({}): {e}",
+                    settings.server_identity,
+                    e.reason()
+                ))
+            }
+        }
+    }
+}
