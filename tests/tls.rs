@@ -334,37 +334,26 @@ fn the_development_ca_issues_usable_svids() {
     assert_eq!(out.peer, Some(id(FRONTEND)));
 }
 
-fn openssl(args: &[&str], dir: &Path) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Certificates from the `openssl` command line, not from rcgen: a proper
-/// SVID is accepted; one with the ID only as a DNS SAN is refused.
-#[test]
-fn openssl_made_certificates_are_judged_the_same_way() {
-    let have = Command::new("sh")
-        .args(["-c", "command -v openssl"])
+/// Whether `tool` is installed; outside CI a missing tool skips the test
+/// (with a note), in CI it fails it.
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
         .status()
         .is_ok_and(|s| s.success());
-    if !have {
+    if !found {
         assert!(
             std::env::var_os("CI").is_none(),
-            "openssl must be installed in CI"
+            "{tool} must be installed in CI"
         );
-        eprintln!("openssl not installed: skipping (install it to run this test)");
-        return;
+        eprintln!("{tool} not installed: skipping (install it to run this test)");
     }
-    let dir = temp_dir("openssl");
-    let d = dir.as_path();
+    found
+}
+
+/// A CA and three leaves made by the `openssl` command line in `d`:
+/// frontend and orders (SVIDs), dnsonly (the ID only as a DNS name).
+fn openssl_pki(d: &Path) {
     openssl(
         &[
             "ecparam",
@@ -453,6 +442,31 @@ fn openssl_made_certificates_are_judged_the_same_way() {
     issue("frontend", &format!("URI:{FRONTEND}"));
     issue("orders", &format!("URI:{ORDERS}"));
     issue("dnsonly", "DNS:frontend.mesh.local");
+}
+
+fn openssl(args: &[&str], dir: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Certificates from the `openssl` command line, not from rcgen: a proper
+/// SVID is accepted; one with the ID only as a DNS SAN is refused.
+#[test]
+fn openssl_made_certificates_are_judged_the_same_way() {
+    if !have("openssl") {
+        return;
+    }
+    let dir = temp_dir("openssl");
+    let d = dir.as_path();
+    openssl_pki(d);
     let load = |n: &str| {
         Material::load(
             &d.join(format!("{n}.pem")),
@@ -527,4 +541,139 @@ fn the_ca_command_line_makes_loadable_material() {
         "x",
     ]);
     assert!(!ok && stderr.contains("spiffe://"), "{stderr}");
+}
+
+/// Real TLS peers outside the project, over sockets, with certificates
+/// made by the `openssl` command line: `curl --cert` through an inbound
+/// HTTP listener (accepted with its identity passed on, or refused with the
+/// reason counted), and `openssl s_client` through an inbound L4 listener.
+/// curl runs with `-k`: the proxy's certificate names a SPIFFE ID, not a
+/// host name, which curl cannot check; the proxy's own client-certificate
+/// check is what is tested here.
+#[test]
+fn curl_and_openssl_s_client_with_openssl_made_certificates() {
+    use std::io::{BufRead, BufReader, Write};
+    if !have("openssl") || !have("curl") {
+        return;
+    }
+    let dir = temp_dir("openssl-peers");
+    let d = dir.as_path();
+    openssl_pki(d);
+    let upstream = support::http_upstream::HttpUpstream::start();
+    let toml = format!(
+        r#"workers = 1
+[tls]
+cert = "{d}/orders.pem"
+key = "{d}/orders.key"
+trust_bundle = "{d}/ca.pem"
+min_version = "1.2"
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:0"
+protocol = "http"
+cluster = "app"
+tls = {{ require_client_cert = true }}
+authorize = ["{FRONTEND}"]
+[[listeners]]
+name = "inbound-tcp"
+bind = "127.0.0.1:0"
+protocol = "tcp"
+cluster = "echo"
+tls = {{}}
+[[clusters]]
+name = "app"
+endpoints = ["{app}"]
+[[clusters]]
+name = "echo"
+endpoints = ["{echo}"]
+"#,
+        d = d.display(),
+        app = upstream.addr,
+        echo = support::echo_server(),
+    );
+    let (proxy, http) = support::start_toml(&toml, "inbound");
+    let tcp = proxy.listener_addr("inbound-tcp").unwrap();
+    let curl = |cert: Option<&str>, versions: &[&str]| {
+        let mut c = Command::new("curl");
+        c.args(["-sk", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"]);
+        c.args(versions);
+        if let Some(n) = cert {
+            c.args(["--cert", &format!("{n}.pem"), "--key", &format!("{n}.key")]);
+        }
+        c.arg(format!("https://127.0.0.1:{}/echo", http.port()));
+        let out = c.current_dir(d).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    const TLS13: &[&str] = &["--tlsv1.3"];
+    // TLS 1.2 exactly: the config's min_version = "1.2" allows it.
+    const TLS12: &[&str] = &["--tlsv1.2", "--tls-max", "1.2"];
+    for versions in [TLS13, TLS12] {
+        let (code, out) = curl(Some("frontend"), versions);
+        assert_eq!(code, Some(0), "{versions:?}: {out}");
+        assert!(out.ends_with("\n200"), "{versions:?}: {out}");
+        assert!(
+            out.to_ascii_lowercase()
+                .contains(&format!("x-pilotfish-peer-identity: {FRONTEND}")),
+            "{versions:?}: {out}"
+        );
+    }
+    let stats = || proxy.stats().total.tls;
+    let (code, out) = curl(Some("dnsonly"), TLS13);
+    assert!(
+        !out.ends_with("\n200"),
+        "a DNS-only certificate is refused: {code:?} {out}"
+    );
+    support::eventually("no_uri_san counted", || {
+        stats().failures(pilotfish::tls::counters::Side::Inbound, "no_uri_san") == 1
+    });
+    let (code, out) = curl(None, TLS13);
+    assert!(
+        !out.ends_with("\n200"),
+        "no certificate is refused: {code:?} {out}"
+    );
+    support::eventually("no_client_certificate counted", || {
+        stats().failures(
+            pilotfish::tls::counters::Side::Inbound,
+            "no_client_certificate",
+        ) == 1
+    });
+    assert_eq!(upstream.requests(), 2);
+
+    // openssl s_client through the L4 listener: the echo comes back.
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", &tcp.to_string()])
+        .args([
+            "-cert",
+            "frontend.pem",
+            "-key",
+            "frontend.key",
+            "-CAfile",
+            "ca.pem",
+        ])
+        .current_dir(d)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"ping from s_client\n").unwrap();
+    stdin.flush().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(line.as_deref(), Ok("ping from s_client"));
+    let t = stats();
+    assert!(t.handshakes_inbound >= 3, "{t:?}");
+    proxy.shutdown();
 }

@@ -244,3 +244,73 @@ impl Validator<'_> {
             .map(Some)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const FILES: &str = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\ntrust_bundle = \"ca.pem\"\n";
+
+    fn listener(extra: &str) -> String {
+        format!(
+            "[[listeners]]\nname = \"in\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"c\"\n{extra}\n[[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n"
+        )
+    }
+
+    fn error(text: &str) -> String {
+        Config::parse("t.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn tls_keys_are_checked_with_their_position() {
+        let e = error(&listener("tls = { require_client_cert = true }"));
+        assert!(e.starts_with("t.toml:6:"), "{e}");
+        assert!(e.contains("listeners[0].tls") && e.contains("[tls]"), "{e}");
+
+        let e = error(&format!(
+            "{FILES}{}",
+            listener("authorize = [\"spiffe://td/a\"]")
+        ));
+        assert!(
+            e.contains("listeners[0].authorize") && e.contains("require_client_cert"),
+            "{e}"
+        );
+
+        let e = error(&format!(
+            "{FILES}{}",
+            listener("tls = { require_client_cert = false }\nauthorize = [\"spiffe://td/a\"]")
+        ));
+        assert!(e.contains("require_client_cert"), "{e}");
+
+        let e = error(&format!(
+            "{FILES}{}",
+            listener("tls = {}\nauthorize = [\"spiffe://td/a\", \"https://td/b\"]")
+        ));
+        assert!(e.contains("listeners[0].authorize[1]"), "{e}");
+
+        let text = format!(
+            "{FILES}{}tls = {{ server_identity = \"spiffe://td/ns/x/\" }}\n",
+            listener("")
+        );
+        let e = error(&text);
+        assert!(e.contains("clusters[0].tls.server_identity"), "{e}");
+
+        let e = error(&format!("{FILES}min_version = \"1.1\"\n{}", listener("")));
+        assert!(e.contains("tls.min_version"), "{e}");
+
+        let ok = Config::parse(
+            "t.toml",
+            &format!(
+                "{FILES}{}",
+                listener("tls = {}\nauthorize = [\"spiffe://td/a\", \"spiffe://td/ns/*\"]")
+            ),
+        )
+        .unwrap();
+        let l = &ok.listeners[0];
+        assert!(
+            l.tls.as_ref().unwrap().require_client_cert,
+            "required by default"
+        );
+        assert_eq!(l.authorize.as_ref().unwrap().len(), 2);
+    }
+}
