@@ -2,14 +2,20 @@
 //!
 //! Container A → Proxy A → Proxy B → Container B, all on loopback: an echo
 //! upstream plays service B, two real `pilotfish` processes play the two
-//! sidecars, and the load generator plays service A. The same load runs
-//! direct and through the mesh; the report shows both and the difference.
+//! sidecars, and the load generator plays service A. The sidecars carry
+//! two paths: plaintext, and mutual TLS with SPIFFE identities from a
+//! development CA made by `pilotfish ca` (B admits only A's identity). The
+//! same load runs direct, through the plaintext pair and through the mTLS
+//! pair; the report shows each, what the mesh added, what mTLS added, and
+//! the handshakes both sidecars counted.
 
 use std::{
     path::{Path, PathBuf},
     sync::atomic::Ordering,
     time::Duration,
 };
+
+use anyhow::Context;
 
 use crate::{pingpong, plot, sidecar::Sidecar, upstream};
 
@@ -37,32 +43,38 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
     let binary = crate::sidecar::locate_binary(binary)?;
     std::fs::create_dir_all(out)?;
 
+    let pki = issue_identities(&binary, out)?;
     let app = upstream::http("127.0.0.1:0".parse()?)?;
     println!("service B (HTTP upstream)     {app}");
-    let inbound = Sidecar::start(
-        &binary,
-        "sidecar-b-inbound",
-        out,
-        &config(out, "inbound", "service-b", app),
-    )?;
-    let inbound_addr = inbound.listener("inbound")?;
+    let inbound = Sidecar::start(&binary, "sidecar-b-inbound", out, &inbound_config(out, app))?;
+    let (inbound_addr, inbound_mtls) = (
+        inbound.listener("inbound")?,
+        inbound.listener("inbound-mtls")?,
+    );
     println!(
-        "sidecar B (inbound listener)  {inbound_addr}  pid {}",
+        "sidecar B (inbound)           {inbound_addr} plaintext, {inbound_mtls} mTLS as {SERVICE_B}  pid {}",
         inbound.pid()
     );
     let outbound = Sidecar::start(
         &binary,
         "sidecar-a-outbound",
         out,
-        &config(out, "outbound", "sidecar-b", inbound_addr),
+        &outbound_config(out, inbound_addr, inbound_mtls),
     )?;
-    let outbound_addr = outbound.listener("outbound")?;
+    let (outbound_addr, outbound_mtls) = (
+        outbound.listener("outbound")?,
+        outbound.listener("outbound-mtls")?,
+    );
     println!(
-        "sidecar A (outbound listener) {outbound_addr}  pid {}",
+        "sidecar A (outbound)          {outbound_addr} plaintext, {outbound_mtls} mTLS as {SERVICE_A}  pid {}",
         outbound.pid()
     );
     println!(
-        "\nload: {} connections, HTTP/1.1 GET keep-alive, closed loop; warm-up {:?}, then {:?} each, direct then mesh\n",
+        "identities: {} (development CA: `pilotfish ca`)",
+        pki.display()
+    );
+    println!(
+        "\nload: {} connections, HTTP/1.1 GET keep-alive, closed loop; warm-up {:?}, then {:?} each: direct, plaintext mesh, mTLS mesh\n",
         plan.connections, plan.warmup, plan.measure
     );
 
@@ -80,23 +92,59 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
     };
     let direct = measure(app)?;
     let mesh = measure(outbound_addr)?;
+    let mtls = measure(outbound_mtls)?;
     if stop.load(Ordering::Relaxed) {
         anyhow::bail!("interrupted; sidecars stopped");
     }
     anyhow::ensure!(
-        mesh.requests > 0 && direct.requests > 0,
+        mesh.requests > 0 && direct.requests > 0 && mtls.requests > 0,
         "no request completed"
     );
 
     let mut report = String::from("Client-observed round trip (service A's view)\n");
-    report += &pingpong::table(&[("direct", &direct), ("through mesh", &mesh)]);
-    report += "\nLatency the mesh added (two sidecar hops, µs)\n";
+    report += &pingpong::table(&[
+        ("direct", &direct),
+        ("through mesh", &mesh),
+        ("through mTLS mesh", &mtls),
+    ]);
+    report += "\nLatency added (µs): by the mesh (two sidecar hops), and by mTLS on top of it\n";
+    report += "  percentile      mesh   mTLS\n";
     for p in [50.0, 90.0, 99.0, 99.9] {
-        let d = direct.histogram.value_at_quantile(p / 100.0) as i64;
-        let m = mesh.histogram.value_at_quantile(p / 100.0) as i64;
-        report += &format!("  p{p:<6} {:>8}\n", m - d);
+        let at = |o: &pingpong::Outcome| o.histogram.value_at_quantile(p / 100.0) as i64;
+        report += &format!(
+            "  p{p:<6} {:>14} {:>6}\n",
+            at(&mesh) - at(&direct),
+            at(&mtls) - at(&mesh)
+        );
     }
-    report += "\nEach sidecar's own histograms, from its admin socket (µs; through-mesh window)\n";
+    report += &format!(
+        "mTLS pair vs plaintext pair (keep-alive): {:.0} vs {:.0} req/s ({:.2}x)\n",
+        mtls.rate(),
+        mesh.rate(),
+        mtls.rate() / mesh.rate()
+    );
+    report += "\nmTLS handshakes (from each sidecar's /stats)\n";
+    for name in ["sidecar-a-outbound", "sidecar-b-inbound"] {
+        let socket = out.join(format!("{name}.sock"));
+        let (status, body) = pilotfish::admin::client::request(&socket, "GET", "/stats")?;
+        anyhow::ensure!(status == 200, "{name}: admin answered {status}: {body}");
+        let stats: serde_json::Value = serde_json::from_str(&body)?;
+        let t = &stats["total"]["tls"];
+        let n = |k: &str| t[k].as_u64().unwrap_or(0);
+        let failures: u64 = t["handshake_failures"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter_map(|f| f["count"].as_u64()).sum());
+        report += &format!(
+            "  {name}: {} full + {} resumed {}, {failures} failed; certificate {} expires in {} s\n",
+            n(if name.contains("outbound") { "handshakes_outbound" } else { "handshakes_inbound" }),
+            n(if name.contains("outbound") { "handshakes_outbound_resumed" } else { "handshakes_inbound_resumed" }),
+            if name.contains("outbound") { "originated" } else { "accepted" },
+            stats["tls"]["identity"].as_str().unwrap_or("?"),
+            stats["tls"]["seconds_to_expiry"].as_i64().unwrap_or(0),
+        );
+    }
+    report +=
+        "\nEach sidecar's own histograms, from its admin socket (µs; the last, mTLS, window)\n";
     for name in ["sidecar-a-outbound", "sidecar-b-inbound"] {
         let socket = out.join(format!("{name}.sock"));
         let (status, body) =
@@ -110,6 +158,7 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         &[
             ("direct", &direct.histogram),
             ("through mesh", &mesh.histogram),
+            ("through mTLS mesh", &mtls.histogram),
         ],
     );
     let svg_path = out.join("latency.svg");
@@ -126,28 +175,99 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
     Ok(())
 }
 
-fn config(out: &Path, listener: &str, cluster: &str, endpoint: std::net::SocketAddr) -> String {
-    let name = if listener == "inbound" {
-        "sidecar-b-inbound"
-    } else {
-        "sidecar-a-outbound"
+/// The workload identities of the demo's two services.
+const SERVICE_A: &str = "spiffe://demo.mesh/ns/default/sa/service-a";
+const SERVICE_B: &str = "spiffe://demo.mesh/ns/default/sa/service-b";
+
+/// Makes a development CA and one SVID per sidecar with the real
+/// `pilotfish ca` commands, as a user trying the mesh would.
+fn issue_identities(binary: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    let pki = out.join("pki");
+    let _ = std::fs::remove_dir_all(&pki);
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let o = std::process::Command::new(binary).args(args).output()?;
+        anyhow::ensure!(
+            o.status.success(),
+            "pilotfish {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(())
     };
+    let ca = pki.join("ca");
+    let ca = ca.to_str().context("non-UTF-8 path")?;
+    run(&["ca", "init", ca])?;
+    for (id, dir) in [(SERVICE_A, "service-a"), (SERVICE_B, "service-b")] {
+        let d = pki.join(dir);
+        let d = d.to_str().context("non-UTF-8 path")?;
+        run(&["ca", "issue", "--ca", ca, "--spiffe-id", id, "--out", d])?;
+    }
+    Ok(pki)
+}
+
+fn header(out: &Path, name: &str, service: &str) -> String {
     let socket = out.join(format!("{name}.sock"));
-    let socket = socket.display();
+    let tls = out.join("pki").join(service);
     format!(
         r#"# written by pilotfish-bench demo
 workers = 1
 drain_timeout = "1s"
 [admin]
 socket = "{socket}"
-[[listeners]]
-name = "{listener}"
+[tls]
+cert = "{tls}/cert.pem"
+key = "{tls}/key.pem"
+trust_bundle = "{tls}/ca.pem"
+"#,
+        socket = socket.display(),
+        tls = tls.display(),
+    )
+}
+
+/// Sidecar B: plaintext and mTLS listeners in front of service B; the mTLS
+/// one admits service A only.
+fn inbound_config(out: &Path, app: std::net::SocketAddr) -> String {
+    header(out, "sidecar-b-inbound", "service-b")
+        + &format!(
+            r#"[[listeners]]
+name = "inbound"
 bind = "127.0.0.1:0"
 protocol = "http"
-cluster = "{cluster}"
+cluster = "service-b"
+[[listeners]]
+name = "inbound-mtls"
+bind = "127.0.0.1:0"
+protocol = "http"
+cluster = "service-b"
+tls = {{ require_client_cert = true }}
+authorize = ["{SERVICE_A}"]
 [[clusters]]
-name = "{cluster}"
-endpoints = ["{endpoint}"]
+name = "service-b"
+endpoints = ["{app}"]
 "#
-    )
+        )
+}
+
+/// Sidecar A: one outbound listener per path to sidecar B.
+fn outbound_config(out: &Path, plain: std::net::SocketAddr, mtls: std::net::SocketAddr) -> String {
+    header(out, "sidecar-a-outbound", "service-a")
+        + &format!(
+            r#"[[listeners]]
+name = "outbound"
+bind = "127.0.0.1:0"
+protocol = "http"
+cluster = "sidecar-b"
+[[listeners]]
+name = "outbound-mtls"
+bind = "127.0.0.1:0"
+protocol = "http"
+cluster = "sidecar-b-mtls"
+[[clusters]]
+name = "sidecar-b"
+endpoints = ["{plain}"]
+[[clusters]]
+name = "sidecar-b-mtls"
+endpoints = ["{mtls}"]
+tls = {{ server_identity = "{SERVICE_B}" }}
+"#
+        )
 }

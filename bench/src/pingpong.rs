@@ -153,7 +153,7 @@ fn read_http_response(s: &mut TcpStream, buf: &mut [u8]) -> bool {
 pub fn table(rows: &[(&str, &Outcome)]) -> String {
     let mut out = format!("{:<22}", "");
     for (name, _) in rows {
-        out += &format!("{name:>14}");
+        out += &format!("{name:>19}");
     }
     out += "\n";
     for p in PERCENTILES {
@@ -164,17 +164,17 @@ pub fn table(rows: &[(&str, &Outcome)]) -> String {
         };
         out += &format!("{:<22}", format!("{label} (µs)"));
         for (_, o) in rows {
-            out += &format!("{:>14}", o.histogram.value_at_quantile(p / 100.0));
+            out += &format!("{:>19}", o.histogram.value_at_quantile(p / 100.0));
         }
         out += "\n";
     }
     out += &format!("{:<22}", "requests/s");
     for (_, o) in rows {
-        out += &format!("{:>14.0}", o.rate());
+        out += &format!("{:>19.0}", o.rate());
     }
     out += &format!("\n{:<22}", "requests (errors)");
     for (_, o) in rows {
-        out += &format!("{:>14}", format!("{} ({})", o.requests, o.errors));
+        out += &format!("{:>19}", format!("{} ({})", o.requests, o.errors));
     }
     out + "\n"
 }

@@ -34,8 +34,10 @@ fn demo_quick_runs_the_mesh_and_reports() {
     for expected in [
         "direct",
         "through mesh",
+        "through mTLS mesh",
         "p99",
-        "Latency the mesh added",
+        "Latency added",
+        "mTLS pair vs plaintext pair",
         "latency.svg",
     ] {
         assert!(
@@ -44,12 +46,26 @@ fn demo_quick_runs_the_mesh_and_reports() {
         );
     }
     let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 2);
-    // Through the mesh, every request got an answer.
+    assert_eq!(svg.matches("<polyline").count(), 3);
+    // Through both meshes, every request got an answer.
     let errors_line = stdout
         .lines()
         .find(|l| l.starts_with("requests (errors)"))
         .unwrap();
-    assert_eq!(errors_line.matches("(0)").count(), 2, "{errors_line}");
+    assert_eq!(errors_line.matches("(0)").count(), 3, "{errors_line}");
+    // The mTLS pair handshook (A originated, B accepted) and nothing failed.
+    for side in ["originated, 0 failed", "accepted, 0 failed"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(side))
+            .unwrap_or_else(|| panic!("no handshake line with {side:?}:\n{stdout}"));
+        let full: u64 = line
+            .split(": ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(full >= 1, "{line}");
+    }
     std::fs::remove_dir_all(out).unwrap();
 }
