@@ -31,15 +31,15 @@ use serde::Serialize;
 
 use crate::sidecar::Sidecar;
 
-const TICKS_PER_SEC: f64 = 100.0;
+pub(crate) const TICKS_PER_SEC: f64 = 100.0;
 /// Idle connections held in the idle scenario (bounded further by the
 /// file descriptors this process may open).
 const IDLE_CONNECTIONS: usize = 10_000;
 /// File descriptors asked for the proxies (10k clients + pooled upstreams).
 const PROXY_NOFILE: u64 = 65_536;
 
-struct Proc {
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
 }
 
 impl Drop for Proc {
@@ -63,11 +63,11 @@ struct Candidate {
     _guard: Box<dyn std::any::Any>,
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn installed(tool: &str) -> bool {
+pub(crate) fn installed(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .stdout(Stdio::null())
@@ -75,7 +75,7 @@ fn installed(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() {
         if Instant::now() > deadline {
@@ -87,7 +87,7 @@ fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// User and system ticks of a process (all its threads).
-fn cpu_ticks(pid: u32) -> (u64, u64) {
+pub(crate) fn cpu_ticks(pid: u32) -> (u64, u64) {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return (0, 0);
     };
@@ -112,7 +112,7 @@ fn rss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
-fn children(pid: u32) -> Vec<u32> {
+pub(crate) fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()
         .split_whitespace()
@@ -151,7 +151,7 @@ fn nofile_limits() -> (u64, u64) {
 }
 
 /// `taskset -c CPUS [prlimit --nofile=N:N --] PROGRAM`.
-fn pinned(cpus: &str, program: &str, nofile: bool) -> Command {
+pub(crate) fn pinned(cpus: &str, program: &str, nofile: bool) -> Command {
     let mut c = Command::new("taskset");
     c.args(["-c", cpus]);
     if nofile {
@@ -353,7 +353,7 @@ pub struct ScenarioResult {
     pub notes: Vec<String>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }

@@ -3,6 +3,7 @@
 
 mod compare;
 mod demo;
+mod handshakes;
 mod l4;
 mod load;
 mod pingpong;
@@ -43,6 +44,16 @@ enum Command {
         /// Measurements per mode, interleaved; the median is reported.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// Full mTLS handshakes per second per core: Pilotfish vs nginx and
+    /// HAProxy terminating the same mutual TLS, same run.
+    Handshakes {
+        /// One short round (CI).
+        #[arg(long)]
+        quick: bool,
+        /// The pilotfish binary (default: built next to this one).
+        #[arg(long, value_name = "PATH")]
+        pilotfish: Option<PathBuf>,
     },
     /// Pilotfish vs nginx and HAProxy over several scenarios, same run.
     Compare {
@@ -128,6 +139,7 @@ fn main() -> anyhow::Result<()> {
             pilotfish,
         } => demo::run(quick, &out, pilotfish),
         Command::L4 { mib, rounds } => l4::run(mib, rounds),
+        Command::Handshakes { quick, pilotfish } => handshakes::run(quick, pilotfish),
         Command::Compare {
             quick,
             pilotfish,
