@@ -34,3 +34,5 @@ n=$(wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$px/" | awk '/requests in/{print 
 kill -TERM $vg; wait $vg || true
 total=$(callgrind_annotate "$dir/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
 echo "requests=$n instructions=$total per_request=$((total / n))"
+# CALLGRIND_KEEP=FILE keeps the profile (for callgrind_annotate diffs).
+if [ -n "${CALLGRIND_KEEP:-}" ]; then cp "$dir/cg.out" "$CALLGRIND_KEEP"; fi

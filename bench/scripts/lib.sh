@@ -2,8 +2,11 @@
 # release binary, makes a scratch directory removed on exit, finds free
 # ports, and starts the nginx upstream they all measure against.
 root=$(cd "$(dirname "$0")/../.." && pwd)
-cargo build --release -q --manifest-path "$root/Cargo.toml" --bin pilotfish
-bin="$root/target/release/pilotfish"
+# PILOTFISH_BIN=PATH measures another build (e.g. an older commit's).
+if [ -z "${PILOTFISH_BIN:-}" ]; then
+  cargo build --release -q --manifest-path "$root/Cargo.toml" --bin pilotfish
+fi
+bin="${PILOTFISH_BIN:-$root/target/release/pilotfish}"
 dir=$(mktemp -d)
 # Background processes to stop on exit (append with pids+=($!)).
 pids=()

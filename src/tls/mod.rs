@@ -7,11 +7,12 @@
 //! only if it is the identity the cluster expects; identities are SPIFFE
 //! URI SANs, never DNS names.
 //!
-//! Status: the building blocks are here and tested with real handshakes;
-//! wiring them into the listeners and upstream connections (config keys,
-//! authorization, rotation) is the rest of the mTLS issue, so no config key
-//! enables TLS yet (one that was accepted but not enforced would be worse
-//! than none).
+//! Who owns what: `identity` (IDs and allow-lists), `svid` (the leaf
+//! rules), `verify` (rustls verifiers), `material` (files → rustls
+//! configs, time-bounded session cache), `stream` (the plain-or-TLS stream
+//! and the handshake loop), `per_worker` (each worker's configs, rebuilt on
+//! rotation), `counters` (handshakes, failures, authorization decisions),
+//! `ca` (the development CA). Rotation is driven by `crate::control`.
 
 pub mod ca;
 pub mod counters;
