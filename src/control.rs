@@ -77,6 +77,9 @@ pub struct Changes {
     pub clusters_changed: Vec<String>,
     /// Top-level settings that changed (drain_timeout, ...).
     pub settings_changed: Vec<&'static str>,
+    /// The serial of the certificate new handshakes present, when the TLS
+    /// files were read again.
+    pub tls_serial: Option<String>,
 }
 
 impl Changes {
@@ -88,6 +91,7 @@ impl Changes {
             && self.clusters_removed.is_empty()
             && self.clusters_changed.is_empty()
             && self.settings_changed.is_empty()
+            && self.tls_serial.is_none()
     }
 
     /// One line for logs and the admin CLI.
@@ -110,6 +114,9 @@ impl Changes {
         }
         if !self.settings_changed.is_empty() {
             parts.push(format!("settings: {}", self.settings_changed.join(", ")));
+        }
+        if let Some(serial) = &self.tls_serial {
+            parts.push(format!("TLS material reloaded (serial {serial})"));
         }
         format!("generation {}: {}", self.generation, parts.join("; "))
     }
@@ -230,6 +237,49 @@ impl Controller {
         })
     }
 
+    /// Reads the TLS files again and hands the material to every worker
+    /// (the config itself is unchanged).
+    fn rotate_tls(
+        &self,
+        running: &mut std::sync::MutexGuard<'_, Running>,
+    ) -> Result<Changes, ApplyError> {
+        let tls = Self::load_tls(&running.config)?;
+        let stamps = running.config.tls.as_ref().map(stamps).unwrap_or_default();
+        let serial = tls.as_ref().map(|w| w.material.serial.clone());
+        self.install_tls(running, tls, stamps);
+        let changes = Changes {
+            generation: running.generation,
+            tls_serial: serial,
+            ..Changes::default()
+        };
+        tracing::info!(changes = %changes.summary(), "config unchanged; TLS material reloaded");
+        Ok(changes)
+    }
+
+    /// Sends `tls` to every worker and records it as the material in use.
+    fn install_tls(
+        &self,
+        running: &mut std::sync::MutexGuard<'_, Running>,
+        tls: Option<Arc<Workload>>,
+        stamps: Vec<Stamp>,
+    ) {
+        let answered = ask_all(&self.mailboxes, SWAP_TIMEOUT, |reply| Command::Tls {
+            workload: tls.clone(),
+            reply,
+        });
+        if answered.len() < self.mailboxes.len() {
+            tracing::error!(
+                answered = answered.len(),
+                workers = self.mailboxes.len(),
+                "not every worker confirmed the new TLS material in time"
+            );
+        }
+        running.tls.stamps = stamps;
+        running.tls.workload = tls;
+        running.tls.reloads += 1;
+        running.tls.last_error = None;
+    }
+
     /// Reloads the TLS files if their stamps changed since the last
     /// attempt, and hands the new material to every worker. Ok(Some(serial))
     /// when new material is in use; a file that does not load keeps the
@@ -254,21 +304,9 @@ impl Controller {
             }
         };
         let serial = workload.material.serial.clone();
-        let answered = ask_all(&self.mailboxes, SWAP_TIMEOUT, |reply| Command::Tls {
-            workload: Some(Arc::clone(&workload)),
-            reply,
-        });
-        if answered.len() < self.mailboxes.len() {
-            tracing::error!(
-                answered = answered.len(),
-                workers = self.mailboxes.len(),
-                "not every worker confirmed the new TLS material in time"
-            );
-        }
-        tracing::info!(identity = %workload.material.identity, %serial, "TLS material reloaded");
-        running.tls.workload = Some(workload);
-        running.tls.reloads += 1;
-        running.tls.last_error = None;
+        tracing::info!(identity = %workload.material.identity, %serial, "TLS files changed; material reloaded");
+        let stamps = running.tls.stamps.clone();
+        self.install_tls(&mut running, Some(workload), stamps);
         Ok(Some(serial))
     }
 
@@ -305,6 +343,11 @@ impl Controller {
         let restart = needs_restart(&old, &config);
         if !restart.is_empty() {
             return Err(ApplyError::NeedsRestart(restart));
+        }
+        if *old == config && config.tls.is_some() {
+            // Nothing but (maybe) the certificates: rotate them without a
+            // new generation, so no open connection is asked to close.
+            return self.rotate_tls(&mut running);
         }
         // Where each listener binds: a kept address keeps its sockets; a
         // port-0 listener that keeps its name and bind keeps its port.
@@ -384,7 +427,8 @@ impl Controller {
             );
         }
         drop(reservations);
-        let changes = diff(&old, &config, generation);
+        let mut changes = diff(&old, &config, generation);
+        changes.tls_serial = tls.as_ref().map(|w| w.material.serial.clone());
         let reloads = running.tls.reloads + u64::from(tls.is_some());
         let reload_failures = running.tls.reload_failures;
         *running = Running {
@@ -467,6 +511,7 @@ fn diff(old: &Config, new: &Config, generation: u64) -> Changes {
         clusters_removed,
         clusters_changed,
         settings_changed,
+        tls_serial: None,
     }
 }
 

@@ -511,3 +511,62 @@ fn no_session_is_resumed_across_a_trust_bundle_change() {
     assert_eq!(t.handshakes_inbound, 2);
     m.b.shutdown();
 }
+
+/// Re-applying the same config after the certificate files changed (what
+/// SIGHUP and `POST /config` do) rotates the material without a new config
+/// generation: an open keep-alive connection is not asked to close.
+#[test]
+fn reapplying_the_same_config_rotates_tls_without_closing_connections() {
+    let m = mesh("epoll", "mtls-reapply");
+    let a = m.sidecar("epoll", FRONTEND, "frontend");
+    let mut conn = Conn::open(a.listener_addr("out").unwrap());
+    conn.send(b"GET /echo HTTP/1.1\r\nHost: o\r\n\r\n");
+    assert_eq!(conn.read(false).unwrap().status, 200);
+
+    let new_leaf = leaf(&m.ca, ORDERS, |_| {});
+    new_leaf.write(&m.dir.join("orders"), &m.ca.pem);
+    let config = (*m.b.config()).clone();
+    let changes = m.b.controller().apply(config).unwrap();
+    assert_eq!(changes.generation, 0, "no new generation");
+    assert_eq!(
+        changes.tls_serial.as_deref(),
+        Some(new_leaf.serial().as_str())
+    );
+    assert!(
+        changes.summary().contains("TLS material reloaded"),
+        "{}",
+        changes.summary()
+    );
+
+    // The sidecars' connection and the client's are both untouched.
+    conn.send(b"GET /echo HTTP/1.1\r\nHost: o\r\n\r\n");
+    let r = conn.read(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), None, "not asked to close");
+    assert_eq!(
+        tls_stats(&a).handshakes_outbound,
+        1,
+        "pooled mTLS connection kept"
+    );
+    // New handshakes present the new certificate.
+    let client_leaf = leaf(&m.ca, FRONTEND, |_| {});
+    let s = pki::tls_connect(
+        m.b.listener_addr("inbound").unwrap(),
+        pki::client_config(&m.ca.pem, Some(&client_leaf), ORDERS),
+    )
+    .unwrap();
+    assert_eq!(pki::server_serial(&s), new_leaf.serial());
+    // And /metrics tells the certificate and the handshakes.
+    let reports = pilotfish::worker::collect_reports(&m.b.mailboxes());
+    let status = m.b.controller().tls_status();
+    let text = pilotfish::admin::prometheus::render(&reports, &[], status.as_ref());
+    for needle in [
+        "pilotfish_tls_handshakes_total{core=\"0\",side=\"inbound\",kind=\"full\"}",
+        &format!("pilotfish_tls_certificate_expiry_seconds{{identity=\"{ORDERS}\",serial=\"{}\"}}", new_leaf.serial()),
+        &format!("pilotfish_authorization_total{{core=\"0\",listener=\"inbound\",identity=\"{FRONTEND}\",decision=\"allow\"}} 2"),
+    ] {
+        assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");
+    }
+    a.shutdown();
+    m.b.shutdown();
+}

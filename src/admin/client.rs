@@ -116,6 +116,22 @@ pub fn stats_table(json: &str) -> Result<String, String> {
         );
     }
     out += &row("total", &v["total"], "", "");
+    if let Some(cert) = v.get("tls") {
+        let t = &v["total"]["tls"];
+        let failed: u64 = t["handshake_failures"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter_map(|f| f["count"].as_u64()).sum());
+        out += &format!(
+            "tls: {} serial {} expires in {} s; handshakes in {} (+{} resumed), out {} (+{} resumed), {failed} failed\n",
+            cert["identity"].as_str().unwrap_or("?"),
+            cert["serial"].as_str().unwrap_or("?"),
+            n(&cert["seconds_to_expiry"]),
+            n(&t["handshakes_inbound"]),
+            n(&t["handshakes_inbound_resumed"]),
+            n(&t["handshakes_outbound"]),
+            n(&t["handshakes_outbound_resumed"]),
+        );
+    }
     Ok(out)
 }
 
