@@ -178,7 +178,14 @@ impl WorkerTls {
             }
             Err(e) => {
                 counters.failure(Side::Inbound, e.reason());
-                tracing::info!(conn_id, listener, reason = e.reason(), error = %e, "inbound TLS handshake failed");
+                // A refused certificate is worth an operator's eye; peers
+                // that hang up or time out (scanners, probes) are counted
+                // and logged at debug only, so they cannot flood the log.
+                if matches!(e, stream::HandshakeError::Tls(_)) {
+                    tracing::info!(conn_id, listener, reason = e.reason(), error = %e, "inbound TLS handshake refused");
+                } else {
+                    tracing::debug!(conn_id, listener, reason = e.reason(), error = %e, "inbound TLS handshake failed");
+                }
                 None
             }
         }
