@@ -10,7 +10,7 @@ use pilotfish::tls::{
     identity::SpiffeId,
     material::{self, Material},
     svid::{self, Purpose},
-    verify::{self, ServerVerifier},
+    verify,
 };
 use rcgen::{
     BasicConstraints, ExtendedKeyUsagePurpose as Eku, IsCa, KeyUsagePurpose as Ku, SanType,
@@ -93,21 +93,7 @@ fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> Outcome {
 /// An outbound client presenting `leaf` (however bad), verifying the server
 /// as `expected`.
 fn raw_client(bundle: &Material, leaf: Option<&Leaf>, expected: &str) -> Arc<ClientConfig> {
-    let provider = material::provider();
-    let verifier = ServerVerifier::new(
-        Arc::clone(&bundle.roots),
-        id(expected),
-        Arc::clone(&provider),
-    );
-    let b = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier));
-    Arc::new(match leaf {
-        Some(l) => b.with_client_auth_cert(l.chain(), l.key()).unwrap(),
-        None => b.with_no_client_auth(),
-    })
+    support::pki::client_config_with_roots(Arc::clone(&bundle.roots), leaf, expected)
 }
 
 /// An inbound server presenting `leaf` (however bad), not asking for

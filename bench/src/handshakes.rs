@@ -228,18 +228,30 @@ fn start_nginx(dir: &Path, pki: &Pki, cpu: &str) -> anyhow::Result<Candidate> {
         ca = pki.ca.display(),
     );
     std::fs::write(d.join("nginx.conf"), conf)?;
-    let child = pinned(cpu, "nginx", false)
-        .args(["-p", &d.to_string_lossy(), "-c", "nginx.conf"])
+    let args = ["-p", &d.to_string_lossy(), "-c", "nginx.conf"].map(String::from);
+    spawn_peer("nginx", &args, &d, addr, cpu)
+}
+
+/// Starts a peer proxy pinned to `cpu`, waits until it listens on `addr`.
+fn spawn_peer(
+    name: &'static str,
+    args: &[String],
+    dir: &Path,
+    addr: SocketAddr,
+    cpu: &str,
+) -> anyhow::Result<Candidate> {
+    let child = pinned(cpu, name, false)
+        .args(args)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.join("stderr.log"))?)
+        .stderr(std::fs::File::create(dir.join("stderr.log"))?)
         .spawn()?;
     let p = Proc { child };
     wait_listening(addr)
-        .with_context(|| std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default())?;
+        .with_context(|| std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default())?;
     let mut pids = vec![p.child.id()];
     pids.extend(children(p.child.id()));
     Ok(Candidate {
-        name: "nginx",
+        name,
         addr,
         pids,
         _guard: Box::new(p),
@@ -256,22 +268,11 @@ fn start_haproxy(dir: &Path, pki: &Pki, cpu: &str) -> anyhow::Result<Candidate> 
         ca = pki.ca.display(),
     );
     std::fs::write(d.join("haproxy.cfg"), conf)?;
-    let child = pinned(cpu, "haproxy", false)
-        .args(["-f", &d.join("haproxy.cfg").to_string_lossy()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.join("stderr.log"))?)
-        .spawn()?;
-    let p = Proc { child };
-    wait_listening(addr)
-        .with_context(|| std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default())?;
-    let mut pids = vec![p.child.id()];
-    pids.extend(children(p.child.id()));
-    Ok(Candidate {
-        name: "haproxy",
-        addr,
-        pids,
-        _guard: Box::new(p),
-    })
+    let args = [
+        "-f".to_string(),
+        d.join("haproxy.cfg").display().to_string(),
+    ];
+    spawn_peer("haproxy", &args, &d, addr, cpu)
 }
 
 /// One connection: handshake, the request, the whole answer. Ok(status).

@@ -289,41 +289,14 @@ async fn handle(
     *route_out = route_index;
     let route = route_index.map(|i| &http.routes[i]);
     if let Some(denied) = authorize(worker, listener, route, client) {
-        let body_pending = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
-        send_generated(
-            worker,
-            client,
-            ErrorReason::Forbidden,
-            &denied,
-            body_pending,
-            idle,
-        )
-        .await;
-        return if body_pending || !req.hop.keep_alive {
-            Next::Close
-        } else {
-            Next::KeepAlive
-        };
+        return refuse(worker, client, &req, ErrorReason::Forbidden, &denied, idle).await;
     }
     let cluster = match (route, http.default_cluster) {
         (Some(r), _) => crate::route::pick_weighted(&r.clusters, &worker.rng),
         (None, Some(c)) => c,
         (None, None) => {
-            let body_pending = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
-            send_generated(
-                worker,
-                client,
-                ErrorReason::NoRoute,
-                "no route matches this request",
-                body_pending,
-                idle,
-            )
-            .await;
-            return if body_pending || !req.hop.keep_alive {
-                Next::Close
-            } else {
-                Next::KeepAlive
-            };
+            let why = "no route matches this request";
+            return refuse(worker, client, &req, ErrorReason::NoRoute, why, idle).await;
         }
     };
     let result = exchange::forward(worker, http, route, cluster, client, &req, idle).await;
@@ -348,6 +321,26 @@ async fn handle(
             tracing::debug!(conn_id, %why, "response cut off");
             Next::Close
         }
+    }
+}
+
+/// Answers `req` with a generated response before anything was forwarded.
+/// The connection stays open only if the request had no body left unread
+/// and the client keeps it alive.
+async fn refuse(
+    worker: &Worker,
+    client: &mut Client,
+    req: &RequestHead,
+    reason: ErrorReason,
+    detail: &str,
+    idle: Duration,
+) -> Next {
+    let body_pending = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
+    send_generated(worker, client, reason, detail, body_pending, idle).await;
+    if body_pending || !req.hop.keep_alive {
+        Next::Close
+    } else {
+        Next::KeepAlive
     }
 }
 

@@ -93,61 +93,60 @@ impl WorkerTls {
         http: bool,
     ) -> Result<Use<ServerConfig>, String> {
         let built = self.built()?;
-        let timeout = built.workload.files.handshake_timeout;
-        let key = (require_client_cert, http);
-        if let Some((_, c)) = built.servers.borrow().iter().find(|(k, _)| *k == key) {
-            return Ok(Use {
-                config: Arc::clone(c),
-                timeout,
-            });
-        }
-        let alpn: &[&[u8]] = if http { ALPN_HTTP } else { &[] };
-        let config = built
-            .workload
-            .material
-            .server_config(
+        let files = &built.workload.files;
+        let config = cached(&built.servers, (require_client_cert, http), || {
+            built.workload.material.server_config(
                 &self.provider,
                 require_client_cert,
-                built.workload.files.tls12,
-                alpn,
+                files.tls12,
+                alpn(http),
             )
-            .map_err(|e| e.to_string())?;
-        built.servers.borrow_mut().push((key, Arc::clone(&config)));
-        Ok(Use { config, timeout })
+        })?;
+        Ok(Use {
+            config,
+            timeout: files.handshake_timeout,
+        })
     }
 
     /// The config for connecting to endpoints that must be `expected`.
     pub fn client(&self, expected: &SpiffeId, http: bool) -> Result<Use<ClientConfig>, String> {
         let built = self.built()?;
-        let timeout = built.workload.files.handshake_timeout;
-        if let Some((_, c)) = built
-            .clients
-            .borrow()
-            .iter()
-            .find(|((id, h), _)| id == expected && *h == http)
-        {
-            return Ok(Use {
-                config: Arc::clone(c),
-                timeout,
-            });
-        }
-        let alpn: &[&[u8]] = if http { ALPN_HTTP } else { &[] };
-        let config = built
-            .workload
-            .material
-            .client_config(
+        let files = &built.workload.files;
+        let config = cached(&built.clients, (expected.clone(), http), || {
+            built.workload.material.client_config(
                 &self.provider,
                 expected.clone(),
-                built.workload.files.tls12,
-                alpn,
+                files.tls12,
+                alpn(http),
             )
-            .map_err(|e| e.to_string())?;
-        built
-            .clients
-            .borrow_mut()
-            .push(((expected.clone(), http), Arc::clone(&config)));
-        Ok(Use { config, timeout })
+        })?;
+        Ok(Use {
+            config,
+            timeout: files.handshake_timeout,
+        })
     }
+}
+
+fn alpn(http: bool) -> &'static [&'static [u8]] {
+    if http {
+        ALPN_HTTP
+    } else {
+        &[]
+    }
+}
+
+/// The config under `key`, built by `build` the first time.
+fn cached<K: PartialEq, C>(
+    cache: &Cache<K, C>,
+    key: K,
+    build: impl FnOnce() -> Result<Arc<C>, super::material::MaterialError>,
+) -> Result<Arc<C>, String> {
+    if let Some((_, c)) = cache.borrow().iter().find(|(k, _)| *k == key) {
+        return Ok(Arc::clone(c));
+    }
+    let config = build().map_err(|e| e.to_string())?;
+    cache.borrow_mut().push((key, Arc::clone(&config)));
+    Ok(config)
 }
 
 impl WorkerTls {

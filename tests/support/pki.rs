@@ -122,12 +122,21 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 /// A TLS client config presenting `leaf` (or no certificate), verifying
 /// the server as `expected` against `bundle`, with its own session cache.
 pub fn client_config(bundle: &str, leaf: Option<&Leaf>, expected: &str) -> Arc<ClientConfig> {
-    let provider = material::provider();
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let verifier = ServerVerifier::new(Arc::new(roots), id(expected), Arc::clone(&provider));
+    client_config_with_roots(Arc::new(roots), leaf, expected)
+}
+
+/// [`client_config`] with the trust anchors given as a store.
+pub fn client_config_with_roots(
+    roots: Arc<RootCertStore>,
+    leaf: Option<&Leaf>,
+    expected: &str,
+) -> Arc<ClientConfig> {
+    let provider = material::provider();
+    let verifier = ServerVerifier::new(roots, id(expected), Arc::clone(&provider));
     let b = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
