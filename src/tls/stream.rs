@@ -12,6 +12,12 @@
 //! a failed handshake sends rustls's alert when it has one, then closes;
 //! every failure has a short reason ([`super::verify::reason`], or
 //! `timeout`, `eof`, `io`).
+//!
+//! Memory per TLS connection is bounded: the wrapper's read and write
+//! buffers (16 KiB each, monoio-io-wrapper), rustls's received-plaintext
+//! limit (16 KiB) and its send buffer (each write is flushed before the
+//! next, so it holds one record), plus [`HANDSHAKE_READ_BYTES`] during the
+//! handshake.
 
 use std::{
     future::Future,
