@@ -143,6 +143,8 @@ pub struct Line<'a> {
     pub listener: &'a str,
     pub route: Option<&'a str>,
     pub client: &'a str,
+    /// The caller's verified SPIFFE ID (mTLS listeners); CLF's authuser.
+    pub peer_identity: Option<&'a str>,
     pub method: &'a str,
     pub target: &'a str,
     pub version: &'a str,
@@ -216,11 +218,13 @@ pub fn format(format: LogFormat, line: &Line<'_>, out: &mut Vec<u8>) {
             let _ = serde_json::to_writer(&mut *out, line);
         }
         LogFormat::Common => {
-            // host ident authuser [date] "request" status bytes
+            // host ident authuser [date] "request" status bytes; the
+            // caller's SPIFFE ID (no spaces or quotes) is the authuser.
             let _ = write!(
                 out,
-                "{} - - [{}] \"{} ",
+                "{} - {} [{}] \"{} ",
                 line.client,
+                line.peer_identity.unwrap_or("-"),
                 clf_time(&line.time),
                 line.method
             );
@@ -267,6 +271,7 @@ mod tests {
             listener: "web",
             route: Some("api"),
             client: "10.0.0.1",
+            peer_identity: None,
             method: "GET",
             target: "/a\"b",
             version: "HTTP/1.1",
@@ -296,6 +301,20 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "10.0.0.1 - - [27/Nov/2026:10:44:40 +0000] \"GET /a\\x22b HTTP/1.1\" 200 -\n"
         );
+        let mut out = Vec::new();
+        let id = "spiffe://mesh.local/ns/prod/sa/frontend";
+        let with_id = Line {
+            peer_identity: Some(id),
+            ..line()
+        };
+        format(LogFormat::Common, &with_id, &mut out);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .starts_with(&format!("10.0.0.1 - {id} [")));
+        let mut out = Vec::new();
+        format(LogFormat::Json, &with_id, &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["peer_identity"], id);
     }
 
     #[test]

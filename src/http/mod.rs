@@ -187,6 +187,7 @@ pub async fn serve(
                 listener: &listener.name,
                 route: route.map(|r| http.routes[r].name.as_str()),
                 client: &client.ip,
+                peer_identity: client.identity.as_ref().map(|i| i.as_str()),
                 method: &String::from_utf8_lossy(&method),
                 target: &String::from_utf8_lossy(&target),
                 version: match version {
