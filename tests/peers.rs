@@ -14,22 +14,6 @@ use std::{
 
 use support::{http_client::*, *};
 
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} must be installed in CI"
-        );
-        eprintln!("{tool} not installed: skipping (install it to run this test)");
-    }
-    found
-}
-
 struct Nginx {
     child: Child,
     addr: SocketAddr,

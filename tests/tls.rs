@@ -18,7 +18,10 @@ use rcgen::{
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
 mod support;
-use support::pki::{id, leaf, new_ca, Leaf, FRONTEND, ORDERS};
+use support::{
+    have,
+    pki::{id, leaf, new_ca, Leaf, FRONTEND, ORDERS},
+};
 
 /// Writes a leaf and a bundle to files and loads them as Material.
 fn material(dir: &Path, name: &str, leaf: &Leaf, bundle: &str) -> Material {
@@ -318,23 +321,6 @@ fn the_development_ca_issues_usable_svids() {
     );
     assert!(out.client.is_ok() && out.server.is_ok(), "{out:?}");
     assert_eq!(out.peer, Some(id(FRONTEND)));
-}
-
-/// Whether `tool` is installed; outside CI a missing tool skips the test
-/// (with a note), in CI it fails it.
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} must be installed in CI"
-        );
-        eprintln!("{tool} not installed: skipping (install it to run this test)");
-    }
-    found
 }
 
 /// A CA and three leaves made by the `openssl` command line in `d`:

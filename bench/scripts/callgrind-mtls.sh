@@ -54,10 +54,7 @@ name = "b"
 endpoints = ["127.0.0.1:$bp"]
 $cluster_tls
 TOML
-  MONOIO_FORCE_LEGACY_DRIVER=1 valgrind --tool=callgrind --callgrind-out-file="$dir/cg-$path.out" \
-    "$bin" run -c "$dir/b.toml" 2>/dev/null &
-  vg=$!
-  pids+=("$vg")
+  callgrind_start "$dir/cg-$path.out" "$dir/b.toml"
   wait_port "$bp"
   "$bin" run -c "$dir/a.toml" 2>/dev/null &
   a=$!
@@ -66,7 +63,7 @@ TOML
   n=$(wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$ap/" | awk '/requests in/{print $1}')
   kill -TERM "$a"; wait "$a" || true
   kill -TERM "$vg"; wait "$vg" || true
-  total=$(callgrind_annotate "$dir/cg-$path.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
+  total=$(callgrind_total "$dir/cg-$path.out")
   echo "$path: requests=$n instructions=$total per_request=$((total / n))"
   if [ -n "${CALLGRIND_KEEP:-}" ]; then cp "$dir/cg-$path.out" "$CALLGRIND_KEEP-$path.out"; fi
 done

@@ -25,14 +25,11 @@ cluster = "up"
 name = "up"
 endpoints = ["127.0.0.1:$up"]
 TOML
-MONOIO_FORCE_LEGACY_DRIVER=1 valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" \
-  "$bin" run -c "$dir/pilotfish.toml" 2>/dev/null &
-vg=$!
-pids+=("$vg")
+callgrind_start "$dir/cg.out" "$dir/pilotfish.toml"
 wait_port "$px"
 n=$(wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$px/" | awk '/requests in/{print $1}')
 kill -TERM $vg; wait $vg || true
-total=$(callgrind_annotate "$dir/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
+total=$(callgrind_total "$dir/cg.out")
 echo "requests=$n instructions=$total per_request=$((total / n))"
 # CALLGRIND_KEEP=FILE keeps the profile (for callgrind_annotate diffs).
 if [ -n "${CALLGRIND_KEEP:-}" ]; then cp "$dir/cg.out" "$CALLGRIND_KEEP"; fi

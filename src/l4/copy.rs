@@ -17,7 +17,7 @@
 use std::{cell::Cell, io};
 
 use monoio::{
-    io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable},
+    io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable},
     net::TcpStream,
 };
 
@@ -40,20 +40,32 @@ pub async fn both_ways(
 ) -> io::Result<()> {
     match (client, upstream) {
         (Stream::Plain(c), Stream::Plain(u)) => plain(worker, mode, c, u, activity).await,
-        (client, upstream) => {
-            let (mut client_r, mut client_w) = client.into_split();
-            let (mut upstream_r, mut upstream_w) = upstream.into_split();
-            let counters = &worker.counters;
-            let up = &counters.bytes_downstream_to_upstream;
-            let down = &counters.bytes_upstream_to_downstream;
-            futures_util::future::try_join(
-                buffered(worker, &mut client_r, &mut upstream_w, up, activity),
-                buffered(worker, &mut upstream_r, &mut client_w, down, activity),
-            )
-            .await?;
-            Ok(())
-        }
+        (client, upstream) => buffered_pair(worker, client, upstream, activity).await,
     }
+}
+
+/// Both directions through pooled buffers, each until its FIN.
+async fn buffered_pair<A, B>(
+    worker: &Worker,
+    client: A,
+    upstream: B,
+    activity: &Cell<u64>,
+) -> io::Result<()>
+where
+    A: AsyncReadRent + AsyncWriteRent + Split,
+    B: AsyncReadRent + AsyncWriteRent + Split,
+{
+    let (mut client_r, mut client_w) = client.into_split();
+    let (mut upstream_r, mut upstream_w) = upstream.into_split();
+    let counters = &worker.counters;
+    let up = &counters.bytes_downstream_to_upstream;
+    let down = &counters.bytes_upstream_to_downstream;
+    futures_util::future::try_join(
+        buffered(worker, &mut client_r, &mut upstream_w, up, activity),
+        buffered(worker, &mut upstream_r, &mut client_w, down, activity),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Both sides plain TCP: buffered or splice, as `mode` resolves.
@@ -64,27 +76,27 @@ async fn plain(
     upstream: TcpStream,
     activity: &Cell<u64>,
 ) -> io::Result<()> {
+    if !matches!(resolve(mode, worker.driver), CopyMode::Splice) {
+        return buffered_pair(worker, client, upstream, activity).await;
+    }
     let (mut client_r, mut client_w) = client.into_split();
     let (mut upstream_r, mut upstream_w) = upstream.into_split();
     let counters = &worker.counters;
-    let up = &counters.bytes_downstream_to_upstream;
-    let down = &counters.bytes_upstream_to_downstream;
-    match resolve(mode, worker.driver) {
-        CopyMode::Buffered | CopyMode::Auto => {
-            futures_util::future::try_join(
-                buffered(worker, &mut client_r, &mut upstream_w, up, activity),
-                buffered(worker, &mut upstream_r, &mut client_w, down, activity),
-            )
-            .await?;
-        }
-        CopyMode::Splice => {
-            futures_util::future::try_join(
-                splice(&mut client_r, &mut upstream_w, up, activity),
-                splice(&mut upstream_r, &mut client_w, down, activity),
-            )
-            .await?;
-        }
-    }
+    futures_util::future::try_join(
+        splice(
+            &mut client_r,
+            &mut upstream_w,
+            &counters.bytes_downstream_to_upstream,
+            activity,
+        ),
+        splice(
+            &mut upstream_r,
+            &mut client_w,
+            &counters.bytes_upstream_to_downstream,
+            activity,
+        ),
+    )
+    .await?;
     Ok(())
 }
 

@@ -73,12 +73,6 @@ impl WorkerTls {
         *self.current.borrow_mut() = built;
     }
 
-    /// The serial of the certificate new handshakes present.
-    pub fn serial(&self) -> Option<String> {
-        let current = self.current.borrow();
-        current.as_ref().map(|b| b.workload.material.serial.clone())
-    }
-
     fn built(&self) -> Result<Rc<Built>, String> {
         self.current
             .borrow()

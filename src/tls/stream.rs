@@ -98,63 +98,45 @@ unsafe impl Split for Stream {}
 // pays one small allocation per call, next to the record's crypto.
 type Dispatch<P, S, C> = Either<P, Either<Pin<Box<S>>, Pin<Box<C>>>>;
 
+/// The future of `$method($arg)` on whichever stream `$self` is.
+macro_rules! dispatch {
+    ($self:ident.$method:ident($($arg:ident)?)) => {{
+        let d: Dispatch<_, _, _> = match $self {
+            Stream::Plain(s) => Either::Left(s.$method($($arg)?)),
+            Stream::Server(s, _) => Either::Right(Either::Left(Box::pin(s.$method($($arg)?)))),
+            Stream::Client(s, _) => Either::Right(Either::Right(Box::pin(s.$method($($arg)?)))),
+        };
+        d
+    }};
+}
+
 impl AsyncReadRent for Stream {
     #[inline]
     fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        let d: Dispatch<_, _, _> = match self {
-            Stream::Plain(s) => Either::Left(s.read(buf)),
-            Stream::Server(s, _) => Either::Right(Either::Left(Box::pin(s.read(buf)))),
-            Stream::Client(s, _) => Either::Right(Either::Right(Box::pin(s.read(buf)))),
-        };
-        d
+        dispatch!(self.read(buf))
     }
 
     fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        let d: Dispatch<_, _, _> = match self {
-            Stream::Plain(s) => Either::Left(s.readv(buf)),
-            Stream::Server(s, _) => Either::Right(Either::Left(Box::pin(s.readv(buf)))),
-            Stream::Client(s, _) => Either::Right(Either::Right(Box::pin(s.readv(buf)))),
-        };
-        d
+        dispatch!(self.readv(buf))
     }
 }
 
 impl AsyncWriteRent for Stream {
     #[inline]
     fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        let d: Dispatch<_, _, _> = match self {
-            Stream::Plain(s) => Either::Left(s.write(buf)),
-            Stream::Server(s, _) => Either::Right(Either::Left(Box::pin(s.write(buf)))),
-            Stream::Client(s, _) => Either::Right(Either::Right(Box::pin(s.write(buf)))),
-        };
-        d
+        dispatch!(self.write(buf))
     }
 
     fn writev<T: IoVecBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        let d: Dispatch<_, _, _> = match self {
-            Stream::Plain(s) => Either::Left(s.writev(buf)),
-            Stream::Server(s, _) => Either::Right(Either::Left(Box::pin(s.writev(buf)))),
-            Stream::Client(s, _) => Either::Right(Either::Right(Box::pin(s.writev(buf)))),
-        };
-        d
+        dispatch!(self.writev(buf))
     }
 
     fn flush(&mut self) -> impl Future<Output = std::io::Result<()>> {
-        let d: Dispatch<_, _, _> = match self {
-            Stream::Plain(s) => Either::Left(s.flush()),
-            Stream::Server(s, _) => Either::Right(Either::Left(Box::pin(s.flush()))),
-            Stream::Client(s, _) => Either::Right(Either::Right(Box::pin(s.flush()))),
-        };
-        d
+        dispatch!(self.flush())
     }
 
     fn shutdown(&mut self) -> impl Future<Output = std::io::Result<()>> {
-        let d: Dispatch<_, _, _> = match self {
-            Stream::Plain(s) => Either::Left(s.shutdown()),
-            Stream::Server(s, _) => Either::Right(Either::Left(Box::pin(s.shutdown()))),
-            Stream::Client(s, _) => Either::Right(Either::Right(Box::pin(s.shutdown()))),
-        };
-        d
+        dispatch!(self.shutdown())
     }
 }
 

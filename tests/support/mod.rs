@@ -345,3 +345,21 @@ pub fn cluster(name: &str, endpoints: &[SocketAddr], extra: &str) -> String {
         list.join(", ")
     )
 }
+
+/// Whether `tool` is installed. Outside CI a missing tool skips the test
+/// that asked (it says so); under CI (CI=true) it fails it.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} must be installed in CI"
+        );
+        eprintln!("{tool} not installed: skipping (install it to run this test)");
+    }
+    found
+}
