@@ -53,6 +53,8 @@ pub struct Client {
     /// The caller's verified identity (mTLS listeners with a client
     /// certificate).
     pub identity: Option<SpiffeId>,
+    /// Where this caller's authorization counters are.
+    pub decisions: crate::tls::counters::DecisionSlots,
     /// What happened to the current request, for the access log.
     pub note: Note,
 }
@@ -114,6 +116,7 @@ pub async fn serve(
         inbound: Inbound::new(Vec::with_capacity(CLIENT_BUFFER_BYTES)),
         ip: peer.ip().to_string(),
         identity,
+        decisions: Default::default(),
         note: Note::default(),
     };
     let idle = listener.idle_timeout;
@@ -378,7 +381,12 @@ fn authorize(
     } else {
         None
     };
-    counters.decision(&listener.name, id.map(|i| i.as_str()), denied.is_none());
+    counters.decision_cached(
+        &listener.name,
+        id.map(|i| i.as_str()),
+        denied.is_none(),
+        &client.decisions,
+    );
     denied
 }
 

@@ -53,6 +53,10 @@ pub struct Failure {
     pub count: u64,
 }
 
+/// Where one connection's (denied, allowed) series sit in the list.
+#[derive(Debug, Default)]
+pub struct DecisionSlots([Cell<Option<usize>>; 2]);
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
     pub listener: String,
@@ -93,29 +97,58 @@ impl TlsCounters {
 
     /// Counts one authorization decision for `identity` on `listener`.
     pub fn decision(&self, listener: &str, identity: Option<&str>, allowed: bool) {
-        let identity = identity.unwrap_or(NO_IDENTITY);
+        self.decision_cached(listener, identity, allowed, &DecisionSlots::default());
+    }
+
+    /// [`Self::decision`] for a connection that decides again and again
+    /// (one HTTP request after another): `slots` remembers where its series
+    /// are, so a request costs an index, not a search of every caller's.
+    /// Series are never removed, so an index stays valid.
+    pub fn decision_cached(
+        &self,
+        listener: &str,
+        identity: Option<&str>,
+        allowed: bool,
+        slots: &DecisionSlots,
+    ) {
+        let slot = &slots.0[usize::from(allowed)];
         let mut list = self.decisions.borrow_mut();
-        let hit = |d: &Decision, id: &str| {
-            d.allowed == allowed && d.listener == listener && d.identity == id
-        };
-        if let Some(d) = list.iter_mut().find(|d| hit(d, identity)) {
+        if let Some(d) = slot.get().and_then(|i| list.get_mut(i)) {
             d.count += 1;
             return;
         }
-        let identity = if list.len() < IDENTITY_SERIES_MAX {
-            identity
-        } else {
-            OTHER_IDENTITY
+        let identity = identity.unwrap_or(NO_IDENTITY);
+        let hit = |d: &Decision, id: &str| {
+            d.allowed == allowed && d.listener == listener && d.identity == id
         };
-        match list.iter_mut().find(|d| hit(d, identity)) {
-            Some(d) => d.count += 1,
-            None => list.push(Decision {
-                listener: listener.to_string(),
-                identity: identity.to_string(),
-                allowed,
-                count: 1,
-            }),
-        }
+        let found = match list.iter().position(|d| hit(d, identity)) {
+            Some(i) => Some(i),
+            None if list.len() >= IDENTITY_SERIES_MAX => {
+                list.iter().position(|d| hit(d, OTHER_IDENTITY))
+            }
+            None => None,
+        };
+        let index = match found {
+            Some(i) => {
+                list[i].count += 1;
+                i
+            }
+            None => {
+                let identity = if list.len() < IDENTITY_SERIES_MAX {
+                    identity
+                } else {
+                    OTHER_IDENTITY
+                };
+                list.push(Decision {
+                    listener: listener.to_string(),
+                    identity: identity.to_string(),
+                    allowed,
+                    count: 1,
+                });
+                list.len() - 1
+            }
+        };
+        slot.set(Some(index));
     }
 
     pub fn snapshot(&self) -> TlsSnapshot {
@@ -202,6 +235,15 @@ mod tests {
         assert_eq!(s.authorization.len(), IDENTITY_SERIES_MAX + 1);
         assert_eq!(s.decisions(OTHER_IDENTITY, false), 10);
         assert_eq!(s.decisions("spiffe://td/0", false), 2);
+        // A connection's cached slots count into the same series.
+        let slots = DecisionSlots::default();
+        for _ in 0..3 {
+            c.decision_cached("in", Some("spiffe://td/1"), false, &slots);
+            c.decision_cached("in", Some("spiffe://td/1"), true, &slots);
+        }
+        let s = c.snapshot();
+        assert_eq!(s.decisions("spiffe://td/1", false), 4);
+        assert_eq!(s.decisions(OTHER_IDENTITY, true), 3, "past the bound");
         c.failure(Side::Inbound, "expired");
         c.failure(Side::Inbound, "expired");
         let mut total = c.snapshot();
