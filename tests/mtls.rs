@@ -468,7 +468,8 @@ fn rotation_under_load_drops_nothing_and_new_handshakes_see_the_new_serial() {
     assert_eq!(failed, 0);
     let status = m.b.controller().tls_status().unwrap();
     assert_eq!(status.serial, new_serial);
-    assert_eq!(status.reloads, 1);
+    // One reload, or two if the watcher looked between the renames.
+    assert!(status.reloads >= 1);
     a.shutdown();
     m.b.shutdown();
 }
@@ -568,5 +569,166 @@ fn reapplying_the_same_config_rotates_tls_without_closing_connections() {
         assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");
     }
     a.shutdown();
+    m.b.shutdown();
+}
+
+/// An inbound-only sidecar from `dir`'s files with extra `[tls]` keys.
+fn inbound_with(dir: &Path, tls_extra: &str, app: std::net::SocketAddr) -> Proxy {
+    let toml = format!(
+        "workers = 1\n{}{tls_extra}\n[[listeners]]\nname = \"inbound\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"app\"\ntls = {{}}\n[[clusters]]\nname = \"app\"\nendpoints = [\"{app}\"]\n",
+        tls_table(dir)
+    );
+    Proxy::start(pilotfish::Config::parse("in.toml", &toml).unwrap()).unwrap()
+}
+
+/// A peer that connects and never speaks is dropped at the handshake
+/// deadline and counted; TLS 1.2 is refused unless `min_version = "1.2"`.
+#[test]
+fn silent_peers_time_out_and_tls12_is_refused_by_default() {
+    let ca = new_ca("mesh CA");
+    let dir = pki::temp_dir("mtls-deadline");
+    leaf(&ca, ORDERS, |_| {}).write(&dir, &ca.pem);
+    let upstream = HttpUpstream::start();
+    let p = inbound_with(&dir, "handshake_timeout = \"200ms\"", upstream.addr);
+    let addr = p.listener_addr("inbound").unwrap();
+
+    let mut silent = support::connect(addr);
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(silent.read(&mut buf), Ok(0) | Err(_)),
+        "closed by the proxy"
+    );
+    println!("silent peer closed after {:?}", started.elapsed());
+    support::eventually("timeout counted", || {
+        tls_stats(&p).failures(Side::Inbound, "timeout") == 1
+    });
+
+    let client_leaf = leaf(&ca, FRONTEND, |_| {});
+    let tls12_only = Arc::new(
+        rustls::ClientConfig::builder_with_provider(pilotfish::tls::material::provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(
+                pilotfish::tls::verify::ServerVerifier::new(
+                    Arc::new({
+                        let mut r = rustls::RootCertStore::empty();
+                        r.add(pki::Leaf::chain_of(&ca.pem).remove(0)).unwrap();
+                        r
+                    }),
+                    pki::id(ORDERS),
+                    pilotfish::tls::material::provider(),
+                ),
+            ))
+            .with_client_auth_cert(client_leaf.chain(), client_leaf.key())
+            .unwrap(),
+    );
+    let refused = pki::tls_connect(addr, Arc::clone(&tls12_only));
+    assert!(
+        refused.is_err(),
+        "TLS 1.2 accepted without min_version = \"1.2\""
+    );
+    support::eventually("incompatible_peer counted", || {
+        tls_stats(&p).failures(Side::Inbound, "incompatible_peer") == 1
+    });
+    p.shutdown();
+
+    let p = inbound_with(&dir, "min_version = \"1.2\"", upstream.addr);
+    let s = pki::tls_connect(p.listener_addr("inbound").unwrap(), tls12_only);
+    let s = s.expect("TLS 1.2 with min_version = \"1.2\"");
+    assert_eq!(
+        s.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    p.shutdown();
+}
+
+/// Files that change but do not load (a half-written set) keep the
+/// material in use, and are counted; the next good set is taken.
+#[test]
+fn files_that_do_not_load_keep_the_material_in_use() {
+    let m = mesh("epoll", "mtls-halfwritten");
+    let addr = m.b.listener_addr("inbound").unwrap();
+    let client_leaf = leaf(&m.ca, FRONTEND, |_| {});
+    let client = pki::client_config(&m.ca.pem, Some(&client_leaf), ORDERS);
+    let serial = m.b.controller().tls_status().unwrap().serial;
+    let d = m.dir.join("orders");
+    let tmp = d.join(".cert.tmp");
+    std::fs::write(&tmp, "-----BEGIN CERTIFICATE-----\ntruncat").unwrap();
+    std::fs::rename(&tmp, d.join("cert.pem")).unwrap();
+    support::eventually("the failed reload is counted", || {
+        m.b.controller().tls_status().unwrap().reload_failures == 1
+    });
+    let status = m.b.controller().tls_status().unwrap();
+    assert_eq!(status.serial, serial, "old material kept");
+    assert!(status.last_error.is_some());
+    let s = pki::tls_connect(addr, Arc::clone(&client)).unwrap();
+    assert_eq!(pki::server_serial(&s), serial, "handshakes still work");
+    // Caught between renames: the next certificate with the old key.
+    let next = leaf(&m.ca, ORDERS, |_| {});
+    std::fs::write(&tmp, &next.cert_pem).unwrap();
+    std::fs::rename(&tmp, d.join("cert.pem")).unwrap();
+    support::eventually("the mismatched set is refused", || {
+        m.b.controller().tls_status().unwrap().reload_failures == 2
+    });
+    let status = m.b.controller().tls_status().unwrap();
+    assert_eq!(status.serial, serial, "old material kept");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("does not match"),
+        "{status:?}"
+    );
+    let s = pki::tls_connect(addr, Arc::clone(&client)).unwrap();
+    assert_eq!(pki::server_serial(&s), serial, "handshakes still work");
+
+    next.write(&d, &m.ca.pem);
+    support::eventually("the good set is taken", || {
+        m.b.controller().tls_status().unwrap().serial == next.serial()
+    });
+    let s = pki::tls_connect(addr, client).unwrap();
+    assert_eq!(pki::server_serial(&s), next.serial());
+    m.b.shutdown();
+}
+
+/// Health checks of a TLS cluster go over mTLS: the right peer passes, a
+/// peer with the wrong identity fails (a plaintext probe would pass both).
+#[test]
+fn health_checks_of_a_tls_cluster_use_mtls() {
+    let m = mesh("epoll", "mtls-health");
+    let a_dir = m.dir.join("frontend");
+    leaf(&m.ca, FRONTEND, |_| {}).write(&a_dir, &m.ca.pem);
+    let b = m.b.listener_addr("inbound").unwrap();
+    let check =
+        "[clusters.health_check]\npath = \"/echo\"\ninterval = \"50ms\"\ntimeout = \"1s\"\n";
+    let toml = |identity: &str| {
+        format!(
+            "workers = 1\n{}[[listeners]]\nname = \"out\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"orders\"\n[[clusters]]\nname = \"orders\"\nendpoints = [\"{b}\"]\ntls = {{ server_identity = \"{identity}\" }}\n{check}",
+            tls_table(&a_dir)
+        )
+    };
+    let start = |identity: &str| {
+        Proxy::start(pilotfish::Config::parse("a.toml", &toml(identity)).unwrap()).unwrap()
+    };
+    let good = start(ORDERS);
+    support::eventually("checks pass over mTLS", || {
+        good.stats().total.http.health_checks_ok >= 2
+    });
+    let t = tls_stats(&good);
+    assert!(
+        t.handshakes_outbound + t.handshakes_outbound_resumed >= 2,
+        "{t:?}"
+    );
+    good.shutdown();
+    let wrong = start("spiffe://mesh.local/ns/prod/sa/payments");
+    support::eventually("checks fail on the wrong identity", || {
+        wrong.stats().total.http.health_checks_failed >= 2
+    });
+    assert_eq!(wrong.stats().total.http.health_checks_ok, 0);
+    assert!(tls_stats(&wrong).failures(Side::Outbound, "wrong_identity") >= 2);
+    wrong.shutdown();
     m.b.shutdown();
 }

@@ -99,6 +99,16 @@ impl Material {
         if added == 0 {
             return Err(file_error(trust_bundle, "no usable CA certificate"));
         }
+        // The key must be the leaf's: a set caught halfway through a
+        // rotation (new certificate, old key) would load here and then
+        // fail every handshake.
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key_der.clone_key(), &provider())
+            .map_err(|e| {
+                file_error(
+                    key,
+                    format!("does not match the certificate in {}: {e}", cert.display()),
+                )
+            })?;
         // The leaf must be an SVID we could present in either role.
         let identity = svid::check_leaf(&chain[0], Purpose::Server)
             .and_then(|id| svid::check_leaf(&chain[0], Purpose::Client).map(|_| id))
@@ -284,5 +294,33 @@ impl Workload {
             material: Material::from_files(files)?,
             files: files.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::server::StoresServerSessions;
+
+    use super::*;
+
+    #[test]
+    fn sessions_are_not_resumed_past_their_lifetime() {
+        let cache = BoundedSessions {
+            inner: ServerSessionMemoryCache::new(8),
+            lifetime: Duration::from_secs(300),
+        };
+        assert!(cache.put(b"fresh".to_vec(), b"session".to_vec()));
+        assert_eq!(cache.get(b"fresh").as_deref(), Some(&b"session"[..]));
+        assert_eq!(cache.take(b"fresh").as_deref(), Some(&b"session"[..]));
+        assert_eq!(cache.get(b"fresh"), None, "take removes it");
+        // Stored 301 s ago (the stamp as `put` writes it).
+        let mut old = (unix_now() - 301).to_be_bytes().to_vec();
+        old.extend_from_slice(b"session");
+        cache.inner.put(b"old".to_vec(), old);
+        assert_eq!(cache.get(b"old"), None);
+        assert_eq!(cache.take(b"old"), None);
+        // A value too short to carry a stamp is not a session.
+        cache.inner.put(b"short".to_vec(), vec![1, 2]);
+        assert_eq!(cache.get(b"short"), None);
     }
 }

@@ -48,13 +48,18 @@ pub struct Leaf {
 
 impl Leaf {
     pub fn chain(&self) -> Vec<CertificateDer<'static>> {
-        CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap()
+        Self::chain_of(&self.cert_pem)
     }
 
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap()
+    }
+
+    /// The certificates in a PEM text.
+    pub fn chain_of(pem: &str) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap()
     }
 
     /// The leaf's serial number, hex (as the proxy reports it).
