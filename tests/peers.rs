@@ -26,6 +26,10 @@ impl Nginx {
         let www = dir.join("www");
         std::fs::create_dir_all(www.join("dav")).unwrap();
         std::fs::write(www.join("hello.txt"), "hello from nginx\n").unwrap();
+        std::fs::create_dir_all(www.join("admin")).unwrap();
+        std::fs::create_dir_all(www.join("public")).unwrap();
+        std::fs::write(www.join("admin/secret.txt"), "SECRET\n").unwrap();
+        std::fs::write(www.join("public/hello.txt"), "public\n").unwrap();
         // A 1 GiB sparse file for the streaming test.
         std::fs::File::create(www.join("big.bin"))
             .unwrap()
@@ -270,6 +274,81 @@ fn one_gigabyte_each_way_with_bounded_proxy_memory() {
     // Bodies stream through fixed buffers: the peak stays far below 1 GiB.
     assert!(peak < 64 * 1024, "proxy peak RSS {peak} KiB");
     eprintln!("proxy peak RSS after 2 GiB streamed: {peak} KiB");
+    proxy.signal(15);
+    assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+}
+
+/// Issue 11 item 1 (the class of Envoy's CVE-2019-9901): a route that
+/// guards `/admin/` must not be bypassed by another spelling of the path
+/// that nginx, behind the proxy, resolves to the same file. Every vector
+/// either takes the guarded route or is refused with 400 `bad_path`;
+/// none reaches nginx's `/admin/secret.txt` through the catch-all.
+#[test]
+fn path_spellings_cannot_bypass_a_route_to_nginx() {
+    if !have("nginx") {
+        return;
+    }
+    let nginx = Nginx::start();
+    // The guarded route goes to an upstream that always says 403.
+    let guard = support::http_upstream::HttpUpstream::always(403);
+    let config = http_config(
+        "auto",
+        "cluster = \"nginx\"\n[[listeners.routes]]\nname = \"admin\"\npath_prefix = \"/admin/\"\ncluster = \"guard\"",
+        &format!(
+            "{}{}",
+            cluster("nginx", &[nginx.addr], ""),
+            cluster("guard", &[guard.addr], "")
+        ),
+    )
+    .replace("name = \"web\"", "name = \"app-out\"");
+    let mut proxy = ChildProxy::spawn(&config);
+    let addr = proxy.wait_ready();
+    // (target, expected): "guard" = the guarded route answered; 400 =
+    // refused by the proxy; 200/404 = nginx answered without the secret.
+    let vectors: &[(&str, &str)] = &[
+        ("/admin/secret.txt", "guard"),
+        ("/public/../admin/secret.txt", "guard"),
+        ("/public/%2e%2e/admin/secret.txt", "guard"),
+        ("/public/%2E%2E/admin/secret.txt", "guard"),
+        ("/public/.%2e/admin/secret.txt", "guard"),
+        ("/%61dmin/secret.txt", "guard"),
+        ("/%61%64%6d%69%6e/secret.txt", "guard"),
+        ("//admin/secret.txt", "guard"),
+        ("/admin//secret.txt", "guard"),
+        ("/./admin/secret.txt", "guard"),
+        ("/public/./../admin/./secret.txt", "guard"),
+        ("/../admin/secret.txt", "guard"),
+        ("/public/..%2fadmin/secret.txt", "400"),
+        ("/public/..%2Fadmin/secret.txt", "400"),
+        ("/admin%2fsecret.txt", "400"),
+        ("/public/..%5cadmin/secret.txt", "400"),
+        ("/public/%2e%2e%2fadmin/secret.txt", "400"),
+        ("/admin/secret.txt%", "400"),
+        ("/admin/%zz", "400"),
+        ("/%2561dmin/secret.txt", "404"),
+        ("/public/hello.txt", "200"),
+        ("/public/./hello.txt", "200"),
+        ("/admin/../public/hello.txt", "200"),
+        ("/public/hello.txt?a=/../admin/", "200"),
+        ("http://localhost/public/../admin/secret.txt", "guard"),
+    ];
+    for (target, want) in vectors {
+        let raw = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let r = one(addr, raw.as_bytes());
+        let body = r.text();
+        assert!(
+            !body.contains("SECRET"),
+            "{target}: reached the secret: {body}"
+        );
+        match *want {
+            "guard" => assert_eq!(r.status, 403, "{target}: {body}"),
+            "400" => {
+                assert_eq!(r.status, 400, "{target}: {body}");
+                assert_eq!(r.header("x-pilotfish-error"), Some("bad_path"), "{target}");
+            }
+            code => assert_eq!(r.status.to_string(), code, "{target}: {body}"),
+        }
+    }
     proxy.signal(15);
     assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
 }

@@ -120,6 +120,26 @@ const COUNTERS: &[Field] = &[
         "Responses cut off midway.",
         |s| s.http.responses_cut,
     ),
+    (
+        "http_paths_normalized_total",
+        "Requests whose path was rewritten to its normal form before routing.",
+        |s| s.http.paths_normalized,
+    ),
+    (
+        "http_early_responses_total",
+        "Responses that arrived before the request body was sent in full.",
+        |s| s.http.early_responses,
+    ),
+    (
+        "connections_evicted_idle_total",
+        "Idle keep-alive connections closed at the connection cap to admit a new one.",
+        |s| s.connections_evicted_idle,
+    ),
+    (
+        "connections_refused_overload_total",
+        "Connections refused at the connection cap (no idle connection to close).",
+        |s| s.connections_refused_overload,
+    ),
 ];
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -28,6 +28,12 @@ pub struct HttpListener {
     /// Lower-case header that carries the caller's verified identity to
     /// the local app; removed from every request first.
     pub identity_header: String,
+    /// How request paths are normalized before routing (and forwarded).
+    pub paths: crate::route::path::PathOptions,
+    /// Time a client gets to finish a request head once it sent its first
+    /// byte (slow-loris bound); 408 when a request line was seen.
+    #[serde(with = "super::humantime_serde_compat")]
+    pub head_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -261,12 +267,15 @@ impl super::Validator<'_> {
             || l.uri_bytes_max.is_some()
             || l.body_bytes_max.is_some()
             || l.identity_header.is_some()
+            || l.merge_slashes.is_some()
+            || l.escaped_slashes.is_some()
+            || l.request_head_timeout.is_some()
             || !l.routes.is_empty();
         if http_only {
             return Err(self.error(
                 &l.protocol,
                 format!("listeners[{i}]"),
-                "request_timeout, *_max limits, identity_header and routes apply to protocol \"http\" only".into(),
+                "request_timeout, request_head_timeout, *_max limits, identity_header, merge_slashes, escaped_slashes and routes apply to protocol \"http\" only".into(),
             ));
         }
         Ok(())
@@ -342,6 +351,15 @@ impl super::Validator<'_> {
             default_cluster,
             request_timeout,
             identity_header: self.identity_header(i, l)?,
+            paths: crate::route::path::PathOptions {
+                merge_slashes: l.merge_slashes.unwrap_or(true),
+                escaped_slashes: l
+                    .escaped_slashes
+                    .unwrap_or(crate::route::path::SlashAction::Reject),
+            },
+            head_timeout: l
+                .request_head_timeout
+                .map_or(REQUEST_HEAD_TIMEOUT_DEFAULT, |d| d.0),
         })
     }
 
@@ -474,7 +492,25 @@ impl super::Validator<'_> {
         if !p.get_ref().starts_with('/') {
             return Err(self.error(p, key, "must start with `/`".into()));
         }
-        Ok(p.get_ref().clone())
+        // Requests are matched after normalization, so a route written in
+        // another spelling could never match (or would match less than it
+        // says). Checked with the most permissive slash handling.
+        let opts = crate::route::path::PathOptions {
+            merge_slashes: true,
+            escaped_slashes: crate::route::path::SlashAction::Keep,
+        };
+        match crate::route::path::normalize(p.get_ref().as_bytes(), opts) {
+            Ok(None) => Ok(p.get_ref().clone()),
+            Ok(Some(normal)) => Err(self.error(
+                p,
+                key,
+                format!(
+                    "requests are matched on normalized paths; write it as {:?}",
+                    String::from_utf8_lossy(&normal)
+                ),
+            )),
+            Err(e) => Err(self.error(p, key, e.to_string())),
+        }
     }
 
     fn retry(&self, r: Option<&raw::Retry>, key: &str) -> Result<RetryPolicy, super::ConfigError> {

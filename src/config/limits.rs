@@ -132,6 +132,11 @@ pub const ROUTE_HEADER_EDITS_MAX: usize = 64;
 /// Time to receive the response head once a request is routed, unless the
 /// route says otherwise (then 504).
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(15);
+
+/// Time a client gets to send a whole request head once it sent its first
+/// byte (slow-loris bound; the idle timeout covers the wait before it).
+/// Real clients send a head in one write; 10 s covers a slow mobile link.
+pub const REQUEST_HEAD_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 /// Tries per request (the first one plus retries). Each retry is also
 /// bounded by the cluster's retry budget.
 pub const RETRY_ATTEMPTS_DEFAULT: u32 = 2;

@@ -234,6 +234,9 @@ mod raw {
         pub tls: Option<Spanned<super::tls::raw::ListenerTls>>,
         pub authorize: Option<Spanned<Vec<Spanned<String>>>>,
         pub identity_header: Option<Spanned<String>>,
+        pub merge_slashes: Option<bool>,
+        pub escaped_slashes: Option<crate::route::path::SlashAction>,
+        pub request_head_timeout: Option<HumanDuration>,
         #[serde(default)]
         pub routes: Vec<super::http::raw::Route>,
     }

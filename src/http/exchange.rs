@@ -77,13 +77,9 @@ impl RequestView for View<'_> {
     }
 
     fn host(&self) -> Option<&[u8]> {
-        if let Some(h) = self.0.host() {
-            return Some(host_without_port(h));
-        }
-        // Absolute-form target on HTTP/1.0 without Host.
-        let t = self.0.target();
-        let rest = t.split(|&b| b == b'/').nth(2)?;
-        Some(host_without_port(rest))
+        // An absolute-form target's authority wins over Host (they were
+        // checked to agree at parse).
+        self.0.authority().map(host_without_port)
     }
 
     fn path(&self) -> &[u8] {

@@ -41,9 +41,6 @@ use inbound::{write_all_timed, Inbound};
 /// request heads fit in 1 KiB, and small allocations share pages, so an
 /// idle keep-alive connection does not pin a whole page for it.
 const CLIENT_BUFFER_BYTES: usize = 1024;
-/// Time a client gets to send a whole request head once it started one
-/// (slow-loris bound); the idle timeout covers the wait before the first byte.
-const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One client connection.
 pub struct Client {
@@ -128,9 +125,15 @@ pub async fn serve(
         let req = match read_head(&mut client, &mut parser, http, idle, &worker.draining).await {
             Ok(Some(req)) => req,
             Ok(None) => return,
+            Err(HeadError::TimedOut) if !client.inbound.data().contains(&b'\n') => {
+                // Not even a request line in time: nothing to answer.
+                tracing::debug!(conn_id, %peer, "request line not completed in time");
+                return;
+            }
             Err(e) => {
                 metrics::add(&worker.counters.http.requests, 1);
                 let reason = match e.request_status() {
+                    408 => ErrorReason::RequestTimeout,
                     431 => ErrorReason::HeadTooLarge,
                     414 => ErrorReason::UriTooLong,
                     505 => ErrorReason::UnsupportedVersion,
@@ -231,7 +234,7 @@ async fn read_head(
                 client.inbound.consume(used);
                 return Ok(Some(head));
             }
-            deadline.get_or_insert_with(|| Instant::now() + HEAD_READ_TIMEOUT);
+            deadline.get_or_insert_with(|| Instant::now() + http.head_timeout);
         }
         let wait = match deadline {
             None => idle,
@@ -252,9 +255,7 @@ async fn read_head(
             Ok(0) | Err(_) if client.inbound.is_empty() => return Ok(None),
             Ok(0) => return Err(HeadError::Syntax("connection closed inside a request head")),
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                return Err(HeadError::Syntax("request head not completed in time"))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(HeadError::TimedOut),
             Err(_) => return Err(HeadError::HeadTooLarge),
         }
     }
@@ -268,11 +269,32 @@ async fn handle(
     listener: &Listener,
     http: &HttpListener,
     client: &mut Client,
-    req: RequestHead,
+    mut req: RequestHead,
     idle: Duration,
     conn_id: u64,
     route_out: &mut Option<usize>,
 ) -> Next {
+    // Before anything decides on the path: routing, authorization and the
+    // upstream must all see one spelling of it.
+    match req.normalize_path(http.paths) {
+        Ok(changed) => {
+            if changed {
+                metrics::add(&worker.counters.http.paths_normalized, 1);
+            }
+        }
+        Err(e) => {
+            tracing::debug!(conn_id, error = %e, "path refused");
+            return refuse(
+                worker,
+                client,
+                &req,
+                ErrorReason::BadPath,
+                &e.to_string(),
+                idle,
+            )
+            .await;
+        }
+    }
     if let (RequestBody::Length(n), Some(max)) = (req.body, http.body_bytes_max) {
         if n > max {
             let detail = format!("request body of {n} bytes exceeds the limit of {max}");

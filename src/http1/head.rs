@@ -68,6 +68,9 @@ pub enum HeadError {
     UnsupportedCoding,
     #[error("invalid Host: {0}")]
     Host(&'static str),
+    /// Not a parse error: the head was not completed in time (408).
+    #[error("request head not completed in time")]
+    TimedOut,
 }
 
 impl HeadError {
@@ -78,6 +81,7 @@ impl HeadError {
             HeadError::UriTooLong => 414,
             HeadError::Version => 505,
             HeadError::UnsupportedCoding => 501,
+            HeadError::TimedOut => 408,
             _ => 400,
         }
     }
@@ -97,6 +101,7 @@ impl HeadError {
             HeadError::Framing(_) => "ambiguous_framing",
             HeadError::UnsupportedCoding => "unsupported_transfer_coding",
             HeadError::Host(_) => "bad_host",
+            HeadError::TimedOut => "request_timeout",
         }
     }
 }
@@ -206,6 +211,15 @@ pub struct RequestHead {
     pub hop: Hop,
     /// The Host field's value (HTTP/1.1 requires exactly one).
     pub host: Option<Range<usize>>,
+    /// The authority of an absolute-form target (RFC 9112 §3.2.2): it is
+    /// the request's authority, whatever Host says (a conflicting Host is
+    /// refused at parse).
+    pub target_authority: Option<Range<usize>>,
+    /// The origin-form target to route on and forward (path and query),
+    /// when it is not the raw target: an absolute-form target rewritten,
+    /// or a path [`RequestHead::normalize_path`] changed. None: the raw
+    /// target is already that (the common case; no allocation).
+    pub origin: Option<Box<[u8]>>,
 }
 
 impl RequestHead {
@@ -229,19 +243,46 @@ impl RequestHead {
         self.method() == b"CONNECT"
     }
 
-    /// The path part of an origin-form or absolute-form target.
+    /// The target to route on and forward: origin-form (normalized once
+    /// [`RequestHead::normalize_path`] ran), or the raw authority-form
+    /// (CONNECT) or asterisk-form (OPTIONS) target.
+    pub fn origin_target(&self) -> &[u8] {
+        self.origin.as_deref().unwrap_or_else(|| self.target())
+    }
+
+    /// The path of [`RequestHead::origin_target`], without the query.
     pub fn path(&self) -> &[u8] {
-        let t = self.target();
-        let t = if t.first() == Some(&b'/') {
-            t
-        } else if let Some(rest) = strip_scheme(t) {
-            rest.iter()
-                .position(|&b| b == b'/')
-                .map_or(&b"/"[..], |i| &rest[i..])
-        } else {
-            t
-        };
+        let t = self.origin_target();
         t.split(|&b| b == b'?').next().unwrap_or(t)
+    }
+
+    /// The request's authority: an absolute-form target's, else Host.
+    pub fn authority(&self) -> Option<&[u8]> {
+        self.target_authority
+            .clone()
+            .or_else(|| self.host.clone())
+            .map(|r| &self.head.bytes[r])
+    }
+
+    /// Normalizes the path (see [`crate::route::path`]) so that routing,
+    /// authorization and the upstream see one spelling; the query is kept
+    /// as sent. Returns whether the path changed. Not for CONNECT or `*`.
+    pub fn normalize_path(
+        &mut self,
+        opts: crate::route::path::PathOptions,
+    ) -> Result<bool, crate::route::path::PathError> {
+        let target = self.origin_target();
+        if target.first() != Some(&b'/') {
+            return Ok(false);
+        }
+        let split = target.iter().position(|&b| b == b'?');
+        let (path, query) = target.split_at(split.unwrap_or(target.len()));
+        let Some(mut normal) = crate::route::path::normalize(path, opts)? else {
+            return Ok(false);
+        };
+        normal.extend_from_slice(query);
+        self.origin = Some(normal.into_boxed_slice());
+        Ok(true)
     }
 }
 
@@ -483,6 +524,19 @@ fn parse_request(bytes: &[u8], limits: &HeadLimits) -> Result<RequestHead, HeadE
         }
         _ => return Err(HeadError::Host("more than one Host field")),
     };
+    let (target_authority, origin) = absolute_form(&head.bytes, target.clone())?;
+    if let (Some(a), Some(h)) = (&target_authority, &host) {
+        let scheme_port = if head.bytes[target.clone()][..5].eq_ignore_ascii_case(b"https") {
+            443
+        } else {
+            80
+        };
+        if !same_authority(&head.bytes[a.clone()], &head.bytes[h.clone()], scheme_port) {
+            return Err(HeadError::Host(
+                "Host differs from the absolute-form target's authority",
+            ));
+        }
+    }
     let (body, codings) = semantics.request_body(version, &head)?;
     let hop = semantics.hop(version, &head);
     Ok(RequestHead {
@@ -493,8 +547,60 @@ fn parse_request(bytes: &[u8], limits: &HeadLimits) -> Result<RequestHead, HeadE
         codings,
         hop,
         host,
+        target_authority,
+        origin,
         head,
     })
+}
+
+/// An absolute-form target's authority range and origin-form target.
+type AbsoluteForm = (Option<Range<usize>>, Option<Box<[u8]>>);
+
+/// For an absolute-form target (`http://a:80/p?q`): the authority's range
+/// and the origin-form target (`/p?q`, `/` when the path is empty). Other
+/// forms: (None, None). An empty or invalid authority is refused.
+fn absolute_form(
+    bytes: &[u8],
+    target: Range<usize>,
+) -> Result<AbsoluteForm, HeadError> {
+    let t = &bytes[target.clone()];
+    let Some(rest) = strip_scheme(t) else {
+        return Ok((None, None));
+    };
+    let start = target.start + (t.len() - rest.len());
+    let len = rest
+        .iter()
+        .position(|&b| b == b'/' || b == b'?')
+        .unwrap_or(rest.len());
+    let authority = &rest[..len];
+    if authority.is_empty() || check_host(authority).is_err() {
+        return Err(HeadError::Syntax(
+            "invalid authority in absolute-form target",
+        ));
+    }
+    let tail = &rest[len..];
+    let origin: Box<[u8]> = if tail.first() == Some(&b'/') {
+        tail.into()
+    } else {
+        [b"/", tail].concat().into_boxed_slice()
+    };
+    Ok((Some(start..start + len), Some(origin)))
+}
+
+/// Whether two authorities name the same host and port, the port defaulting
+/// to the scheme's (`a` and `A:80` are the same for http).
+fn same_authority(a: &[u8], b: &[u8], default_port: u16) -> bool {
+    let split = |v: &[u8]| -> (Vec<u8>, Option<u16>) {
+        let host = crate::route::host_without_port(v);
+        let port = &v[host.len()..];
+        let port = match port.strip_prefix(b":") {
+            None | Some(b"") => Some(default_port),
+            Some(p) => std::str::from_utf8(p).ok().and_then(|p| p.parse().ok()),
+        };
+        (host.to_ascii_lowercase(), port)
+    };
+    let (a, b) = (split(a), split(b));
+    a.1.is_some() && a == b
 }
 
 fn httparse_error(e: httparse::Error) -> HeadError {
@@ -866,6 +972,50 @@ mod tests {
                 String::from_utf8_lossy(input)
             );
         }
+    }
+
+    #[test]
+    fn absolute_form_authority_wins_and_must_agree_with_host() {
+        let r =
+            req(b"GET http://A.example:80/x/../y?q=1 HTTP/1.1\r\nHost: a.example\r\n\r\n").unwrap();
+        assert_eq!(r.authority(), Some(&b"A.example:80"[..]));
+        assert_eq!(r.origin_target(), b"/x/../y?q=1");
+        let r = req(b"GET https://a:443 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(r.origin_target(), b"/");
+        let r = req(b"GET http://a/p HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!((r.authority(), r.path()), (Some(&b"a"[..]), &b"/p"[..]));
+        for bad in [
+            &b"GET http://a/x HTTP/1.1\r\nHost: b\r\n\r\n"[..],
+            b"GET http://a:8080/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET https://a/x HTTP/1.1\r\nHost: a:80\r\n\r\n",
+        ] {
+            assert_eq!(
+                req(bad).err(),
+                Some(HeadError::Host(
+                    "Host differs from the absolute-form target's authority"
+                )),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(matches!(
+            req(b"GET http://u@a/x HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Err(HeadError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn normalize_path_keeps_the_query_and_rewrites_only_when_needed() {
+        let opts = crate::route::path::PathOptions::default();
+        let mut r = req(b"GET /a/./b?x=/../y HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(r.normalize_path(opts), Ok(true));
+        assert_eq!(r.origin_target(), b"/a/b?x=/../y");
+        assert_eq!(r.path(), b"/a/b");
+        let mut r = req(b"GET /a/b HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(r.normalize_path(opts), Ok(false));
+        assert!(r.origin.is_none());
+        let mut r = req(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n").unwrap();
+        assert_eq!(r.normalize_path(opts), Ok(false));
     }
 
     #[test]

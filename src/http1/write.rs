@@ -140,7 +140,9 @@ pub fn request(
 ) {
     out.extend_from_slice(req.method());
     out.push(b' ');
-    out.extend_from_slice(req.target());
+    // Origin-form, normalized: what routing decided on is what the
+    // upstream gets (absolute-form is rewritten, RFC 9112 §3.2.2).
+    out.extend_from_slice(req.origin_target());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let head = &req.head;
     let mut xff: Vec<&[u8]> = Vec::new();
@@ -156,7 +158,8 @@ pub fn request(
             write_field(out, name, value);
             continue;
         }
-        if is_hop_by_hop(name, head, &req.hop)
+        if (req.target_authority.is_some() && name.eq_ignore_ascii_case(b"host"))
+            || is_hop_by_hop(name, head, &req.hop)
             || named(name, &edits.remove)
             || edits
                 .set
@@ -177,12 +180,13 @@ pub fn request(
     if te_trailers {
         out.extend_from_slice(b"te: trailers\r\n");
     }
-    if req.host.is_none() {
-        // An HTTP/1.0 request without Host goes out as HTTP/1.1, which
-        // requires one: the absolute-form target's authority, or empty
-        // (RFC 9110 §7.2). Found by the request_head fuzzer.
+    if req.target_authority.is_some() || req.host.is_none() {
+        // An absolute-form target's authority is the Host the upstream
+        // gets. An HTTP/1.0 request without Host goes out as HTTP/1.1,
+        // which requires one: empty then (RFC 9110 §7.2; found by the
+        // request_head fuzzer).
         out.extend_from_slice(b"host: ");
-        out.extend_from_slice(authority_of(req.target()));
+        out.extend_from_slice(req.authority().unwrap_or_default());
         out.extend_from_slice(b"\r\n");
     }
     if tunnel {
@@ -206,25 +210,6 @@ pub fn request(
     write_framing(out, body, head, &req.codings);
     write_edits(out, edits);
     out.extend_from_slice(b"\r\n");
-}
-
-/// The authority of an absolute-form target (`http://a:80/x` → `a:80`),
-/// or empty when the target is not absolute-form or its authority is not
-/// a valid Host value.
-fn authority_of(target: &[u8]) -> &[u8] {
-    let Some(rest) = super::head::strip_scheme(target) else {
-        return b"";
-    };
-    let end = rest
-        .iter()
-        .position(|&b| b == b'/' || b == b'?')
-        .unwrap_or(rest.len());
-    let authority = &rest[..end];
-    if super::head::check_host(authority).is_ok() {
-        authority
-    } else {
-        b""
-    }
 }
 
 /// Writes the head we send the client for `res`.
@@ -279,6 +264,39 @@ pub fn response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absolute_form_goes_out_in_origin_form_with_its_authority_as_host() {
+        let mut p = crate::http1::RequestParser::new(crate::http1::HeadLimits::default());
+        let raw = b"GET http://a.example:80/x/%2e%2e/y?q HTTP/1.1\r\nHost: A.EXAMPLE\r\n\r\n";
+        let (mut req, _) = p.parse(raw).unwrap().unwrap();
+        req.normalize_path(crate::route::path::PathOptions::default())
+            .unwrap();
+        let fwd = Forwarding {
+            client_ip: "127.0.0.1",
+            proto: "http",
+            request_id: b"id",
+            identity_header: "x-id",
+            identity: None,
+        };
+        let mut out = Vec::new();
+        request(
+            &req,
+            OutBody::None,
+            false,
+            &fwd,
+            &Edits::default(),
+            &mut out,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("GET /y?q HTTP/1.1\r\n"), "{text}");
+        assert_eq!(
+            text.matches("host:").count() + text.matches("Host:").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("host: a.example:80\r\n"), "{text}");
+    }
 
     #[test]
     fn decimals_and_hop_by_hop_names() {

@@ -33,6 +33,10 @@ pub struct Counters {
     /// Access log lines written, and dropped because the writer fell behind.
     pub access_log_lines: Cell<u64>,
     pub access_log_dropped: Cell<u64>,
+    /// Idle keep-alive connections closed at the connection cap to admit a new one.
+    pub connections_evicted_idle: Cell<u64>,
+    /// Connections refused at the cap with no idle connection to close (503 or closed at once).
+    pub connections_refused_overload: Cell<u64>,
     pub http: HttpCounters,
     pub tls: crate::tls::counters::TlsCounters,
 }
@@ -55,10 +59,16 @@ pub enum ErrorReason {
     NotImplemented,
     /// The caller's identity is not on the listener's or route's allow-list.
     Forbidden,
+    /// The path cannot be normalized (bad escape, encoded slash).
+    BadPath,
+    /// A request head was started and not finished in time.
+    RequestTimeout,
+    /// At the connection cap with no idle connection to close for it.
+    Overload,
 }
 
 impl ErrorReason {
-    pub const ALL: [ErrorReason; 13] = [
+    pub const ALL: [ErrorReason; 16] = [
         ErrorReason::BadRequest,
         ErrorReason::HeadTooLarge,
         ErrorReason::UriTooLong,
@@ -72,11 +82,15 @@ impl ErrorReason {
         ErrorReason::UnsupportedVersion,
         ErrorReason::NotImplemented,
         ErrorReason::Forbidden,
+        ErrorReason::BadPath,
+        ErrorReason::RequestTimeout,
+        ErrorReason::Overload,
     ];
 
     pub fn status(self) -> u16 {
         match self {
-            ErrorReason::BadRequest => 400,
+            ErrorReason::BadRequest | ErrorReason::BadPath => 400,
+            ErrorReason::RequestTimeout => 408,
             ErrorReason::Forbidden => 403,
             ErrorReason::NoRoute => 404,
             ErrorReason::BodyTooLarge => 413,
@@ -84,7 +98,9 @@ impl ErrorReason {
             ErrorReason::HeadTooLarge => 431,
             ErrorReason::NotImplemented => 501,
             ErrorReason::UpstreamReset | ErrorReason::BadUpstreamResponse => 502,
-            ErrorReason::NoHealthyEndpoint | ErrorReason::ConnectFailed => 503,
+            ErrorReason::NoHealthyEndpoint | ErrorReason::ConnectFailed | ErrorReason::Overload => {
+                503
+            }
             ErrorReason::UpstreamTimeout => 504,
             ErrorReason::UnsupportedVersion => 505,
         }
@@ -105,6 +121,9 @@ impl ErrorReason {
             ErrorReason::UnsupportedVersion => "unsupported_http_version",
             ErrorReason::NotImplemented => "not_implemented",
             ErrorReason::Forbidden => "forbidden",
+            ErrorReason::BadPath => "bad_path",
+            ErrorReason::RequestTimeout => "request_timeout",
+            ErrorReason::Overload => "overload",
         }
     }
 
@@ -123,7 +142,7 @@ pub struct HttpCounters {
     /// Responses sent to clients by status class: 1xx (interim), 2xx ... 5xx.
     pub responses_by_class: [Cell<u64>; 5],
     /// Responses the proxy generated itself, by [`ErrorReason`].
-    pub generated: [Cell<u64>; 13],
+    pub generated: [Cell<u64>; ErrorReason::ALL.len()],
     pub retries: Cell<u64>,
     /// Retries refused because the cluster's retry budget was spent.
     pub retries_over_budget: Cell<u64>,
@@ -134,6 +153,10 @@ pub struct HttpCounters {
     pub health_checks_failed: Cell<u64>,
     /// Responses cut off midway (connection closed, never completed).
     pub responses_cut: Cell<u64>,
+    /// Requests whose path normalization rewrote (forwarded in normal form).
+    pub paths_normalized: Cell<u64>,
+    /// Responses that arrived before the request body was sent in full (sending stopped).
+    pub early_responses: Cell<u64>,
 }
 
 impl HttpCounters {
@@ -166,6 +189,8 @@ pub struct HttpSnapshot {
     pub health_checks_ok: u64,
     pub health_checks_failed: u64,
     pub responses_cut: u64,
+    pub paths_normalized: u64,
+    pub early_responses: u64,
 }
 
 impl HttpSnapshot {
@@ -196,6 +221,8 @@ impl HttpSnapshot {
         self.health_checks_ok += o.health_checks_ok;
         self.health_checks_failed += o.health_checks_failed;
         self.responses_cut += o.responses_cut;
+        self.early_responses += o.early_responses;
+        self.paths_normalized += o.paths_normalized;
     }
 }
 
@@ -233,6 +260,8 @@ pub struct Snapshot {
     pub task_panics: u64,
     pub access_log_lines: u64,
     pub access_log_dropped: u64,
+    pub connections_evicted_idle: u64,
+    pub connections_refused_overload: u64,
     pub http: HttpSnapshot,
     pub tls: crate::tls::counters::TlsSnapshot,
 }
@@ -259,6 +288,8 @@ impl Counters {
             task_panics: self.task_panics.get(),
             access_log_lines: self.access_log_lines.get(),
             access_log_dropped: self.access_log_dropped.get(),
+            connections_evicted_idle: self.connections_evicted_idle.get(),
+            connections_refused_overload: self.connections_refused_overload.get(),
             http: HttpSnapshot {
                 requests: self.http.requests.get(),
                 responses_by_class: std::array::from_fn(|i| self.http.responses_by_class[i].get()),
@@ -274,6 +305,8 @@ impl Counters {
                 health_checks_ok: self.http.health_checks_ok.get(),
                 health_checks_failed: self.http.health_checks_failed.get(),
                 responses_cut: self.http.responses_cut.get(),
+                early_responses: self.http.early_responses.get(),
+                paths_normalized: self.http.paths_normalized.get(),
             },
             tls: self.tls.snapshot(),
         }
@@ -296,6 +329,8 @@ impl Snapshot {
         self.task_panics += other.task_panics;
         self.access_log_lines += other.access_log_lines;
         self.access_log_dropped += other.access_log_dropped;
+        self.connections_evicted_idle += other.connections_evicted_idle;
+        self.connections_refused_overload += other.connections_refused_overload;
         self.http.merge(&other.http);
         self.tls.merge(&other.tls);
     }

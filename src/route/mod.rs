@@ -2,7 +2,10 @@
 //!
 //! Protocol-independent: it looks at a method, a host, a path and header
 //! values, wherever they came from (HTTP/1 today, HTTP/2 later). First
-//! matching route wins; a listener's `cluster` catches the rest.
+//! matching route wins; a listener's `cluster` catches the rest. Paths are
+//! matched only after [`path::normalize`] made them canonical.
+
+pub mod path;
 
 use crate::{
     balance::Rng,
@@ -12,8 +15,9 @@ use crate::{
 /// What routing may look at.
 pub trait RequestView {
     fn method(&self) -> &[u8];
-    /// The authority without port, as sent (Host or absolute-form target).
+    /// The authority without port (absolute-form target, else Host).
     fn host(&self) -> Option<&[u8]>;
+    /// The normalized path, without the query.
     fn path(&self) -> &[u8];
     fn header(&self, name: &str) -> Option<&[u8]>;
 }
