@@ -150,7 +150,8 @@ type Stamp = Option<(std::time::SystemTime, u64, u64)>;
 fn stamps(files: &TlsFiles) -> Vec<Stamp> {
     use std::os::unix::fs::MetadataExt;
     [&files.cert, &files.key, &files.trust_bundle]
-        .iter()
+        .into_iter()
+        .chain(files.federation.iter().map(|(_, bundle)| bundle))
         .map(|p| {
             std::fs::metadata(p)
                 .ok()
@@ -209,12 +210,26 @@ impl Controller {
     }
 
     /// Loads the material `config` names, as the workers will use it.
+    /// Also checks that every cluster's `server_identity` is in a trust
+    /// domain the material has a bundle for (else no server could ever
+    /// be verified).
     pub fn load_tls(config: &Config) -> Result<Option<Arc<Workload>>, MaterialError> {
-        config
-            .tls
-            .as_ref()
-            .map(|files| Workload::load(files).map(Arc::new))
-            .transpose()
+        let Some(files) = config.tls.as_ref() else {
+            return Ok(None);
+        };
+        let workload = Workload::load(files)?;
+        let domains = &workload.material.domains;
+        for c in &config.clusters {
+            let Some(tls) = &c.tls else { continue };
+            let domain = tls.server_identity.trust_domain();
+            if !domains.iter().any(|(d, _)| d == domain) {
+                return Err(MaterialError::Domain(format!(
+                    "cluster {:?} expects {}, but trust domain {domain:?} has no bundle here (the own domain is {:?}; add it to tls.federates_with)",
+                    c.name, tls.server_identity, domains[0].0
+                )));
+            }
+        }
+        Ok(Some(Arc::new(workload)))
     }
 
     /// The material in use, if any.

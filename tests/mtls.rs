@@ -344,6 +344,15 @@ fn the_inbound_listener_rejects_bad_client_certificates_and_counts_why() {
             Some(leaf(&foreign, FRONTEND, |_| {})),
             "unknown_issuer",
         ),
+        (
+            "same CA, another trust domain",
+            Some(leaf(
+                &m.ca,
+                "spiffe://other.domain/ns/prod/sa/frontend",
+                |_| {},
+            )),
+            "untrusted_trust_domain",
+        ),
         ("no client certificate", None, "no_client_certificate"),
     ];
     for (name, bad, reason) in &cases {
@@ -612,11 +621,14 @@ fn silent_peers_time_out_and_tls12_is_refused_by_default() {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(
                 pilotfish::tls::verify::ServerVerifier::new(
-                    Arc::new({
-                        let mut r = rustls::RootCertStore::empty();
-                        r.add(pki::Leaf::chain_of(&ca.pem).remove(0)).unwrap();
-                        r
-                    }),
+                    &vec![(
+                        "mesh.local".to_string(),
+                        Arc::new({
+                            let mut r = rustls::RootCertStore::empty();
+                            r.add(pki::Leaf::chain_of(&ca.pem).remove(0)).unwrap();
+                            r
+                        }),
+                    )],
                     pki::id(ORDERS),
                     pilotfish::tls::material::provider(),
                 ),
@@ -731,4 +743,119 @@ fn health_checks_of_a_tls_cluster_use_mtls() {
     assert!(tls_stats(&wrong).failures(Side::Outbound, "wrong_identity") >= 2);
     wrong.shutdown();
     m.b.shutdown();
+}
+
+/// Issue 11 item 3: a trust bundle vouches only for its own trust domain.
+/// On a listener without an allow-list (where any verified caller gets in
+/// and its identity reaches the app), a certificate from the mesh's own CA
+/// that names another trust domain is refused; a federated domain's
+/// callers are accepted only with its own bundle's certificates.
+#[test]
+fn a_bundle_vouches_only_for_its_trust_domain_and_federation_adds_one() {
+    let ca = new_ca("mesh CA");
+    let partner = new_ca("partner CA");
+    let dir = pki::temp_dir("mtls-domains");
+    let b_dir = dir.join("orders");
+    leaf(&ca, ORDERS, |_| {}).write(&b_dir, &ca.pem);
+    std::fs::write(dir.join("partner.pem"), &partner.pem).unwrap();
+    let app = HttpUpstream::start();
+    let toml = format!(
+        r#"workers = 1
+[runtime]
+driver = "epoll"
+{tls}trust_domain = "mesh.local"
+federates_with = {{ "partner.example" = "{partner}" }}
+[[listeners]]
+name = "open"
+bind = "127.0.0.1:0"
+protocol = "http"
+cluster = "app"
+tls = {{ require_client_cert = true }}
+[[clusters]]
+name = "app"
+endpoints = ["{app}"]
+"#,
+        tls = tls_table(&b_dir),
+        partner = dir.join("partner.pem").display(),
+        app = app.addr,
+    );
+    let b = Proxy::start(pilotfish::Config::parse("b.toml", &toml).unwrap()).unwrap();
+    let addr = b.listener_addr("open").unwrap();
+    const PARTNER: &str = "spiffe://partner.example/ns/shop/sa/cart";
+    // (case, issuing CA, identity, Ok(identity the app sees) or Err(reason))
+    let cases: Vec<(&str, &TestCa, &str, Result<&str, &str>)> = vec![
+        ("own domain, own CA", &ca, FRONTEND, Ok(FRONTEND)),
+        (
+            "own CA, foreign domain",
+            &ca,
+            "spiffe://other.domain/ns/prod/sa/frontend",
+            Err("untrusted_trust_domain"),
+        ),
+        ("federated domain, its CA", &partner, PARTNER, Ok(PARTNER)),
+        (
+            "federated CA claiming the own domain",
+            &partner,
+            FRONTEND,
+            Err("unknown_issuer"),
+        ),
+        (
+            "own CA claiming the federated domain",
+            &ca,
+            PARTNER,
+            Err("unknown_issuer"),
+        ),
+    ];
+    for (name, issuer, id, want) in cases {
+        let before = tls_stats(&b);
+        let client_leaf = leaf(issuer, id, |_| {});
+        let config = pki::client_config(&ca.pem, Some(&client_leaf), ORDERS);
+        let answer = pki::tls_connect(addr, config).and_then(|mut s| {
+            s.write_all(b"GET /echo HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            match s.read_to_end(&mut out) {
+                Ok(_) if !out.is_empty() => Ok(String::from_utf8_lossy(&out).into_owned()),
+                Ok(_) => Err("closed".into()),
+                Err(e) if !out.is_empty() && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    Ok(String::from_utf8_lossy(&out).into_owned())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        match want {
+            Ok(seen) => {
+                let text = answer.unwrap_or_else(|e| panic!("{name}: refused: {e}"));
+                assert!(text.starts_with("HTTP/1.1 200"), "{name}: {text}");
+                assert!(
+                    text.contains(&format!("x-pilotfish-peer-identity: {seen}\r\n")),
+                    "{name}: {text}"
+                );
+            }
+            Err(reason) => {
+                assert!(answer.is_err(), "{name}: accepted: {answer:?}");
+                support::eventually(&format!("{name} counted as {reason}"), || {
+                    tls_stats(&b).failures(Side::Inbound, reason)
+                        == before.failures(Side::Inbound, reason) + 1
+                });
+            }
+        }
+    }
+    assert_eq!(
+        app.requests(),
+        2,
+        "only the two accepted callers reached the app"
+    );
+    b.shutdown();
+    // Outbound: a server identity in a domain without a bundle is a start
+    // error, not a cluster that fails every handshake.
+    let toml = format!(
+        "{tls}[[listeners]]\nname = \"o\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"x\"\n[[clusters]]\nname = \"x\"\nendpoints = [\"127.0.0.1:1\"]\ntls = {{ server_identity = \"spiffe://elsewhere/sa/x\" }}\n",
+        tls = tls_table(&b_dir)
+    );
+    let err = Proxy::start(pilotfish::Config::parse("a.toml", &toml).unwrap()).unwrap_err();
+    assert!(
+        err.to_string().contains("\"elsewhere\" has no bundle"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

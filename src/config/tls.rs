@@ -29,6 +29,9 @@ pub const SESSION_LIFETIME_DEFAULT: Duration = Duration::from_secs(300);
 /// Resumption longer than a day is refused (rustls announces stateful
 /// tickets as valid for a day; more would be a lie to the client).
 pub const SESSION_LIFETIME_MAX: Duration = Duration::from_secs(24 * 3600);
+/// Federated trust domains: each is a bundle to read and a verifier per
+/// worker; a mesh federates with a handful.
+pub const FEDERATED_DOMAINS_MAX: usize = 16;
 /// Entries in one allow-list: checked per request, linearly.
 pub const AUTHORIZE_PATTERNS_MAX: usize = 64;
 
@@ -48,6 +51,12 @@ pub struct TlsFiles {
     /// Zero: no resumption.
     #[serde(with = "super::humantime_serde_compat")]
     pub session_lifetime: Duration,
+    /// The trust domain `trust_bundle` vouches for; the certificate must
+    /// be in it. None: the certificate's own (the usual case).
+    pub trust_domain: Option<String>,
+    /// Federated trust domains and their bundles: callers and servers
+    /// from these domains are accepted when they chain to that bundle.
+    pub federation: Vec<(String, PathBuf)>,
 }
 
 /// A listener's `tls`: terminate TLS from peer sidecars.
@@ -77,6 +86,8 @@ pub(super) mod raw {
         pub min_version: Option<Spanned<String>>,
         pub handshake_timeout: Option<HumanDuration>,
         pub session_lifetime: Option<Spanned<HumanDuration>>,
+        pub trust_domain: Option<Spanned<String>>,
+        pub federates_with: Option<Spanned<std::collections::BTreeMap<String, PathBuf>>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -140,7 +151,46 @@ impl Validator<'_> {
                 ));
             }
         }
+        let domain = |d: &str, at: &dyn Fn() -> ConfigError| {
+            SpiffeId::parse(&format!("spiffe://{d}/x"))
+                .ok()
+                .filter(|id| id.trust_domain() == d)
+                .map(|_| d.to_string())
+                .ok_or_else(at)
+        };
+        let trust_domain = match &f.trust_domain {
+            None => None,
+            Some(d) => Some(domain(d.get_ref(), &|| {
+                self.error(
+                    d,
+                    "tls.trust_domain".into(),
+                    "not a valid trust domain name".into(),
+                )
+            })?),
+        };
+        let mut federation = Vec::new();
+        if let Some(map) = &f.federates_with {
+            if map.get_ref().len() > FEDERATED_DOMAINS_MAX {
+                return Err(self.error(
+                    map,
+                    "tls.federates_with".into(),
+                    format!("at most {FEDERATED_DOMAINS_MAX} trust domains"),
+                ));
+            }
+            for (d, bundle) in map.get_ref() {
+                let d = domain(d, &|| {
+                    self.error(
+                        map,
+                        format!("tls.federates_with.{d}"),
+                        "not a valid trust domain name".into(),
+                    )
+                })?;
+                federation.push((d, bundle.clone()));
+            }
+        }
         Ok(Some(TlsFiles {
+            trust_domain,
+            federation,
             cert: f.cert.clone(),
             key: f.key.clone(),
             trust_bundle: f.trust_bundle.clone(),

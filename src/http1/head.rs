@@ -559,10 +559,7 @@ type AbsoluteForm = (Option<Range<usize>>, Option<Box<[u8]>>);
 /// For an absolute-form target (`http://a:80/p?q`): the authority's range
 /// and the origin-form target (`/p?q`, `/` when the path is empty). Other
 /// forms: (None, None). An empty or invalid authority is refused.
-fn absolute_form(
-    bytes: &[u8],
-    target: Range<usize>,
-) -> Result<AbsoluteForm, HeadError> {
+fn absolute_form(bytes: &[u8], target: Range<usize>) -> Result<AbsoluteForm, HeadError> {
     let t = &bytes[target.clone()];
     let Some(rest) = strip_scheme(t) else {
         return Ok((None, None));

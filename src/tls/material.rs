@@ -42,6 +42,8 @@ pub enum MaterialError {
     Leaf(svid::SvidError),
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("{0}")]
+    Domain(String),
 }
 
 fn file_error(path: &Path, what: impl Into<String>) -> MaterialError {
@@ -49,6 +51,20 @@ fn file_error(path: &Path, what: impl Into<String>) -> MaterialError {
         path: path.to_path_buf(),
         what: what.into(),
     }
+}
+
+/// A PEM file of CA certificates as a root store; at least one must parse.
+fn read_bundle(path: &Path) -> Result<RootCertStore, MaterialError> {
+    let anchors: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&read_bounded(path)?)
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_error(path, format!("not PEM certificates: {e}")))?;
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(anchors);
+    if added == 0 {
+        return Err(file_error(path, "no usable CA certificate"));
+    }
+    Ok(roots)
 }
 
 fn read_bounded(path: &Path) -> Result<Vec<u8>, MaterialError> {
@@ -68,6 +84,9 @@ pub struct Material {
     pub chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     pub roots: Arc<RootCertStore>,
+    /// The bundle of each trust domain whose identities are accepted: the
+    /// leaf's own domain (with `roots`) first, then federated ones.
+    pub domains: Arc<super::verify::TrustDomains>,
     /// The leaf's SPIFFE ID.
     pub identity: SpiffeId,
     /// The leaf's expiry.
@@ -90,15 +109,7 @@ impl Material {
         }
         let key_der = PrivateKeyDer::from_pem_slice(&read_bounded(key)?)
             .map_err(|e| file_error(key, format!("no PEM private key: {e}")))?;
-        let mut roots = RootCertStore::empty();
-        let anchors: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(&read_bounded(trust_bundle)?)
-                .collect::<Result<_, _>>()
-                .map_err(|e| file_error(trust_bundle, format!("not PEM certificates: {e}")))?;
-        let (added, _ignored) = roots.add_parsable_certificates(anchors);
-        if added == 0 {
-            return Err(file_error(trust_bundle, "no usable CA certificate"));
-        }
+        let roots = Arc::new(read_bundle(trust_bundle)?);
         // The key must be the leaf's: a set caught halfway through a
         // rotation (new certificate, old key) would load here and then
         // fail every handshake.
@@ -114,10 +125,12 @@ impl Material {
             .and_then(|id| svid::check_leaf(&chain[0], Purpose::Client).map(|_| id))
             .map_err(MaterialError::Leaf)?;
         let (not_after, serial) = leaf_facts(&chain[0]);
+        let domains = vec![(identity.trust_domain().to_string(), Arc::clone(&roots))];
         Ok(Self {
             chain,
             key: Arc::new(key_der),
-            roots: Arc::new(roots),
+            roots,
+            domains: Arc::new(domains),
             identity,
             not_after,
             serial,
@@ -129,6 +142,27 @@ impl Material {
     pub fn from_files(files: &crate::config::tls::TlsFiles) -> Result<Self, MaterialError> {
         let mut m = Self::load(&files.cert, &files.key, &files.trust_bundle)?;
         m.session_lifetime = files.session_lifetime;
+        let own = m.identity.trust_domain().to_string();
+        if let Some(want) = files.trust_domain.as_deref().filter(|d| *d != own) {
+            return Err(file_error(
+                &files.cert,
+                format!(
+                    "the certificate is {} but tls.trust_domain is {want:?}",
+                    m.identity
+                ),
+            ));
+        }
+        let mut domains = (*m.domains).clone();
+        for (domain, bundle) in &files.federation {
+            if *domain == own {
+                return Err(file_error(
+                    bundle,
+                    format!("{domain:?} is this workload's own trust domain; its bundle is tls.trust_bundle"),
+                ));
+            }
+            domains.push((domain.clone(), Arc::new(read_bundle(bundle)?)));
+        }
+        m.domains = Arc::new(domains);
         Ok(m)
     }
 
@@ -157,11 +191,8 @@ impl Material {
         tls12: bool,
         alpn: &[&[u8]],
     ) -> Result<Arc<ServerConfig>, MaterialError> {
-        let verifier = ClientVerifier::new(
-            Arc::clone(&self.roots),
-            Arc::clone(provider),
-            require_client_cert,
-        )?;
+        let verifier =
+            ClientVerifier::new(&self.domains, Arc::clone(provider), require_client_cert)?;
         let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
             .with_protocol_versions(Self::versions(tls12))?
             .with_client_cert_verifier(Arc::new(verifier))
@@ -191,7 +222,7 @@ impl Material {
         tls12: bool,
         alpn: &[&[u8]],
     ) -> Result<Arc<ClientConfig>, MaterialError> {
-        let verifier = ServerVerifier::new(Arc::clone(&self.roots), expected, Arc::clone(provider));
+        let verifier = ServerVerifier::new(&self.domains, expected, Arc::clone(provider));
         let mut config = ClientConfig::builder_with_provider(Arc::clone(provider))
             .with_protocol_versions(Self::versions(tls12))?
             .dangerous()

@@ -45,6 +45,10 @@ pub enum SvidError {
     WrongExtendedKeyUsage(&'static str),
     #[error("the leaf is {0}, not {1}")]
     WrongIdentity(String, String),
+    /// The leaf names a trust domain with no bundle here: a bundle
+    /// vouches only for its own trust domain's identities.
+    #[error("the leaf's trust domain {0:?} is not trusted here (no bundle for it)")]
+    UntrustedDomain(String),
 }
 
 impl SvidError {
@@ -61,6 +65,7 @@ impl SvidError {
             SvidError::SigningLeaf => "signing_leaf",
             SvidError::WrongExtendedKeyUsage(_) => "wrong_extended_key_usage",
             SvidError::WrongIdentity(..) => "wrong_identity",
+            SvidError::UntrustedDomain(_) => "untrusted_trust_domain",
         }
     }
 }

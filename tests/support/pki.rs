@@ -141,7 +141,9 @@ pub fn client_config_with_roots(
     expected: &str,
 ) -> Arc<ClientConfig> {
     let provider = material::provider();
-    let verifier = ServerVerifier::new(roots, id(expected), Arc::clone(&provider));
+    let expected = id(expected);
+    let domains = vec![(expected.trust_domain().to_string(), roots)];
+    let verifier = ServerVerifier::new(&domains, expected, Arc::clone(&provider));
     let b = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
