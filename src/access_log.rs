@@ -7,7 +7,14 @@
 //! when the writer falls behind and the queue is full, the batch is
 //! dropped and its lines counted in `access_log_dropped`, never queued
 //! without bound. Memory is bounded by [`BATCH_BYTES`] per core per log
-//! file plus [`QUEUE_BATCHES`] batches.
+//! file plus [`QUEUE_BATCHES`] batches. Lines the writer could not write
+//! (a full disk, a deleted directory) are counted too ([`Control::lost`]).
+//!
+//! Rotation: [`Control::reopen`] (SIGUSR1, as nginx does, and SIGHUP)
+//! makes the writer close every file and reopen it by name at the next
+//! write, so after `mv` (logrotate's default) lines go to the new file.
+//! A path is checked writable before it is used ([`check_writable`]), at
+//! `pilotfish check`, at start and on every config swap.
 
 use std::{
     cell::RefCell,
@@ -15,6 +22,10 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     thread::JoinHandle,
     time::{Duration, SystemTime},
 };
@@ -44,23 +55,76 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub struct Batch {
     path: PathBuf,
     bytes: Vec<u8>,
+    lines: u64,
 }
 
 /// The writer thread, as its owner holds it.
 #[derive(Debug)]
 pub struct Writer {
     sink: Sender<Batch>,
+    control: Control,
     thread: JoinHandle<()>,
+}
+
+/// What other threads may do with a running writer (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// A pending "reopen every file"; one pending is as good as many.
+    reopen: Sender<()>,
+    lost: Arc<AtomicU64>,
+}
+
+impl Control {
+    /// Closes every log file; each is reopened by its path at its next
+    /// write (log rotation).
+    pub fn reopen(&self) {
+        let _ = self.reopen.try_send(());
+    }
+
+    /// Lines handed to the writer that it could not write.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether every access log file `config` names can be opened for append
+/// (created if missing), as `nginx -t` checks: a typo in a path must stop
+/// a start or a swap, not lose every line at run time.
+pub fn check_writable(config: &crate::Config) -> Result<(), String> {
+    for l in &config.listeners {
+        if let Some(log) = &l.access_log {
+            open(&log.path).map_err(|e| {
+                format!(
+                    "listener {:?}: access log {}: {e}",
+                    l.name,
+                    log.path.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 impl Writer {
     /// Starts the writer thread.
     pub fn start() -> std::io::Result<Writer> {
         let (sink, rx) = crossbeam_channel::bounded(QUEUE_BATCHES);
+        let (reopen, reopen_rx) = crossbeam_channel::bounded(1);
+        let lost = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&lost);
         let thread = std::thread::Builder::new()
             .name("pilotfish-access-log".into())
-            .spawn(move || write_batches(&rx))?;
-        Ok(Writer { sink, thread })
+            .spawn(move || write_batches(&rx, &reopen_rx, &counted))?;
+        Ok(Writer {
+            sink,
+            control: Control { reopen, lost },
+            thread,
+        })
+    }
+
+    /// Reopening and the lost-line count, for the controller.
+    pub fn control(&self) -> Control {
+        self.control.clone()
     }
 
     /// Where workers send their batches.
@@ -74,6 +138,7 @@ impl Writer {
         let stop = Batch {
             path: PathBuf::new(),
             bytes: Vec::new(),
+            lines: 0,
         };
         // Blocking is fine here (not a worker); the writer drains the queue.
         if self.sink.send(stop).is_ok() && self.thread.join().is_err() {
@@ -82,26 +147,46 @@ impl Writer {
     }
 }
 
-fn write_batches(rx: &Receiver<Batch>) {
+fn write_batches(rx: &Receiver<Batch>, reopen: &Receiver<()>, lost: &AtomicU64) {
     // One handle per file, opened on first use; bounded by the listeners
     // that ever named a file (a config has at most LISTENERS_MAX).
     let mut files: HashMap<PathBuf, Box<dyn Write>> = HashMap::new();
     let mut failed: HashMap<PathBuf, u64> = HashMap::new();
-    for batch in rx {
+    loop {
+        let batch = crossbeam_channel::select! {
+            recv(rx) -> batch => match batch {
+                Ok(b) => b,
+                Err(_) => return,
+            },
+            recv(reopen) -> _ => {
+                tracing::info!(files = files.len(), "access log files reopened");
+                files.clear();
+                continue;
+            }
+        };
         if batch.path.as_os_str().is_empty() {
             return;
+        }
+        // A reopen asked before this batch arrived applies to it (select
+        // picks among ready channels at random).
+        if reopen.try_recv().is_ok() {
+            files.clear();
         }
         let out = match files.get_mut(&batch.path) {
             Some(out) => out,
             None => match open(&batch.path) {
                 Ok(out) => files.entry(batch.path.clone()).or_insert(out),
                 Err(e) => {
+                    lost.fetch_add(batch.lines, Ordering::Relaxed);
                     complain(&mut failed, &batch.path, &e);
                     continue;
                 }
             },
         };
         if let Err(e) = out.write_all(&batch.bytes).and_then(|()| out.flush()) {
+            lost.fetch_add(batch.lines, Ordering::Relaxed);
+            // Reopened at the next batch: the file may have been replaced.
+            files.remove(&batch.path);
             complain(&mut failed, &batch.path, &e);
         }
     }
@@ -201,7 +286,7 @@ impl Buffers {
     }
 
     fn hand_over(&self, counters: &Counters, path: PathBuf, bytes: Vec<u8>, lines: u64) {
-        match self.sink.try_send(Batch { path, bytes }) {
+        match self.sink.try_send(Batch { path, bytes, lines }) {
             Ok(()) => metrics::add(&counters.access_log_lines, lines),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 metrics::add(&counters.access_log_dropped, lines);

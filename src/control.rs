@@ -51,6 +51,8 @@ pub enum ApplyError {
     Draining,
     #[error("TLS material: {0}")]
     Tls(#[from] MaterialError),
+    #[error("{0}")]
+    AccessLog(String),
 }
 
 impl ApplyError {
@@ -58,7 +60,10 @@ impl ApplyError {
     /// or the proxy's state (409/503).
     pub fn status(&self) -> u16 {
         match self {
-            ApplyError::Invalid(_) | ApplyError::NeedsRestart(_) | ApplyError::Tls(_) => 400,
+            ApplyError::Invalid(_)
+            | ApplyError::NeedsRestart(_)
+            | ApplyError::Tls(_)
+            | ApplyError::AccessLog(_) => 400,
             ApplyError::Reserve { .. } | ApplyError::Prepare(_) => 409,
             ApplyError::Draining => 503,
         }
@@ -184,6 +189,8 @@ pub struct TlsStatus {
 pub struct Controller {
     mailboxes: Vec<Sender<Command>>,
     running: Lock<Running>,
+    /// The access log writer's reopen and lost-line count.
+    logs: crate::access_log::Control,
 }
 
 impl Controller {
@@ -192,10 +199,12 @@ impl Controller {
         binds: Arc<Vec<SocketAddr>>,
         mailboxes: Vec<Sender<Command>>,
         tls: Option<Arc<Workload>>,
+        logs: crate::access_log::Control,
     ) -> Self {
         let stamps = config.tls.as_ref().map(stamps).unwrap_or_default();
         Self {
             mailboxes,
+            logs,
             running: Lock::new(Running {
                 config,
                 binds,
@@ -210,6 +219,16 @@ impl Controller {
     }
 
     /// Loads the material `config` names, as the workers will use it.
+    /// Closes the access log files, to be reopened by name (rotation).
+    pub fn reopen_logs(&self) {
+        self.logs.reopen();
+    }
+
+    /// Access log lines the writer could not write.
+    pub fn access_log_lost(&self) -> u64 {
+        self.logs.lost()
+    }
+
     /// Also checks that every cluster's `server_identity` is in a trust
     /// domain the material has a bundle for (else no server could ever
     /// be verified).
@@ -359,6 +378,7 @@ impl Controller {
         if !restart.is_empty() {
             return Err(ApplyError::NeedsRestart(restart));
         }
+        crate::access_log::check_writable(&config).map_err(ApplyError::AccessLog)?;
         if *old == config && config.tls.is_some() {
             // Nothing but (maybe) the certificates: rotate them without a
             // new generation, so no open connection is asked to close.

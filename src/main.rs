@@ -231,9 +231,12 @@ fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
                 q.push(format!("core={c}"));
             }
             if *reset {
+                // Emptying them changes state: a POST.
                 q.push("reset=true".into());
+                ("POST", format!("/histograms?{}", q.join("&")))
+            } else {
+                ("GET", format!("/histograms?{}", q.join("&")))
             }
-            ("GET", format!("/histograms?{}", q.join("&")))
         }
     };
     let (status, body) = match client::request_with_body(socket, method, &path, &body) {
@@ -270,31 +273,49 @@ fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(config) => match pilotfish::control::Controller::load_tls(&config) {
-            Ok(tls) => {
-                print!("{}: ok\n{}", path.display(), config.summary());
-                if let Some(t) = tls {
-                    let m = &t.material;
-                    println!(
-                        "tls: {} (serial {}, expires in {} s)",
-                        m.identity,
-                        m.serial,
-                        m.seconds_to_expiry()
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {}: TLS material: {e}", path.display());
-                ExitCode::FAILURE
-            }
-        },
+    let config = match Config::load(path) {
+        Ok(config) => config,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
+        }
+    };
+    // What start would find wrong outside the file, checked the same way
+    // (as `nginx -t` opens its logs).
+    let tls = match pilotfish::control::Controller::load_tls(&config) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("error: {}: TLS material: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = pilotfish::access_log::check_writable(&config) {
+        eprintln!("error: {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    if let Some(token) = &config.admin.token_file {
+        if let Err(e) = pilotfish::admin::read_token(token) {
+            eprintln!("error: {}: admin.token_file: {e}", path.display());
+            return ExitCode::FAILURE;
         }
     }
+    print!("{}: ok\n{}", path.display(), config.summary());
+    if config.listeners.is_empty() {
+        eprintln!(
+            "warning: {}: no listeners; only the admin endpoint serves until a config with listeners is applied",
+            path.display()
+        );
+    }
+    if let Some(t) = tls {
+        let m = &t.material;
+        println!(
+            "tls: {} (serial {}, expires in {} s)",
+            m.identity,
+            m.serial,
+            m.seconds_to_expiry()
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
@@ -329,9 +350,21 @@ fn run(path: &std::path::Path) -> ExitCode {
                     log_handle.reload(filter).map_err(|e| e.to_string())
                 })),
             };
+            let tcp_token = match admin_config.token_file.as_deref() {
+                None => None,
+                Some(path) => match pilotfish::admin::read_token(path) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin.token_file");
+                        proxy.shutdown();
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
             let listen = pilotfish::admin::Listen {
                 socket: socket.clone(),
                 tcp,
+                tcp_token,
             };
             match pilotfish::admin::Server::start(&listen, state) {
                 Ok(server) => Some(server),

@@ -37,6 +37,8 @@ pub enum StartError {
     Timeout,
     #[error("TLS material: {0}")]
     Tls(#[from] crate::tls::material::MaterialError),
+    #[error("{0}")]
+    AccessLog(String),
 }
 
 /// Counters merged over all workers, plus each worker's own.
@@ -61,6 +63,7 @@ impl Proxy {
     /// Starts every worker and returns once all of them serve.
     pub fn start(config: Config) -> Result<Proxy, StartError> {
         let tls = Controller::load_tls(&config)?;
+        crate::access_log::check_writable(&config).map_err(StartError::AccessLog)?;
         let config = Arc::new(config);
         // Resolve port 0 once; the reservations hold the ports until every
         // worker has bound its own socket to them.
@@ -116,7 +119,13 @@ impl Proxy {
         }
         drop(reservations);
         let mailboxes = handles.iter().map(|h| h.mailbox.clone()).collect();
-        let control = Arc::new(Controller::new(config, binds, mailboxes, tls));
+        let control = Arc::new(Controller::new(
+            config,
+            binds,
+            mailboxes,
+            tls,
+            access_log.control(),
+        ));
         let tls_watch = spawn_tls_watch(&control).map_err(StartError::Spawn)?;
         Ok(Proxy {
             control,

@@ -24,6 +24,7 @@ fn admin_for(proxy: &pilotfish::Proxy, dir: &Path) -> (Server, std::path::PathBu
     let listen = Listen {
         socket: Some(path.clone()),
         tcp: None,
+        tcp_token: None,
     };
     (Server::start(&listen, state).unwrap(), path)
 }
@@ -189,12 +190,8 @@ fn hgrm_round_trips_to_the_json_percentiles() {
         // The hgrm is a step function: the JSON percentile lies between
         // the values of the rows that bracket it.
         let at = rows.iter().position(|r| r.1 >= p).unwrap();
-        let above = rows[at].0 * 1000.0;
-        let below = if at == 0 {
-            0.0
-        } else {
-            rows[at - 1].0 * 1000.0
-        };
+        let above = rows[at].0;
+        let below = if at == 0 { 0.0 } else { rows[at - 1].0 };
         let slack = us * 0.002 + 1.0;
         assert!(
             below - slack <= us && us <= above + slack,
@@ -202,7 +199,7 @@ fn hgrm_round_trips_to_the_json_percentiles() {
         );
     }
     // reset=true empties: the next read counts only new traffic.
-    let _ = client::request(&socket, "GET", "/histograms?listener=web&reset=true").unwrap();
+    let _ = client::request(&socket, "POST", "/histograms?listener=web&reset=true").unwrap();
     assert_eq!(
         get_json(&socket, "/histograms?listener=web")[0]["count"].as_u64(),
         Some(0)
@@ -388,5 +385,55 @@ fn the_server_stops_even_when_its_socket_file_was_removed() {
     done_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the admin server stops without its socket file");
+    proxy.shutdown();
+}
+
+/// Issue 11 item 12: hgrm says its unit (µs) and the real sub-bucket
+/// count; any single histogram can be selected (`route=` empty is the
+/// listener's total once routes have traffic too); unknown parameters
+/// and a GET that would reset are refused.
+#[test]
+fn any_single_histogram_can_be_selected_and_typos_are_refused() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = start_toml(
+        &http_config(
+            "epoll",
+            "cluster = \"app\"\n[[listeners.routes]]\nname = \"r\"\npath_prefix = \"/r/\"\ncluster = \"app\"",
+            &cluster("app", &[up.addr], ""),
+        ),
+        "web",
+    );
+    let dir = temp_dir("hgrm-select");
+    let (_server, socket) = admin_for(&proxy, &dir);
+    let mut c = Conn::open(addr);
+    for path in ["/r/echo", "/r/echo", "/other"] {
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+        assert_eq!(c.read(false).unwrap().status, 200);
+    }
+    let ask = |q: &str| client::request(&socket, "GET", &format!("/histograms?{q}")).unwrap();
+    let (status, body) = ask("listener=web&format=hgrm");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("route=r"), "the matches are listed: {body}");
+    let (status, total) = ask("listener=web&route=&format=hgrm");
+    assert_eq!(status, 200, "{total}");
+    assert!(total.contains("Total count    =            3]"), "{total}");
+    assert!(total.contains("#[Unit    = microseconds]"), "{total}");
+    assert!(total.contains("SubBuckets     =         2048]"), "{total}");
+    let (status, route) = ask("listener=web&route=r&format=hgrm");
+    assert_eq!(status, 200, "{route}");
+    assert!(route.contains("Total count    =            2]"), "{route}");
+    let (status, body) = ask("listner=web");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("listner"), "{body}");
+    let (status, _) = client::request(&socket, "GET", "/stats?verbose=1").unwrap();
+    assert_eq!(status, 400);
+    let (status, body) = ask("reset=true");
+    assert_eq!(status, 405, "{body}");
+    let (status, _) = client::request(&socket, "POST", "/histograms?reset=true").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        get_json(&socket, "/histograms?listener=web&route=")[0]["count"].as_u64(),
+        Some(0)
+    );
     proxy.shutdown();
 }

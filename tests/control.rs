@@ -43,6 +43,7 @@ fn start(toml: &str, dir: &Path) -> (pilotfish::Proxy, Server, std::path::PathBu
     let listen = Listen {
         socket: Some(socket.clone()),
         tcp: None,
+        tcp_token: None,
     };
     (proxy, Server::start(&listen, state).unwrap(), socket, addr)
 }
@@ -325,47 +326,120 @@ fn non_loopback_address() -> Option<std::net::IpAddr> {
     })
 }
 
+/// Issue 11 item 4: loopback is no credential. The TCP listener serves
+/// read-only endpoints to anyone (loopback included) and everything else
+/// only with the bearer token; without a token file, never.
 #[test]
-fn admin_tcp_answers_reads_to_anyone_and_mutations_to_loopback_only() {
+fn admin_tcp_serves_reads_to_anyone_and_the_rest_only_with_the_token() {
     let up = HttpUpstream::start();
     let first = tagged_config("127.0.0.1:0".parse().unwrap(), "one", up.addr, "");
     let (proxy, _) = start_toml(&first, "web");
-    let state = State {
-        control: proxy.controller(),
-        draining: Arc::new(AtomicBool::new(false)),
-        set_log_filter: None,
-    };
-    let listen = Listen {
-        socket: None,
-        tcp: Some("0.0.0.0:0".parse().unwrap()),
-    };
-    let server = Server::start(&listen, state).unwrap();
-    let port = server.tcp_addr().unwrap().port();
-    let ask = |ip: std::net::IpAddr, method: &str, path: &str| -> u16 {
-        let mut c = Conn::open(SocketAddr::new(ip, port));
-        c.send(
-            format!("{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    let token = "s3cret-token-of-enough-length";
+    for with_token in [false, true] {
+        let state = State {
+            control: proxy.controller(),
+            draining: Arc::new(AtomicBool::new(false)),
+            set_log_filter: None,
+        };
+        let listen = Listen {
+            socket: None,
+            tcp: Some("0.0.0.0:0".parse().unwrap()),
+            tcp_token: with_token.then(|| token.to_string()),
+        };
+        let server = Server::start(&listen, state).unwrap();
+        let port = server.tcp_addr().unwrap().port();
+        let ask = |ip: std::net::IpAddr, method: &str, path: &str, auth: &str| -> u16 {
+            let mut c = Conn::open(SocketAddr::new(ip, port));
+            c.send(
+                format!("{method} {path} HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 0\r\n\r\n")
+                    .as_bytes(),
+            );
+            c.read(false).expect("an answer").status
+        };
+        let mut ips = vec!["127.0.0.1".parse().unwrap()];
+        ips.extend(non_loopback_address());
+        for ip in ips {
+            for path in ["/live", "/ready", "/metrics", "/histograms"] {
+                assert_eq!(ask(ip, "GET", path, ""), 200, "{ip} GET {path}");
+            }
+            let refused = if with_token { 401 } else { 403 };
+            for (method, path) in [
+                ("POST", "/drain"),
+                ("POST", "/config"),
+                ("POST", "/log-level?filter=debug"),
+                ("POST", "/histograms?reset=true"),
+                ("GET", "/config"),
+                ("GET", "/stats"),
+                ("GET", "/clusters"),
+            ] {
+                assert_eq!(ask(ip, method, path, ""), refused, "{ip} {method} {path}");
+                let wrong = "Authorization: Bearer s3cret-token-of-enough-lengtH\r\n";
+                assert_eq!(
+                    ask(ip, method, path, wrong),
+                    refused,
+                    "{ip} {method} {path}"
+                );
+            }
+            // A GET never resets, with or without a token.
+            assert_eq!(ask(ip, "GET", "/histograms?reset=true", ""), 405);
+            let good = format!("Authorization: Bearer {token}\r\n");
+            if with_token {
+                assert_eq!(ask(ip, "GET", "/config", &good), 200);
+                // Routed: an empty config is invalid (400), not forbidden.
+                assert_eq!(ask(ip, "POST", "/config", &good), 400);
+            } else {
+                assert_eq!(
+                    ask(ip, "GET", "/config", &good),
+                    403,
+                    "no token file: never"
+                );
+            }
+        }
+        // Refusals are counted, and the proxy was not drained by them.
+        let mut c = Conn::open(SocketAddr::new("127.0.0.1".parse().unwrap(), port));
+        c.send(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n");
+        let metrics = c.read(false).unwrap().text();
+        let reason = if with_token {
+            "bad_token"
+        } else {
+            "not_served"
+        };
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "pilotfish_admin_tcp_refused_total{{reason=\"{reason}\"}}"
+                ))
+            })
+            .expect("refusal counter");
+        let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 14, "{line}");
+        assert_eq!(
+            get(proxy.listener_addr("web").unwrap(), "/echo").status,
+            200
         );
-        c.read(false).expect("an answer").status
-    };
-    let loopback = "127.0.0.1".parse().unwrap();
-    assert_eq!(ask(loopback, "GET", "/live"), 200);
-    // From loopback the mutation is routed: an empty config is invalid (400),
-    // not forbidden.
-    assert_eq!(ask(loopback, "POST", "/config"), 400);
-    let Some(outside) = non_loopback_address() else {
-        panic!("this test needs a non-loopback address on the machine");
-    };
-    assert_eq!(ask(outside, "GET", "/live"), 200);
-    assert_eq!(ask(outside, "POST", "/drain"), 403);
-    assert_eq!(ask(outside, "POST", "/config"), 403);
-    // Not drained by the refused request.
-    assert_eq!(
-        get(proxy.listener_addr("web").unwrap(), "/echo").status,
-        200
-    );
-    drop(server);
+        drop(server);
+    }
     proxy.shutdown();
+}
+
+#[test]
+fn admin_tokens_must_be_private_and_long() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("admin-token");
+    let path = dir.join("token");
+    std::fs::write(&path, "s3cret-token-of-enough-length\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = pilotfish::admin::read_token(&path).unwrap_err();
+    assert!(e.contains("chmod 600"), "{e}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        pilotfish::admin::read_token(&path).unwrap(),
+        "s3cret-token-of-enough-length"
+    );
+    std::fs::write(&path, "short\n").unwrap();
+    assert!(pilotfish::admin::read_token(&path).is_err());
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

@@ -569,7 +569,14 @@ fn reapplying_the_same_config_rotates_tls_without_closing_connections() {
     // And /metrics tells the certificate and the handshakes.
     let reports = pilotfish::worker::collect_reports(&m.b.mailboxes());
     let status = m.b.controller().tls_status();
-    let text = pilotfish::admin::prometheus::render(&reports, &[], status.as_ref());
+    let text = pilotfish::admin::prometheus::render(
+        &reports,
+        &[],
+        &pilotfish::admin::prometheus::Extra {
+            tls: status.as_ref(),
+            ..Default::default()
+        },
+    );
     for needle in [
         "pilotfish_tls_handshakes_total{core=\"0\",side=\"inbound\",kind=\"full\"}",
         &format!("pilotfish_tls_certificate_expiry_seconds{{identity=\"{ORDERS}\",serial=\"{}\"}}", new_leaf.serial()),

@@ -84,7 +84,7 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         for name in ["sidecar-a-outbound", "sidecar-b-inbound"] {
             let _ = pilotfish::admin::client::request(
                 &out.join(format!("{name}.sock")),
-                "GET",
+                "POST",
                 "/histograms?reset=true",
             );
         }

@@ -3,17 +3,29 @@
 //!
 //! Endpoints: `GET /live`, `GET /ready`, `GET /stats` (JSON, merged and per
 //! core), `GET /metrics` (Prometheus text), `GET /histograms` (`hgrm` or
-//! JSON, filtered by listener, route, cluster, metric, core; `reset=true`
-//! for interval histograms), `GET /config`, `GET /clusters` (endpoints with
-//! health, ejection, load, per core), `POST /config` (a whole TOML config,
-//! swapped on every worker or none; see [`crate::control`]), `POST /drain`,
-//! `POST /log-level?filter=...`.
+//! JSON, filtered by listener, route, cluster, metric, core; `POST
+//! /histograms?reset=true` copies and empties them, for interval
+//! histograms), `GET /config`, `GET /clusters` (endpoints with health,
+//! ejection, load, per core), `POST /config` (a whole TOML config, swapped
+//! on every worker or none; see [`crate::control`]), `POST /drain`,
+//! `POST /log-level?filter=...`. Unknown query parameters are refused (a
+//! typo must not return everything).
+//!
+//! Who may do what. Loopback is no trust boundary: in a pod every process
+//! shares the sidecar's network namespace. So:
+//! - the Unix socket (created 0600, removed when the server stops) serves
+//!   every endpoint: its file mode is the credential;
+//! - the TCP listener serves, to anyone, only what a scraper or a probe
+//!   reads: `GET /live`, `/ready`, `/metrics`, `/histograms`. Everything
+//!   else (the config with its file paths, stats, clusters, and every
+//!   POST) needs `Authorization: Bearer <token>` with the token from
+//!   `[admin] token_file`; without that file it is never served on TCP.
+//!   Refusals are answered (401/403) and counted.
+//! - every state change is a POST, on either listener.
 //!
 //! What must hold: a scrape costs a worker only the copy of its own
 //! counters and histograms (asked through its mailbox); admin connections
-//! are bounded in number, size and time; mutations (every POST) are
-//! answered only on the Unix socket or to a loopback peer; the socket file
-//! is created 0600 and removed when the server stops.
+//! are bounded in number, size and time.
 
 pub mod client;
 pub mod prometheus;
@@ -27,7 +39,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     thread::JoinHandle,
@@ -83,13 +95,81 @@ impl State {
 pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Where the admin server listens.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Listen {
-    /// The Unix socket (created 0600; mutations allowed).
+    /// The Unix socket (created 0600; every endpoint).
     pub socket: Option<PathBuf>,
-    /// A TCP address, e.g. for a Prometheus scraper on the node; mutations
-    /// only from loopback peers.
+    /// A TCP address, e.g. for a Prometheus scraper on the node: read-only
+    /// endpoints to anyone, the rest only with `tcp_token`.
     pub tcp: Option<SocketAddr>,
+    /// The bearer token that unlocks every endpoint on TCP (from
+    /// `[admin] token_file`, see [`read_token`]). None: never.
+    pub tcp_token: Option<String>,
+}
+
+impl std::fmt::Debug for Listen {
+    // The token stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listen")
+            .field("socket", &self.socket)
+            .field("tcp", &self.tcp)
+            .field("tcp_token", &self.tcp_token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// A token shorter than this is refused: it must not be guessable.
+pub const TOKEN_BYTES_MIN: usize = 16;
+/// A token file larger than this is not a token.
+const TOKEN_FILE_BYTES_MAX: u64 = 4096;
+
+/// Reads the admin TCP token from `path`: the file must be readable by
+/// its owner only (like an ssh key: a token others can read protects
+/// nothing), hold at most 4 KiB, and a token of at least 16 characters
+/// (surrounding whitespace trimmed).
+pub fn read_token(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{}: mode {:o} lets others read the admin token; chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    if meta.len() > TOKEN_FILE_BYTES_MAX {
+        return Err(format!(
+            "{}: larger than {TOKEN_FILE_BYTES_MAX} bytes",
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.len() < TOKEN_BYTES_MIN || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{}: the token must be one word of at least {TOKEN_BYTES_MIN} characters",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
+}
+
+/// What a connection may reach, by the listener it came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The Unix socket: everything.
+    Socket,
+    /// The TCP listener: read-only endpoints, or everything with the token.
+    Tcp,
+}
+
+/// Admin requests refused on the TCP listener, by why (read by /metrics
+/// and /stats; admin threads only, never a worker).
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// A protected endpoint without a token configured.
+    pub not_served: AtomicU64,
+    /// A protected endpoint with a missing or wrong token.
+    pub bad_token: AtomicU64,
 }
 
 /// The running admin server; stops and removes its socket on drop.
@@ -108,7 +188,11 @@ impl Server {
     /// Binds what `listen` names (replacing a stale Unix socket) and serves.
     pub fn start(listen: &Listen, state: State) -> std::io::Result<Server> {
         let stop = Arc::new(AtomicBool::new(false));
-        let state = Arc::new(state);
+        let state = Arc::new(Shared {
+            state,
+            token: listen.tcp_token.clone(),
+            refusals: Refusals::default(),
+        });
         let live = Arc::new(AtomicUsize::new(0));
         let mut server = Server {
             socket: None,
@@ -121,7 +205,9 @@ impl Server {
             let listener = bind_unix(path)?;
             let fd = std::os::fd::OwnedFd::from(listener.try_clone()?);
             server.spawn_accept("pilotfish-admin", fd, &state, &live, move || {
-                listener.accept().map(|(c, _)| (Conn::Unix(c), true))
+                listener
+                    .accept()
+                    .map(|(c, _)| (Conn::Unix(c), Access::Socket))
             })?;
             server.socket = Some(path.clone());
             tracing::info!(socket = %path.display(), "admin socket listening");
@@ -131,12 +217,15 @@ impl Server {
             let bound = listener.local_addr()?;
             let fd = std::os::fd::OwnedFd::from(listener.try_clone()?);
             server.spawn_accept("pilotfish-admin-tcp", fd, &state, &live, move || {
-                listener
-                    .accept()
-                    .map(|(c, peer)| (Conn::Tcp(c), peer.ip().is_loopback()))
+                listener.accept().map(|(c, _)| (Conn::Tcp(c), Access::Tcp))
             })?;
             server.tcp = Some(bound);
-            tracing::info!(address = %bound, "admin TCP listener (mutations from loopback only)");
+            let token = if listen.tcp_token.is_some() {
+                "every endpoint with the bearer token"
+            } else {
+                "read-only endpoints only"
+            };
+            tracing::info!(address = %bound, serves = token, "admin TCP listener");
         }
         Ok(server)
     }
@@ -147,9 +236,9 @@ impl Server {
         &mut self,
         name: &str,
         listening: std::os::fd::OwnedFd,
-        state: &Arc<State>,
+        state: &Arc<Shared>,
         live: &Arc<AtomicUsize>,
-        accept: impl Fn() -> std::io::Result<(Conn, bool)> + Send + 'static,
+        accept: impl Fn() -> std::io::Result<(Conn, Access)> + Send + 'static,
     ) -> std::io::Result<()> {
         self.listening.push(socket2::Socket::from(listening));
         let (state, stop, live) = (Arc::clone(state), Arc::clone(&self.stop), Arc::clone(live));
@@ -239,11 +328,18 @@ impl Write for Conn {
     }
 }
 
-/// Accepts until stopped. `accept` gives a connection and whether its peer
-/// may mutate (the Unix socket, or a loopback TCP peer).
+/// What the admin threads share: the proxy's state, the TCP token, and
+/// the refusal counters.
+struct Shared {
+    state: State,
+    token: Option<String>,
+    refusals: Refusals,
+}
+
+/// Accepts until stopped. `accept` gives a connection and what it may reach.
 fn accept_loop(
-    accept: impl Fn() -> std::io::Result<(Conn, bool)>,
-    state: &Arc<State>,
+    accept: impl Fn() -> std::io::Result<(Conn, Access)>,
+    state: &Arc<Shared>,
     stop: &AtomicBool,
     live: &Arc<AtomicUsize>,
 ) {
@@ -252,7 +348,7 @@ fn accept_loop(
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok((mut conn, local)) = accepted else {
+        let Ok((mut conn, access)) = accepted else {
             // EMFILE and friends: back off instead of spinning. This is the
             // admin thread, not a worker, so blocking it is fine.
             #[allow(clippy::disallowed_methods)]
@@ -269,7 +365,7 @@ fn accept_loop(
         let spawned = std::thread::Builder::new()
             .name("pilotfish-admin-conn".into())
             .spawn(move || {
-                serve(conn, local, &state);
+                serve(conn, access, &state);
                 done.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
@@ -278,7 +374,7 @@ fn accept_loop(
     }
 }
 
-fn serve(mut conn: Conn, local: bool, state: &State) {
+fn serve(mut conn: Conn, access: Access, shared: &Shared) {
     conn.set_timeouts();
     let mut parser = RequestParser::new(HeadLimits {
         head_bytes: HEAD_BYTES_MAX,
@@ -327,21 +423,69 @@ fn serve(mut conn: Conn, local: bool, state: &State) {
     let target = String::from_utf8_lossy(req.target()).into_owned();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let query = Query::parse(query);
-    let (status, kind, answer) = if req.method() != b"GET" && !local {
-        text(
-            403,
-            "mutations are answered only on the admin Unix socket or to a loopback peer\n",
-        )
-    } else {
-        route(req.method(), path, &query, &body, state)
+    let (status, kind, answer) = match admit(access, req.method(), path, &req, shared) {
+        Some(refused) => refused,
+        None => route(req.method(), path, &query, &body, shared),
     };
     let _ = respond(&mut conn, status, kind, &answer);
+}
+
+/// Whether the TCP listener serves this request without a token: reads a
+/// scraper or a probe needs, nothing that changes state or shows the
+/// config (file paths) and the clusters.
+fn public(method: &[u8], path: &str) -> bool {
+    method == b"GET" && matches!(path, "/live" | "/ready" | "/metrics" | "/histograms")
+}
+
+/// None: serve the request. Some(reply): refused, and counted.
+fn admit(
+    access: Access,
+    method: &[u8],
+    path: &str,
+    req: &crate::http1::RequestHead,
+    shared: &Shared,
+) -> Option<Reply> {
+    if access == Access::Socket || public(method, path) {
+        return None;
+    }
+    let Some(token) = &shared.token else {
+        shared.refusals.not_served.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            path,
+            "admin TCP: protected endpoint refused (no token_file)"
+        );
+        return Some(text(
+            403,
+            "the admin TCP listener serves GET /live, /ready, /metrics and /histograms only; use the admin Unix socket, or set [admin] token_file\n",
+        ));
+    };
+    let presented = req
+        .head
+        .get("authorization")
+        .and_then(|v| v.strip_prefix(b"Bearer "))
+        .map(<[u8]>::trim_ascii);
+    if presented.is_some_and(|p| constant_time_eq(p, token.as_bytes())) {
+        return None;
+    }
+    shared.refusals.bad_token.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(path, "admin TCP: missing or wrong bearer token");
+    Some(text(
+        401,
+        "this endpoint needs Authorization: Bearer <admin token>\n",
+    ))
+}
+
+/// Compares without an early exit, so the time taken does not say how
+/// much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn respond(conn: &mut Conn, status: u16, kind: &str, body: &[u8]) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -381,6 +525,10 @@ impl Query {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(k, _)| k.as_str())
+    }
 }
 
 type Reply = (u16, &'static str, Vec<u8>);
@@ -400,22 +548,59 @@ fn json(value: &impl Serialize) -> Reply {
     }
 }
 
-fn route(method: &[u8], path: &str, query: &Query, body: &[u8], state: &State) -> Reply {
+/// The query parameters each endpoint understands; any other is refused
+/// with 400, so that a typo (`listner=`) does not silently return all.
+fn known_params(path: &str) -> &'static [&'static str] {
+    match path {
+        "/histograms" => &[
+            "format", "listener", "route", "cluster", "metric", "core", "reset",
+        ],
+        "/config" => &["format"],
+        "/log-level" => &["filter", "level"],
+        _ => &[],
+    }
+}
+
+fn route(method: &[u8], path: &str, query: &Query, body: &[u8], shared: &Shared) -> Reply {
+    let state = &shared.state;
+    if let Some(unknown) = query.names().find(|n| !known_params(path).contains(n)) {
+        let known = known_params(path);
+        return text(
+            400,
+            if known.is_empty() {
+                format!("{path} takes no query parameter; found {unknown:?}\n")
+            } else {
+                format!(
+                    "unknown parameter {unknown:?} for {path}; known: {}\n",
+                    known.join(", ")
+                )
+            },
+        );
+    }
+    let reset = query.get("reset") == Some("true");
     match (method, path) {
         (b"GET", "/live") => text(200, "live\n"),
         (b"GET", "/ready") => ready(state),
-        (b"GET", "/stats") => json(&stats(state)),
+        (b"GET", "/stats") => json(&stats(shared)),
         (b"GET", "/metrics") => {
             let reports = worker::collect_reports(state.mailboxes());
             let hist = worker::collect_histograms(state.mailboxes(), false);
-            (
-                200,
-                "text/plain; version=0.0.4",
-                prometheus::render(&reports, &hist, state.control.tls_status().as_ref())
-                    .into_bytes(),
-            )
+            let tls = state.control.tls_status();
+            let extra = prometheus::Extra {
+                tls: tls.as_ref(),
+                access_log_lost: state.control.access_log_lost(),
+                admin_refusals: Some(&shared.refusals),
+            };
+            let out = prometheus::render(&reports, &hist, &extra);
+            (200, "text/plain; version=0.0.4", out.into_bytes())
         }
-        (b"GET", "/histograms") => histograms(query, state),
+        // Emptying histograms changes state: POST only.
+        (b"GET", "/histograms") if reset => text(
+            405,
+            "reset=true empties the histograms: send it as POST /histograms?reset=true\n",
+        ),
+        (b"GET", "/histograms") => histograms(query, false, state),
+        (b"POST", "/histograms") if reset => histograms(query, true, state),
         (b"GET", "/config") => json(&*state.control.config()),
         (b"POST", "/config") => apply(query, body, state),
         (b"GET", "/clusters") => json(&worker::collect_clusters(state.mailboxes())),
@@ -502,20 +687,35 @@ fn ready(state: &State) -> Reply {
 #[derive(Serialize)]
 struct Stats {
     total: Snapshot,
+    /// Admin TCP requests refused: (not served without a token, bad token).
+    admin_tcp_refused: AdminRefusals,
     /// The certificate new handshakes present (absent without `[tls]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<crate::control::TlsStatus>,
     workers: Vec<worker::WorkerReport>,
 }
 
-fn stats(state: &State) -> Stats {
+#[derive(Serialize)]
+struct AdminRefusals {
+    not_served: u64,
+    bad_token: u64,
+}
+
+fn stats(shared: &Shared) -> Stats {
+    let state = &shared.state;
     let workers = worker::collect_reports(state.mailboxes());
     let mut total = Snapshot::default();
     for w in &workers {
         total.merge(&w.counters);
     }
+    // The writer's losses count with the cores' drops.
+    total.access_log_dropped += state.control.access_log_lost();
     Stats {
         total,
+        admin_tcp_refused: AdminRefusals {
+            not_served: shared.refusals.not_served.load(Ordering::Relaxed),
+            bad_token: shared.refusals.bad_token.load(Ordering::Relaxed),
+        },
         tls: state.control.tls_status(),
         workers,
     }
@@ -532,9 +732,10 @@ struct HistogramJson {
 }
 
 /// Filters the merged histograms by the query; `format=hgrm` needs the
-/// filters to select exactly one.
-fn histograms(query: &Query, state: &State) -> Reply {
-    let reset = query.get("reset") == Some("true");
+/// filters to select exactly one. A filter given empty (`route=`) selects
+/// histograms without that part: `listener=web&route=` is the listener's
+/// total, not one of its routes'.
+fn histograms(query: &Query, reset: bool, state: &State) -> Reply {
     let core: Option<usize> = match query.get("core").map(str::parse) {
         None => None,
         Some(Ok(c)) => Some(c),
@@ -542,10 +743,10 @@ fn histograms(query: &Query, state: &State) -> Reply {
     };
     let reports = worker::collect_histograms(state.mailboxes(), reset);
     let wanted = |k: &Key| {
-        let field = |name: &str, value: &Option<String>| {
-            query
-                .get(name)
-                .is_none_or(|want| value.as_deref() == Some(want))
+        let field = |name: &str, value: &Option<String>| match query.get(name) {
+            None => true,
+            Some("") => value.is_none(),
+            Some(want) => value.as_deref() == Some(want),
         };
         field("listener", &k.listener)
             && field("route", &k.route)
@@ -557,13 +758,17 @@ fn histograms(query: &Query, state: &State) -> Reply {
         "hgrm" => match merged.as_slice() {
             [(_, h)] => text(200, histograms::hgrm(h)),
             [] => text(404, "no histogram matches\n"),
-            many => text(
-                400,
-                format!(
-                    "{} histograms match; narrow with listener=, route=, cluster=, metric=\n",
-                    many.len()
-                ),
-            ),
+            many => {
+                let keys: Vec<String> = many.iter().map(|(k, _)| k.to_string()).collect();
+                text(
+                    400,
+                    format!(
+                        "{} histograms match; narrow with listener=, route=, cluster=, metric= (an empty value selects none: route= is the listener total):\n  {}\n",
+                        many.len(),
+                        keys.join("\n  ")
+                    ),
+                )
+            }
         },
         "json" => json(
             &merged

@@ -142,6 +142,38 @@ const COUNTERS: &[Field] = &[
     ),
 ];
 
+/// What the process knows outside the workers' counters.
+#[derive(Debug, Default)]
+pub struct Extra<'a> {
+    pub tls: Option<&'a crate::control::TlsStatus>,
+    /// Access log lines the writer thread could not write (a full disk,
+    /// a removed directory), shown with the cores' dropped lines under
+    /// `core="writer"`.
+    pub access_log_lost: u64,
+    /// The admin TCP listener's refusals.
+    pub admin_refusals: Option<&'a super::Refusals>,
+}
+
+fn admin_refusals(out: &mut String, refusals: &super::Refusals) {
+    use std::sync::atomic::Ordering;
+    family(
+        out,
+        "admin_tcp_refused_total",
+        "counter",
+        "Admin TCP requests refused: a protected endpoint without a token configured, or a missing or wrong token.",
+    );
+    for (reason, n) in [
+        ("not_served", &refusals.not_served),
+        ("bad_token", &refusals.bad_token),
+    ] {
+        let _ = writeln!(
+            out,
+            "pilotfish_admin_tcp_refused_total{{reason=\"{reason}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(
         out,
@@ -156,11 +188,8 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn render(
-    reports: &[WorkerReport],
-    hist: &[HistogramReport],
-    tls: Option<&crate::control::TlsStatus>,
-) -> String {
+pub fn render(reports: &[WorkerReport], hist: &[HistogramReport], extra: &Extra<'_>) -> String {
+    let tls = extra.tls;
     let mut out = String::with_capacity(16 * 1024);
     family(
         &mut out,
@@ -185,6 +214,16 @@ pub fn render(
                 get(&r.counters)
             );
         }
+        if *name == "access_log_dropped_total" {
+            let _ = writeln!(
+                out,
+                "pilotfish_{name}{{core=\"writer\"}} {}",
+                extra.access_log_lost
+            );
+        }
+    }
+    if let Some(refusals) = extra.admin_refusals {
+        admin_refusals(&mut out, refusals);
     }
     family(
         &mut out,

@@ -83,9 +83,13 @@ pub enum DriverChoice {
 pub struct Admin {
     /// The admin Unix socket (mode 0600; every endpoint).
     pub socket: Option<PathBuf>,
-    /// An optional admin TCP address (e.g. for a node's Prometheus); it
-    /// answers mutations (POST) only to loopback peers.
+    /// An optional admin TCP address (e.g. for a node's Prometheus): it
+    /// serves GET /live, /ready, /metrics, /histograms to anyone, and the
+    /// rest only with the bearer token from `token_file`.
     pub bind: Option<SocketAddr>,
+    /// A file (mode 0600) holding the bearer token that unlocks every
+    /// admin endpoint on `bind`. None: the TCP listener stays read-only.
+    pub token_file: Option<PathBuf>,
 }
 
 /// Where and how a listener logs its requests.
@@ -213,6 +217,7 @@ mod raw {
     pub struct Admin {
         pub socket: Option<PathBuf>,
         pub bind: Option<Spanned<String>>,
+        pub token_file: Option<Spanned<PathBuf>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -385,6 +390,16 @@ impl Validator<'_> {
                 ))
             }
         };
+        // An empty file parses (every key has a default) into a proxy that
+        // serves nothing: almost surely a mistake (the wrong file, a bad
+        // template). Without listeners a config is taken only where an
+        // admin endpoint can swap a real one in later.
+        if raw.listeners.is_empty() && raw.admin.socket.is_none() && raw.admin.bind.is_none() {
+            return Err(ConfigError::whole_file(
+                &self.file,
+                "no [[listeners]]: this config would serve nothing (add a listener, or an [admin] socket to apply one later)",
+            ));
+        }
         let tls = self.tls_files(raw.tls.as_ref())?;
         let clusters = self.clusters(&raw.clusters, tls.as_ref())?;
         let listeners = self.listeners(&raw.listeners, &raw.clusters, tls.as_ref())?;
@@ -408,6 +423,16 @@ impl Validator<'_> {
                         })
                     })
                     .transpose()?,
+                token_file: match (&raw.admin.token_file, &raw.admin.bind) {
+                    (Some(t), None) => {
+                        return Err(self.error(
+                            t,
+                            "admin.token_file".into(),
+                            "unlocks the admin TCP listener, so it needs admin.bind".into(),
+                        ))
+                    }
+                    (t, _) => t.as_ref().map(|t| t.get_ref().clone()),
+                },
             },
             max_connections_per_worker,
             drain_timeout: raw

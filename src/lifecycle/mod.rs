@@ -8,14 +8,17 @@
 //! `RELOADING=1` + `MONOTONIC_USEC=` and closed by `READY=1` whether or not
 //! the new config was taken (systemd's `Type=notify-reload` protocol); a
 //! refused reload keeps the old config, and says why in the log and in
-//! `STATUS=`.
+//! `STATUS=`. SIGUSR1 reopens the access log files (nginx's convention,
+//! what logrotate setups send); SIGHUP does too. SIGUSR2 is logged and
+//! ignored: a signal a sidecar may be sent in normal operation never
+//! ends it.
 
 pub mod notify;
 
 use crossbeam_channel::select;
 use std::path::{Path, PathBuf};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 
 use crate::proxy::Proxy;
 use notify::Notifier;
@@ -43,12 +46,23 @@ pub fn run_until_stopped(
 ) -> anyhow::Result<Exit> {
     let (sig_tx, sig_rx) = crossbeam_channel::bounded(4);
     let (hup_tx, hup_rx) = crossbeam_channel::bounded(1);
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])?;
     let signal_handle = signals.handle();
+    let logs = proxy.controller();
     std::thread::Builder::new()
         .name("pilotfish-signals".into())
         .spawn(move || {
             for signal in signals.forever() {
+                if signal == SIGUSR1 {
+                    tracing::info!("SIGUSR1: reopening the access log files");
+                    logs.reopen_logs();
+                    continue;
+                }
+                if signal == SIGUSR2 {
+                    tracing::info!("SIGUSR2: ignored (SIGUSR1 reopens logs, SIGHUP reloads)");
+                    continue;
+                }
                 if signal == SIGHUP {
                     // Reloads coalesce: one pending is as good as many.
                     let _ = hup_tx.try_send(());
@@ -106,6 +120,8 @@ fn reload(proxy: &Proxy, path: Option<&Path>, notifier: &Notifier) {
         "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading the config",
         notify::monotonic_usec()
     ));
+    // Whatever the config does, log files are reopened (rotation).
+    proxy.controller().reopen_logs();
     let Some(path) = path else {
         tracing::warn!("SIGHUP: no config file to re-read; ignored");
         notifier.send("READY=1\nSTATUS=reload ignored: no config file");

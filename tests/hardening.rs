@@ -1,0 +1,205 @@
+//! Regression tests for issue 11's defects that showed through the real
+//! binary: each starts `pilotfish run` as a child process (or `pilotfish
+//! check`) and talks to it over real sockets on 127.0.0.1.
+// Test threads are not workers: a short sleep to let a signal land is fine.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    os::unix::fs::PermissionsExt,
+    time::Duration,
+};
+
+use support::{http_client::*, http_upstream::HttpUpstream, *};
+
+/// A port the OS just gave out and took back, for a key that cannot take
+/// port 0 (the admin TCP listener's address is not reported back).
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn app_out(upstream: SocketAddr, extra_top: &str, listener_extra: &str) -> String {
+    format!(
+        "workers = 1\ndrain_timeout = \"2s\"\n{extra_top}\n[[listeners]]\nname = \"app-out\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"app\"\n{listener_extra}\n[[clusters]]\nname = \"app\"\nendpoints = [\"{upstream}\"]\n"
+    )
+}
+
+fn ask(addr: SocketAddr, raw: &str) -> Response {
+    let mut c = Conn::open(addr);
+    c.send(raw.as_bytes());
+    c.read(false).expect("an answer")
+}
+
+/// Item 4: through the binary, a loopback peer of the admin TCP listener
+/// can neither drain the proxy nor read its config without the token;
+/// with it, it can.
+#[test]
+fn admin_tcp_mutations_need_the_bearer_token() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("admin-tcp-bin");
+    let token_file = dir.join("admin.token");
+    std::fs::write(&token_file, "0123456789abcdef-token\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let admin = free_port();
+    let top = format!(
+        "[admin]\nbind = \"{admin}\"\ntoken_file = \"{}\"",
+        token_file.display()
+    );
+    let mut proxy = ChildProxy::spawn(&app_out(up.addr, &top, ""));
+    let addr = proxy.wait_ready();
+    eventually("admin listens", || {
+        std::net::TcpStream::connect(admin).is_ok()
+    });
+    let metrics = ask(admin, "GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(metrics.status, 200);
+    let denied = ask(
+        admin,
+        "POST /drain HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(denied.status, 401, "{}", denied.text());
+    let config = ask(admin, "GET /config HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(config.status, 401);
+    assert!(!config.text().contains(&up.addr.to_string()));
+    assert_eq!(get(addr, "/echo").status, 200, "still serving");
+    let drained = ask(
+        admin,
+        "POST /drain HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer 0123456789abcdef-token\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(drained.status, 200);
+    assert!(proxy
+        .wait_exit(Duration::from_secs(15))
+        .is_some_and(|s| s.success()));
+
+    // A token file others can read is refused at start.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut proxy = ChildProxy::spawn(&app_out(up.addr, &top, ""));
+    let status = proxy.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert!(!status.success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn lines_in(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+}
+
+/// Item 6: logrotate's `mv` + SIGUSR1 (and SIGHUP) move the lines to the
+/// new file; the process survives both; lines the writer cannot write are
+/// counted; an unwritable path stops `check` and `run`.
+#[test]
+fn access_logs_reopen_on_sigusr1_and_sighup() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("logrotate");
+    let log = dir.join("access.log");
+    let socket = dir.join("admin.sock");
+    let config = app_out(
+        up.addr,
+        &format!("[admin]\nsocket = \"{}\"", socket.display()),
+        &format!("access_log = {{ path = \"{}\" }}", log.display()),
+    );
+    let mut proxy = ChildProxy::spawn(&config);
+    let addr = proxy.wait_ready();
+    assert_eq!(get(addr, "/echo").status, 200);
+    eventually("first line", || lines_in(&log) == 1);
+
+    for (signal, name) in [(10, "SIGUSR1"), (1, "SIGHUP")] {
+        let rotated = dir.join(format!("access.log.{name}"));
+        std::fs::rename(&log, &rotated).unwrap();
+        proxy.signal(signal);
+        if signal == 1 {
+            // A reload says READY=1 when it is done.
+            while !proxy.next_notify().contains("READY=1") {}
+        } else {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert!(
+            proxy.child.try_wait().unwrap().is_none(),
+            "{name} killed it"
+        );
+        assert_eq!(get(addr, "/echo").status, 200);
+        eventually(&format!("a new file after {name}"), || lines_in(&log) == 1);
+        assert_eq!(
+            lines_in(&rotated),
+            1,
+            "{name}: nothing more in the moved file"
+        );
+    }
+
+    // SIGUSR2 is not a reason to exit either.
+    proxy.signal(12);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "SIGUSR2 killed it"
+    );
+
+    // The directory goes away: lines cannot be written, and are counted.
+    let lost_dir = dir.join("logs");
+    std::fs::create_dir(&lost_dir).unwrap();
+    let config2 = config.replace(
+        &log.display().to_string(),
+        &lost_dir.join("a.log").display().to_string(),
+    );
+    std::fs::write(proxy.dir.join("pilotfish.toml"), &config2).unwrap();
+    proxy.signal(1);
+    while !proxy.next_notify().contains("READY=1") {}
+    std::fs::remove_dir_all(&lost_dir).unwrap();
+    proxy.signal(10);
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/echo").status, 200);
+    }
+    eventually("lost lines counted", || {
+        let (_, metrics) = pilotfish::admin::client::request(&socket, "GET", "/metrics").unwrap();
+        metrics.contains("pilotfish_access_log_dropped_total{core=\"writer\"} 3")
+    });
+    proxy.signal(15);
+    assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+
+    // An access log that cannot be opened is an error before serving.
+    let bad = app_out(
+        up.addr,
+        "",
+        "access_log = { path = \"/nonexistent-dir/x/access.log\" }",
+    );
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, &bad).unwrap();
+    let (ok, _, err) = check_config(&file);
+    assert!(
+        !ok && err.contains("/nonexistent-dir/x/access.log"),
+        "{err}"
+    );
+    let mut proxy = ChildProxy::spawn(&bad);
+    let status = proxy.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert!(!status.success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Item 13: an empty file is not a config that serves nothing.
+#[test]
+fn check_refuses_a_config_without_listeners() {
+    let dir = temp_dir("empty-config");
+    let empty = dir.join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let (ok, _, err) = check_config(&empty);
+    assert!(!ok, "an empty file passed check");
+    assert!(err.contains("no [[listeners]]"), "{err}");
+    // With an admin socket (a config to be applied later) it is a warning.
+    let admin_only = dir.join("admin.toml");
+    std::fs::write(
+        &admin_only,
+        format!("[admin]\nsocket = \"{}\"\n", dir.join("a.sock").display()),
+    )
+    .unwrap();
+    let (ok, _, err) = check_config(&admin_only);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("warning") && err.contains("no listeners"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
