@@ -407,7 +407,16 @@ impl Controller {
                     reservations.push(held);
                     addr
                 }
-                None => l.bind,
+                None if running.binds.contains(&l.bind) => l.bind,
+                None => {
+                    // New to this process: nobody else may hold it either.
+                    listener::ensure_free(l.bind).map_err(|source| ApplyError::Reserve {
+                        listener: l.name.clone(),
+                        addr: l.bind,
+                        source,
+                    })?;
+                    l.bind
+                }
             };
             binds.push(addr);
         }

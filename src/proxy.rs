@@ -70,11 +70,13 @@ impl Proxy {
         let mut reservations = Vec::new();
         let mut binds = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
-            let (addr, held) = listener::reserve(l.bind).map_err(|source| StartError::Bind {
+            let bind_error = |source| StartError::Bind {
                 listener: l.name.clone(),
                 addr: l.bind,
                 source,
-            })?;
+            };
+            listener::ensure_free(l.bind).map_err(bind_error)?;
+            let (addr, held) = listener::reserve(l.bind).map_err(bind_error)?;
             binds.push(addr);
             reservations.push(held);
         }

@@ -284,8 +284,8 @@ fn a_config_one_worker_cannot_prepare_switches_no_worker() {
         "{body}"
     );
 
-    // A real bind failure too: the port is held by a socket without
-    // SO_REUSEPORT, so no worker can bind it.
+    // A real bind failure too: the port is held by another socket, so the
+    // swap is refused before any worker is asked.
     let holder = TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = holder.local_addr().unwrap();
     let third = tagged_config(
@@ -296,7 +296,7 @@ fn a_config_one_worker_cannot_prepare_switches_no_worker() {
     );
     let (status, body) = post_config(&socket, &third);
     assert_eq!(status, 409, "{body}");
-    assert!(body.contains("cannot bind"), "{body}");
+    assert!(body.contains("address in use"), "{body}");
 
     // Fresh connections land on both workers; all still get config one.
     for _ in 0..40 {

@@ -203,3 +203,47 @@ fn check_refuses_a_config_without_listeners() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Item 7: a second Pilotfish on an address the first one serves refuses
+/// to start ("address in use") instead of taking part of the traffic.
+#[test]
+fn a_second_instance_on_the_same_address_refuses_to_start() {
+    let up = HttpUpstream::start();
+    let bind = free_port();
+    let config = app_out(up.addr, "", "").replace("127.0.0.1:0", &bind.to_string());
+    let mut first = ChildProxy::spawn(&config);
+    assert_eq!(first.wait_ready(), bind);
+    let dir = temp_dir("second");
+    let file = dir.join("second.toml");
+    std::fs::write(&file, &config).unwrap();
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_pilotfish"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("the second instance started on {bind}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("address in use"), "{err}");
+    // Every connection still reaches the first.
+    for _ in 0..20 {
+        assert_eq!(get(bind, "/echo").status, 200);
+    }
+    first.signal(15);
+    assert!(first.wait_exit(Duration::from_secs(15)).is_some());
+    let _ = std::fs::remove_dir_all(dir);
+}
