@@ -247,3 +247,60 @@ fn a_second_instance_on_the_same_address_refuses_to_start() {
     assert!(first.wait_exit(Duration::from_secs(15)).is_some());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn counter(socket: &std::path::Path, name: &str) -> u64 {
+    let (_, stats) = pilotfish::admin::client::request(socket, "GET", "/stats").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    v["total"][name].as_u64().unwrap()
+}
+
+/// Item 5: at the connection cap, idle keep-alive connections make room
+/// for new ones (longest idle first); with none idle, a new connection
+/// gets an immediate 503 `overload` instead of waiting in the backlog.
+#[test]
+fn at_the_connection_cap_idle_connections_make_room_and_the_rest_is_refused() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("conn-cap");
+    let socket = dir.join("admin.sock");
+    let config = app_out(
+        up.addr,
+        &format!(
+            "max_connections_per_worker = 2\n[admin]\nsocket = \"{}\"",
+            socket.display()
+        ),
+        "",
+    );
+    let mut proxy = ChildProxy::spawn(&config);
+    let addr = proxy.wait_ready();
+    let keep = |c: &mut Conn| {
+        c.send(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read(false).unwrap().status, 200);
+    };
+    // Two idle keep-alive connections fill the cap.
+    let mut oldest = Conn::open(addr);
+    keep(&mut oldest);
+    let mut younger = Conn::open(addr);
+    keep(&mut younger);
+    // A third is served: the longest-idle one was closed for it.
+    let mut third = Conn::open(addr);
+    keep(&mut third);
+    assert!(oldest.closed(), "the longest-idle connection was closed");
+    keep(&mut younger);
+    assert_eq!(counter(&socket, "connections_evicted_idle"), 1);
+
+    // Now both slots are busy with requests in flight: no one to evict.
+    younger.send(b"GET /delay/3000 HTTP/1.1\r\nHost: a\r\n\r\n");
+    third.send(b"GET /delay/3000 HTTP/1.1\r\nHost: a\r\n\r\n");
+    let before = up.requests();
+    eventually("both requests upstream", || up.requests() == before + 2);
+    let refused = ask(addr, "GET /echo HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("x-pilotfish-error"), Some("overload"));
+    assert_eq!(counter(&socket, "connections_refused_overload"), 1);
+    // The busy ones finish undisturbed.
+    assert_eq!(younger.read(false).unwrap().status, 200);
+    assert_eq!(third.read(false).unwrap().status, 200);
+    proxy.signal(15);
+    assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -122,7 +122,7 @@ pub async fn serve(
         if worker.draining.is_fired() && client.inbound.is_empty() {
             return;
         }
-        let req = match read_head(&mut client, &mut parser, http, idle, &worker.draining).await {
+        let req = match read_head(&mut client, &mut parser, http, idle, &worker).await {
             Ok(Some(req)) => req,
             Ok(None) => return,
             Err(HeadError::TimedOut) if !client.inbound.data().contains(&b'\n') => {
@@ -225,7 +225,7 @@ async fn read_head(
     parser: &mut RequestParser,
     http: &HttpListener,
     idle: Duration,
-    draining: &crate::worker::gate::Trigger,
+    worker: &Worker,
 ) -> Result<Option<RequestHead>, HeadError> {
     let mut deadline: Option<Instant> = None;
     loop {
@@ -243,10 +243,13 @@ async fn read_head(
         let max = http.limits.head_bytes + 1;
         let filled = if client.inbound.is_empty() {
             // Between requests: a drain closes the connection now rather
-            // than waiting out the keep-alive.
+            // than waiting out the keep-alive, and so does a new connection
+            // that needs this one's slot (this one idle longest).
+            let idle_here = worker.slots.register_idle();
             monoio::select! {
                 r = client.inbound.fill(&mut client.stream, max, wait) => r,
-                _ = draining.wait() => return Ok(None),
+                _ = worker.draining.wait() => return Ok(None),
+                _ = idle_here.evicted() => return Ok(None),
             }
         } else {
             client.inbound.fill(&mut client.stream, max, wait).await

@@ -1,11 +1,14 @@
 //! Two tiny single-thread synchronisation primitives for a worker's tasks.
 //!
 //! [`Trigger`]: fires once, wakes every waiter (drain). [`Slots`]: a counting
-//! limit on concurrent connections that parks the accept loop when full.
+//! limit on concurrent connections, with a register of the idle ones so
+//! that, at the limit, the longest-idle connection can be asked to close
+//! for a new one ([`Slots::evict_oldest_idle`]).
 //! Both are `Rc`/`Cell` based: they never cross threads, so no atomics.
 
 use std::{
     cell::{Cell, RefCell},
+    collections::BTreeMap,
     future::Future,
     pin::Pin,
     rc::Rc,
@@ -80,6 +83,66 @@ pub struct Slots {
     max: Cell<usize>,
     used: Cell<usize>,
     waiters: Waiters,
+    /// Connections waiting for a client's next request (or first byte),
+    /// by when they started waiting: the first is the longest idle.
+    idle: RefCell<BTreeMap<u64, IdleState>>,
+    next_idle: Cell<u64>,
+}
+
+#[derive(Debug, Default)]
+struct IdleState {
+    evicted: bool,
+    waker: Option<Waker>,
+}
+
+/// One connection's place in the idle register, from when it started
+/// waiting for a request until it gets one (or is dropped).
+#[derive(Debug)]
+pub struct Idle<'a> {
+    slots: &'a Slots,
+    key: u64,
+}
+
+impl Idle<'_> {
+    /// Completes when the worker needs this connection's slot for a new
+    /// one: the connection should close.
+    pub fn evicted(&self) -> Evicted<'_> {
+        Evicted { idle: self }
+    }
+}
+
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        self.slots.idle.borrow_mut().remove(&self.key);
+    }
+}
+
+/// The future of [`Idle::evicted`].
+#[derive(Debug)]
+pub struct Evicted<'a> {
+    idle: &'a Idle<'a>,
+}
+
+impl Future for Evicted<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut idle = self.idle.slots.idle.borrow_mut();
+        let Some(state) = idle.get_mut(&self.idle.key) else {
+            return Poll::Pending;
+        };
+        if state.evicted {
+            return Poll::Ready(());
+        }
+        if !state
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            state.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
 }
 
 /// One held slot; released on drop, even if the holding task panicked.
@@ -94,7 +157,47 @@ impl Slots {
             max: Cell::new(max),
             used: Cell::new(0),
             waiters: Waiters::default(),
+            idle: RefCell::default(),
+            next_idle: Cell::new(0),
         })
+    }
+
+    /// Takes a slot if one is free.
+    pub fn try_acquire(self: &Rc<Self>) -> Option<Slot> {
+        if self.used.get() >= self.max.get() {
+            return None;
+        }
+        self.used.set(self.used.get() + 1);
+        Some(Slot {
+            slots: Rc::clone(self),
+        })
+    }
+
+    /// Registers a connection as idle until the returned value is dropped.
+    pub fn register_idle(&self) -> Idle<'_> {
+        let key = self.next_idle.get();
+        self.next_idle.set(key + 1);
+        self.idle.borrow_mut().insert(key, IdleState::default());
+        Idle { slots: self, key }
+    }
+
+    /// Asks the longest-idle connection not yet asked to close. Returns
+    /// whether there was one; its slot frees once its task has run.
+    pub fn evict_oldest_idle(&self) -> bool {
+        let mut idle = self.idle.borrow_mut();
+        let Some(state) = idle.values_mut().find(|s| !s.evicted) else {
+            return false;
+        };
+        state.evicted = true;
+        if let Some(w) = state.waker.take() {
+            w.wake();
+        }
+        true
+    }
+
+    /// Connections registered as idle now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().len()
     }
 
     pub fn used(&self) -> usize {
@@ -102,7 +205,7 @@ impl Slots {
     }
 
     /// Changes the limit (a config swap); connections over a lowered limit
-    /// keep their slots, new ones wait until the count is under it.
+    /// keep their slots; new ones are admitted only under it.
     pub fn set_max(&self, max: usize) {
         self.max.set(max);
         self.waiters.wake_all();
@@ -280,6 +383,41 @@ mod tests {
             assert_eq!(t.inner.waiters.len(), 1);
             t.fire();
             waiter.await;
+        });
+    }
+
+    #[test]
+    fn the_longest_idle_connection_is_evicted_first() {
+        block_on(async {
+            let slots = Slots::new(3);
+            let held: Vec<Slot> = (0..3).map(|_| slots.try_acquire().unwrap()).collect();
+            assert!(slots.try_acquire().is_none());
+            assert!(!slots.evict_oldest_idle(), "nobody idle: nothing to evict");
+            let mut tasks = Vec::new();
+            for (i, slot) in held.into_iter().enumerate() {
+                let s = Rc::clone(&slots);
+                tasks.push(monoio::spawn(async move {
+                    let _slot = slot;
+                    let idle = s.register_idle();
+                    idle.evicted().await;
+                    i
+                }));
+                // Registered in order: 0 is the longest idle.
+                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert_eq!(slots.idle_count(), 3);
+            assert!(slots.evict_oldest_idle());
+            let first = tasks.remove(0).await;
+            assert_eq!(first, 0);
+            let slot = slots.acquire().await;
+            assert_eq!(slots.used(), 3);
+            assert_eq!(slots.idle_count(), 2, "the evicted one left the register");
+            drop(slot);
+            for t in tasks {
+                assert!(slots.evict_oldest_idle());
+                t.await;
+            }
+            assert_eq!((slots.used(), slots.idle_count()), (0, 0));
         });
     }
 

@@ -658,9 +658,28 @@ fn spawn_upstream_upkeep(worker: &Rc<Worker>) {
     });
 }
 
+/// How long a new connection waits for the slot of the idle connection
+/// it evicted: that one closes as soon as its task runs (same thread), so
+/// this is a bound, not an expected wait.
+const EVICTION_WAIT: Duration = Duration::from_millis(100);
+
+/// Refusals being written at once (each a task of at most
+/// [`REFUSAL_LINGER`]); past this, refused connections are closed without
+/// a word, so a flood at the cap costs no more than a bounded set of tasks.
+const REFUSALS_IN_FLIGHT_MAX: usize = 64;
+
+/// How long a refused HTTP client gets to read the 503 (we read and
+/// discard what it sent meanwhile, so the close does not reset the 503).
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+
 /// Accepts on one listening socket until it is stopped (its address left
 /// the config) or the worker drains; each connection goes to the
 /// generation current when it was accepted.
+///
+/// At the connection cap a new connection is never left unanswered in
+/// the backlog: the longest-idle keep-alive connection is closed to admit
+/// it; if none is idle, it is refused at once (HTTP: 503 `overload`,
+/// otherwise closed), and counted either way.
 async fn accept_loop(
     current: Current,
     addr: SocketAddr,
@@ -671,48 +690,102 @@ async fn accept_loop(
         let w = current.borrow();
         (Rc::clone(&w.slots), w.draining.clone())
     };
+    let refusing = Rc::new(Cell::new(0usize));
     loop {
-        let slot = monoio::select! {
-            slot = slots.acquire() => slot,
-            _ = draining.wait() => return,
-            _ = stop.wait() => return,
-        };
         let accepted = monoio::select! {
             accepted = sock.accept() => accepted,
             _ = draining.wait() => return,
             _ = stop.wait() => return,
         };
         let worker = Rc::clone(&current.borrow());
-        match accepted {
-            Ok((stream, peer)) => {
-                metrics::add(&worker.counters.connections_accepted, 1);
-                let Some(listener_index) = worker.binds.iter().position(|a| *a == addr) else {
-                    // Accepted between a commit that dropped this address
-                    // and this loop seeing its stop: no listener owns it.
-                    continue;
-                };
-                let conn_id = worker.next_conn_id();
-                let counters = Rc::clone(&worker.counters);
-                let w = Rc::clone(&worker);
-                match worker.config.listeners[listener_index].kind {
-                    ListenerKind::Tcp { .. } => {
-                        let conn = l4::serve(w, listener_index, stream, peer, conn_id, slot);
-                        isolate::spawn_connection(counters, conn_id, conn);
-                    }
-                    ListenerKind::Http(_) => {
-                        let conn = http::serve(w, listener_index, stream, peer, conn_id, slot);
-                        isolate::spawn_connection(counters, conn_id, conn);
-                    }
-                }
-            }
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 metrics::add(&worker.counters.accept_errors, 1);
                 tracing::warn!(worker = worker.id, error = %e, "accept failed; backing off");
-                drop(slot);
                 monoio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        metrics::add(&worker.counters.connections_accepted, 1);
+        let Some(listener_index) = worker.binds.iter().position(|a| *a == addr) else {
+            // Accepted between a commit that dropped this address
+            // and this loop seeing its stop: no listener owns it.
+            continue;
+        };
+        let listener = &worker.config.listeners[listener_index];
+        let slot = match slots.try_acquire() {
+            Some(slot) => Some(slot),
+            None if slots.evict_oldest_idle() => {
+                metrics::add(&worker.counters.connections_evicted_idle, 1);
+                monoio::time::timeout(EVICTION_WAIT, slots.acquire())
+                    .await
+                    .ok()
+            }
+            None => None,
+        };
+        let Some(slot) = slot else {
+            metrics::add(&worker.counters.connections_refused_overload, 1);
+            tracing::debug!(worker = worker.id, %peer, listener = %listener.name, "at the connection cap: refused");
+            let plain_http =
+                matches!(listener.kind, ListenerKind::Http(_)) && listener.tls.is_none();
+            if plain_http && refusing.get() < REFUSALS_IN_FLIGHT_MAX {
+                refusing.set(refusing.get() + 1);
+                let (counters, refusing) = (Rc::clone(&worker.counters), Rc::clone(&refusing));
+                monoio::spawn(async move {
+                    refuse_overloaded(stream, &counters).await;
+                    refusing.set(refusing.get() - 1);
+                });
+            }
+            continue;
+        };
+        let conn_id = worker.next_conn_id();
+        let counters = Rc::clone(&worker.counters);
+        let w = Rc::clone(&worker);
+        match listener.kind {
+            ListenerKind::Tcp { .. } => {
+                let conn = l4::serve(w, listener_index, stream, peer, conn_id, slot);
+                isolate::spawn_connection(counters, conn_id, conn);
+            }
+            ListenerKind::Http(_) => {
+                let conn = http::serve(w, listener_index, stream, peer, conn_id, slot);
+                isolate::spawn_connection(counters, conn_id, conn);
             }
         }
     }
+}
+
+/// Answers a plaintext HTTP connection refused at the cap with a 503
+/// `overload`, then reads and drops what the client sent for a moment, so
+/// that closing does not turn into a reset that destroys the answer.
+async fn refuse_overloaded(mut stream: monoio::net::TcpStream, counters: &metrics::Counters) {
+    use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+    let reason = metrics::ErrorReason::Overload;
+    counters.http.generated(reason);
+    counters.http.response(reason.status());
+    let mut out = Vec::with_capacity(256);
+    http::respond::generated(
+        reason,
+        "this proxy is at its connection limit; retry later",
+        true,
+        &mut out,
+    );
+    let linger = async {
+        let (written, _) = stream.write_all(out).await;
+        if written.is_err() {
+            return;
+        }
+        let _ = stream.shutdown().await;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let (read, back) = stream.read(buf).await;
+            buf = back;
+            if !matches!(read, Ok(n) if n > 0) {
+                return;
+            }
+        }
+    };
+    let _ = monoio::time::timeout(REFUSAL_LINGER, linger).await;
 }
 
 /// A test seam: make one worker's [`Command::Prepare`] fail for configs
