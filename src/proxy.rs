@@ -178,7 +178,9 @@ impl Proxy {
 
     /// Stops accepting on every worker; connections get the drain timeout.
     pub fn drain(&self) {
-        self.broadcast(|| Command::Drain);
+        for h in &self.handles {
+            h.lifeline.drain();
+        }
     }
 
     /// Asks every worker for its counters and merges them.
@@ -209,18 +211,13 @@ impl Proxy {
         self.access_log.finish();
     }
 
-    /// Stops every worker now and waits for them.
+    /// Stops every worker now and waits for them. Through each worker's
+    /// lifeline, not its mailbox: a full mailbox cannot lose the stop.
     pub fn shutdown(self) {
-        self.broadcast(|| Command::Stop);
-        self.join();
-    }
-
-    fn broadcast(&self, command: impl Fn() -> Command) {
         for h in &self.handles {
-            if let Err(e) = h.mailbox.try_send(command()) {
-                tracing::warn!(worker = h.id, error = %e, "worker mailbox refused a command");
-            }
+            h.lifeline.stop();
         }
+        self.join();
     }
 }
 
@@ -244,7 +241,7 @@ fn spawn_tls_watch(control: &Arc<Controller>) -> std::io::Result<crossbeam_chann
 
 fn stop_all(handles: Vec<WorkerHandle>) {
     for h in &handles {
-        let _ = h.mailbox.try_send(Command::Stop);
+        h.lifeline.stop();
     }
     for h in handles {
         let _ = h.thread.join();

@@ -304,3 +304,29 @@ fn at_the_connection_cap_idle_connections_make_room_and_the_rest_is_refused() {
     assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Item 10: shutdown reaches a worker whose mailbox is full (it used to be
+/// sent with `try_send`, lost, and then waited for in `join` forever).
+#[test]
+fn shutdown_gets_through_a_full_mailbox() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = start_toml(&app_out(up.addr, "", ""), "app-out");
+    assert_eq!(get(addr, "/echo").status, 200);
+    // Fill the worker's mailbox with harmless commands until it refuses.
+    let mailbox = proxy.mailboxes().remove(0);
+    let mut sent = 0;
+    while mailbox
+        .try_send(pilotfish::worker::Command::Abort { generation: 999 })
+        .is_ok()
+    {
+        sent += 1;
+        assert!(sent < 100_000, "the mailbox never filled");
+    }
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        proxy.shutdown();
+        let _ = done_tx.send(());
+    });
+    done.recv_timeout(IO_DEADLINE)
+        .expect("shutdown returned with a full mailbox");
+}

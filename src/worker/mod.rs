@@ -142,7 +142,41 @@ pub struct Started {
 pub struct WorkerHandle {
     pub id: usize,
     pub mailbox: Sender<Command>,
+    /// Drain and stop, outside the mailbox: see [`Lifeline`].
+    pub lifeline: Lifeline,
     pub thread: JoinHandle<()>,
+}
+
+/// How a worker is told to drain or stop even when its mailbox is full
+/// (a wedged worker, or a burst of admin requests): a flag the mailbox
+/// loop reads on every poll. A message could be refused by a full mailbox,
+/// and the owner would then wait forever in `join`. Not on the data path.
+#[derive(Debug, Clone, Default)]
+pub struct Lifeline(Arc<std::sync::atomic::AtomicU8>);
+
+impl Lifeline {
+    const RUN: u8 = 0;
+    const DRAIN: u8 = 1;
+    const STOP: u8 = 2;
+
+    pub fn drain(&self) {
+        self.0
+            .fetch_max(Self::DRAIN, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn stop(&self) {
+        self.0
+            .fetch_max(Self::STOP, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The command the flag asks for, if any.
+    fn asked(&self) -> Option<Command> {
+        match self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            Self::RUN => None,
+            Self::DRAIN => Some(Command::Drain),
+            _ => Some(Command::Stop),
+        }
+    }
 }
 
 /// One config generation of a worker: what its connections see. Shared by
@@ -292,6 +326,8 @@ pub fn spawn(
     alive: Sender<()>,
 ) -> std::io::Result<WorkerHandle> {
     let (mailbox, inbox) = crossbeam_channel::bounded(MAILBOX_CAPACITY);
+    let lifeline = Lifeline::default();
+    let line = lifeline.clone();
     let thread = std::thread::Builder::new()
         .name(format!("pilotfish-w{id}"))
         .spawn(move || {
@@ -306,7 +342,7 @@ pub fn spawn(
             let choice = setup.config.driver;
             let uring_setup = setup.config.uring_setup;
             let ran = runtime::block_on(choice, uring_setup, |driver| {
-                worker_main(id, core, driver, setup, inbox, started.clone())
+                worker_main(id, core, driver, setup, (inbox, line), started.clone())
             });
             if let Err(e) = ran {
                 let _ = started.send(Started {
@@ -323,6 +359,7 @@ pub fn spawn(
     Ok(WorkerHandle {
         id,
         mailbox,
+        lifeline,
         thread,
     })
 }
@@ -344,7 +381,7 @@ async fn worker_main(
     core: Option<usize>,
     driver: Driver,
     setup: Setup,
-    inbox: Receiver<Command>,
+    (inbox, lifeline): (Receiver<Command>, Lifeline),
     started: Sender<Started>,
 ) {
     let Setup {
@@ -386,7 +423,7 @@ async fn worker_main(
         result: Ok(driver),
     });
     drop(started);
-    serve_mailbox(&mut control, &inbox).await;
+    serve_mailbox(&mut control, &inbox, &lifeline).await;
     let worker = control.worker();
     worker.access_log.flush(&worker.counters);
 }
@@ -531,13 +568,19 @@ impl Control {
 }
 
 /// Polls the mailbox until the worker should exit.
-async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>) {
+async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>, lifeline: &Lifeline) {
     let mut drain_deadline: Option<Instant> = None;
     loop {
         monoio::time::sleep(MAILBOX_POLL_INTERVAL).await;
+        // The lifeline first: it is how a stop gets through a full mailbox.
+        let mut asked = lifeline.asked();
         loop {
             let worker = control.worker();
-            match inbox.try_recv() {
+            let next = match asked.take() {
+                Some(command) => Ok(command),
+                None => inbox.try_recv(),
+            };
+            match next {
                 Ok(Command::Drain) => {
                     if drain_deadline.is_none() {
                         drain_deadline = Some(Instant::now() + worker.config.drain_timeout);
