@@ -445,6 +445,37 @@ fn hash_balancing_keeps_a_key_on_one_endpoint() {
     proxy.shutdown();
 }
 
+/// Issue 11 item 9: under `lb = "hash"`, a retry goes to another endpoint
+/// (it used to hash straight back to the one that just failed).
+#[test]
+fn hash_balancing_retries_on_another_endpoint() {
+    let healthy = HttpUpstream::start();
+    let sick = HttpUpstream::always(503);
+    let route = "[[listeners.routes]]\npath_prefix = \"/\"\ncluster = \"app\"\nretry = { attempts = 2, on = [\"503\"] }";
+    let toml = http_config(
+        "epoll",
+        route,
+        &cluster(
+            "app",
+            &[healthy.addr, sick.addr],
+            "lb = \"hash\"\nhash_header = \"x-user\"\nretry_budget_percent = 100\noutlier = { disabled = true }",
+        ),
+    );
+    let (proxy, addr) = start_toml(&toml, "web");
+    for user in 0..16 {
+        let raw = format!("GET / HTTP/1.1\r\nHost: a\r\nX-User: user-{user}\r\n\r\n");
+        let r = one(addr, raw.as_bytes());
+        assert_eq!(r.status, 200, "user-{user}: {}", r.text());
+    }
+    assert!(sick.requests() > 0, "some keys hash to the sick endpoint");
+    assert_eq!(
+        healthy.requests(),
+        16,
+        "every request ended on the healthy one"
+    );
+    proxy.shutdown();
+}
+
 #[test]
 fn active_health_checks_take_a_failing_endpoint_out() {
     let healthy = HttpUpstream::start();

@@ -216,6 +216,8 @@ async fn attempts(
     };
     // Built only on failure: the success path allocates no message.
     let mut last: Option<Failure> = None;
+    // Endpoints that failed this request: retries go elsewhere if they can.
+    let mut failed_on: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
     for attempt in 1..=policy.attempts {
         if attempt > 1 {
             if !cluster.retry_allowed() {
@@ -229,7 +231,7 @@ async fn attempts(
         if now >= deadline {
             break;
         }
-        let Some(ep) = cluster.pick(&worker.rng, now, hash_key) else {
+        let Some(ep) = cluster.pick(&worker.rng, now, hash_key, &failed_on) else {
             return Err(last.unwrap_or_else(no_endpoint));
         };
         let _ep_active = ActiveGuard::new(&cluster.endpoints[ep].active);
@@ -258,6 +260,7 @@ async fn attempts(
                 detail,
             }) => {
                 cluster.record(ep, Outcome::Failure, Instant::now(), counters);
+                failed_on.push(ep);
                 let allowed = match condition {
                     Condition::ConnectFailure => policy.on_connect_failure,
                     Condition::Reset => policy.on_reset && replay_ok,

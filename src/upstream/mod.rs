@@ -140,9 +140,34 @@ impl ClusterState {
 
     /// Picks an endpoint for a request; `hash_key` is the value of the
     /// cluster's hash header when it has one. None: nothing is eligible.
-    pub fn pick(&self, rng: &Rng, now: Instant, hash_key: Option<&[u8]>) -> Option<usize> {
+    ///
+    /// `avoid`: endpoints this request already failed on. A retry goes
+    /// elsewhere when anywhere else is eligible (under every policy: a
+    /// consistent hash would otherwise send the retry straight back to
+    /// the endpoint that just failed), else to the same ones again.
+    pub fn pick(
+        &self,
+        rng: &Rng,
+        now: Instant,
+        hash_key: Option<&[u8]>,
+        avoid: &[usize],
+    ) -> Option<usize> {
+        if !avoid.is_empty() {
+            let elsewhere = |i: usize| self.endpoints[i].eligible(now) && !avoid.contains(&i);
+            if let Some(i) = self.pick_where(rng, hash_key, elsewhere) {
+                return Some(i);
+            }
+        }
+        self.pick_where(rng, hash_key, |i| self.endpoints[i].eligible(now))
+    }
+
+    fn pick_where(
+        &self,
+        rng: &Rng,
+        hash_key: Option<&[u8]>,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let n = self.endpoints.len();
-        let eligible = |i: usize| self.endpoints[i].eligible(now);
         match &self.config.lb {
             LbPolicy::RoundRobin => (0..n)
                 .map(|_| self.round_robin.pick())
@@ -293,7 +318,7 @@ mod tests {
         // Picks avoid the ejected ones.
         let rng = Rng::seeded(1);
         for _ in 0..20 {
-            let i = c.pick(&rng, now, None).unwrap();
+            let i = c.pick(&rng, now, None, &[]).unwrap();
             assert!(!c.endpoints[i].is_ejected(now));
         }
         // Ejection ends after the base time, and doubles the next time.
@@ -325,8 +350,8 @@ mod tests {
         c.endpoints[0].healthy.set(false);
         let rng = Rng::seeded(5);
         let now = Instant::now();
-        assert!((0..50).all(|_| c.pick(&rng, now, None) == Some(1)));
+        assert!((0..50).all(|_| c.pick(&rng, now, None, &[]) == Some(1)));
         c.endpoints[1].healthy.set(false);
-        assert_eq!(c.pick(&rng, now, None), None);
+        assert_eq!(c.pick(&rng, now, None, &[]), None);
     }
 }
