@@ -123,6 +123,13 @@ const _: () = assert!(HTTP1_HEADERS_DEFAULT <= HTTP1_HEADERS_MAX);
 /// Routes per listener: matched in order per request, so a long list is
 /// latency on every request as well as a config smell.
 pub const ROUTES_PER_LISTENER_MAX: usize = 1024;
+
+/// Latency series one config may name: one per listener, one per route,
+/// two per cluster. Each worker keeps each series (allocated on first
+/// record, at most ~25 KiB for a route or cluster series, ~188 KiB for a
+/// listener's; see `metrics::histograms`), so this bounds histogram memory
+/// per worker to ~150 MiB in the worst case.
+pub const HISTOGRAM_SERIES_MAX: usize = 4096;
 /// Clusters one route may split traffic across.
 pub const WEIGHTED_CLUSTERS_MAX: usize = 64;
 /// Header matches per route.

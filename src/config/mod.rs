@@ -403,6 +403,24 @@ impl Validator<'_> {
         let tls = self.tls_files(raw.tls.as_ref())?;
         let clusters = self.clusters(&raw.clusters, tls.as_ref())?;
         let listeners = self.listeners(&raw.listeners, &raw.clusters, tls.as_ref())?;
+        let series = listeners.len()
+            + 2 * clusters.len()
+            + listeners
+                .iter()
+                .map(|l| match &l.kind {
+                    ListenerKind::Http(h) => h.routes.len(),
+                    ListenerKind::Tcp { .. } => 0,
+                })
+                .sum::<usize>();
+        if series > limits::HISTOGRAM_SERIES_MAX {
+            return Err(ConfigError::whole_file(
+                &self.file,
+                format!(
+                    "{series} latency series (one per listener and route, two per cluster); the limit is {} (each costs memory on every worker)",
+                    limits::HISTOGRAM_SERIES_MAX
+                ),
+            ));
+        }
         Ok(Config {
             workers,
             driver: raw.runtime.driver.unwrap_or(DriverChoice::Auto),

@@ -3,9 +3,21 @@
 //!
 //! What must hold: recording is a plain increment on the worker's own
 //! histogram (no locks, no atomics); the range is bounded (1 µs to one
-//! hour, 3 significant digits) so a wild value saturates at the top
-//! instead of failing; a snapshot is a copy, so a scrape costs a worker
-//! only the time to clone its histograms.
+//! hour) so a wild value saturates at the top instead of failing; a
+//! snapshot is a copy, so a scrape costs a worker only the time to clone
+//! its histograms.
+//!
+//! Memory. A series costs nothing until its first record, then grows
+//! with the largest value it has seen (hdrhistogram's auto-resize, up to
+//! the one-hour bound): at 3 significant digits ~64 KiB for values up to
+//! 100 ms, ~188 KiB at most; at 2 digits ~7 KiB and ~25 KiB. Listener
+//! series keep 3 digits (0.1%); route and cluster series, of which a
+//! config may have thousands, keep 2 (1%) — [`SIGFIG_DETAIL`]. Configs are
+//! bounded to [`crate::config::limits::HISTOGRAM_SERIES_MAX`] series, so
+//! the worst case per worker is 256 listeners × 188 KiB + 4,096 × 25 KiB
+//! ≈ 147 MiB, reached only if every series records an hour-long value;
+//! a config with 1,000 routes whose latencies stay under a second needs
+//! ~13 MiB per worker for them.
 
 use std::{cell::RefCell, rc::Rc, time::Duration};
 
@@ -20,6 +32,9 @@ pub const LOW_US: u64 = 1;
 pub const HIGH_US: u64 = 3_600_000_000;
 /// Significant digits kept: 0.1% relative error at every magnitude.
 pub const SIGFIG: u8 = 3;
+/// Significant digits of route and cluster series: 1% relative error, a
+/// tenth of the memory of [`SIGFIG`].
+pub const SIGFIG_DETAIL: u8 = 2;
 
 /// What a histogram measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -75,15 +90,47 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(LOW_US, HIGH_US, SIGFIG).expect("static bounds are valid")
 }
 
+/// One series: allocated at its first record, sized by what it records.
+#[derive(Debug)]
+pub struct Series {
+    sigfig: u8,
+    h: Option<Histogram<u64>>,
+}
+
+impl Series {
+    fn new(sigfig: u8) -> Self {
+        Self { sigfig, h: None }
+    }
+
+    fn record(&mut self, us: u64) {
+        let sigfig = self.sigfig;
+        let h = self.h.get_or_insert_with(|| {
+            // Auto-resizing from the smallest range: it grows (to at most
+            // HIGH_US, by the caller's clamp) only as far as needed.
+            let mut h = Histogram::new(sigfig).expect("static precision is valid");
+            h.auto(true);
+            h
+        });
+        // In range by the caller's clamp, and auto-resizing: cannot fail.
+        let _ = h.record(us);
+    }
+
+    /// Bytes held (for tests and the memory note above).
+    pub fn bytes(&self) -> usize {
+        self.h
+            .as_ref()
+            .map_or(0, |h| h.distinct_values() * std::mem::size_of::<u64>())
+    }
+}
+
 /// One recordable histogram, shared by every config generation that names
 /// the same listener, route or cluster.
-pub type Cell = Rc<RefCell<Histogram<u64>>>;
+pub type Cell = Rc<RefCell<Series>>;
 
 /// Records `d` into `h`, saturating outside the bounded range.
 pub fn record(h: &Cell, d: Duration) {
     let us = (d.as_micros() as u64).clamp(LOW_US, HIGH_US);
-    // In range by the clamp, so this cannot fail.
-    let _ = h.borrow_mut().record(us);
+    h.borrow_mut().record(us);
 }
 
 /// Every histogram a worker has, by key, across config generations: a
@@ -107,7 +154,12 @@ impl Store {
         if let Some((_, c)) = cells.iter().find(|(k, _)| *k == key) {
             return Rc::clone(c);
         }
-        let c = Rc::new(RefCell::new(new_histogram()));
+        let sigfig = if key.route.is_some() || key.cluster.is_some() {
+            SIGFIG_DETAIL
+        } else {
+            SIGFIG
+        };
+        let c = Rc::new(RefCell::new(Series::new(sigfig)));
         cells.push((key, Rc::clone(&c)));
         c
     }
@@ -134,14 +186,21 @@ impl Store {
         self.cells
             .borrow()
             .iter()
-            .map(|(k, h)| (k.clone(), sparse(&h.borrow())))
+            .map(|(k, h)| {
+                (
+                    k.clone(),
+                    h.borrow().h.as_ref().map(sparse).unwrap_or_default(),
+                )
+            })
             .collect()
     }
 
     /// Empties every histogram (after a `reset=true` scrape).
     pub fn reset(&self) {
         for (_, h) in self.cells.borrow().iter() {
-            h.borrow_mut().reset();
+            if let Some(h) = h.borrow_mut().h.as_mut() {
+                h.reset();
+            }
         }
     }
 
@@ -365,6 +424,68 @@ mod tests {
 
     fn c_text() -> String {
         "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ncluster = \"c\"\n[[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n".to_string()
+    }
+
+    #[test]
+    fn series_cost_nothing_until_recorded_and_grow_with_their_values() {
+        // One HTTP listener with 1,000 routes.
+        let mut text = c_text().replace("protocol = \"tcp\"", "protocol = \"http\"");
+        text = text.replace("[[clusters]]", &{
+            let mut routes = String::new();
+            for r in 0..1000 {
+                routes += &format!(
+                    "[[listeners.routes]]\nname = \"r{r}\"\npath = \"/r{r}\"\ncluster = \"c\"\n"
+                );
+            }
+            routes + "[[clusters]]"
+        });
+        let c = Config::parse("t.toml", &text).unwrap();
+        let store = Store::default();
+        let h = Histograms::new(&store, &c);
+        let held = |store: &Store| -> usize {
+            store
+                .cells
+                .borrow()
+                .iter()
+                .map(|(_, c)| c.borrow().bytes())
+                .sum()
+        };
+        assert_eq!(held(&store), 0, "1,001 series, none recorded: no memory");
+        h.route(0, 7, Duration::from_millis(3));
+        let route = held(&store);
+        assert!(
+            route > 0 && route <= 8 * 1024,
+            "a 2-digit series up to 3 ms: {route} B"
+        );
+        h.listener(0, Duration::from_millis(100));
+        let listener = held(&store) - route;
+        assert!(
+            listener <= 70 * 1024,
+            "a 3-digit series up to 100 ms: {listener} B"
+        );
+        h.listener(0, Duration::from_secs(7200));
+        assert!(
+            held(&store) - route <= 190 * 1024,
+            "the one-hour bound caps growth"
+        );
+    }
+
+    #[test]
+    fn configs_are_bounded_in_series() {
+        let mut text = c_text().replace("protocol = \"tcp\"", "protocol = \"http\"");
+        let mut routes = String::new();
+        for r in 0..1024 {
+            routes += &format!(
+                "[[listeners.routes]]\nname = \"r{r}\"\npath = \"/r{r}\"\ncluster = \"c\"\n"
+            );
+        }
+        let mut listeners = String::new();
+        for l in 0..4 {
+            listeners += &format!("[[listeners]]\nname = \"l{l}\"\nbind = \"127.0.0.1:{}\"\nprotocol = \"http\"\ncluster = \"c\"\n{routes}", 30000 + l);
+        }
+        text = text.replace("[[clusters]]", &(listeners + "[[clusters]]"));
+        let e = Config::parse("t.toml", &text).unwrap_err().to_string();
+        assert!(e.contains("latency series") && e.contains("4096"), "{e}");
     }
 
     #[test]
