@@ -25,6 +25,21 @@ struct Plan {
     measure: Duration,
 }
 
+/// `<target dir>/demo`: next to the profile directory this binary runs
+/// from (`target/release/pilotfish-bench` → `target/demo`), so the output
+/// lands in the workspace's target directory from any working directory.
+pub fn default_out() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("demo")))
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+                .join("demo")
+        })
+}
+
 pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<()> {
     let plan = if quick {
         Plan {

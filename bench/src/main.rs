@@ -29,9 +29,11 @@ enum Command {
         /// A short run (a few seconds) for tests and CI.
         #[arg(long)]
         quick: bool,
-        /// Where to write the report and the SVG plot.
-        #[arg(long, value_name = "DIR", default_value = "target/demo")]
-        out: PathBuf,
+        /// Where to write the report and the SVG plot (default: `demo/` in
+        /// the cargo target directory this binary was built in, wherever
+        /// the command is run from).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
         /// The pilotfish binary (default: built next to this one).
         #[arg(long, value_name = "PATH")]
         pilotfish: Option<PathBuf>,
@@ -137,7 +139,7 @@ fn main() -> anyhow::Result<()> {
             quick,
             out,
             pilotfish,
-        } => demo::run(quick, &out, pilotfish),
+        } => demo::run(quick, &out.unwrap_or_else(demo::default_out), pilotfish),
         Command::L4 { mib, rounds } => l4::run(mib, rounds),
         Command::Handshakes { quick, pilotfish } => handshakes::run(quick, pilotfish),
         Command::Compare {

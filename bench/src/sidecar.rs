@@ -1,6 +1,8 @@
 //! A pilotfish sidecar as a child process, started the way systemd starts
 //! it: with `NOTIFY_SOCKET`, so we learn when it is ready and which
-//! addresses its listeners got. Killed on drop, so no run leaves one behind.
+//! addresses its listeners got. Stopped on drop the way systemd stops it
+//! (SIGTERM, so it drains and removes its admin socket), killed if it does
+//! not exit in time: no run leaves a process or a socket file behind.
 
 use std::{
     net::SocketAddr,
@@ -14,6 +16,9 @@ use anyhow::{bail, Context};
 
 /// How long a sidecar may take to report READY=1.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a sidecar gets to exit after SIGTERM before it is killed. The
+/// demo's sidecars drain in 1 s.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Sidecar {
     pub name: String,
@@ -79,6 +84,21 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
+        // std has no kill(2) with a signal; the `kill` command is everywhere.
+        let termed = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+        while termed && std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            // Not a worker thread: polling the child with a short sleep is fine.
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -57,5 +57,47 @@ fn demo_quick_runs_the_mesh_and_reports() {
             .unwrap_or(0);
         assert!(full >= 1, "{line}");
     }
+    // The sidecars were stopped gracefully: their admin sockets are gone
+    // (and so are the processes), as the README says.
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".sock"))
+        .collect();
+    assert!(left.is_empty(), "admin sockets left behind: {left:?}");
     std::fs::remove_dir_all(out).unwrap();
+}
+
+/// Issue 11 item 15: without `--out`, the demo writes into the target
+/// directory the binary was built in, whatever the working directory.
+#[test]
+fn demo_output_goes_to_the_target_dir_from_any_directory() {
+    let cwd = std::env::temp_dir().join(format!("pilotfish-demo-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(&cwd).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_pilotfish-bench"))
+        .args(["demo", "--quick", "--pilotfish"])
+        .arg(pilotfish_binary())
+        .current_dir(&cwd)
+        .env_remove("CARGO")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        !cwd.join("target").exists(),
+        "wrote under the working directory"
+    );
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_pilotfish-bench"));
+    let expected = exe.parent().unwrap().parent().unwrap().join("demo");
+    assert!(
+        expected.join("report.txt").exists(),
+        "{}",
+        expected.display()
+    );
+    std::fs::remove_dir_all(cwd).unwrap();
 }
