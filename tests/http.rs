@@ -572,3 +572,165 @@ fn interim_responses_are_relayed_and_bounded() {
     );
     proxy.shutdown();
 }
+
+/// Reads a request head (to the blank line) from a raw upstream socket.
+fn read_head_raw(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Issue 11 item 8: the route timeout runs from when the request was
+/// forwarded in full, so a slow upload to a healthy upstream is no 504.
+#[test]
+fn the_route_timeout_starts_after_the_body_was_sent() {
+    use std::io::Write;
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        let (proxy, addr) = start_toml(
+            &http_config(
+                driver,
+                "cluster = \"app\"\nrequest_timeout = \"300ms\"",
+                &cluster("app", &[up.addr], ""),
+            ),
+            "web",
+        );
+        let mut c = Conn::open(addr);
+        c.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n");
+        for piece in [b"ab", b"cd", b"ef", b"gh", b"ij"] {
+            std::thread::sleep(Duration::from_millis(150));
+            c.writer.write_all(piece).unwrap();
+        }
+        let r = c.read(false).unwrap();
+        assert_eq!(r.status, 200, "{driver}: {}", r.text());
+        assert!(r.text().ends_with("abcdefghij"), "{driver}");
+        // The timeout still bounds the wait for the answer.
+        c.send(b"POST /delay/1000 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
+        let r = c
+            .read(false)
+            .unwrap_or_else(|| panic!("{driver}: closed: {:?}", proxy.stats().total));
+        assert_eq!(r.status, 504, "{driver}");
+        proxy.shutdown();
+    }
+}
+
+/// Issue 11 item 8: bytes of a response head that arrive while the proxy
+/// waits for `100 Continue` are kept (they used to be dropped with the
+/// read when the 1 s wait ran out, and the rest parsed as garbage: 502).
+#[test]
+fn a_partial_head_during_the_continue_wait_is_kept() {
+    use std::io::{Read, Write};
+    let upstream = serve(|mut s| {
+        let head = read_head_raw(&mut s);
+        assert!(
+            head.to_ascii_lowercase().contains("expect: 100-continue"),
+            "{head}"
+        );
+        s.write_all(b"HTTP/1.1 200 OK\r\nConte").unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut body = [0u8; 4];
+        s.read_exact(&mut body).unwrap();
+        s.write_all(b"nt-Length: 2\r\n\r\nok").unwrap();
+        let _ = s.read(&mut body);
+    });
+    for driver in drivers() {
+        let (proxy, addr) = start_toml(
+            &http_config(
+                driver,
+                "cluster = \"app\"",
+                &cluster("app", &[upstream], ""),
+            ),
+            "web",
+        );
+        let mut c = Conn::open(addr);
+        c.send(
+            b"POST /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\nbody",
+        );
+        let r = c.read(false).unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{driver}");
+        proxy.shutdown();
+    }
+}
+
+/// Issue 11 item 8: the request-head timeout is configurable and answers
+/// 408 once a request line was seen; before that, the connection just
+/// closes.
+#[test]
+fn a_stalled_request_head_gets_408() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = start_toml(
+        &http_config(
+            "epoll",
+            "cluster = \"app\"\nrequest_head_timeout = \"200ms\"",
+            &cluster("app", &[up.addr], ""),
+        ),
+        "web",
+    );
+    let mut c = Conn::open(addr);
+    c.send(b"GET / HTTP/1.1\r\nHost: a\r\n");
+    let r = c.read(false).expect("an answer");
+    assert_eq!(r.status, 408);
+    assert_eq!(r.header("x-pilotfish-error"), Some("request_timeout"));
+    let mut c = Conn::open(addr);
+    c.send(b"GE");
+    assert!(
+        c.read(false).is_none(),
+        "no request line: closed without an answer"
+    );
+    proxy.shutdown();
+}
+
+/// Issue 11 item 14: an upstream that answers before reading the whole
+/// body (nginx's 413 to a large upload) gets its answer relayed at once;
+/// the proxy stops sending, closes both connections after the response,
+/// and counts it.
+#[test]
+fn an_early_answer_to_an_upload_is_relayed_at_once() {
+    use std::io::Write;
+    let upstream = serve(|mut s| {
+        let _ = read_head_raw(&mut s);
+        s.write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig\n")
+            .unwrap();
+        // Never reads the body; holds the connection for a while.
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    for driver in drivers() {
+        let (proxy, addr) = start_toml(
+            &http_config(
+                driver,
+                "cluster = \"app\"\nidle_timeout = \"60s\"",
+                &cluster("app", &[upstream], ""),
+            ),
+            "web",
+        );
+        let mut c = Conn::open(addr);
+        let total: usize = 64 << 20;
+        c.send(
+            format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {total}\r\n\r\n")
+                .as_bytes(),
+        );
+        let mut w = c.writer.try_clone().unwrap();
+        let uploader = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0;
+            while sent < total && w.write_all(&chunk).is_ok() {
+                sent += chunk.len();
+            }
+            sent
+        });
+        let r = c.read(false).expect("the early answer");
+        assert_eq!((r.status, r.text().as_str()), (413, "big\n"), "{driver}");
+        assert_eq!(r.header("connection"), Some("close"), "{driver}");
+        let sent = uploader.join().unwrap();
+        assert!(sent < total, "{driver}: the proxy stopped reading the body");
+        assert_eq!(proxy.stats().total.http.early_responses, 1, "{driver}");
+        proxy.shutdown();
+    }
+}

@@ -12,7 +12,11 @@
 
 use std::time::{Duration, Instant};
 
-use monoio::net::TcpStream;
+use futures_util::future::Either;
+use monoio::{
+    io::{AsyncReadRent, AsyncWriteRent, Splitable},
+    net::TcpStream,
+};
 
 use crate::tls::stream::Stream;
 
@@ -171,24 +175,11 @@ pub async fn forward(
     let mut head = worker.heads.take();
     write::request(req, body_out, tunnel, &fwd, edits, &mut head);
     let result = attempts(
-        worker,
-        cluster,
-        policy,
-        client,
-        req,
-        &mut head,
-        deadline_after(timeout),
-        hash_key,
-        http,
-        idle,
+        worker, cluster, policy, client, req, &mut head, timeout, hash_key, http, idle,
     )
     .await;
     worker.heads.give(head);
     result
-}
-
-fn deadline_after(timeout: Duration) -> Instant {
-    Instant::now() + timeout
 }
 
 /// The attempt loop of [`forward`].
@@ -200,11 +191,12 @@ async fn attempts(
     client: &mut Client,
     req: &RequestHead,
     head: &mut Vec<u8>,
-    deadline: Instant,
+    timeout: Duration,
     hash_key: Option<&[u8]>,
     http: &HttpListener,
     idle: Duration,
 ) -> Result<Next, Failure> {
+    let deadline = Instant::now() + timeout;
     let bodiless = matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
     let replay_ok = bodiless && (policy.non_idempotent || is_idempotent(req.method()));
     let _active = ActiveGuard::new(&cluster.active_requests);
@@ -244,6 +236,7 @@ async fn attempts(
             req,
             policy,
             deadline,
+            timeout,
             idle,
             retry_status,
         };
@@ -297,6 +290,9 @@ struct Attempt<'a> {
     req: &'a RequestHead,
     policy: &'a RetryPolicy,
     deadline: Instant,
+    /// The route timeout: for a request with a body, the time the final
+    /// response head may take once the body was sent in full.
+    timeout: Duration,
     idle: Duration,
     /// A retryable status may be retried (else it is relayed).
     retry_status: bool,
@@ -359,11 +355,20 @@ impl Attempt<'_> {
 
     async fn run(&self, client: &mut Client, head: &mut Vec<u8>) -> Result<Next, AttemptError> {
         let stream = self.connect().await?;
-        let mut up = Upstream {
+        let up = Upstream {
             stream,
             inbound: Inbound::new(self.worker.buffers.take()),
         };
-        let result = self.exchange(client, head, &mut up).await;
+        let kind = RequestKind::of(self.req);
+        let mut parser = ResponseParser::new(HeadLimits::default());
+        let (mut up, sent) = self.send_request(client, head, up, &mut parser, kind).await;
+        let result = match sent {
+            Ok(sent) => {
+                self.exchange(client, &mut up, sent, &mut parser, kind)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         match result {
             Ok((next, reusable)) => {
                 let Upstream { stream, inbound } = up;
@@ -387,79 +392,209 @@ impl Attempt<'_> {
         }
     }
 
-    /// The exchange proper. Ok((next, upstream reusable)).
-    async fn exchange(
+    /// Sends the request head, then the body (if any) while watching the
+    /// upstream for an answer: an upstream may answer before it has read
+    /// the whole body (a 413 or 401 to an upload, RFC 9112 §9.5), and must
+    /// not be left waiting for the rest while we wait for its answer. The
+    /// `Upstream` is taken and given back because the body phase splits
+    /// its stream into a read half and a write half.
+    async fn send_request(
         &self,
         client: &mut Client,
         head: &mut Vec<u8>,
-        up: &mut Upstream,
-    ) -> Result<(Next, bool), Exit> {
-        let req = self.req;
-        let idle = self.idle;
-        let sent_at = Instant::now();
-        let (written, back) = write_all_timed(&mut up.stream, std::mem::take(head), idle).await;
+        mut up: Upstream,
+        parser: &mut ResponseParser,
+        kind: RequestKind,
+    ) -> (Upstream, Result<Sent, Exit>) {
+        let (written, back) =
+            write_all_timed(&mut up.stream, std::mem::take(head), self.idle).await;
         *head = back;
         if let Err(e) = written {
-            return Err(Exit::Failed(AttemptError::Retryable {
+            let failed = Exit::Failed(AttemptError::Retryable {
                 condition: Condition::Reset,
                 reason: ErrorReason::UpstreamReset,
                 detail: format!("sending the request failed: {e}"),
-            }));
+            });
+            return (up, Err(failed));
         }
-        let kind = RequestKind::of(req);
-        let mut parser = ResponseParser::new(HeadLimits::default());
-        let mut body_sent = matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
-        let mut early: Option<ResponseHead> = None;
-        if !body_sent && req.hop.expect_continue {
-            let wait = EXPECT_CONTINUE_WAIT.min(self.until_deadline());
-            match self.read_head(up, &mut parser, kind, wait).await {
-                Err(HeadRead::TimedOut) => {}
-                Ok(r) if r.status == 100 => {
-                    self.relay_interim(client, &r).await?;
-                }
-                Ok(r) => early = Some(r),
-                Err(e) => return Err(Exit::Failed(self.head_failure(e, false))),
-            }
+        let sent_at = Instant::now();
+        if matches!(self.req.body, RequestBody::Empty | RequestBody::Length(0)) {
+            // Forwarded in full with its head: the route timeout runs from
+            // the start of the attempts (it also bounds their connects).
+            return (
+                up,
+                Ok(Sent {
+                    at: sent_at,
+                    response: None,
+                    interims: Vec::new(),
+                    early: false,
+                }),
+            );
         }
-        if early.is_none() && !body_sent {
-            self.send_body(client, up).await?;
-            body_sent = true;
-        }
+        let Upstream {
+            stream,
+            mut inbound,
+        } = up;
+        let (mut reader, mut writer) = stream.into_split();
+        let raced = self
+            .race_body(client, &mut reader, &mut writer, &mut inbound, parser, kind)
+            .await;
+        let stream = reader
+            .reunite(writer)
+            .unwrap_or_else(|_| unreachable!("the two halves of one stream"));
+        let up = Upstream { stream, inbound };
+        let sent = raced.map(|(resp, interims, early)| Sent {
+            at: sent_at,
+            response: Some(resp),
+            interims,
+            early,
+        });
+        (up, sent)
+    }
+
+    /// Reads response heads until the final one (a request forwarded with
+    /// its head, no body), relaying interims, within the route deadline.
+    async fn final_head(
+        &self,
+        client: &mut Client,
+        up: &mut Upstream,
+        parser: &mut ResponseParser,
+        kind: RequestKind,
+    ) -> Result<ResponseHead, Exit> {
         let mut interims = 0;
-        let resp = loop {
-            let resp = match early.take() {
-                Some(r) => r,
-                None => match self
-                    .read_head(up, &mut parser, kind, self.until_deadline())
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) => return Err(Exit::Failed(self.head_failure(e, !body_sent))),
-                },
-            };
-            if resp.is_interim() {
-                interims += 1;
-                if interims > INTERIM_RESPONSES_MAX {
-                    self.cluster.record(
-                        self.ep,
-                        Outcome::Failure,
-                        Instant::now(),
-                        &self.worker.counters.http,
-                    );
-                    return Err(Exit::Failed(AttemptError::Final(Failure::Generated {
-                        reason: ErrorReason::BadUpstreamResponse,
-                        detail: format!(
-                            "more than {INTERIM_RESPONSES_MAX} interim (1xx) responses"
-                        ),
-                        close: true,
-                    })));
-                }
-                if resp.status != 100 || req.hop.expect_continue {
-                    self.relay_interim(client, &resp).await?;
-                }
-                continue;
+        loop {
+            let wait = self.until_deadline();
+            let resp = read_head_from(&mut up.stream, &mut up.inbound, parser, kind, wait)
+                .await
+                .map_err(|e| Exit::Failed(self.head_failure(e, false)))?;
+            if !resp.is_interim() {
+                return Ok(resp);
             }
-            break resp;
+            interims += 1;
+            if interims > INTERIM_RESPONSES_MAX {
+                return Err(Exit::Failed(
+                    self.head_failure(HeadRead::TooManyInterims, false),
+                ));
+            }
+            if resp.status != 100 || self.req.hop.expect_continue {
+                self.relay_interim(client, &resp).await?;
+            }
+        }
+    }
+
+    /// The body phase: the body goes up (after a `100 Continue`, or
+    /// [`EXPECT_CONTINUE_WAIT`], when the client expects one) while the
+    /// upstream's response heads are read. Returns the final response
+    /// head, the interim ones that came before it, and whether it came
+    /// before the body was sent in full (sending then stopped).
+    async fn race_body<R: AsyncReadRent, W: AsyncWriteRent>(
+        &self,
+        client: &mut Client,
+        reader: &mut R,
+        writer: &mut W,
+        inbound: &mut Inbound,
+        parser: &mut ResponseParser,
+        kind: RequestKind,
+    ) -> Result<(ResponseHead, Vec<ResponseHead>, bool), Exit> {
+        let go_ahead = crate::worker::gate::Trigger::default();
+        let heads = async {
+            let mut interims = Vec::new();
+            loop {
+                // No deadline of its own (a day is "none"): while the body
+                // goes up, its reads and writes have idle timeouts; after
+                // it, the route timeout below bounds this. A deadline here
+                // would cut a healthy long upload.
+                let resp = read_head_from(
+                    reader,
+                    inbound,
+                    parser,
+                    kind,
+                    crate::config::limits::DURATION_MAX,
+                )
+                .await?;
+                if !resp.is_interim() {
+                    return Ok((resp, interims));
+                }
+                if interims.len() >= INTERIM_RESPONSES_MAX {
+                    return Err(HeadRead::TooManyInterims);
+                }
+                if resp.status == 100 {
+                    go_ahead.fire();
+                }
+                interims.push(resp);
+            }
+        };
+        let body = async {
+            if self.req.hop.expect_continue {
+                let wait = EXPECT_CONTINUE_WAIT.min(self.until_deadline());
+                let continued = monoio::select! {
+                    _ = go_ahead.wait() => true,
+                    _ = monoio::time::sleep(wait) => false,
+                };
+                if continued {
+                    self.relay_continue(client).await?;
+                }
+            }
+            self.send_body(client, writer).await
+        };
+        let (heads, body) = (std::pin::pin!(heads), std::pin::pin!(body));
+        match futures_util::future::select(heads, body).await {
+            Either::Left((Ok((resp, interims)), unsent)) => {
+                // Both may have become ready in the same turn (the last
+                // write completed, the upstream answered at once): select
+                // polls the heads first, so give the body one more poll
+                // before calling the answer early.
+                use futures_util::FutureExt;
+                if let Some(Ok(())) = unsent.now_or_never() {
+                    return Ok((resp, interims, false));
+                }
+                // Sending stops: the rest of the body is not wanted.
+                metrics::add(&self.worker.counters.http.early_responses, 1);
+                tracing::debug!(
+                    status = resp.status,
+                    "response before the request body was sent in full"
+                );
+                Ok((resp, interims, true))
+            }
+            Either::Left((Err(e), _)) => Err(Exit::Failed(self.head_failure(e, true))),
+            Either::Right((Err(e), _)) => Err(e),
+            Either::Right((Ok(()), heads)) => {
+                // The request is forwarded in full: the route timeout
+                // starts now (a long upload is not a slow upstream).
+                match monoio::time::timeout(self.timeout, heads).await {
+                    Ok(Ok((resp, interims))) => Ok((resp, interims, false)),
+                    Ok(Err(e)) => Err(Exit::Failed(self.head_failure(e, false))),
+                    Err(_) => Err(Exit::Failed(self.timeout_failure(false))),
+                }
+            }
+        }
+    }
+
+    /// The exchange proper, once the request went up. Ok((next, upstream
+    /// reusable)).
+    async fn exchange(
+        &self,
+        client: &mut Client,
+        up: &mut Upstream,
+        sent: Sent,
+        parser: &mut ResponseParser,
+        kind: RequestKind,
+    ) -> Result<(Next, bool), Exit> {
+        let req = self.req;
+        let idle = self.idle;
+        let sent_at = sent.at;
+        let body_sent = !sent.early;
+        let resp = match sent.response {
+            Some(resp) => {
+                // Interims that came while the body went up: a 100 was
+                // answered then (or not wanted); others go to the client
+                // before the final response.
+                for interim in sent.interims.iter().filter(|r| r.status != 100) {
+                    self.relay_interim(client, interim).await?;
+                }
+                resp
+            }
+            None => self.final_head(client, up, parser, kind).await?,
         };
         let now = Instant::now();
         let endpoint = &self.cluster.endpoints[self.ep];
@@ -581,17 +716,19 @@ impl Attempt<'_> {
     }
 
     /// Streams the request body from the client to the upstream.
-    async fn send_body(&self, client: &mut Client, up: &mut Upstream) -> Result<(), Exit> {
+    async fn send_body<W: AsyncWriteRent>(
+        &self,
+        client: &mut Client,
+        up: &mut W,
+    ) -> Result<(), Exit> {
         let mut src = super::request_source(client);
         let mut scratch = Vec::new();
         let sent = match self.req.body {
             RequestBody::Empty => Ok(()),
-            RequestBody::Length(n) => {
-                body::copy_length(&mut src, &mut up.stream, n, self.idle).await
-            }
+            RequestBody::Length(n) => body::copy_length(&mut src, up, n, self.idle).await,
             RequestBody::Chunked => body::copy_chunked(
                 &mut src,
-                &mut up.stream,
+                up,
                 &mut scratch,
                 self.http.body_bytes_max,
                 self.idle,
@@ -622,6 +759,23 @@ impl Attempt<'_> {
         })
     }
 
+    /// Tells an HTTP/1.1 client that expects it to send its body now.
+    async fn relay_continue(&self, client: &mut Client) -> Result<(), Exit> {
+        if self.req.version != Version::Http11 {
+            return Ok(());
+        }
+        let mut out = self.worker.heads.take();
+        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        let (written, out) = write_all_timed(&mut client.stream, out, self.idle).await;
+        self.worker.heads.give(out);
+        self.worker.counters.http.response(100);
+        written.map_err(|e| {
+            Exit::Failed(AttemptError::Final(Failure::Cut(format!(
+                "100 Continue: {e}"
+            ))))
+        })
+    }
+
     /// Forwards an interim (1xx) response to an HTTP/1.1 client.
     async fn relay_interim(&self, client: &mut Client, resp: &ResponseHead) -> Result<(), Exit> {
         if self.req.version != Version::Http11 {
@@ -637,46 +791,6 @@ impl Attempt<'_> {
                 "interim response: {e}"
             ))))
         })
-    }
-
-    async fn read_head(
-        &self,
-        up: &mut Upstream,
-        parser: &mut ResponseParser,
-        kind: RequestKind,
-        wait: Duration,
-    ) -> Result<ResponseHead, HeadRead> {
-        let deadline = Instant::now() + wait;
-        loop {
-            if !up.inbound.is_empty() {
-                match parser.parse(up.inbound.data(), kind) {
-                    Ok(Some((head, used))) => {
-                        up.inbound.consume(used);
-                        return Ok(head);
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Err(HeadRead::Bad(e)),
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(HeadRead::TimedOut);
-            }
-            let max = HeadLimits::default().head_bytes + 1;
-            match up.inbound.fill(&mut up.stream, max, left).await {
-                Ok(0) => {
-                    return Err(HeadRead::Closed {
-                        partial: !up.inbound.is_empty(),
-                    })
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    return Err(HeadRead::TimedOut)
-                }
-                Err(e) if up.inbound.is_empty() => return Err(HeadRead::Reset(e)),
-                Err(_) => return Err(HeadRead::Bad(HeadError::HeadTooLarge)),
-            }
-        }
     }
 
     fn head_failure(&self, e: HeadRead, client_body_pending: bool) -> AttemptError {
@@ -695,6 +809,19 @@ impl Attempt<'_> {
                 detail: "upstream closed inside a response head".into(),
                 close: client_body_pending,
             }),
+            HeadRead::TooManyInterims => {
+                self.cluster.record(
+                    self.ep,
+                    Outcome::Failure,
+                    Instant::now(),
+                    &self.worker.counters.http,
+                );
+                AttemptError::Final(Failure::Generated {
+                    reason: ErrorReason::BadUpstreamResponse,
+                    detail: format!("more than {INTERIM_RESPONSES_MAX} interim (1xx) responses"),
+                    close: true,
+                })
+            }
             HeadRead::Bad(h) => {
                 self.cluster.record(
                     self.ep,
@@ -712,11 +839,66 @@ impl Attempt<'_> {
     }
 }
 
+/// Reads one response head from `stream` into `inbound`, waiting at most
+/// `wait`. A timeout drops the read in flight, so the connection is not
+/// used again after one (every caller fails the attempt on it).
+async fn read_head_from<R: AsyncReadRent>(
+    stream: &mut R,
+    inbound: &mut Inbound,
+    parser: &mut ResponseParser,
+    kind: RequestKind,
+    wait: Duration,
+) -> Result<ResponseHead, HeadRead> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if !inbound.is_empty() {
+            match parser.parse(inbound.data(), kind) {
+                Ok(Some((head, used))) => {
+                    inbound.consume(used);
+                    return Ok(head);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(HeadRead::Bad(e)),
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HeadRead::TimedOut);
+        }
+        let max = HeadLimits::default().head_bytes + 1;
+        match inbound.fill(stream, max, left).await {
+            Ok(0) => {
+                return Err(HeadRead::Closed {
+                    partial: !inbound.is_empty(),
+                })
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(HeadRead::TimedOut),
+            Err(e) if inbound.is_empty() => return Err(HeadRead::Reset(e)),
+            Err(_) => return Err(HeadRead::Bad(HeadError::HeadTooLarge)),
+        }
+    }
+}
+
 enum HeadRead {
     TimedOut,
-    Closed { partial: bool },
+    /// More interim (1xx) responses than [`INTERIM_RESPONSES_MAX`].
+    TooManyInterims,
+    Closed {
+        partial: bool,
+    },
     Reset(#[allow(dead_code)] std::io::Error),
     Bad(HeadError),
+}
+
+/// The request went up: when, and, if the body phase read it already,
+/// the final response head with the interims before it.
+struct Sent {
+    at: Instant,
+    response: Option<ResponseHead>,
+    interims: Vec<ResponseHead>,
+    /// The response came before the body was sent in full.
+    early: bool,
 }
 
 /// How an exchange ended when it did not simply finish.

@@ -34,6 +34,16 @@ use crate::{
 use body::Source;
 use inbound::{write_all_timed, Inbound};
 
+/// After answering a request whose body was not read in full (an early
+/// upstream answer, a refusal), the client may still be sending it; a
+/// close with unread bytes would reset the connection and can destroy the
+/// answer before the client reads it (RFC 9112 §9.6). So the connection
+/// stops writing, and reads and discards for at most this long and
+/// [`LINGER_BYTES_MAX`] bytes before it closes (nginx's lingering close).
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// See [`LINGER_TIME`]: past this many discarded bytes, close anyway.
+const LINGER_BYTES_MAX: usize = 1024 * 1024;
+
 /// Bytes a client connection's read buffer starts with; it grows (up to
 /// the head limit) only for a head that does not fit, and (up to
 /// [`body::STREAM_BUFFER_BYTES_MAX`]) for a streamed body that keeps
@@ -125,11 +135,6 @@ pub async fn serve(
         let req = match read_head(&mut client, &mut parser, http, idle, &worker).await {
             Ok(Some(req)) => req,
             Ok(None) => return,
-            Err(HeadError::TimedOut) if !client.inbound.data().contains(&b'\n') => {
-                // Not even a request line in time: nothing to answer.
-                tracing::debug!(conn_id, %peer, "request line not completed in time");
-                return;
-            }
             Err(e) => {
                 metrics::add(&worker.counters.http.requests, 1);
                 let reason = match e.request_status() {
@@ -170,6 +175,8 @@ pub async fn serve(
         // of its 6 KB; boxed, an idle connection's task would be 2.8 KB):
         // callgrind counted the box at +1,280 instructions per request
         // (14.8k -> 16.1k). The rare paths below are boxed instead.
+        // Whether a Close after this request may leave body bytes unread.
+        let body_unread = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
         let next = handle(
             &worker,
             listener,
@@ -209,6 +216,10 @@ pub async fn serve(
         }
         match next {
             Next::KeepAlive => continue,
+            Next::Close if body_unread => {
+                linger(&mut client).await;
+                return;
+            }
             Next::Close => return,
             Next::Tunnel(up) => {
                 Box::pin(tunnel(&worker, client, up, idle)).await;
@@ -241,6 +252,10 @@ async fn read_head(
             Some(d) => d.saturating_duration_since(Instant::now()),
         };
         let max = http.limits.head_bytes + 1;
+        // A timeout loses the read in flight (and its buffer), so whether a
+        // request line was seen is decided before: then the answer is 408,
+        // else the connection just closes.
+        let line_seen = client.inbound.data().contains(&b'\n');
         let filled = if client.inbound.is_empty() {
             // Between requests: a drain closes the connection now rather
             // than waiting out the keep-alive, and so does a new connection
@@ -255,10 +270,17 @@ async fn read_head(
             client.inbound.fill(&mut client.stream, max, wait).await
         };
         match filled {
+            // First: a timeout also empties the buffer (see `line_seen`).
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return if line_seen {
+                    Err(HeadError::TimedOut)
+                } else {
+                    Ok(None)
+                };
+            }
             Ok(0) | Err(_) if client.inbound.is_empty() => return Ok(None),
             Ok(0) => return Err(HeadError::Syntax("connection closed inside a request head")),
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(HeadError::TimedOut),
             Err(_) => return Err(HeadError::HeadTooLarge),
         }
     }
@@ -431,6 +453,29 @@ async fn send_generated(
     respond::generated(reason, detail, close, &mut out);
     let (_, out) = write_all_timed(&mut client.stream, out, idle).await;
     worker.heads.give(out);
+}
+
+/// Stops writing, then reads and discards what the client still sends,
+/// within [`LINGER_TIME`] and [`LINGER_BYTES_MAX`]; see there.
+async fn linger(client: &mut Client) {
+    use monoio::io::{AsyncReadRent, AsyncWriteRent};
+    let stream = &mut client.stream;
+    let discard = async {
+        if stream.shutdown().await.is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut seen = 0;
+        while seen < LINGER_BYTES_MAX {
+            let (read, back) = stream.read(buf).await;
+            buf = back;
+            match read {
+                Ok(n) if n > 0 => seen += n,
+                _ => return,
+            }
+        }
+    };
+    let _ = monoio::time::timeout(LINGER_TIME, discard).await;
 }
 
 /// After a 101 or a CONNECT 2xx: flush what each side already sent, then
