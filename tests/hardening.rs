@@ -330,3 +330,50 @@ fn shutdown_gets_through_a_full_mailbox() {
     done.recv_timeout(IO_DEADLINE)
         .expect("shutdown returned with a full mailbox");
 }
+
+/// Item 2: an absolute-form request is routed by its target's authority
+/// and forwarded in origin-form with that authority as Host; a Host that
+/// names another authority is refused.
+#[test]
+fn absolute_form_requests_are_routed_by_their_authority() {
+    let app = HttpUpstream::start();
+    let guard = HttpUpstream::always(403);
+    let config = app_out(
+        app.addr,
+        &format!("[[clusters]]\nname = \"guard\"\nendpoints = [\"{}\"]", guard.addr),
+        "[[listeners.routes]]\nname = \"admin-host\"\nhost = \"admin.internal\"\ncluster = \"guard\"",
+    );
+    let mut proxy = ChildProxy::spawn(&config);
+    let addr = proxy.wait_ready();
+    // Routed by the target's authority, not a Host that differs only by a
+    // default port spelled out.
+    let r = ask(
+        addr,
+        "GET http://admin.internal/echo HTTP/1.1\r\nHost: admin.internal:80\r\n\r\n",
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    // A Host that disagrees is refused before any routing.
+    let r = ask(
+        addr,
+        "GET http://admin.internal/echo HTTP/1.1\r\nHost: public.example\r\n\r\n",
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.header("x-pilotfish-error"), Some("bad_request"));
+    assert!(r.text().contains("Host"), "{}", r.text());
+    // Forwarded in origin-form, normalized, with the authority as Host.
+    let r = ask(
+        addr,
+        "GET http://Public.Example:8080/a/../echo HTTP/1.1\r\nHost: public.example:8080\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.text();
+    assert!(seen.starts_with("GET /echo HTTP/1.1\r\n"), "{seen}");
+    assert!(
+        seen.to_ascii_lowercase()
+            .contains("\r\nhost: public.example:8080\r\n"),
+        "{seen}"
+    );
+    assert_eq!(guard.requests(), 1);
+    proxy.signal(15);
+    assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+}

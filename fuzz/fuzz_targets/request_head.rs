@@ -4,7 +4,10 @@
 //! framing: if a crafted head could make us forward something that parses
 //! differently, a peer behind us could see a different request boundary.
 //! Also: no input may panic the parser, and every prefix of an accepted
-//! head must be "incomplete", never a different answer.
+//! head must be "incomplete", never a different answer. Routing sees what
+//! the upstream gets: the forwarded target is the normalized origin-form
+//! one, normalizing it again changes nothing, and the forwarded Host is
+//! the authority we routed on.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,9 +18,12 @@ use pilotfish::http1::{
 
 fuzz_target!(|data: &[u8]| {
     let limits = HeadLimits::default();
-    let Ok(Some((req, used))) = RequestParser::new(limits).parse(data) else {
+    let Ok(Some((mut req, used))) = RequestParser::new(limits).parse(data) else {
         return;
     };
+    if req.normalize_path(pilotfish::route::path::PathOptions::default()).is_err() {
+        return;
+    }
     assert!(used <= data.len());
     // An incremental parser fed prefixes agrees with the whole-buffer one.
     let mut incremental = RequestParser::new(limits);
@@ -44,8 +50,17 @@ fuzz_target!(|data: &[u8]| {
         .expect("our own output is complete");
     assert_eq!(again_used, out.len(), "exactly one request");
     assert_eq!(again.method(), req.method());
-    assert_eq!(again.target(), req.target());
+    assert_eq!(again.target(), req.origin_target());
     assert_eq!(again.body, req.body);
+    let mut again = again;
+    assert_eq!(
+        again.normalize_path(pilotfish::route::path::PathOptions::default()),
+        Ok(false),
+        "a normalized path is normal"
+    );
+    if let Some(authority) = req.authority() {
+        assert_eq!(again.authority(), Some(authority));
+    }
 });
 
 /// Limits for re-parsing our own output: we add a few fields (forwarding,
