@@ -809,33 +809,31 @@ impl Attempt<'_> {
                 detail: "upstream closed inside a response head".into(),
                 close: client_body_pending,
             }),
-            HeadRead::TooManyInterims => {
-                self.cluster.record(
-                    self.ep,
-                    Outcome::Failure,
-                    Instant::now(),
-                    &self.worker.counters.http,
-                );
-                AttemptError::Final(Failure::Generated {
-                    reason: ErrorReason::BadUpstreamResponse,
-                    detail: format!("more than {INTERIM_RESPONSES_MAX} interim (1xx) responses"),
-                    close: true,
-                })
-            }
-            HeadRead::Bad(h) => {
-                self.cluster.record(
-                    self.ep,
-                    Outcome::Failure,
-                    Instant::now(),
-                    &self.worker.counters.http,
-                );
-                AttemptError::Final(Failure::Generated {
-                    reason: ErrorReason::BadUpstreamResponse,
-                    detail: format!("invalid response from upstream: {h}"),
-                    close: client_body_pending,
-                })
-            }
+            HeadRead::TooManyInterims => self.bad_response(
+                format!("more than {INTERIM_RESPONSES_MAX} interim (1xx) responses"),
+                true,
+            ),
+            HeadRead::Bad(h) => self.bad_response(
+                format!("invalid response from upstream: {h}"),
+                client_body_pending,
+            ),
         }
+    }
+
+    /// The upstream broke the protocol: counted against the endpoint
+    /// (outlier detection), answered with a 502.
+    fn bad_response(&self, detail: String, close: bool) -> AttemptError {
+        self.cluster.record(
+            self.ep,
+            Outcome::Failure,
+            Instant::now(),
+            &self.worker.counters.http,
+        );
+        AttemptError::Final(Failure::Generated {
+            reason: ErrorReason::BadUpstreamResponse,
+            detail,
+            close,
+        })
     }
 }
 
