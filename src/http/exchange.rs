@@ -355,19 +355,32 @@ impl Attempt<'_> {
 
     async fn run(&self, client: &mut Client, head: &mut Vec<u8>) -> Result<Next, AttemptError> {
         let stream = self.connect().await?;
-        let up = Upstream {
+        let mut up = Upstream {
             stream,
             inbound: Inbound::new(self.worker.buffers.take()),
         };
         let kind = RequestKind::of(self.req);
         let mut parser = ResponseParser::new(HeadLimits::default());
-        let (mut up, sent) = self.send_request(client, head, up, &mut parser, kind).await;
-        let result = match sent {
-            Ok(sent) => {
-                self.exchange(client, &mut up, sent, &mut parser, kind)
+        let bodiless = matches!(self.req.body, RequestBody::Empty | RequestBody::Length(0));
+        let result = match self.send_head(head, &mut up).await {
+            Err(e) => Err(e),
+            // Forwarded in full with its head: the route timeout runs from
+            // the start of the attempts (it also bounds their connects).
+            Ok(sent_at) if bodiless => {
+                self.exchange(client, &mut up, sent_at, None, &mut parser, kind)
                     .await
             }
-            Err(e) => Err(e),
+            Ok(sent_at) => {
+                let (back, raced) = self.send_body_racing(client, up, &mut parser, kind).await;
+                up = back;
+                match raced {
+                    Ok(raced) => {
+                        self.exchange(client, &mut up, sent_at, Some(raced), &mut parser, kind)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
         };
         match result {
             Ok((next, reusable)) => {
@@ -392,45 +405,33 @@ impl Attempt<'_> {
         }
     }
 
-    /// Sends the request head, then the body (if any) while watching the
-    /// upstream for an answer: an upstream may answer before it has read
-    /// the whole body (a 413 or 401 to an upload, RFC 9112 §9.5), and must
-    /// not be left waiting for the rest while we wait for its answer. The
-    /// `Upstream` is taken and given back because the body phase splits
-    /// its stream into a read half and a write half.
-    async fn send_request(
-        &self,
-        client: &mut Client,
-        head: &mut Vec<u8>,
-        mut up: Upstream,
-        parser: &mut ResponseParser,
-        kind: RequestKind,
-    ) -> (Upstream, Result<Sent, Exit>) {
+    /// Writes the re-serialized request head; returns when it was sent.
+    async fn send_head(&self, head: &mut Vec<u8>, up: &mut Upstream) -> Result<Instant, Exit> {
         let (written, back) =
             write_all_timed(&mut up.stream, std::mem::take(head), self.idle).await;
         *head = back;
-        if let Err(e) = written {
-            let failed = Exit::Failed(AttemptError::Retryable {
+        match written {
+            Ok(()) => Ok(Instant::now()),
+            Err(e) => Err(Exit::Failed(AttemptError::Retryable {
                 condition: Condition::Reset,
                 reason: ErrorReason::UpstreamReset,
                 detail: format!("sending the request failed: {e}"),
-            });
-            return (up, Err(failed));
+            })),
         }
-        let sent_at = Instant::now();
-        if matches!(self.req.body, RequestBody::Empty | RequestBody::Length(0)) {
-            // Forwarded in full with its head: the route timeout runs from
-            // the start of the attempts (it also bounds their connects).
-            return (
-                up,
-                Ok(Sent {
-                    at: sent_at,
-                    response: None,
-                    interims: Vec::new(),
-                    early: false,
-                }),
-            );
-        }
+    }
+
+    /// Sends the body while watching the upstream for an answer: an
+    /// upstream may answer before it has read the whole body (a 413 or 401
+    /// to an upload, RFC 9112 §9.5), and must not be left waiting for the
+    /// rest while we wait for its answer. The `Upstream` is taken and given
+    /// back because this splits its stream into a read and a write half.
+    async fn send_body_racing(
+        &self,
+        client: &mut Client,
+        up: Upstream,
+        parser: &mut ResponseParser,
+        kind: RequestKind,
+    ) -> (Upstream, Result<Raced, Exit>) {
         let Upstream {
             stream,
             mut inbound,
@@ -442,14 +443,7 @@ impl Attempt<'_> {
         let stream = reader
             .reunite(writer)
             .unwrap_or_else(|_| unreachable!("the two halves of one stream"));
-        let up = Upstream { stream, inbound };
-        let sent = raced.map(|(resp, interims, early)| Sent {
-            at: sent_at,
-            response: Some(resp),
-            interims,
-            early,
-        });
-        (up, sent)
+        (Upstream { stream, inbound }, raced)
     }
 
     /// Reads response heads until the final one (a request forwarded with
@@ -495,7 +489,7 @@ impl Attempt<'_> {
         inbound: &mut Inbound,
         parser: &mut ResponseParser,
         kind: RequestKind,
-    ) -> Result<(ResponseHead, Vec<ResponseHead>, bool), Exit> {
+    ) -> Result<Raced, Exit> {
         let go_ahead = crate::worker::gate::Trigger::default();
         let heads = async {
             let mut interims = Vec::new();
@@ -546,7 +540,11 @@ impl Attempt<'_> {
                 // before calling the answer early.
                 use futures_util::FutureExt;
                 if let Some(Ok(())) = unsent.now_or_never() {
-                    return Ok((resp, interims, false));
+                    return Ok(Raced {
+                        response: resp,
+                        interims,
+                        early: false,
+                    });
                 }
                 // Sending stops: the rest of the body is not wanted.
                 metrics::add(&self.worker.counters.http.early_responses, 1);
@@ -554,7 +552,11 @@ impl Attempt<'_> {
                     status = resp.status,
                     "response before the request body was sent in full"
                 );
-                Ok((resp, interims, true))
+                Ok(Raced {
+                    response: resp,
+                    interims,
+                    early: true,
+                })
             }
             Either::Left((Err(e), _)) => Err(Exit::Failed(self.head_failure(e, true))),
             Either::Right((Err(e), _)) => Err(e),
@@ -562,7 +564,11 @@ impl Attempt<'_> {
                 // The request is forwarded in full: the route timeout
                 // starts now (a long upload is not a slow upstream).
                 match monoio::time::timeout(self.timeout, heads).await {
-                    Ok(Ok((resp, interims))) => Ok((resp, interims, false)),
+                    Ok(Ok((resp, interims))) => Ok(Raced {
+                        response: resp,
+                        interims,
+                        early: false,
+                    }),
                     Ok(Err(e)) => Err(Exit::Failed(self.head_failure(e, false))),
                     Err(_) => Err(Exit::Failed(self.timeout_failure(false))),
                 }
@@ -576,25 +582,24 @@ impl Attempt<'_> {
         &self,
         client: &mut Client,
         up: &mut Upstream,
-        sent: Sent,
+        sent_at: Instant,
+        raced: Option<Raced>,
         parser: &mut ResponseParser,
         kind: RequestKind,
     ) -> Result<(Next, bool), Exit> {
         let req = self.req;
         let idle = self.idle;
-        let sent_at = sent.at;
-        let body_sent = !sent.early;
-        let resp = match sent.response {
-            Some(resp) => {
+        let (resp, body_sent) = match raced {
+            Some(raced) => {
                 // Interims that came while the body went up: a 100 was
                 // answered then (or not wanted); others go to the client
                 // before the final response.
-                for interim in sent.interims.iter().filter(|r| r.status != 100) {
+                for interim in raced.interims.iter().filter(|r| r.status != 100) {
                     self.relay_interim(client, interim).await?;
                 }
-                resp
+                (raced.response, !raced.early)
             }
-            None => self.final_head(client, up, parser, kind).await?,
+            None => (self.final_head(client, up, parser, kind).await?, true),
         };
         let now = Instant::now();
         let endpoint = &self.cluster.endpoints[self.ep];
@@ -889,13 +894,11 @@ enum HeadRead {
     Bad(HeadError),
 }
 
-/// The request went up: when, and, if the body phase read it already,
-/// the final response head with the interims before it.
-struct Sent {
-    at: Instant,
-    response: Option<ResponseHead>,
+/// What the body phase read: the final response head, the interim ones
+/// before it, and whether it came before the body was sent in full.
+struct Raced {
+    response: ResponseHead,
     interims: Vec<ResponseHead>,
-    /// The response came before the body was sent in full.
     early: bool,
 }
 

@@ -8,7 +8,6 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::BTreeMap,
     future::Future,
     pin::Pin,
     rc::Rc,
@@ -83,14 +82,18 @@ pub struct Slots {
     max: Cell<usize>,
     used: Cell<usize>,
     waiters: Waiters,
-    /// Connections waiting for a client's next request (or first byte),
-    /// by when they started waiting: the first is the longest idle.
-    idle: RefCell<BTreeMap<u64, IdleState>>,
+    /// Connections waiting for a client's next request (or first byte).
+    /// A slab: registering and leaving are O(1) with no allocation in the
+    /// steady state (every request does both); finding the longest idle
+    /// is a scan, done only at the connection cap.
+    idle: RefCell<slab::Slab<IdleState>>,
+    /// Orders registrations: the smallest `since` is the longest idle.
     next_idle: Cell<u64>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct IdleState {
+    since: u64,
     evicted: bool,
     waker: Option<Waker>,
 }
@@ -100,7 +103,7 @@ struct IdleState {
 #[derive(Debug)]
 pub struct Idle<'a> {
     slots: &'a Slots,
-    key: u64,
+    key: usize,
 }
 
 impl Idle<'_> {
@@ -113,7 +116,7 @@ impl Idle<'_> {
 
 impl Drop for Idle<'_> {
     fn drop(&mut self) {
-        self.slots.idle.borrow_mut().remove(&self.key);
+        self.slots.idle.borrow_mut().remove(self.key);
     }
 }
 
@@ -128,7 +131,7 @@ impl Future for Evicted<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut idle = self.idle.slots.idle.borrow_mut();
-        let Some(state) = idle.get_mut(&self.idle.key) else {
+        let Some(state) = idle.get_mut(self.idle.key) else {
             return Poll::Pending;
         };
         if state.evicted {
@@ -175,9 +178,13 @@ impl Slots {
 
     /// Registers a connection as idle until the returned value is dropped.
     pub fn register_idle(&self) -> Idle<'_> {
-        let key = self.next_idle.get();
-        self.next_idle.set(key + 1);
-        self.idle.borrow_mut().insert(key, IdleState::default());
+        let since = self.next_idle.get();
+        self.next_idle.set(since + 1);
+        let key = self.idle.borrow_mut().insert(IdleState {
+            since,
+            evicted: false,
+            waker: None,
+        });
         Idle { slots: self, key }
     }
 
@@ -185,7 +192,12 @@ impl Slots {
     /// whether there was one; its slot frees once its task has run.
     pub fn evict_oldest_idle(&self) -> bool {
         let mut idle = self.idle.borrow_mut();
-        let Some(state) = idle.values_mut().find(|s| !s.evicted) else {
+        let Some(state) = idle
+            .iter_mut()
+            .map(|(_, s)| s)
+            .filter(|s| !s.evicted)
+            .min_by_key(|s| s.since)
+        else {
             return false;
         };
         state.evicted = true;
