@@ -191,6 +191,8 @@ pub struct Controller {
     running: Lock<Running>,
     /// The access log writer's reopen and lost-line count.
     logs: crate::access_log::Control,
+    /// Every worker's drain/stop flag (see [`crate::worker::Lifeline`]).
+    lifelines: Vec<crate::worker::Lifeline>,
 }
 
 impl Controller {
@@ -200,11 +202,13 @@ impl Controller {
         mailboxes: Vec<Sender<Command>>,
         tls: Option<Arc<Workload>>,
         logs: crate::access_log::Control,
+        lifelines: Vec<crate::worker::Lifeline>,
     ) -> Self {
         let stamps = config.tls.as_ref().map(stamps).unwrap_or_default();
         Self {
             mailboxes,
             logs,
+            lifelines,
             running: Lock::new(Running {
                 config,
                 binds,
@@ -219,6 +223,14 @@ impl Controller {
     }
 
     /// Loads the material `config` names, as the workers will use it.
+    /// Tells every worker to drain, through its lifeline (a full mailbox
+    /// cannot refuse it).
+    pub fn drain_all(&self) {
+        for l in &self.lifelines {
+            l.drain();
+        }
+    }
+
     /// Closes the access log files, to be reopened by name (rotation).
     pub fn reopen_logs(&self) {
         self.logs.reopen();

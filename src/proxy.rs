@@ -127,6 +127,7 @@ impl Proxy {
             mailboxes,
             tls,
             access_log.control(),
+            handles.iter().map(|h| h.lifeline.clone()).collect(),
         ));
         let tls_watch = spawn_tls_watch(&control).map_err(StartError::Spawn)?;
         Ok(Proxy {
@@ -178,9 +179,7 @@ impl Proxy {
 
     /// Stops accepting on every worker; connections get the drain timeout.
     pub fn drain(&self) {
-        for h in &self.handles {
-            h.lifeline.drain();
-        }
+        self.control.drain_all();
     }
 
     /// Asks every worker for its counters and merges them.

@@ -607,9 +607,7 @@ fn route(method: &[u8], path: &str, query: &Query, body: &[u8], shared: &Shared)
         (b"POST", "/log-level") => log_level(query, state),
         (b"POST", "/drain") => {
             state.draining.store(true, Ordering::SeqCst);
-            for m in state.mailboxes() {
-                let _ = m.try_send(Command::Drain);
-            }
+            state.control.drain_all();
             text(200, "draining\n")
         }
         (
