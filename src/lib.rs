@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod http;
 pub mod http1;
+pub mod http2;
 pub mod l4;
 pub mod lifecycle;
 pub mod metrics;
