@@ -176,6 +176,23 @@ fn http_and_l4_through_a_sidecar_pair_carry_the_callers_identity() {
             );
             assert!(seen.contains("x-forwarded-proto: https"), "{seen}");
         }
+        // A body over the same pooled mTLS connection: sent while the
+        // response is watched for (the TLS stream split in two halves).
+        let body = support::pattern(9, 300_000);
+        conn.send(
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: orders\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        conn.send(&body);
+        let r = conn.read(false).expect("response");
+        assert_eq!(r.status, 200, "{driver}");
+        assert!(
+            r.body.ends_with(&body),
+            "{driver}: the body came back intact"
+        );
         // L4: a megabyte each way through both sidecars, intact.
         let data = support::pattern(7, 1 << 20);
         let back = support::echo_round_trip(a.listener_addr("out-tcp").unwrap(), &data);
@@ -187,8 +204,8 @@ fn http_and_l4_through_a_sidecar_pair_carry_the_callers_identity() {
 
         let (ta, tb) = (tls_stats(&a), tls_stats(&m.b));
         println!("{driver}: A {ta:?}\n{driver}: B {tb:?}");
-        // Five keep-alive requests reuse one pooled mTLS connection; the
-        // L4 pair adds one more.
+        // Six keep-alive requests (one with a body) reuse one pooled mTLS
+        // connection; the L4 pair adds one more.
         assert_eq!(
             ta.handshakes_outbound + ta.handshakes_outbound_resumed,
             2,
@@ -201,10 +218,10 @@ fn http_and_l4_through_a_sidecar_pair_carry_the_callers_identity() {
         );
         assert_eq!(
             tb.decisions(FRONTEND, true),
-            6,
-            "{driver}: 5 requests + 1 connection"
+            7,
+            "{driver}: 6 requests + 1 connection"
         );
-        assert_eq!(m.upstream.requests(), 5);
+        assert_eq!(m.upstream.requests(), 6);
         a.shutdown();
         m.b.shutdown();
     }
