@@ -12,6 +12,7 @@ const EXAMPLES: &str = "\
 Examples:
   pilotfish check --config config/l4.toml     validate a config, print a summary
   pilotfish run --config config/l4.toml       run the sidecar in the foreground
+  pilotfish reload -c config/l4.toml --pid N  check the file, then SIGHUP process N
   RUST_LOG=debug pilotfish run -c my.toml     with per-connection logs
 
 Signals: SIGTERM/SIGINT drain (stop accepting, let connections finish up to
@@ -40,6 +41,17 @@ enum Command {
         /// The TOML config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Check FILE as `check` does, then ask the running proxy PID to reload
+    /// it (SIGHUP); a file that fails the check changes nothing. For
+    /// systemd's ExecReload, with no `kill` binary needed.
+    Reload {
+        /// The TOML config file the running proxy was started with.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// The running proxy's process id (systemd: $MAINPID).
+        #[arg(long)]
+        pid: i32,
     },
     /// A development certificate authority (NOT for production: use your
     /// PKI, e.g. SPIRE, cert-manager or step-ca, and give Pilotfish files).
@@ -125,6 +137,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Reload { config, pid } => reload(&config, pid),
         Command::Run { config } => run(&config),
         Command::Admin { socket, what } => admin(&socket, what),
         Command::Ca { what } => ca(what),
@@ -269,6 +282,30 @@ fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+fn reload(path: &std::path::Path, pid: i32) -> ExitCode {
+    if check(path) != ExitCode::SUCCESS {
+        eprintln!(
+            "error: {}: not reloaded (the running config stays)",
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let Some(target) = rustix::process::Pid::from_raw(pid).filter(|_| pid > 0) else {
+        eprintln!("error: {pid} is not a process id");
+        return ExitCode::FAILURE;
+    };
+    match rustix::process::kill_process(target, rustix::process::Signal::HUP) {
+        Ok(()) => {
+            println!("asked process {pid} to reload {}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot signal process {pid}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

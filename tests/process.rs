@@ -199,3 +199,62 @@ fn sighup_reloads_the_file_with_reloading_then_ready() {
     let status = child.wait_exit(EXIT_DEADLINE).expect("exits");
     assert!(status.success());
 }
+
+/// `pilotfish reload` (what the systemd units' ExecReload runs): a file
+/// that fails the check is not signalled at all; a good one is checked,
+/// then reloaded through SIGHUP with RELOADING=1 / READY=1. No `kill`
+/// binary is needed (minimal Debian has none).
+#[test]
+fn pilotfish_reload_checks_then_signals() {
+    let first = echo_server();
+    let second = serve(|mut s| {
+        let _ = s.write_all(b"second");
+    });
+    let mut cfg = L4Config::new("epoll", vec![first]);
+    let mut child = ChildProxy::spawn(&cfg.toml());
+    let addr = child.wait_ready();
+    let file = child.dir.join("pilotfish.toml");
+    let reload = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pilotfish"))
+            .args(["reload", "--config"])
+            .arg(&file)
+            .args(["--pid", &child.child.id().to_string()])
+            .output()
+            .unwrap()
+    };
+    // Broken: refused by the check, and the proxy is not even asked.
+    std::fs::write(&file, "workers = \"many\"\n").unwrap();
+    let out = reload();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not reloaded"));
+    child
+        .notify
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(
+        child.notify.recv(&mut buf).is_err(),
+        "no reload was started"
+    );
+    child.notify.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+
+    cfg.bind = addr.to_string();
+    cfg.endpoints = vec![second];
+    std::fs::write(&file, cfg.toml()).unwrap();
+    let out = reload();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(child.next_notify().contains("RELOADING=1"));
+    assert!(child.next_notify().contains("READY=1"));
+    let mut s = connect(addr);
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"second", "the reloaded config serves");
+    drop(s);
+
+    child.signal(SIGTERM);
+    assert!(child.wait_exit(EXIT_DEADLINE).is_some_and(|s| s.success()));
+}
