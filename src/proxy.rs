@@ -172,6 +172,11 @@ impl Proxy {
         self.exited.clone()
     }
 
+    /// Every worker's lifeline (drain/stop down, heartbeat up).
+    pub fn lifelines(&self) -> Vec<worker::Lifeline> {
+        self.handles.iter().map(|h| h.lifeline.clone()).collect()
+    }
+
     /// Every worker's mailbox (for the admin server's thread).
     pub fn mailboxes(&self) -> Vec<crossbeam_channel::Sender<Command>> {
         self.handles.iter().map(|h| h.mailbox.clone()).collect()

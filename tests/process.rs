@@ -258,3 +258,55 @@ fn pilotfish_reload_checks_then_signals() {
     child.signal(SIGTERM);
     assert!(child.wait_exit(EXIT_DEADLINE).is_some_and(|s| s.success()));
 }
+
+/// The per-core watchdog through the real binary, with a fake
+/// `NOTIFY_SOCKET` and `WATCHDOG_USEC` as systemd sets them: pings come
+/// while every worker runs; when one worker's thread is wedged (the
+/// documented test seam), they stop; when it runs again, they resume.
+#[test]
+fn watchdog_pings_stop_while_a_worker_is_wedged() {
+    let mut cfg = L4Config::new("epoll", vec![echo_server()]);
+    cfg.workers = 2;
+    let mut child = ChildProxy::spawn_with_env(
+        &cfg.toml(),
+        &[
+            // Checked (and pinged) every 200 ms.
+            ("WATCHDOG_USEC", "400000"),
+            // Worker 1 blocks for 3 s, 1.5 s after it started.
+            (pilotfish::worker::fault::WEDGE_ENV, "1:1500:3000"),
+        ],
+    );
+    child.wait_ready();
+    let deadline = std::time::Instant::now() + IO_DEADLINE;
+    let mut buf = [0u8; 256];
+    let mut next = |wait: Duration| -> Option<String> {
+        child.notify.set_read_timeout(Some(wait)).unwrap();
+        let n = child.notify.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    // Pings while both workers run.
+    let mut pings = 0;
+    while pings < 2 {
+        assert!(std::time::Instant::now() < deadline, "no pings");
+        if next(Duration::from_secs(1)).is_some_and(|m| m.contains("WATCHDOG=1")) {
+            pings += 1;
+        }
+    }
+    // Then a gap of a whole second (five check intervals): the wedge.
+    loop {
+        assert!(std::time::Instant::now() < deadline, "pings never stopped");
+        if next(Duration::from_secs(1)).is_none() {
+            break;
+        }
+    }
+    // And pings again once the worker runs.
+    loop {
+        assert!(std::time::Instant::now() < deadline, "pings never resumed");
+        if next(Duration::from_secs(1)).is_some_and(|m| m.contains("WATCHDOG=1")) {
+            break;
+        }
+    }
+    child.notify.set_read_timeout(Some(IO_DEADLINE)).unwrap();
+    child.signal(SIGTERM);
+    assert!(child.wait_exit(EXIT_DEADLINE).is_some_and(|s| s.success()));
+}

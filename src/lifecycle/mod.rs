@@ -8,12 +8,14 @@
 //! `RELOADING=1` + `MONOTONIC_USEC=` and closed by `READY=1` whether or not
 //! the new config was taken (systemd's `Type=notify-reload` protocol); a
 //! refused reload keeps the old config, and says why in the log and in
-//! `STATUS=`. SIGUSR1 reopens the access log files (nginx's convention,
+//! `STATUS=`. Under `WatchdogSec=`, `WATCHDOG=1` is sent only while every
+//! worker makes progress ([`watchdog`]). SIGUSR1 reopens the access log files (nginx's convention,
 //! what logrotate setups send); SIGHUP does too. SIGUSR2 is logged and
 //! ignored: a signal a sidecar may be sent in normal operation never
 //! ends it.
 
 pub mod notify;
+pub mod watchdog;
 
 use crossbeam_channel::select;
 use std::path::{Path, PathBuf};
@@ -85,6 +87,11 @@ pub fn run_until_stopped(
     notifier.send(&format!(
         "READY=1\nSTATUS=serving on {workers} worker(s): {summary}"
     ));
+    // Dropped on return: stops the pings.
+    let _watchdog = match watchdog::interval_from_env() {
+        Some(every) => Some(watchdog::spawn(proxy.lifelines(), every)?),
+        None => None,
+    };
 
     let done = proxy.exited();
     let exit = loop {

@@ -147,12 +147,19 @@ pub struct WorkerHandle {
     pub thread: JoinHandle<()>,
 }
 
-/// How a worker is told to drain or stop even when its mailbox is full
-/// (a wedged worker, or a burst of admin requests): a flag the mailbox
-/// loop reads on every poll. A message could be refused by a full mailbox,
-/// and the owner would then wait forever in `join`. Not on the data path.
+/// The link between a worker and its owner outside the mailbox, read and
+/// written only on the control path (the mailbox loop, every
+/// [`MAILBOX_POLL_INTERVAL`]), never on the data path:
+/// - down: drain or stop, which nothing can refuse (a message could be
+///   refused by a full mailbox, and the owner would then wait forever in
+///   `join`);
+/// - up: a heartbeat, bumped on every poll, that the systemd watchdog
+///   reads to know the worker's event loop is making progress.
 #[derive(Debug, Clone, Default)]
-pub struct Lifeline(Arc<std::sync::atomic::AtomicU8>);
+pub struct Lifeline {
+    exit: Arc<std::sync::atomic::AtomicU8>,
+    beats: Arc<std::sync::atomic::AtomicU64>,
+}
 
 impl Lifeline {
     const RUN: u8 = 0;
@@ -160,18 +167,33 @@ impl Lifeline {
     const STOP: u8 = 2;
 
     pub fn drain(&self) {
-        self.0
+        self.exit
             .fetch_max(Self::DRAIN, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn stop(&self) {
-        self.0
+        self.exit
             .fetch_max(Self::STOP, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the worker was asked to drain or stop.
+    pub fn leaving(&self) -> bool {
+        self.exit.load(std::sync::atomic::Ordering::SeqCst) != Self::RUN
+    }
+
+    /// Polls of the worker's mailbox loop so far.
+    pub fn beats(&self) -> u64 {
+        self.beats.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn beat(&self) {
+        self.beats
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The command the flag asks for, if any.
     fn asked(&self) -> Option<Command> {
-        match self.0.load(std::sync::atomic::Ordering::SeqCst) {
+        match self.exit.load(std::sync::atomic::Ordering::SeqCst) {
             Self::RUN => None,
             Self::DRAIN => Some(Command::Drain),
             _ => Some(Command::Stop),
@@ -570,8 +592,11 @@ impl Control {
 /// Polls the mailbox until the worker should exit.
 async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>, lifeline: &Lifeline) {
     let mut drain_deadline: Option<Instant> = None;
+    let started = Instant::now();
     loop {
         monoio::time::sleep(MAILBOX_POLL_INTERVAL).await;
+        lifeline.beat();
+        fault::wedge_if_due(control.worker().id, started);
         // The lifeline first: it is how a stop gets through a full mailbox.
         let mut asked = lifeline.asked();
         loop {
@@ -852,6 +877,44 @@ pub mod fault {
         if let Ok(mut list) = list.lock() {
             list.push((id, listener.to_string()));
         }
+    }
+
+    /// `PILOTFISH_FAULT_WEDGE_WORKER=ID:AFTER_MS:FOR_MS`: worker ID blocks
+    /// its thread for FOR_MS, once, AFTER_MS after it started serving (a
+    /// wedged event loop, for the watchdog's test through the real
+    /// binary). Read once; absent or malformed, nothing happens.
+    pub const WEDGE_ENV: &str = "PILOTFISH_FAULT_WEDGE_WORKER";
+
+    pub(super) fn wedge_if_due(id: usize, started: std::time::Instant) {
+        static PLAN: OnceLock<Option<(usize, u64, u64)>> = OnceLock::new();
+        let plan = PLAN.get_or_init(|| {
+            let v = std::env::var(WEDGE_ENV).ok()?;
+            let mut parts = v.split(':').map(str::parse::<u64>);
+            let (Some(Ok(w)), Some(Ok(after)), Some(Ok(dur))) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return None;
+            };
+            Some((usize::try_from(w).ok()?, after, dur))
+        });
+        let Some((worker, after, dur)) = *plan else {
+            return;
+        };
+        thread_local! {
+            static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        if worker != id || DONE.get() || started.elapsed().as_millis() < u128::from(after) {
+            return;
+        }
+        DONE.set(true);
+        tracing::warn!(
+            worker = id,
+            ms = dur,
+            "test fault: wedging this worker's thread"
+        );
+        // The point of the seam: a worker whose event loop does not run.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(std::time::Duration::from_millis(dur));
     }
 
     pub(super) fn prepare_fails_on(id: usize, config: &crate::config::Config) -> bool {

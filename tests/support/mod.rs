@@ -223,6 +223,11 @@ pub struct ChildProxy {
 
 impl ChildProxy {
     pub fn spawn(config_toml: &str) -> Self {
+        Self::spawn_with_env(config_toml, &[])
+    }
+
+    /// [`ChildProxy::spawn`] with extra environment variables.
+    pub fn spawn_with_env(config_toml: &str, env: &[(&str, &str)]) -> Self {
         let dir = temp_dir("child");
         let config = dir.join("pilotfish.toml");
         std::fs::write(&config, config_toml).unwrap();
@@ -234,6 +239,7 @@ impl ChildProxy {
             .arg(&config)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn pilotfish");
