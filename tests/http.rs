@@ -734,3 +734,83 @@ fn an_early_answer_to_an_upload_is_relayed_at_once() {
         proxy.shutdown();
     }
 }
+
+/// Fault injection per route (issue 16 item 4): aborts with the asked
+/// status instead of forwarding, delays before forwarding, only for
+/// requests with the header when one is named, for the asked share.
+#[test]
+fn routes_inject_delays_and_aborts() {
+    let up = HttpUpstream::start();
+    let routes = "[[listeners.routes]]\nname = \"abort\"\npath_prefix = \"/abort/\"\ncluster = \"app\"\nfault = { abort = 418, abort_percent = 100 }\n\
+[[listeners.routes]]\nname = \"delay\"\npath_prefix = \"/delay-me/\"\ncluster = \"app\"\nfault = { delay = \"300ms\", delay_percent = 100 }\n\
+[[listeners.routes]]\nname = \"gated\"\npath_prefix = \"/gated/\"\ncluster = \"app\"\nfault = { abort_percent = 100, only_with_header = \"X-Fault\" }\n\
+[[listeners.routes]]\nname = \"half\"\npath_prefix = \"/half/\"\ncluster = \"app\"\nfault = { abort = 500, abort_percent = 50 }";
+    let (proxy, addr) = start_toml(
+        &http_config("epoll", routes, &cluster("app", &[up.addr], "")),
+        "web",
+    );
+    let r = get(addr, "/abort/x");
+    assert_eq!(r.status, 418);
+    assert_eq!(r.header("x-pilotfish-error"), Some("fault_injected"));
+    assert_eq!(up.requests(), 0, "an aborted request is not forwarded");
+
+    let started = Instant::now();
+    let r = get(addr, "/delay-me/echo");
+    assert_eq!(r.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(300), "delayed");
+    assert_eq!(up.requests(), 1);
+
+    assert_eq!(get(addr, "/gated/x").status, 200, "no header: spared");
+    let r = one(
+        addr,
+        b"GET /gated/x HTTP/1.1\r\nHost: a\r\nx-fault: 1\r\n\r\n",
+    );
+    assert_eq!(r.status, 503, "with the header: the default abort status");
+
+    let mut c = Conn::open(addr);
+    let mut aborted = 0;
+    for _ in 0..400 {
+        c.send(b"GET /half/x HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = c.read(false).unwrap();
+        if r.status == 500 {
+            aborted += 1;
+        } else {
+            assert_eq!(r.status, 200);
+        }
+    }
+    // Binomial(400, 0.5): ±100 is ten standard deviations.
+    assert!((100..=300).contains(&aborted), "{aborted} of 400 aborted");
+    let stats = proxy.stats().total.http;
+    assert_eq!(stats.faults_aborted, 1 + 1 + aborted);
+    assert_eq!(stats.faults_delayed, 1);
+    proxy.shutdown();
+}
+
+#[test]
+fn fault_settings_are_validated() {
+    for (fault, why) in [
+        ("{ abort_percent = 150 }", "between 0 and 100"),
+        ("{ abort = 99, abort_percent = 1 }", "200 to 599"),
+        ("{ delay_percent = 10 }", "needs a delay"),
+        ("{ delay = \"1s\" }", "delay_percent"),
+        (
+            "{ abort_percent = 1, only_with_header = \"a b\" }",
+            "not a header name",
+        ),
+    ] {
+        let toml = http_config(
+            "epoll",
+            &format!(
+                "[[listeners.routes]]\npath_prefix = \"/\"\ncluster = \"app\"\nfault = {fault}"
+            ),
+            &cluster("app", &[closed_port()], ""),
+        );
+        let e = pilotfish::Config::parse("t.toml", &toml)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(why) && e.contains("routes[0].fault"),
+            "{fault}: {e}"
+        );
+    }
+}

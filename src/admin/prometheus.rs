@@ -126,6 +126,16 @@ const COUNTERS: &[Field] = &[
         |s| s.http.paths_normalized,
     ),
     (
+        "http_faults_delayed_total",
+        "Requests delayed by a route's fault injection.",
+        |s| s.http.faults_delayed,
+    ),
+    (
+        "http_faults_aborted_total",
+        "Requests answered by a route's fault injection instead of forwarded.",
+        |s| s.http.faults_aborted,
+    ),
+    (
         "http_early_responses_total",
         "Responses that arrived before the request body was sent in full.",
         |s| s.http.early_responses,

@@ -51,6 +51,26 @@ pub struct Route {
     pub edits: Edits,
     /// Caller identities this route admits (on top of the listener's).
     pub authorize: Option<Vec<crate::tls::identity::Pattern>>,
+    /// Faults injected into this route's requests (resilience testing).
+    pub fault: Option<Fault>,
+}
+
+/// Fault injection on a route, as Istio users test their services'
+/// resilience: a delay before forwarding and/or an answer without
+/// forwarding, each for a share of requests; optionally only for requests
+/// that carry a header (so one client can test while others are spared).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fault {
+    #[serde(with = "super::humantime_serde_compat")]
+    pub delay: Duration,
+    /// Share of requests delayed, in hundredths of a percent (0..=10000).
+    pub delay_per_10k: u32,
+    /// Status of the injected answer (200..=599).
+    pub abort_status: u16,
+    /// Share of requests answered with `abort_status`, per 10,000.
+    pub abort_per_10k: u32,
+    /// Only requests carrying this (lower-case) header are eligible.
+    pub only_with_header: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -183,6 +203,17 @@ pub(super) mod raw {
         pub retry: Option<Retry>,
         pub request_headers: Option<HeaderEdits>,
         pub authorize: Option<Spanned<Vec<Spanned<String>>>>,
+        pub fault: Option<Spanned<Fault>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Fault {
+        pub delay: Option<HumanDuration>,
+        pub delay_percent: Option<f64>,
+        pub abort: Option<u16>,
+        pub abort_percent: Option<f64>,
+        pub only_with_header: Option<String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -485,6 +516,58 @@ impl super::Validator<'_> {
             retry: self.retry(r.retry.as_ref(), &key("retry"))?,
             edits: self.edits(r.request_headers.as_ref(), r, &key("request_headers"))?,
             authorize: self.authorize(tls, r.authorize.as_ref(), key("authorize"))?,
+            fault: r
+                .fault
+                .as_ref()
+                .map(|f| self.fault(f, key("fault")))
+                .transpose()?,
+        })
+    }
+
+    fn fault(&self, f: &Spanned<raw::Fault>, key: String) -> Result<Fault, super::ConfigError> {
+        let raw = f.get_ref();
+        let err = |what: &str| self.error(f, key.clone(), what.to_string());
+        let per_10k = |p: Option<f64>, name: &str| -> Result<u32, super::ConfigError> {
+            match p {
+                None => Ok(0),
+                Some(p) if (0.0..=100.0).contains(&p) => Ok((p * 100.0).round() as u32),
+                Some(_) => Err(err(&format!("{name} must be between 0 and 100"))),
+            }
+        };
+        let delay = raw.delay.map(|d| d.0).unwrap_or_default();
+        let delay_per_10k = per_10k(raw.delay_percent, "delay_percent")?;
+        let abort_per_10k = per_10k(raw.abort_percent, "abort_percent")?;
+        let abort_status = raw.abort.unwrap_or(503);
+        if !(200..=599).contains(&abort_status) {
+            return Err(err("abort must be a status from 200 to 599"));
+        }
+        if delay_per_10k > 0 && delay.is_zero() {
+            return Err(err("delay_percent needs a delay"));
+        }
+        if raw.delay_percent.is_none() && raw.abort_percent.is_none() {
+            return Err(err("give delay_percent (with delay) and/or abort_percent"));
+        }
+        let only_with_header = match &raw.only_with_header {
+            None => None,
+            Some(h)
+                if !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) =>
+            {
+                Some(h.to_ascii_lowercase())
+            }
+            Some(h) => {
+                return Err(err(&format!(
+                    "only_with_header: {h:?} is not a header name"
+                )))
+            }
+        };
+        Ok(Fault {
+            delay,
+            delay_per_10k,
+            abort_status,
+            abort_per_10k,
+            only_with_header,
         })
     }
 

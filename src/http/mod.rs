@@ -342,6 +342,11 @@ async fn handle(
     if let Some(denied) = authorize(worker, listener, route, client) {
         return refuse(worker, client, &req, ErrorReason::Forbidden, &denied, idle).await;
     }
+    if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
+        if let Some(status) = inject(worker, fault, &req).await {
+            return inject_abort(worker, client, &req, status, idle).await;
+        }
+    }
     let cluster = match (route, http.default_cluster) {
         (Some(r), _) => crate::route::pick_weighted(&r.clusters, &worker.rng),
         (None, Some(c)) => c,
@@ -388,6 +393,58 @@ async fn refuse(
 ) -> Next {
     let body_pending = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
     send_generated(worker, client, reason, detail, body_pending, idle).await;
+    if body_pending || !req.hop.keep_alive {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+/// Applies a route's fault injection: maybe waits the delay; returns the
+/// status to answer with when this request is aborted.
+async fn inject(
+    worker: &Worker,
+    fault: &crate::config::http::Fault,
+    req: &RequestHead,
+) -> Option<u16> {
+    let eligible = fault
+        .only_with_header
+        .as_deref()
+        .is_none_or(|h| req.head.get(h).is_some());
+    if !eligible {
+        return None;
+    }
+    let roll = |per_10k: u32| per_10k > 0 && worker.rng.below(10_000) < u64::from(per_10k);
+    if roll(fault.delay_per_10k) {
+        metrics::add(&worker.counters.http.faults_delayed, 1);
+        monoio::time::sleep(fault.delay).await;
+    }
+    roll(fault.abort_per_10k).then_some(fault.abort_status)
+}
+
+/// Answers with a route's injected fault status instead of forwarding.
+async fn inject_abort(
+    worker: &Worker,
+    client: &mut Client,
+    req: &RequestHead,
+    status: u16,
+    idle: Duration,
+) -> Next {
+    metrics::add(&worker.counters.http.faults_aborted, 1);
+    worker.counters.http.response(status);
+    client.note.status = status;
+    client.note.error = Some("fault_injected");
+    let body_pending = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
+    let mut out = worker.heads.take();
+    respond::generated_with(
+        status,
+        "fault_injected",
+        "injected by this route's fault settings",
+        body_pending,
+        &mut out,
+    );
+    let (_, out) = write_all_timed(&mut client.stream, out, idle).await;
+    worker.heads.give(out);
     if body_pending || !req.hop.keep_alive {
         Next::Close
     } else {

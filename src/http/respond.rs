@@ -8,13 +8,18 @@ use crate::metrics::ErrorReason;
 
 /// Appends a complete generated response to `out`.
 pub fn generated(reason: ErrorReason, detail: &str, close: bool, out: &mut Vec<u8>) {
-    let status = reason.status();
+    generated_with(reason.status(), reason.name(), detail, close, out);
+}
+
+/// A generated response with any status and reason token (fault
+/// injection answers with the status the route asks for).
+pub fn generated_with(status: u16, name: &str, detail: &str, close: bool, out: &mut Vec<u8>) {
     let phrase = phrase(status);
     let body_len = format!("{status} {phrase}: {detail}\n").len();
     let _ = write!(
         out,
         "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {body_len}\r\nx-pilotfish-error: {}\r\n{}\r\n{status} {phrase}: {detail}\n",
-        reason.name(),
+        name,
         if close { "connection: close\r\n" } else { "" },
     );
 }

@@ -157,6 +157,10 @@ pub struct HttpCounters {
     pub paths_normalized: Cell<u64>,
     /// Responses that arrived before the request body was sent in full (sending stopped).
     pub early_responses: Cell<u64>,
+    /// Requests answered by a route's fault injection (not forwarded).
+    pub faults_aborted: Cell<u64>,
+    /// Requests delayed by a route's fault injection.
+    pub faults_delayed: Cell<u64>,
 }
 
 impl HttpCounters {
@@ -191,6 +195,8 @@ pub struct HttpSnapshot {
     pub responses_cut: u64,
     pub paths_normalized: u64,
     pub early_responses: u64,
+    pub faults_aborted: u64,
+    pub faults_delayed: u64,
 }
 
 impl HttpSnapshot {
@@ -222,6 +228,8 @@ impl HttpSnapshot {
         self.health_checks_failed += o.health_checks_failed;
         self.responses_cut += o.responses_cut;
         self.early_responses += o.early_responses;
+        self.faults_aborted += o.faults_aborted;
+        self.faults_delayed += o.faults_delayed;
         self.paths_normalized += o.paths_normalized;
     }
 }
@@ -306,6 +314,8 @@ impl Counters {
                 health_checks_failed: self.http.health_checks_failed.get(),
                 responses_cut: self.http.responses_cut.get(),
                 early_responses: self.http.early_responses.get(),
+                faults_aborted: self.http.faults_aborted.get(),
+                faults_delayed: self.http.faults_delayed.get(),
                 paths_normalized: self.http.paths_normalized.get(),
             },
             tls: self.tls.snapshot(),
