@@ -814,3 +814,61 @@ fn fault_settings_are_validated() {
         );
     }
 }
+
+/// Circuit breakers per cluster (issue 16 item 2): past `max_requests`
+/// in flight, a request gets 503 `circuit_breaker_max_requests` at once;
+/// at `max_retries`, a failed attempt is not retried (counted).
+#[test]
+fn circuit_breakers_cap_requests_and_retries() {
+    let up = HttpUpstream::start();
+    let (proxy, addr) = start_toml(
+        &http_config(
+            "epoll",
+            "cluster = \"app\"",
+            &cluster("app", &[up.addr], "circuit_breakers = { max_requests = 2 }"),
+        ),
+        "web",
+    );
+    let mut busy: Vec<Conn> = (0..2).map(|_| Conn::open(addr)).collect();
+    for c in &mut busy {
+        c.send(b"GET /delay/1000 HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+    eventually("two requests in flight", || up.requests() == 2);
+    let r = get(addr, "/echo");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        r.header("x-pilotfish-error"),
+        Some("circuit_breaker_max_requests")
+    );
+    for c in &mut busy {
+        assert_eq!(c.read(false).unwrap().status, 200);
+    }
+    assert_eq!(get(addr, "/echo").status, 200, "room again");
+    proxy.shutdown();
+
+    // Retries: the upstream always answers 503, the route retries 503s.
+    let sick = HttpUpstream::always(503);
+    let route = "[[listeners.routes]]\npath_prefix = \"/\"\ncluster = \"app\"\nretry = { attempts = 3, on = [\"503\"] }";
+    for (breaker, tries) in [("", 3), ("circuit_breakers = { max_retries = 0 }", 1)] {
+        let before = sick.requests();
+        let (proxy, addr) = start_toml(
+            &http_config(
+                "epoll",
+                route,
+                &cluster(
+                    "app",
+                    &[sick.addr],
+                    &format!(
+                        "retry_budget_percent = 100\noutlier = {{ disabled = true }}\n{breaker}"
+                    ),
+                ),
+            ),
+            "web",
+        );
+        assert_eq!(get(addr, "/x").status, 503);
+        assert_eq!(sick.requests() - before, tries, "{breaker:?}");
+        let refused = proxy.stats().total.http.retries_over_breaker;
+        assert_eq!(refused, u64::from(tries == 1), "{breaker:?}");
+        proxy.shutdown();
+    }
+}

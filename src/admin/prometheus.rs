@@ -136,6 +136,11 @@ const COUNTERS: &[Field] = &[
         |s| s.http.faults_aborted,
     ),
     (
+        "http_retries_over_breaker_total",
+        "Retries not attempted: the cluster's max_retries circuit breaker was at its cap.",
+        |s| s.http.retries_over_breaker,
+    ),
+    (
         "http_early_responses_total",
         "Responses that arrived before the request body was sent in full.",
         |s| s.http.early_responses,

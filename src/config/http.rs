@@ -134,6 +134,30 @@ pub struct HttpCluster {
     pub retry_budget_percent: u32,
     pub outlier: Option<Outlier>,
     pub health_check: Option<HealthCheck>,
+    pub breakers: Breakers,
+}
+
+/// Circuit breakers: hard caps for the whole process, split evenly across
+/// the workers (each worker enforces `ceil(cap / workers)` on its own
+/// traffic, shared-nothing), so the configured cap is what the process
+/// allows. None: no cap (the retry budget still bounds retries).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Breakers {
+    /// Requests in flight to the cluster; past it, 503
+    /// `circuit_breaker_max_requests`.
+    pub max_requests: Option<u32>,
+    /// Retries in flight to the cluster; past it, a failed attempt is not
+    /// retried (counted).
+    pub max_retries: Option<u32>,
+}
+
+impl Breakers {
+    /// This worker's share of a process-wide cap, rounded up (so that a
+    /// cap below the worker count still admits one per worker).
+    pub fn per_worker(cap: Option<u32>, workers: usize) -> Option<u64> {
+        let workers = workers.max(1) as u64;
+        cap.map(|c| u64::from(c).div_ceil(workers))
+    }
 }
 
 impl Default for HttpCluster {
@@ -145,6 +169,7 @@ impl Default for HttpCluster {
             retry_budget_percent: RETRY_BUDGET_PERCENT_DEFAULT,
             outlier: Some(Outlier::default()),
             health_check: None,
+            breakers: Breakers::default(),
         }
     }
 }
@@ -252,6 +277,13 @@ pub(super) mod raw {
         pub max_ejected_percent: Option<Spanned<u32>>,
         #[serde(default)]
         pub disabled: bool,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Breakers {
+        pub max_requests: Option<u32>,
+        pub max_retries: Option<u32>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -780,6 +812,10 @@ impl super::Validator<'_> {
             )?,
             outlier,
             health_check,
+            breakers: Breakers {
+                max_requests: c.circuit_breakers.as_ref().and_then(|b| b.max_requests),
+                max_retries: c.circuit_breakers.as_ref().and_then(|b| b.max_retries),
+            },
         })
     }
 }

@@ -268,6 +268,7 @@ mod raw {
         pub max_idle_per_endpoint: Option<Spanned<usize>>,
         pub pool_idle_timeout: Option<HumanDuration>,
         pub retry_budget_percent: Option<Spanned<u32>>,
+        pub circuit_breakers: Option<super::http::raw::Breakers>,
         pub outlier: Option<super::http::raw::Outlier>,
         pub health_check: Option<super::http::raw::HealthCheck>,
     }

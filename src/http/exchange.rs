@@ -199,6 +199,17 @@ async fn attempts(
     let deadline = Instant::now() + timeout;
     let bodiless = matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
     let replay_ok = bodiless && (policy.non_idempotent || is_idempotent(req.method()));
+    if !cluster.request_allowed() {
+        return Err(Failure::Generated {
+            reason: ErrorReason::CircuitBreakerMaxRequests,
+            detail: format!(
+                "cluster {:?} has {} requests in flight on this worker, its max_requests share",
+                cluster.name,
+                cluster.active_requests.get()
+            ),
+            close: !bodiless,
+        });
+    }
     let _active = ActiveGuard::new(&cluster.active_requests);
     let counters = &worker.counters.http;
     let no_endpoint = || Failure::Generated {
@@ -212,6 +223,10 @@ async fn attempts(
     let mut failed_on: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
     for attempt in 1..=policy.attempts {
         if attempt > 1 {
+            if !cluster.retry_under_breaker() {
+                metrics::add(&counters.retries_over_breaker, 1);
+                break;
+            }
             if !cluster.retry_allowed() {
                 metrics::add(&counters.retries_over_budget, 1);
                 break;
@@ -227,7 +242,21 @@ async fn attempts(
             return Err(last.unwrap_or_else(no_endpoint));
         };
         let _ep_active = ActiveGuard::new(&cluster.endpoints[ep].active);
-        let retry_status = attempt < policy.attempts && replay_ok && !policy.on_status.is_empty();
+        // A retryable status is retried only if a retry would be allowed
+        // now; otherwise the upstream's own answer is relayed (rather than
+        // discarded for a retry that would then be refused, which left the
+        // client a 502), and the refusal is counted when it happens.
+        let status_retry = attempt < policy.attempts && replay_ok && !policy.on_status.is_empty();
+        let retry_refused = if !status_retry {
+            None
+        } else if !cluster.retry_under_breaker() {
+            Some(&counters.retries_over_breaker)
+        } else if !cluster.retry_allowed() {
+            Some(&counters.retries_over_budget)
+        } else {
+            None
+        };
+        let retry_status = status_retry && retry_refused.is_none();
         let ctx = Attempt {
             worker,
             http,
@@ -239,6 +268,7 @@ async fn attempts(
             timeout,
             idle,
             retry_status,
+            retry_refused,
         };
         if head.is_empty() {
             // A write of the head timed out and took the buffer with it.
@@ -296,6 +326,9 @@ struct Attempt<'a> {
     idle: Duration,
     /// A retryable status may be retried (else it is relayed).
     retry_status: bool,
+    /// The counter to bump when a retryable status is relayed because a
+    /// breaker or the budget refuses the retry.
+    retry_refused: Option<&'a std::cell::Cell<u64>>,
 }
 
 impl Attempt<'_> {
@@ -607,12 +640,17 @@ impl Attempt<'_> {
         histograms::record(&self.cluster.first_byte_histogram, now - sent_at);
         let counters = &self.worker.counters.http;
         if resp.status >= 500 {
-            if self.retry_status && self.policy.on_status.contains(&resp.status) {
-                return Err(Exit::Failed(AttemptError::Retryable {
-                    condition: Condition::Status,
-                    reason: ErrorReason::UpstreamReset,
-                    detail: format!("upstream answered {}", resp.status),
-                }));
+            if self.policy.on_status.contains(&resp.status) {
+                if self.retry_status {
+                    return Err(Exit::Failed(AttemptError::Retryable {
+                        condition: Condition::Status,
+                        reason: ErrorReason::UpstreamReset,
+                        detail: format!("upstream answered {}", resp.status),
+                    }));
+                }
+                if let Some(refused) = self.retry_refused {
+                    metrics::add(refused, 1);
+                }
             }
             self.cluster
                 .record(self.ep, Outcome::Failure, now, counters);

@@ -65,10 +65,12 @@ pub enum ErrorReason {
     RequestTimeout,
     /// At the connection cap with no idle connection to close for it.
     Overload,
+    /// The cluster's `max_requests` circuit breaker is at its cap.
+    CircuitBreakerMaxRequests,
 }
 
 impl ErrorReason {
-    pub const ALL: [ErrorReason; 16] = [
+    pub const ALL: [ErrorReason; 17] = [
         ErrorReason::BadRequest,
         ErrorReason::HeadTooLarge,
         ErrorReason::UriTooLong,
@@ -85,6 +87,7 @@ impl ErrorReason {
         ErrorReason::BadPath,
         ErrorReason::RequestTimeout,
         ErrorReason::Overload,
+        ErrorReason::CircuitBreakerMaxRequests,
     ];
 
     pub fn status(self) -> u16 {
@@ -98,9 +101,10 @@ impl ErrorReason {
             ErrorReason::HeadTooLarge => 431,
             ErrorReason::NotImplemented => 501,
             ErrorReason::UpstreamReset | ErrorReason::BadUpstreamResponse => 502,
-            ErrorReason::NoHealthyEndpoint | ErrorReason::ConnectFailed | ErrorReason::Overload => {
-                503
-            }
+            ErrorReason::NoHealthyEndpoint
+            | ErrorReason::ConnectFailed
+            | ErrorReason::Overload
+            | ErrorReason::CircuitBreakerMaxRequests => 503,
             ErrorReason::UpstreamTimeout => 504,
             ErrorReason::UnsupportedVersion => 505,
         }
@@ -124,6 +128,7 @@ impl ErrorReason {
             ErrorReason::BadPath => "bad_path",
             ErrorReason::RequestTimeout => "request_timeout",
             ErrorReason::Overload => "overload",
+            ErrorReason::CircuitBreakerMaxRequests => "circuit_breaker_max_requests",
         }
     }
 
@@ -157,6 +162,8 @@ pub struct HttpCounters {
     pub paths_normalized: Cell<u64>,
     /// Responses that arrived before the request body was sent in full (sending stopped).
     pub early_responses: Cell<u64>,
+    /// Retries not attempted because the cluster's max_retries breaker was at its cap.
+    pub retries_over_breaker: Cell<u64>,
     /// Requests answered by a route's fault injection (not forwarded).
     pub faults_aborted: Cell<u64>,
     /// Requests delayed by a route's fault injection.
@@ -195,6 +202,7 @@ pub struct HttpSnapshot {
     pub responses_cut: u64,
     pub paths_normalized: u64,
     pub early_responses: u64,
+    pub retries_over_breaker: u64,
     pub faults_aborted: u64,
     pub faults_delayed: u64,
 }
@@ -228,6 +236,7 @@ impl HttpSnapshot {
         self.health_checks_failed += o.health_checks_failed;
         self.responses_cut += o.responses_cut;
         self.early_responses += o.early_responses;
+        self.retries_over_breaker += o.retries_over_breaker;
         self.faults_aborted += o.faults_aborted;
         self.faults_delayed += o.faults_delayed;
         self.paths_normalized += o.paths_normalized;
@@ -314,6 +323,7 @@ impl Counters {
                 health_checks_failed: self.http.health_checks_failed.get(),
                 responses_cut: self.http.responses_cut.get(),
                 early_responses: self.http.early_responses.get(),
+                retries_over_breaker: self.http.retries_over_breaker.get(),
                 faults_aborted: self.http.faults_aborted.get(),
                 faults_delayed: self.http.faults_delayed.get(),
                 paths_normalized: self.http.paths_normalized.get(),

@@ -18,7 +18,7 @@ use std::{
 use crate::{
     balance::{ewma::PeakEwma, hash, p2c, Rng, RoundRobin},
     config::{
-        http::{HttpCluster, LbPolicy},
+        http::{Breakers, HttpCluster, LbPolicy},
         limits::RETRY_BUDGET_MIN_CONCURRENT,
         Cluster,
     },
@@ -82,6 +82,9 @@ pub struct ClusterState {
     round_robin: RoundRobin,
     pub active_requests: Cell<u64>,
     pub active_retries: Cell<u64>,
+    /// This worker's share of the circuit-breaker caps (None: no cap).
+    pub max_requests: Option<u64>,
+    pub max_retries: Option<u64>,
 }
 
 /// One worker's view of a cluster (`GET /clusters`).
@@ -116,9 +119,19 @@ pub enum Outcome {
 }
 
 impl ClusterState {
-    pub fn new(c: &Cluster, worker: usize, now: Instant, store: &histograms::Store) -> Self {
+    /// `workers`: how many share the cluster's circuit-breaker caps.
+    pub fn new(
+        c: &Cluster,
+        worker: usize,
+        workers: usize,
+        now: Instant,
+        store: &histograms::Store,
+    ) -> Self {
         let (connect_histogram, first_byte_histogram) = store.cluster(&c.name);
+        let breakers = c.http.breakers;
         Self {
+            max_requests: Breakers::per_worker(breakers.max_requests, workers),
+            max_retries: Breakers::per_worker(breakers.max_retries, workers),
             name: c.name.clone(),
             connect_histogram,
             first_byte_histogram,
@@ -237,6 +250,18 @@ impl ClusterState {
 
     /// Whether one more retry fits the budget: retries in flight may be at
     /// most `retry_budget_percent` of active requests, or the minimum.
+    /// Whether one more request fits the `max_requests` breaker.
+    pub fn request_allowed(&self) -> bool {
+        self.max_requests
+            .is_none_or(|max| self.active_requests.get() < max)
+    }
+
+    /// Whether one more retry fits the `max_retries` breaker.
+    pub fn retry_under_breaker(&self) -> bool {
+        self.max_retries
+            .is_none_or(|max| self.active_retries.get() < max)
+    }
+
     pub fn retry_allowed(&self) -> bool {
         let budget = (self.active_requests.get() * u64::from(self.config.retry_budget_percent)
             / 100)
@@ -296,6 +321,7 @@ mod tests {
         ClusterState::new(
             &config.clusters[0],
             0,
+            1,
             Instant::now(),
             &histograms::Store::default(),
         )

@@ -256,7 +256,7 @@ impl Worker {
         let clusters = config
             .clusters
             .iter()
-            .map(|c| Rc::new(ClusterState::new(c, id, now, &store)))
+            .map(|c| Rc::new(ClusterState::new(c, id, config.workers, now, &store)))
             .collect();
         Self {
             id,
@@ -293,7 +293,15 @@ impl Worker {
                     .iter()
                     .find(|old| old.source == *c)
                     .map(Rc::clone)
-                    .unwrap_or_else(|| Rc::new(ClusterState::new(c, self.id, now, &self.store)))
+                    .unwrap_or_else(|| {
+                        Rc::new(ClusterState::new(
+                            c,
+                            self.id,
+                            config.workers,
+                            now,
+                            &self.store,
+                        ))
+                    })
             })
             .collect();
         Self {
