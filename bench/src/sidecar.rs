@@ -136,6 +136,11 @@ pub fn locate_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         );
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-q", "-p", "pilotfish", "--bin", "pilotfish"]);
+        // The workspace this harness was built from, so that the demo also
+        // works when run from another directory (`cargo run
+        // --manifest-path ...`).
+        cmd.arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
         if release {
             cmd.arg("--release");
         }
