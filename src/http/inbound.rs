@@ -138,3 +138,39 @@ pub async fn write_all_timed<W: AsyncWriteRent>(
         Err(_) => (Err(timed_out()), Vec::new()),
     }
 }
+
+/// Lingering close (RFC 9112 §9.6): stops writing, then reads and
+/// discards what the peer still sends, for at most `time` and `bytes_max`
+/// bytes, so that closing with unread bytes does not reset the connection
+/// and destroy the answer before the peer read it. Reads into `buf` (its
+/// capacity) and gives it back (empty if the time ran out mid-read).
+pub async fn linger<S: AsyncReadRent + AsyncWriteRent>(
+    stream: &mut S,
+    mut buf: Vec<u8>,
+    time: Duration,
+    bytes_max: usize,
+) -> Vec<u8> {
+    buf.clear();
+    if buf.capacity() == 0 {
+        buf.reserve(4096);
+    }
+    let discard = async {
+        if stream.shutdown().await.is_err() {
+            return buf;
+        }
+        let mut seen = 0;
+        while seen < bytes_max {
+            let (read, back) = stream.read(buf).await;
+            buf = back;
+            buf.clear();
+            match read {
+                Ok(n) if n > 0 => seen += n,
+                _ => break,
+            }
+        }
+        buf
+    };
+    monoio::time::timeout(time, discard)
+        .await
+        .unwrap_or_default()
+}

@@ -42,7 +42,7 @@ use inbound::{write_all_timed, Inbound};
 /// [`LINGER_BYTES_MAX`] bytes before it closes (nginx's lingering close).
 const LINGER_TIME: Duration = Duration::from_secs(2);
 /// See [`LINGER_TIME`]: past this many discarded bytes, close anyway.
-const LINGER_BYTES_MAX: usize = 1024 * 1024;
+pub(crate) const LINGER_BYTES_MAX: usize = 1024 * 1024;
 
 /// Bytes a client connection's read buffer starts with; it grows (up to
 /// the head limit) only for a head that does not fit, and (up to
@@ -217,7 +217,10 @@ pub async fn serve(
         match next {
             Next::KeepAlive => continue,
             Next::Close if body_unread => {
-                linger(&mut client).await;
+                let buf = worker.buffers.take();
+                let buf =
+                    inbound::linger(&mut client.stream, buf, LINGER_TIME, LINGER_BYTES_MAX).await;
+                worker.buffers.give(buf);
                 return;
             }
             Next::Close => return,
@@ -344,7 +347,13 @@ async fn handle(
     }
     if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
         if let Some(status) = inject(worker, fault, &req).await {
-            return inject_abort(worker, client, &req, status, idle).await;
+            metrics::add(&worker.counters.http.faults_aborted, 1);
+            let answer = Answer {
+                status,
+                name: "fault_injected",
+                detail: "injected by this route's fault settings",
+            };
+            return refuse_with(worker, client, &req, answer, idle).await;
         }
     }
     let cluster = match (route, http.default_cluster) {
@@ -391,8 +400,33 @@ async fn refuse(
     detail: &str,
     idle: Duration,
 ) -> Next {
+    worker.counters.http.generated(reason);
+    let answer = Answer {
+        status: reason.status(),
+        name: reason.name(),
+        detail,
+    };
+    refuse_with(worker, client, req, answer, idle).await
+}
+
+/// A generated answer: status, the `x-pilotfish-error` token, the text.
+struct Answer<'a> {
+    status: u16,
+    name: &'static str,
+    detail: &'a str,
+}
+
+/// [`refuse`] with any answer (fault injection answers with the status
+/// its route asks for); the caller counts why.
+async fn refuse_with(
+    worker: &Worker,
+    client: &mut Client,
+    req: &RequestHead,
+    answer: Answer<'_>,
+    idle: Duration,
+) -> Next {
     let body_pending = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
-    send_generated(worker, client, reason, detail, body_pending, idle).await;
+    write_generated(worker, client, answer, body_pending, idle).await;
     if body_pending || !req.hop.keep_alive {
         Next::Close
     } else {
@@ -420,36 +454,6 @@ async fn inject(
         monoio::time::sleep(fault.delay).await;
     }
     roll(fault.abort_per_10k).then_some(fault.abort_status)
-}
-
-/// Answers with a route's injected fault status instead of forwarding.
-async fn inject_abort(
-    worker: &Worker,
-    client: &mut Client,
-    req: &RequestHead,
-    status: u16,
-    idle: Duration,
-) -> Next {
-    metrics::add(&worker.counters.http.faults_aborted, 1);
-    worker.counters.http.response(status);
-    client.note.status = status;
-    client.note.error = Some("fault_injected");
-    let body_pending = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
-    let mut out = worker.heads.take();
-    respond::generated_with(
-        status,
-        "fault_injected",
-        "injected by this route's fault settings",
-        body_pending,
-        &mut out,
-    );
-    let (_, out) = write_all_timed(&mut client.stream, out, idle).await;
-    worker.heads.give(out);
-    if body_pending || !req.hop.keep_alive {
-        Next::Close
-    } else {
-        Next::KeepAlive
-    }
 }
 
 /// Checks the caller against the listener's and the route's allow-lists;
@@ -503,36 +507,29 @@ async fn send_generated(
     idle: Duration,
 ) {
     worker.counters.http.generated(reason);
-    worker.counters.http.response(reason.status());
-    client.note.status = reason.status();
-    client.note.error = Some(reason.name());
-    let mut out = worker.heads.take();
-    respond::generated(reason, detail, close, &mut out);
-    let (_, out) = write_all_timed(&mut client.stream, out, idle).await;
-    worker.heads.give(out);
+    let answer = Answer {
+        status: reason.status(),
+        name: reason.name(),
+        detail,
+    };
+    write_generated(worker, client, answer, close, idle).await;
 }
 
-/// Stops writing, then reads and discards what the client still sends,
-/// within [`LINGER_TIME`] and [`LINGER_BYTES_MAX`]; see there.
-async fn linger(client: &mut Client) {
-    use monoio::io::{AsyncReadRent, AsyncWriteRent};
-    let stream = &mut client.stream;
-    let discard = async {
-        if stream.shutdown().await.is_err() {
-            return;
-        }
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut seen = 0;
-        while seen < LINGER_BYTES_MAX {
-            let (read, back) = stream.read(buf).await;
-            buf = back;
-            match read {
-                Ok(n) if n > 0 => seen += n,
-                _ => return,
-            }
-        }
-    };
-    let _ = monoio::time::timeout(LINGER_TIME, discard).await;
+/// Writes a generated answer (counted by status, noted for the log).
+async fn write_generated(
+    worker: &Worker,
+    client: &mut Client,
+    answer: Answer<'_>,
+    close: bool,
+    idle: Duration,
+) {
+    worker.counters.http.response(answer.status);
+    client.note.status = answer.status;
+    client.note.error = Some(answer.name);
+    let mut out = worker.heads.take();
+    respond::generated_with(answer.status, answer.name, answer.detail, close, &mut out);
+    let (_, out) = write_all_timed(&mut client.stream, out, idle).await;
+    worker.heads.give(out);
 }
 
 /// After a 101 or a CONNECT 2xx: flush what each side already sent, then

@@ -807,9 +807,10 @@ async fn accept_loop(
                 matches!(listener.kind, ListenerKind::Http(_)) && listener.tls.is_none();
             if plain_http && refusing.get() < REFUSALS_IN_FLIGHT_MAX {
                 refusing.set(refusing.get() + 1);
-                let (counters, refusing) = (Rc::clone(&worker.counters), Rc::clone(&refusing));
+                let (counters, buffers) = (Rc::clone(&worker.counters), Rc::clone(&worker.buffers));
+                let refusing = Rc::clone(&refusing);
                 monoio::spawn(async move {
-                    refuse_overloaded(stream, &counters).await;
+                    refuse_overloaded(stream, &counters, &buffers).await;
                     refusing.set(refusing.get() - 1);
                 });
             }
@@ -834,8 +835,12 @@ async fn accept_loop(
 /// Answers a plaintext HTTP connection refused at the cap with a 503
 /// `overload`, then reads and drops what the client sent for a moment, so
 /// that closing does not turn into a reset that destroys the answer.
-async fn refuse_overloaded(mut stream: monoio::net::TcpStream, counters: &metrics::Counters) {
-    use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+async fn refuse_overloaded(
+    mut stream: monoio::net::TcpStream,
+    counters: &metrics::Counters,
+    buffers: &BufferPool,
+) {
+    use monoio::io::AsyncWriteRentExt;
     let reason = metrics::ErrorReason::Overload;
     counters.http.generated(reason);
     counters.http.response(reason.status());
@@ -846,22 +851,18 @@ async fn refuse_overloaded(mut stream: monoio::net::TcpStream, counters: &metric
         true,
         &mut out,
     );
-    let linger = async {
-        let (written, _) = stream.write_all(out).await;
-        if written.is_err() {
-            return;
-        }
-        let _ = stream.shutdown().await;
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let (read, back) = stream.read(buf).await;
-            buf = back;
-            if !matches!(read, Ok(n) if n > 0) {
-                return;
-            }
-        }
-    };
-    let _ = monoio::time::timeout(REFUSAL_LINGER, linger).await;
+    let written = monoio::time::timeout(REFUSAL_LINGER, stream.write_all(out)).await;
+    if !matches!(written, Ok((Ok(_), _))) {
+        return;
+    }
+    let buf = http::inbound::linger(
+        &mut stream,
+        buffers.take(),
+        REFUSAL_LINGER,
+        http::LINGER_BYTES_MAX,
+    )
+    .await;
+    buffers.give(buf);
 }
 
 /// A test seam: make one worker's [`Command::Prepare`] fail for configs
