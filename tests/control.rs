@@ -385,6 +385,9 @@ fn admin_tcp_serves_reads_to_anyone_and_the_rest_only_with_the_token() {
             let good = format!("Authorization: Bearer {token}\r\n");
             if with_token {
                 assert_eq!(ask(ip, "GET", "/config", &good), 200);
+                // The scheme name is case-insensitive.
+                let lower = format!("authorization: bearer {token}\r\n");
+                assert_eq!(ask(ip, "GET", "/config", &lower), 200);
                 // Routed: an empty config is invalid (400), not forbidden.
                 assert_eq!(ask(ip, "POST", "/config", &good), 400);
             } else {

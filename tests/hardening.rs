@@ -352,6 +352,10 @@ fn absolute_form_requests_are_routed_by_their_authority() {
         "GET http://admin.internal/echo HTTP/1.1\r\nHost: admin.internal:80\r\n\r\n",
     );
     assert_eq!(r.status, 403, "{}", r.text());
+    // A fully-qualified (trailing-dot) or upper-case spelling of the host
+    // takes the same route.
+    let r = ask(addr, "GET /echo HTTP/1.1\r\nHost: ADMIN.internal.\r\n\r\n");
+    assert_eq!(r.status, 403, "{}", r.text());
     // A Host that disagrees is refused before any routing.
     let r = ask(
         addr,
@@ -373,7 +377,7 @@ fn absolute_form_requests_are_routed_by_their_authority() {
             .contains("\r\nhost: public.example:8080\r\n"),
         "{seen}"
     );
-    assert_eq!(guard.requests(), 1);
+    assert_eq!(guard.requests(), 2);
     proxy.signal(15);
     assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
 }

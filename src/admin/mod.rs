@@ -459,11 +459,12 @@ fn admit(
             "the admin TCP listener serves GET /live, /ready, /metrics and /histograms only; use the admin Unix socket, or set [admin] token_file\n",
         ));
     };
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
     let presented = req
         .head
         .get("authorization")
-        .and_then(|v| v.strip_prefix(b"Bearer "))
-        .map(<[u8]>::trim_ascii);
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| v[7..].trim_ascii());
     if presented.is_some_and(|p| constant_time_eq(p, token.as_bytes())) {
         return None;
     }

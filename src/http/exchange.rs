@@ -34,7 +34,7 @@ use crate::{
         ResponseParser, Version,
     },
     metrics::{self, histograms, ActiveGuard, ErrorReason},
-    route::{host_without_port, RequestView},
+    route::RequestView,
     upstream::{ClusterState, Outcome},
     worker::Worker,
 };
@@ -83,7 +83,7 @@ impl RequestView for View<'_> {
     fn host(&self) -> Option<&[u8]> {
         // An absolute-form target's authority wins over Host (they were
         // checked to agree at parse).
-        self.0.authority().map(host_without_port)
+        self.0.authority().map(crate::route::route_host)
     }
 
     fn path(&self) -> &[u8] {

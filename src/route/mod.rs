@@ -78,6 +78,16 @@ pub fn pick_weighted(clusters: &[(usize, u32)], rng: &Rng) -> usize {
     clusters[clusters.len() - 1].0
 }
 
+/// The host that routing matches on: without the port, and without a
+/// trailing dot (`Admin.Internal.` is the same name as `admin.internal`;
+/// matching is case-insensitive). Without this, a fully-qualified spelling
+/// of a host would miss the route written for it and fall to the
+/// catch-all, while the upstream resolves it to the same name.
+pub fn route_host(authority: &[u8]) -> &[u8] {
+    let host = host_without_port(authority);
+    host.strip_suffix(b".").unwrap_or(host)
+}
+
 /// Strips a port from an authority (`host:port`, `[v6]:port`).
 pub fn host_without_port(authority: &[u8]) -> &[u8] {
     if authority.first() == Some(&b'[') {
@@ -186,5 +196,21 @@ mod tests {
         assert_eq!(host_without_port(b"a.b:80"), b"a.b");
         assert_eq!(host_without_port(b"[::1]:8080"), b"[::1]");
         assert_eq!(host_without_port(b"a"), b"a");
+        assert_eq!(route_host(b"Admin.Internal.:8080"), b"Admin.Internal");
+        assert_eq!(route_host(b"[::1]:80"), b"[::1]");
+    }
+
+    #[test]
+    fn a_trailing_dot_does_not_escape_a_host_route() {
+        let r = routes();
+        for authority in ["a.example.com", "A.EXAMPLE.COM:443", "a.example.com."] {
+            let req = Req {
+                method: "GET",
+                host: std::str::from_utf8(route_host(authority.as_bytes())).unwrap(),
+                path: "/api/x",
+                headers: vec![("x-canary", "1")],
+            };
+            assert_eq!(select(&r, &req), Some(0), "{authority}");
+        }
     }
 }
