@@ -397,7 +397,7 @@ fn any_single_histogram_can_be_selected_and_typos_are_refused() {
     let up = HttpUpstream::start();
     let (proxy, addr) = start_toml(
         &http_config(
-            "epoll",
+            "auto",
             "cluster = \"app\"\n[[listeners.routes]]\nname = \"r\"\npath_prefix = \"/r/\"\ncluster = \"app\"",
             &cluster("app", &[up.addr], ""),
         ),

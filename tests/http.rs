@@ -453,7 +453,7 @@ fn hash_balancing_retries_on_another_endpoint() {
     let sick = HttpUpstream::always(503);
     let route = "[[listeners.routes]]\npath_prefix = \"/\"\ncluster = \"app\"\nretry = { attempts = 2, on = [\"503\"] }";
     let toml = http_config(
-        "epoll",
+        "auto",
         route,
         &cluster(
             "app",
@@ -667,7 +667,7 @@ fn a_stalled_request_head_gets_408() {
     let up = HttpUpstream::start();
     let (proxy, addr) = start_toml(
         &http_config(
-            "epoll",
+            "auto",
             "cluster = \"app\"\nrequest_head_timeout = \"200ms\"",
             &cluster("app", &[up.addr], ""),
         ),
@@ -746,7 +746,7 @@ fn routes_inject_delays_and_aborts() {
 [[listeners.routes]]\nname = \"gated\"\npath_prefix = \"/gated/\"\ncluster = \"app\"\nfault = { abort_percent = 100, only_with_header = \"X-Fault\" }\n\
 [[listeners.routes]]\nname = \"half\"\npath_prefix = \"/half/\"\ncluster = \"app\"\nfault = { abort = 500, abort_percent = 50 }";
     let (proxy, addr) = start_toml(
-        &http_config("epoll", routes, &cluster("app", &[up.addr], "")),
+        &http_config("auto", routes, &cluster("app", &[up.addr], "")),
         "web",
     );
     let r = get(addr, "/abort/x");
@@ -823,7 +823,7 @@ fn circuit_breakers_cap_requests_and_retries() {
     let up = HttpUpstream::start();
     let (proxy, addr) = start_toml(
         &http_config(
-            "epoll",
+            "auto",
             "cluster = \"app\"",
             &cluster("app", &[up.addr], "circuit_breakers = { max_requests = 2 }"),
         ),
@@ -853,7 +853,7 @@ fn circuit_breakers_cap_requests_and_retries() {
         let before = sick.requests();
         let (proxy, addr) = start_toml(
             &http_config(
-                "epoll",
+                "auto",
                 route,
                 &cluster(
                     "app",

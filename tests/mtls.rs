@@ -786,7 +786,7 @@ fn a_bundle_vouches_only_for_its_trust_domain_and_federation_adds_one() {
     let toml = format!(
         r#"workers = 1
 [runtime]
-driver = "epoll"
+driver = "auto"
 {tls}trust_domain = "mesh.local"
 federates_with = {{ "partner.example" = "{partner}" }}
 [[listeners]]

@@ -210,7 +210,7 @@ fn pilotfish_reload_checks_then_signals() {
     let second = serve(|mut s| {
         let _ = s.write_all(b"second");
     });
-    let mut cfg = L4Config::new("epoll", vec![first]);
+    let mut cfg = L4Config::new("auto", vec![first]);
     let mut child = ChildProxy::spawn(&cfg.toml());
     let addr = child.wait_ready();
     let file = child.dir.join("pilotfish.toml");
@@ -265,7 +265,7 @@ fn pilotfish_reload_checks_then_signals() {
 /// documented test seam), they stop; when it runs again, they resume.
 #[test]
 fn watchdog_pings_stop_while_a_worker_is_wedged() {
-    let mut cfg = L4Config::new("epoll", vec![echo_server()]);
+    let mut cfg = L4Config::new("auto", vec![echo_server()]);
     cfg.workers = 2;
     let mut child = ChildProxy::spawn_with_env(
         &cfg.toml(),
