@@ -278,11 +278,9 @@ fn watchdog_pings_stop_while_a_worker_is_wedged() {
     );
     child.wait_ready();
     let deadline = std::time::Instant::now() + IO_DEADLINE;
-    let mut buf = [0u8; 256];
-    let mut next = |wait: Duration| -> Option<String> {
+    let next = |wait: Duration| -> Option<String> {
         child.notify.set_read_timeout(Some(wait)).unwrap();
-        let n = child.notify.recv(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        child.recv_notify().ok()
     };
     // Pings while both workers run.
     let mut pings = 0;

@@ -253,12 +253,20 @@ impl ChildProxy {
 
     /// The next notify datagram.
     pub fn next_notify(&self) -> String {
+        self.recv_notify().expect("notify message before deadline")
+    }
+
+    /// The next notify datagram within the socket's read timeout; a signal
+    /// that interrupts the wait (EINTR, seen in CI) is not a timeout.
+    pub fn recv_notify(&self) -> std::io::Result<String> {
         let mut buf = [0u8; 4096];
-        let n = self
-            .notify
-            .recv(&mut buf)
-            .expect("notify message before deadline");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        loop {
+            match self.notify.recv(&mut buf) {
+                Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Waits for READY=1 and reads the listener address from its STATUS line.
