@@ -69,7 +69,12 @@ async fn serve(listener: monoio::net::TcpListener) {
         .await
         .unwrap();
     while let Some(accepted) = conn.accept().await {
-        let (req, mut respond) = accepted.unwrap();
+        // An I/O error once the client has gone (seen on io_uring: a
+        // write or shutdown racing the peer's close) ends the connection;
+        // the client checks every stream byte for byte.
+        let Ok((req, mut respond)) = accepted else {
+            break;
+        };
         monoio::spawn(async move {
             let path = req.uri().path().to_string();
             let body = read_body(req.into_body()).await.unwrap();

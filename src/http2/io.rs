@@ -247,6 +247,10 @@ where
         };
         let result = ready!(op.as_mut().poll(cx));
         self.write = WriteState::Failed;
-        Poll::Ready(result)
+        // The peer closed first: there is nothing left to shut down.
+        Poll::Ready(match result {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        })
     }
 }
