@@ -126,6 +126,21 @@ const COUNTERS: &[Field] = &[
         |s| s.http.paths_normalized,
     ),
     (
+        "http2_connections_total",
+        "HTTP/2 client connections served (h2c prior knowledge or ALPN h2).",
+        |s| s.http.h2_connections,
+    ),
+    (
+        "http2_streams_total",
+        "HTTP/2 streams (requests) accepted from clients.",
+        |s| s.http.h2_streams,
+    ),
+    (
+        "http2_connection_errors_total",
+        "HTTP/2 client connections ended by a protocol error or an abuse limit (GOAWAY sent).",
+        |s| s.http.h2_connection_errors,
+    ),
+    (
         "http_faults_delayed_total",
         "Requests delayed by a route's fault injection.",
         |s| s.http.faults_delayed,

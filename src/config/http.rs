@@ -94,6 +94,8 @@ pub struct RetryPolicy {
     /// The upstream reset or closed before any response byte.
     pub on_reset: bool,
     pub on_status: Vec<u16>,
+    /// gRPC status codes (in a trailers-only answer) that are retried.
+    pub on_grpc: Vec<u32>,
     /// Retry POST and other non-idempotent methods too.
     pub non_idempotent: bool,
 }
@@ -105,6 +107,7 @@ impl Default for RetryPolicy {
             on_connect_failure: true,
             on_reset: true,
             on_status: Vec::new(),
+            on_grpc: Vec::new(),
             non_idempotent: false,
         }
     }
@@ -127,6 +130,8 @@ pub enum LbPolicy {
 /// HTTP-specific cluster settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HttpCluster {
+    /// Which HTTP version the proxy speaks to the endpoints.
+    pub protocol: UpstreamProtocol,
     pub lb: LbPolicy,
     pub max_idle_per_endpoint: usize,
     #[serde(with = "super::humantime_serde_compat")]
@@ -160,9 +165,22 @@ impl Breakers {
     }
 }
 
+/// A cluster's `protocol`: the HTTP version spoken to its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over the connection pool.
+    Http1,
+    /// HTTP/2: prior knowledge on plaintext, ALPN `h2` on TLS.
+    H2,
+    /// TLS: offer `h2` and `http/1.1` and speak what the endpoint picks
+    /// (so Pilotfish sidecars talk h2 to each other); plaintext: HTTP/1.1.
+    Auto,
+}
+
 impl Default for HttpCluster {
     fn default() -> Self {
         Self {
+            protocol: UpstreamProtocol::Auto,
             lb: LbPolicy::RoundRobin,
             max_idle_per_endpoint: POOL_IDLE_PER_ENDPOINT_DEFAULT,
             pool_idle_timeout: POOL_IDLE_TIMEOUT_DEFAULT,
@@ -649,13 +667,16 @@ impl super::Validator<'_> {
                 match cond.get_ref().as_str() {
                     "connect_failure" => policy.on_connect_failure = true,
                     "reset" => policy.on_reset = true,
+                    name if crate::http2::grpc::retryable_code(name).is_some() => {
+                        policy.on_grpc.extend(crate::http2::grpc::retryable_code(name));
+                    }
                     code => match code.parse::<u16>() {
                         Ok(c) if (500..=599).contains(&c) => policy.on_status.push(c),
                         _ => {
                             return Err(self.error(
                                 cond,
                                 format!("{key}.on"),
-                                format!("unknown retry condition {code:?}: use \"connect_failure\", \"reset\" or a 5xx status such as \"503\""),
+                                format!("unknown retry condition {code:?}: use \"connect_failure\", \"reset\", a 5xx status such as \"503\", or a gRPC status: \"cancelled\", \"deadline_exceeded\", \"resource_exhausted\", \"unavailable\""),
                             ))
                         }
                     },
@@ -793,7 +814,22 @@ impl super::Validator<'_> {
                 )?,
             }),
         };
+        let protocol = match c.protocol.as_ref().map(|p| (p, p.get_ref().as_str())) {
+            None | Some((_, "auto")) => UpstreamProtocol::Auto,
+            Some((_, "http1")) => UpstreamProtocol::Http1,
+            Some((_, "h2")) => UpstreamProtocol::H2,
+            Some((p, other)) => {
+                return Err(self.error(
+                    p,
+                    key("protocol"),
+                    format!(
+                        "unknown cluster protocol {other:?}: use \"http1\", \"h2\" or \"auto\""
+                    ),
+                ))
+            }
+        };
         Ok(HttpCluster {
+            protocol,
             lb,
             max_idle_per_endpoint: self.bounded(
                 &c.max_idle_per_endpoint,

@@ -263,6 +263,7 @@ mod raw {
         pub connect_attempts: Option<Spanned<u32>>,
         pub tls: Option<Spanned<super::tls::raw::ClusterTls>>,
         // HTTP only.
+        pub protocol: Option<Spanned<String>>,
         pub lb: Option<Spanned<String>>,
         pub hash_header: Option<Spanned<String>>,
         pub max_idle_per_endpoint: Option<Spanned<usize>>,

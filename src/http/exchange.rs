@@ -18,7 +18,7 @@ use monoio::{
     net::TcpStream,
 };
 
-use crate::tls::stream::Stream;
+use crate::tls::{per_worker::Alpn, stream::Stream};
 
 use super::{
     body::{self, BodyError, Side, Source},
@@ -115,7 +115,7 @@ enum Condition {
 }
 
 /// 32 hex digits of randomness, without allocating.
-fn request_id(rng: &crate::balance::Rng) -> [u8; 32] {
+pub(crate) fn request_id(rng: &crate::balance::Rng) -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let (a, b) = (rng.next_u64(), rng.next_u64());
     let mut id = [0u8; 32];
@@ -126,7 +126,7 @@ fn request_id(rng: &crate::balance::Rng) -> [u8; 32] {
     id
 }
 
-fn is_idempotent(method: &[u8]) -> bool {
+pub(crate) fn is_idempotent(method: &[u8]) -> bool {
     matches!(
         method,
         b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE"
@@ -144,6 +144,12 @@ pub async fn forward(
     idle: Duration,
 ) -> Result<Next, Failure> {
     let cluster = &*worker.clusters[cluster_index];
+    let tunnel = req.hop.upgrade || req.is_connect();
+    if !tunnel && cluster.speaks_h2() {
+        // Tunnels stay on HTTP/1.1 (h2 would need extended CONNECT).
+        let via = super::downstream::forward(worker, http, route, cluster_index, client, req, idle);
+        return Box::pin(via).await;
+    }
     let default_policy = RetryPolicy::default();
     let no_edits = Edits::default();
     let policy = route.map_or(&default_policy, |r| &r.retry);
@@ -154,7 +160,6 @@ pub async fn forward(
         RequestBody::Length(n) => OutBody::Length(n),
         RequestBody::Chunked => OutBody::Chunked,
     };
-    let tunnel = req.hop.upgrade || req.is_connect();
     let request_id = request_id(&worker.rng);
     let fwd = Forwarding {
         client_ip: &client.ip,
@@ -373,9 +378,10 @@ impl Attempt<'_> {
                         let limit = self.cluster.connect_timeout.min(self.until_deadline());
                         self.worker
                             .tls
-                            .connect(counters, tls, true, s, limit)
+                            .connect(counters, tls, Alpn::Http1, s, limit)
                             .await
                             .map_err(failed)?
+                            .0
                     }
                 };
                 histograms::record(&self.cluster.connect_histogram, started.elapsed());
@@ -883,7 +889,7 @@ impl Attempt<'_> {
 /// Reads one response head from `stream` into `inbound`, waiting at most
 /// `wait`. A timeout drops the read in flight, so the connection is not
 /// used again after one (every caller fails the attempt on it).
-async fn read_head_from<R: AsyncReadRent>(
+pub(crate) async fn read_head_from<R: AsyncReadRent>(
     stream: &mut R,
     inbound: &mut Inbound,
     parser: &mut ResponseParser,
@@ -921,7 +927,8 @@ async fn read_head_from<R: AsyncReadRent>(
     }
 }
 
-enum HeadRead {
+#[derive(Debug)]
+pub(crate) enum HeadRead {
     TimedOut,
     /// More interim (1xx) responses than [`INTERIM_RESPONSES_MAX`].
     TooManyInterims,

@@ -10,8 +10,10 @@
 //! made-up bytes; every generated response says why.
 
 pub mod body;
+pub mod downstream;
 pub mod exchange;
 pub mod inbound;
+pub mod pipeline;
 pub mod respond;
 
 use std::{
@@ -113,6 +115,24 @@ pub async fn serve(
                 )
                 .await;
             match accepted {
+                Some((stream, caller)) if caller.h2 => {
+                    let caller = crate::http2::server::Caller {
+                        ip: peer.ip().to_string(),
+                        identity: caller.identity,
+                        tls: true,
+                        decisions: Default::default(),
+                    };
+                    let served = crate::http2::server::serve(
+                        Rc::clone(&worker),
+                        listener_index,
+                        stream,
+                        Vec::new(),
+                        caller,
+                        conn_id,
+                    );
+                    Box::pin(served).await;
+                    return;
+                }
                 Some((stream, caller)) => (stream, caller.identity),
                 None => return,
             }
@@ -128,13 +148,50 @@ pub async fn serve(
     };
     let idle = listener.idle_timeout;
     let mut parser = RequestParser::new(http.limits);
+    let mut first = true;
     loop {
         if worker.draining.is_fired() && client.inbound.is_empty() {
             return;
         }
-        let req = match read_head(&mut client, &mut parser, http, idle, &worker).await {
+        let head = read_head(&mut client, &mut parser, http, idle, &worker).await;
+        let req = match head {
             Ok(Some(req)) => req,
             Ok(None) => return,
+            Err(_)
+                if first
+                    && client
+                        .inbound
+                        .data()
+                        .starts_with(crate::http2::PREFACE_START) =>
+            {
+                // HTTP/2 with prior knowledge (h2c): h2 reads the preface
+                // from what was read so far, and checks all of it.
+                let Client {
+                    stream,
+                    inbound,
+                    ip,
+                    identity,
+                    decisions,
+                    ..
+                } = client;
+                let caller = crate::http2::server::Caller {
+                    ip,
+                    identity,
+                    tls: stream.is_tls(),
+                    decisions,
+                };
+                let already = inbound.data().to_vec();
+                let served = crate::http2::server::serve(
+                    Rc::clone(&worker),
+                    listener_index,
+                    stream,
+                    already,
+                    caller,
+                    conn_id,
+                );
+                Box::pin(served).await;
+                return;
+            }
             Err(e) => {
                 metrics::add(&worker.counters.http.requests, 1);
                 let reason = match e.request_status() {
@@ -158,6 +215,7 @@ pub async fn serve(
                 return;
             }
         };
+        first = false;
         metrics::add(&worker.counters.http.requests, 1);
         let started = Instant::now();
         let mut route = None;
@@ -342,11 +400,12 @@ async fn handle(
     let route_index = crate::route::select(&http.routes, &view);
     *route_out = route_index;
     let route = route_index.map(|i| &http.routes[i]);
-    if let Some(denied) = authorize(worker, listener, route, client) {
+    let caller = client.identity.as_ref();
+    if let Some(denied) = authorize(worker, listener, route, caller, &client.decisions) {
         return refuse(worker, client, &req, ErrorReason::Forbidden, &denied, idle).await;
     }
     if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
-        if let Some(status) = inject(worker, fault, &req).await {
+        if let Some(status) = inject(worker, fault, |h| req.head.get(h).is_some()).await {
             metrics::add(&worker.counters.http.faults_aborted, 1);
             let answer = Answer {
                 status,
@@ -436,15 +495,12 @@ async fn refuse_with(
 
 /// Applies a route's fault injection: maybe waits the delay; returns the
 /// status to answer with when this request is aborted.
-async fn inject(
+pub(crate) async fn inject(
     worker: &Worker,
     fault: &crate::config::http::Fault,
-    req: &RequestHead,
+    has_header: impl Fn(&str) -> bool,
 ) -> Option<u16> {
-    let eligible = fault
-        .only_with_header
-        .as_deref()
-        .is_none_or(|h| req.head.get(h).is_some());
+    let eligible = fault.only_with_header.as_deref().is_none_or(has_header);
     if !eligible {
         return None;
     }
@@ -459,18 +515,18 @@ async fn inject(
 /// Checks the caller against the listener's and the route's allow-lists;
 /// Some(reason) when it is denied. Each decision under an allow-list is
 /// counted with the caller's identity.
-fn authorize(
+pub(crate) fn authorize(
     worker: &Worker,
     listener: &Listener,
     route: Option<&crate::config::http::Route>,
-    client: &Client,
+    id: Option<&SpiffeId>,
+    decisions: &crate::tls::counters::DecisionSlots,
 ) -> Option<String> {
     let listener_list = listener.authorize.as_ref();
     let route_list = route.and_then(|r| r.authorize.as_ref().map(|a| (r, a)));
     if listener_list.is_none() && route_list.is_none() {
         return None;
     }
-    let id = client.identity.as_ref();
     let counters = &worker.counters.tls;
     let check = |list: &[crate::tls::identity::Pattern]| {
         id.is_some_and(|id| crate::tls::identity::allowed(list, id))
@@ -493,7 +549,7 @@ fn authorize(
         &listener.name,
         id.map(|i| i.as_str()),
         denied.is_none(),
-        &client.decisions,
+        decisions,
     );
     denied
 }

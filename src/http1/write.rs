@@ -62,7 +62,7 @@ fn always_hop_by_hop(name: &[u8]) -> bool {
 }
 
 /// Whether a field must not cross this hop.
-fn is_hop_by_hop(name: &[u8], head: &Head, hop: &Hop) -> bool {
+pub(crate) fn is_hop_by_hop(name: &[u8], head: &Head, hop: &Hop) -> bool {
     always_hop_by_hop(name)
         || (name.len() > 6 && name[..6].eq_ignore_ascii_case(b"proxy-"))
         || hop
@@ -90,7 +90,7 @@ fn named(name: &[u8], list: &[String]) -> bool {
     list.iter().any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
 }
 
-fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

@@ -8,7 +8,7 @@ use monoio::net::TcpStream;
 
 use crate::{
     metrics::{self, histograms},
-    tls::stream::Stream,
+    tls::{per_worker::Alpn, stream::Stream},
     worker::Worker,
 };
 
@@ -66,7 +66,8 @@ async fn attempt_one(
     };
     worker
         .tls
-        .connect(&worker.counters.tls, tls, false, tcp, timeout)
+        .connect(&worker.counters.tls, tls, Alpn::None, tcp, timeout)
         .await
+        .map(|(stream, _)| stream)
         .map_err(Failure::Tls)
 }

@@ -168,6 +168,12 @@ pub struct HttpCounters {
     pub faults_aborted: Cell<u64>,
     /// Requests delayed by a route's fault injection.
     pub faults_delayed: Cell<u64>,
+    /// HTTP/2 client connections served, and streams (requests) on them.
+    pub h2_connections: Cell<u64>,
+    pub h2_streams: Cell<u64>,
+    /// HTTP/2 client connections ended by a protocol error or an abuse
+    /// limit (GOAWAY sent by h2 with the reason).
+    pub h2_connection_errors: Cell<u64>,
 }
 
 impl HttpCounters {
@@ -205,6 +211,9 @@ pub struct HttpSnapshot {
     pub retries_over_breaker: u64,
     pub faults_aborted: u64,
     pub faults_delayed: u64,
+    pub h2_connections: u64,
+    pub h2_streams: u64,
+    pub h2_connection_errors: u64,
 }
 
 impl HttpSnapshot {
@@ -239,6 +248,9 @@ impl HttpSnapshot {
         self.retries_over_breaker += o.retries_over_breaker;
         self.faults_aborted += o.faults_aborted;
         self.faults_delayed += o.faults_delayed;
+        self.h2_connections += o.h2_connections;
+        self.h2_streams += o.h2_streams;
+        self.h2_connection_errors += o.h2_connection_errors;
         self.paths_normalized += o.paths_normalized;
     }
 }
@@ -326,6 +338,9 @@ impl Counters {
                 retries_over_breaker: self.http.retries_over_breaker.get(),
                 faults_aborted: self.http.faults_aborted.get(),
                 faults_delayed: self.http.faults_delayed.get(),
+                h2_connections: self.http.h2_connections.get(),
+                h2_streams: self.http.h2_streams.get(),
+                h2_connection_errors: self.http.h2_connection_errors.get(),
                 paths_normalized: self.http.paths_normalized.get(),
             },
             tls: self.tls.snapshot(),

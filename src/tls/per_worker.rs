@@ -21,9 +21,31 @@ use super::{
 };
 use crate::config::tls::{ClusterTls, ListenerTls};
 
-/// ALPN for HTTP listeners and clusters: HTTP/1.1 is what the proxy
-/// speaks on both sides (`h2` is not offered until it is served).
-const ALPN_HTTP: &[&[u8]] = &[b"http/1.1"];
+/// ALPN that HTTP listeners offer: both versions, h2 preferred (a
+/// listener serves either on the same port).
+const ALPN_HTTP_SERVER: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// What a TLS client offers in ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// Nothing (L4: the bytes are the application's).
+    None,
+    Http1,
+    H2,
+    /// `h2` then `http/1.1`: the server picks (cluster `protocol = "auto"`).
+    Both,
+}
+
+impl Alpn {
+    fn protocols(self) -> &'static [&'static [u8]] {
+        match self {
+            Alpn::None => &[],
+            Alpn::Http1 => &[b"http/1.1"],
+            Alpn::H2 => &[b"h2"],
+            Alpn::Both => ALPN_HTTP_SERVER,
+        }
+    }
+}
 
 /// A worker's TLS state, shared by all its config generations.
 #[derive(Debug)]
@@ -41,8 +63,8 @@ struct Built {
     workload: Arc<Workload>,
     /// Keyed by (require_client_cert, http).
     servers: Cache<(bool, bool), ServerConfig>,
-    /// Keyed by (expected identity, http).
-    clients: Cache<(SpiffeId, bool), ClientConfig>,
+    /// Keyed by (expected identity, ALPN offered).
+    clients: Cache<(SpiffeId, Alpn), ClientConfig>,
 }
 
 /// What a handshake needs: the rustls config and the deadline.
@@ -93,7 +115,7 @@ impl WorkerTls {
                 &self.provider,
                 require_client_cert,
                 files.tls12,
-                alpn(http),
+                if http { ALPN_HTTP_SERVER } else { &[] },
             )
         })?;
         Ok(Use {
@@ -103,29 +125,21 @@ impl WorkerTls {
     }
 
     /// The config for connecting to endpoints that must be `expected`.
-    pub fn client(&self, expected: &SpiffeId, http: bool) -> Result<Use<ClientConfig>, String> {
+    pub fn client(&self, expected: &SpiffeId, alpn: Alpn) -> Result<Use<ClientConfig>, String> {
         let built = self.built()?;
         let files = &built.workload.files;
-        let config = cached(&built.clients, (expected.clone(), http), || {
+        let config = cached(&built.clients, (expected.clone(), alpn), || {
             built.workload.material.client_config(
                 &self.provider,
                 expected.clone(),
                 files.tls12,
-                alpn(http),
+                alpn.protocols(),
             )
         })?;
         Ok(Use {
             config,
             timeout: files.handshake_timeout,
         })
-    }
-}
-
-fn alpn(http: bool) -> &'static [&'static [u8]] {
-    if http {
-        ALPN_HTTP
-    } else {
-        &[]
     }
 }
 
@@ -185,24 +199,24 @@ impl WorkerTls {
     }
 
     /// Originates TLS to an endpoint of a cluster with `tls`; counts the
-    /// handshake or its failure.
+    /// handshake or its failure. Ok((stream, whether the server chose h2)).
     pub async fn connect(
         &self,
         counters: &TlsCounters,
         settings: &ClusterTls,
-        http: bool,
+        alpn: Alpn,
         tcp: TcpStream,
         timeout_cap: Duration,
-    ) -> Result<Stream, String> {
+    ) -> Result<(Stream, bool), String> {
         let client = self
-            .client(&settings.server_identity, http)
+            .client(&settings.server_identity, alpn)
             .inspect_err(|_| {
                 counters.failure(Side::Outbound, "no_material");
             })?;
         match stream::connect(tcp, client.config, client.timeout.min(timeout_cap)).await {
-            Ok((stream, resumed)) => {
+            Ok((stream, resumed, h2)) => {
                 counters.handshake(Side::Outbound, resumed);
-                Ok(stream)
+                Ok((stream, h2))
             }
             Err(e) => {
                 counters.failure(Side::Outbound, e.reason());

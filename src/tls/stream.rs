@@ -173,6 +173,8 @@ pub struct Peer {
     pub identity: Option<SpiffeId>,
     /// Whether the session was resumed (no certificate exchanged).
     pub resumed: bool,
+    /// Whether ALPN chose `h2`.
+    pub h2: bool,
 }
 
 /// Terminates TLS on an accepted connection.
@@ -186,6 +188,7 @@ pub async fn accept(
     let peer = Peer {
         identity: peer_identity(conn.peer_certificates()),
         resumed: matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed)),
+        h2: conn.alpn_protocol() == Some(b"h2"),
     };
     let fd = io.as_raw_fd();
     let stream = Stream::Server(Box::new(ServerTlsStream::new(io, conn)), fd);
@@ -193,18 +196,19 @@ pub async fn accept(
 }
 
 /// Originates TLS on a connected socket; the config's verifier checks the
-/// server's identity. Ok(resumed).
+/// server's identity. Ok((stream, resumed, ALPN chose h2)).
 pub async fn connect(
     mut io: TcpStream,
     config: Arc<ClientConfig>,
     timeout: Duration,
-) -> Result<(Stream, bool), HandshakeError> {
+) -> Result<(Stream, bool, bool), HandshakeError> {
     let mut conn = ClientConnection::new(config, super::material::sni())?;
     with_deadline(timeout, handshake(&mut io, &mut conn)).await?;
     let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    let h2 = conn.alpn_protocol() == Some(b"h2");
     let fd = io.as_raw_fd();
     let stream = Stream::Client(Box::new(ClientTlsStream::new(io, conn)), fd);
-    Ok((stream, resumed))
+    Ok((stream, resumed, h2))
 }
 
 async fn with_deadline<F>(timeout: Duration, f: F) -> Result<(), HandshakeError>

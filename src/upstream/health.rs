@@ -88,10 +88,18 @@ async fn probe(
         let tcp = TcpStream::connect_addr(addr).await.ok()?;
         let stream = match &cluster.source.tls {
             None => Stream::Plain(tcp),
-            Some(settings) => tls
-                .connect(&counters.tls, settings, true, tcp, timeout)
+            Some(settings) => {
+                tls.connect(
+                    &counters.tls,
+                    settings,
+                    crate::tls::per_worker::Alpn::Http1,
+                    tcp,
+                    timeout,
+                )
                 .await
-                .ok()?,
+                .ok()?
+                .0
+            }
         };
         probe_once(stream, addr, path).await
     };

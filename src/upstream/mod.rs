@@ -18,7 +18,7 @@ use std::{
 use crate::{
     balance::{ewma::PeakEwma, hash, p2c, Rng, RoundRobin},
     config::{
-        http::{Breakers, HttpCluster, LbPolicy},
+        http::{Breakers, HttpCluster, LbPolicy, UpstreamProtocol},
         limits::RETRY_BUDGET_MIN_CONCURRENT,
         Cluster,
     },
@@ -33,6 +33,8 @@ pub struct Endpoint {
     pub active: Cell<u64>,
     pub latency: PeakEwma,
     pub pool: Pool,
+    /// Multiplexed HTTP/2 connections (clusters that speak h2).
+    pub h2: crate::http2::client::H2Conns,
     consecutive_failures: Cell<u32>,
     ejected_until: Cell<Option<Instant>>,
     ejections: Cell<u32>,
@@ -48,6 +50,7 @@ impl Endpoint {
             active: Cell::new(0),
             latency: PeakEwma::new(now),
             pool: Pool::default(),
+            h2: Default::default(),
             consecutive_failures: Cell::new(0),
             ejected_until: Cell::new(None),
             ejections: Cell::new(0),
@@ -85,6 +88,9 @@ pub struct ClusterState {
     /// This worker's share of the circuit-breaker caps (None: no cap).
     pub max_requests: Option<u64>,
     pub max_retries: Option<u64>,
+    /// `protocol = "auto"` over TLS: an endpoint chose HTTP/1.1 in ALPN,
+    /// so this cluster is spoken to in HTTP/1.1 from now on.
+    pub h1_only: Cell<bool>,
 }
 
 /// One worker's view of a cluster (`GET /clusters`).
@@ -142,6 +148,17 @@ impl ClusterState {
             round_robin: RoundRobin::new(c.endpoints.len(), worker),
             active_requests: Cell::new(0),
             active_retries: Cell::new(0),
+            h1_only: Cell::new(false),
+        }
+    }
+
+    /// Whether requests to this cluster go out over HTTP/2: `h2`, or
+    /// `auto` over TLS until an endpoint chose HTTP/1.1 in ALPN.
+    pub fn speaks_h2(&self) -> bool {
+        match self.config.protocol {
+            UpstreamProtocol::H2 => true,
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Auto => self.source.tls.is_some() && !self.h1_only.get(),
         }
     }
 
@@ -300,6 +317,7 @@ impl ClusterState {
     pub fn expire_idle(&self, now: Instant) {
         for e in &self.endpoints {
             e.pool.expire(now, self.config.pool_idle_timeout);
+            e.h2.expire(now, self.config.pool_idle_timeout);
         }
     }
 }

@@ -1,0 +1,1060 @@
+//! The version-independent request path: every exchange with HTTP/2 on
+//! either side goes through here (h2 client to HTTP/1.1 or h2 upstream,
+//! HTTP/1.1 client to h2 upstream). It uses the same cluster decisions as
+//! the HTTP/1.1 path (balancing, breakers, retry budget, outlier
+//! detection, pools, timeouts) through [`ClusterState`]; only reading and
+//! writing messages depends on the version, behind [`Downstream`] and
+//! [`UpConn`].
+//!
+//! HTTP/1.1 to HTTP/1.1 keeps its own path (`exchange`), which moves
+//! bytes without building header maps; it is the hot path the benchmarks
+//! measure, and converting it is issue 12's remaining step.
+//!
+//! What must hold: as in `exchange`, a retry happens only before anything
+//! reached the client, only for a request without a body, within the
+//! budget and breakers; a response that fails midway is cut (RST_STREAM on
+//! h2, connection closed on HTTP/1.1), never completed with made-up bytes;
+//! h2 flow-control capacity is released only after the bytes were
+//! forwarded, so a slow reader on one side back-pressures the other
+//! through the windows; a client's RST_STREAM cancels the upstream stream
+//! (dropping it resets it), and an upstream reset reaches an h2 client as
+//! a reset.
+
+use std::{
+    future::poll_fn,
+    io,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use monoio::net::TcpStream;
+
+use super::{
+    body::{BodyError, Side},
+    exchange::Failure,
+    inbound::{write_all_timed, Inbound},
+};
+use crate::{
+    config::http::{HttpListener, RetryPolicy, Route, UpstreamProtocol},
+    http1::{
+        chunked::ChunkedDecoder,
+        head::RequestKind,
+        write::{Edits, Forwarding, OutBody},
+        HeadLimits, ResponseBody, ResponseParser,
+    },
+    http2::{grpc, headers},
+    metrics::{self, histograms, ActiveGuard, ErrorReason},
+    tls::{per_worker::Alpn, stream::Stream},
+    upstream::{ClusterState, Outcome},
+    worker::Worker,
+};
+
+/// A request, whatever version it came in.
+#[derive(Debug)]
+pub struct Request {
+    pub method: Method,
+    /// Absolute: scheme, authority, normalized path and query.
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: BodyKind,
+    /// `content-type: application/grpc…`: errors are answered as gRPC.
+    pub grpc: bool,
+    /// The caller's `grpc-timeout`.
+    pub grpc_timeout: Option<Duration>,
+}
+
+/// How much body a message has, as far as its head tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Empty,
+    Length(u64),
+    /// Streamed until the sender ends it.
+    Streamed,
+}
+
+/// The client side of one exchange, whatever its version. Its futures are
+/// not `Send`, by design: a request lives and dies on one worker.
+#[allow(async_fn_in_trait)]
+pub trait Downstream {
+    /// The request body as h2 delivers it, for a direct h2-to-h2 pump
+    /// (end-to-end flow control, and request and response at once, which
+    /// gRPC streaming needs). None for HTTP/1.1 clients.
+    fn take_h2_body(&mut self) -> Option<h2::RecvStream>;
+    /// The next piece of the request body; None at its end.
+    async fn body_chunk(&mut self, idle: Duration) -> Result<Option<Bytes>, BodyError>;
+    /// `n` bytes of request body were forwarded: the client may send more.
+    fn release(&mut self, n: usize);
+    /// Sends the response head; `body` says what follows.
+    async fn respond(
+        &mut self,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: BodyKind,
+    ) -> io::Result<()>;
+    async fn data(&mut self, data: Bytes) -> io::Result<()>;
+    /// Ends the response body, with trailers when the client can take them.
+    async fn finish(&mut self, trailers: Option<HeaderMap>) -> io::Result<()>;
+    /// Resolves when the client cancels (h2 RST_STREAM); never for
+    /// HTTP/1.1 (a closed connection shows up as a failed write).
+    async fn cancelled(&mut self) -> h2::Reason;
+    /// Cuts the response: RST_STREAM on h2 (the connection is closed by
+    /// the caller on HTTP/1.1).
+    fn reset(&mut self, reason: h2::Reason);
+    /// Notes the final status (access log, counters).
+    fn note(&mut self, status: u16, upstream: std::net::SocketAddr);
+}
+
+/// What one request needs to know about where it came from.
+pub struct Origin<'a> {
+    pub client_ip: &'a str,
+    pub tls: bool,
+    pub identity: Option<&'a str>,
+}
+
+/// Forwards `req` to `cluster_index` with the route's policy. Ok(true):
+/// the response went out complete and the client connection may be
+/// kept (HTTP/1.1).
+#[allow(clippy::too_many_arguments)]
+pub async fn forward<D: Downstream>(
+    worker: &Worker,
+    http: &HttpListener,
+    route: Option<&Route>,
+    cluster_index: usize,
+    origin: &Origin<'_>,
+    mut req: Request,
+    down: &mut D,
+    idle: Duration,
+) -> Result<(), Failure> {
+    let cluster = &*worker.clusters[cluster_index];
+    let default_policy = RetryPolicy::default();
+    let no_edits = Edits::default();
+    let policy = route.map_or(&default_policy, |r| &r.retry);
+    let mut timeout = route.map_or(http.request_timeout, |r| r.timeout);
+    if let Some(t) = req.grpc_timeout {
+        timeout = timeout.min(t);
+    }
+    let edits = route.map_or(&no_edits, |r| &r.edits);
+    let request_id = super::exchange::request_id(&worker.rng);
+    let fwd = Forwarding {
+        client_ip: origin.client_ip,
+        proto: if origin.tls { "https" } else { "http" },
+        request_id: &request_id,
+        identity_header: &http.identity_header,
+        identity: origin.identity,
+    };
+    headers::forwarding(&mut req.headers, &fwd, edits);
+    let ctx = Ctx {
+        worker,
+        cluster,
+        policy,
+        deadline: Instant::now() + timeout,
+        idle,
+        body_bytes_max: http.body_bytes_max,
+    };
+    ctx.attempts(&req, down).await
+}
+
+struct Ctx<'a> {
+    worker: &'a Worker,
+    cluster: &'a ClusterState,
+    policy: &'a RetryPolicy,
+    deadline: Instant,
+    idle: Duration,
+    body_bytes_max: Option<u64>,
+}
+
+/// A connection for one attempt.
+enum UpConn {
+    H1(Stream),
+    H2(crate::http2::client::Lease),
+}
+
+/// What went wrong in one attempt.
+enum AttemptError {
+    Retryable {
+        connect: bool,
+        reason: ErrorReason,
+        detail: String,
+    },
+    Final(Failure),
+}
+
+impl Ctx<'_> {
+    fn generated(&self, reason: ErrorReason, detail: String) -> Failure {
+        Failure::Generated {
+            reason,
+            detail,
+            close: true,
+        }
+    }
+
+    async fn attempts<D: Downstream>(&self, req: &Request, down: &mut D) -> Result<(), Failure> {
+        let cluster = self.cluster;
+        let counters = &self.worker.counters.http;
+        let bodiless = req.body == BodyKind::Empty || req.body == BodyKind::Length(0);
+        let replay_ok = bodiless
+            && (self.policy.non_idempotent
+                || super::exchange::is_idempotent(req.method.as_str().as_bytes()));
+        if !cluster.request_allowed() {
+            return Err(self.generated(
+                ErrorReason::CircuitBreakerMaxRequests,
+                format!(
+                    "cluster {:?} has {} requests in flight on this worker, its max_requests share",
+                    cluster.name,
+                    cluster.active_requests.get()
+                ),
+            ));
+        }
+        let _active = ActiveGuard::new(&cluster.active_requests);
+        let mut last: Option<Failure> = None;
+        let mut failed_on: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
+        for attempt in 1..=self.policy.attempts {
+            if attempt > 1 {
+                if !cluster.retry_under_breaker() {
+                    metrics::add(&counters.retries_over_breaker, 1);
+                    break;
+                }
+                if !cluster.retry_allowed() {
+                    metrics::add(&counters.retries_over_budget, 1);
+                    break;
+                }
+                metrics::add(&counters.retries, 1);
+            }
+            let _retrying = (attempt > 1).then(|| ActiveGuard::new(&cluster.active_retries));
+            let now = Instant::now();
+            if now >= self.deadline {
+                break;
+            }
+            let hash_key = match &cluster.config.lb {
+                crate::config::http::LbPolicy::Hash { header } => {
+                    req.headers.get(header.as_str()).map(HeaderValue::as_bytes)
+                }
+                _ => None,
+            };
+            let Some(ep) = cluster.pick(&self.worker.rng, now, hash_key, &failed_on) else {
+                return Err(last.unwrap_or_else(|| {
+                    self.generated(
+                        ErrorReason::NoHealthyEndpoint,
+                        format!("no endpoint of cluster {:?} is available", cluster.name),
+                    )
+                }));
+            };
+            let _ep_active = ActiveGuard::new(&cluster.endpoints[ep].active);
+            let may_retry = attempt < self.policy.attempts && replay_ok;
+            match self.attempt(ep, req, down, may_retry).await {
+                Ok(()) => return Ok(()),
+                Err(AttemptError::Final(f)) => return Err(f),
+                Err(AttemptError::Retryable {
+                    connect,
+                    reason,
+                    detail,
+                }) => {
+                    cluster.record(ep, Outcome::Failure, Instant::now(), counters);
+                    failed_on.push(ep);
+                    let allowed = if connect {
+                        self.policy.on_connect_failure
+                    } else {
+                        replay_ok
+                    };
+                    tracing::debug!(cluster = %cluster.name, attempt, %detail, allowed, "attempt failed");
+                    last = Some(self.generated(reason, detail));
+                    if !allowed {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            self.generated(
+                ErrorReason::UpstreamTimeout,
+                format!("no response from cluster {:?} in time", cluster.name),
+            )
+        }))
+    }
+
+    fn left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// A connection to endpoint `ep`: a pooled one, else a new one.
+    async fn connect(&self, ep: usize) -> Result<UpConn, AttemptError> {
+        let endpoint = &self.cluster.endpoints[ep];
+        let counters = &self.worker.counters.http;
+        let h2 = self.cluster.speaks_h2();
+        if h2 {
+            if let Some(lease) = endpoint.h2.checkout() {
+                metrics::add(&counters.pool_reuses, 1);
+                return Ok(UpConn::H2(lease));
+            }
+        } else if let Some(s) = endpoint
+            .pool
+            .checkout(Instant::now(), self.cluster.config.pool_idle_timeout)
+        {
+            metrics::add(&counters.pool_reuses, 1);
+            return Ok(UpConn::H1(s));
+        }
+        metrics::add(&counters.upstream_connects, 1);
+        let failed = |detail: String| AttemptError::Retryable {
+            connect: true,
+            reason: ErrorReason::ConnectFailed,
+            detail,
+        };
+        let limit = self.cluster.connect_timeout.min(self.left());
+        let started = Instant::now();
+        let tcp = match monoio::time::timeout(limit, TcpStream::connect_addr(endpoint.addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(failed(format!("connect to {} failed: {e}", endpoint.addr))),
+            Err(_) => return Err(failed(format!("connect to {} timed out", endpoint.addr))),
+        };
+        let _ = tcp.set_nodelay(true);
+        let (stream, speaks_h2) = match &self.cluster.source.tls {
+            None => (Stream::Plain(tcp), h2),
+            Some(tls) => {
+                let alpn = match self.cluster.config.protocol {
+                    UpstreamProtocol::H2 => Alpn::H2,
+                    UpstreamProtocol::Http1 => Alpn::Http1,
+                    UpstreamProtocol::Auto if h2 => Alpn::Both,
+                    UpstreamProtocol::Auto => Alpn::Http1,
+                };
+                let limit = self.cluster.connect_timeout.min(self.left());
+                let (s, chose_h2) = self
+                    .worker
+                    .tls
+                    .connect(&self.worker.counters.tls, tls, alpn, tcp, limit)
+                    .await
+                    .map_err(failed)?;
+                // `protocol = "h2"` insists; `auto` follows the server.
+                let speaks = chose_h2 || self.cluster.config.protocol == UpstreamProtocol::H2;
+                if h2 && !speaks {
+                    self.cluster.h1_only.set(true);
+                }
+                (s, speaks)
+            }
+        };
+        histograms::record(&self.cluster.connect_histogram, started.elapsed());
+        if !speaks_h2 {
+            return Ok(UpConn::H1(stream));
+        }
+        let limit = self.left();
+        match monoio::time::timeout(limit, crate::http2::client::handshake(stream)).await {
+            Ok(Ok((send, closed))) => Ok(UpConn::H2(endpoint.h2.add(send, closed))),
+            Ok(Err(e)) => Err(failed(format!(
+                "HTTP/2 handshake with {}: {e}",
+                endpoint.addr
+            ))),
+            Err(_) => Err(failed(format!(
+                "HTTP/2 handshake with {} timed out",
+                endpoint.addr
+            ))),
+        }
+    }
+
+    async fn attempt<D: Downstream>(
+        &self,
+        ep: usize,
+        req: &Request,
+        down: &mut D,
+        may_retry: bool,
+    ) -> Result<(), AttemptError> {
+        match self.connect(ep).await? {
+            UpConn::H2(lease) => self.over_h2(ep, lease, req, down, may_retry).await,
+            UpConn::H1(stream) => {
+                if req.grpc {
+                    // gRPC needs trailers and streaming both ways.
+                    return Err(AttemptError::Final(self.generated(
+                        ErrorReason::NotImplemented,
+                        format!(
+                            "gRPC needs HTTP/2, and cluster {:?} speaks HTTP/1.1",
+                            self.cluster.name
+                        ),
+                    )));
+                }
+                self.over_h1(ep, stream, req, down, may_retry).await
+            }
+        }
+    }
+
+    fn timeout_failure(&self) -> AttemptError {
+        AttemptError::Final(self.generated(
+            ErrorReason::UpstreamTimeout,
+            format!("no response from cluster {:?} in time", self.cluster.name),
+        ))
+    }
+
+    /// Judges the response head: records the outcome for balancing, and
+    /// says whether to retry it (a retryable 5xx or gRPC status while a
+    /// retry is allowed).
+    fn judge(
+        &self,
+        ep: usize,
+        status: u16,
+        grpc_status: Option<u32>,
+        may_retry: bool,
+        sent_at: Instant,
+    ) -> Result<(), AttemptError> {
+        let now = Instant::now();
+        let endpoint = &self.cluster.endpoints[ep];
+        endpoint.latency.observe(now - sent_at, now);
+        histograms::record(&self.cluster.first_byte_histogram, now - sent_at);
+        let counters = &self.worker.counters.http;
+        let status_retryable = self.policy.on_status.contains(&status)
+            || grpc_status.is_some_and(|g| self.policy.on_grpc.contains(&g));
+        let failed = status >= 500 || grpc_status == Some(grpc::UNAVAILABLE);
+        if status_retryable && may_retry {
+            if !self.cluster.retry_under_breaker() {
+                metrics::add(&counters.retries_over_breaker, 1);
+            } else if !self.cluster.retry_allowed() {
+                metrics::add(&counters.retries_over_budget, 1);
+            } else {
+                return Err(AttemptError::Retryable {
+                    connect: false,
+                    reason: ErrorReason::UpstreamReset,
+                    detail: match grpc_status {
+                        Some(g) => format!("upstream answered grpc-status {g}"),
+                        None => format!("upstream answered {status}"),
+                    },
+                });
+            }
+        }
+        let outcome = if failed {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        self.cluster.record(ep, outcome, now, counters);
+        Ok(())
+    }
+
+    /// One attempt over an h2 stream.
+    async fn over_h2<D: Downstream>(
+        &self,
+        ep: usize,
+        lease: crate::http2::client::Lease,
+        req: &Request,
+        down: &mut D,
+        may_retry: bool,
+    ) -> Result<(), AttemptError> {
+        let mut send = lease.send.clone();
+        let scheme = if self.cluster.source.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut builder = http::Request::builder()
+            .method(req.method.clone())
+            .uri(with_scheme(&req.uri, scheme));
+        if let Some(h) = builder.headers_mut() {
+            *h = req.headers.clone();
+            if req.grpc_timeout.is_some() {
+                // Passed on reduced by the time already spent here.
+                if let Ok(v) = HeaderValue::from_str(&grpc::format_timeout(self.left())) {
+                    h.insert("grpc-timeout", v);
+                }
+            }
+        }
+        let request = builder.body(()).map_err(|e| {
+            AttemptError::Final(self.generated(ErrorReason::BadRequest, format!("request: {e}")))
+        })?;
+        let reset = |e: h2::Error| AttemptError::Retryable {
+            connect: false,
+            reason: ErrorReason::UpstreamReset,
+            detail: format!("HTTP/2 upstream: {e}"),
+        };
+        let left = self.left();
+        send = match monoio::time::timeout(left, send.ready()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(reset(e)),
+            Err(_) => return Err(self.timeout_failure()),
+        };
+        let end = req.body == BodyKind::Empty;
+        let (response, mut up_body) = send.send_request(request, end).map_err(reset)?;
+        let sent_at = Instant::now();
+        let left = self.left();
+        // The request body goes up while the response comes down (gRPC
+        // streams both ways at once).
+        let response = if end {
+            match race_cancel(down, monoio::time::timeout(left, response)).await {
+                Err(why) => return Err(AttemptError::Final(Failure::Cut(why))),
+                Ok(r) => r,
+            }
+        } else if let Some(mut h2_body) = down.take_h2_body() {
+            let pump = pump_h2(&mut h2_body, &mut up_body, self.idle);
+            let head = monoio::time::timeout(left, response);
+            futures_util::pin_mut!(pump, head);
+            match futures_util::future::select(head, pump).await {
+                futures_util::future::Either::Left((r, pump)) => {
+                    // The body keeps streaming while the response does.
+                    let r = match r {
+                        Ok(Ok(resp)) => resp,
+                        Ok(Err(e)) => return Err(upstream_stream_error(self, e)),
+                        Err(_) => return Err(self.timeout_failure()),
+                    };
+                    let (parts, body) = r.into_parts();
+                    return self
+                        .relay_h2_response(ep, parts, body, down, may_retry, sent_at, Some(pump))
+                        .await;
+                }
+                futures_util::future::Either::Right((pumped, head)) => {
+                    if let Err(e) = pumped {
+                        return Err(AttemptError::Final(body_failure(e)));
+                    }
+                    head.await
+                }
+            }
+        } else {
+            if let Err(e) = self.send_body_h2(down, &mut up_body).await {
+                return Err(AttemptError::Final(body_failure(e)));
+            }
+            monoio::time::timeout(self.left(), response).await
+        };
+        let resp = match response {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => return Err(upstream_stream_error(self, e)),
+            Err(_) => return Err(self.timeout_failure()),
+        };
+        let (parts, body) = resp.into_parts();
+        self.relay_h2_response(
+            ep,
+            parts,
+            body,
+            down,
+            may_retry,
+            sent_at,
+            None::<std::future::Pending<Result<(), BodyError>>>,
+        )
+        .await
+    }
+
+    /// Request body from an HTTP/1.1 client to an h2 stream.
+    async fn send_body_h2<D: Downstream>(
+        &self,
+        down: &mut D,
+        up: &mut h2::SendStream<Bytes>,
+    ) -> Result<(), BodyError> {
+        let mut total = 0u64;
+        while let Some(chunk) = down.body_chunk(self.idle).await? {
+            total += chunk.len() as u64;
+            if self.body_bytes_max.is_some_and(|max| total > max) {
+                return Err(BodyError::TooLarge);
+            }
+            let n = chunk.len();
+            send_h2_data(up, chunk, false, self.idle)
+                .await
+                .map_err(|e| BodyError::Io(Side::Upstream, e))?;
+            down.release(n);
+        }
+        send_h2_data(up, Bytes::new(), true, self.idle)
+            .await
+            .map_err(|e| BodyError::Io(Side::Upstream, e))
+    }
+
+    /// Relays an h2 upstream's response to the client; `pump` is the
+    /// request body still streaming up, driven alongside.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay_h2_response<D: Downstream, P>(
+        &self,
+        ep: usize,
+        parts: http::response::Parts,
+        mut body: h2::RecvStream,
+        down: &mut D,
+        may_retry: bool,
+        sent_at: Instant,
+        pump: Option<P>,
+    ) -> Result<(), AttemptError>
+    where
+        P: std::future::Future<Output = Result<(), BodyError>> + Unpin,
+    {
+        let trailers_only = body.is_end_stream();
+        let grpc_status = parts
+            .headers
+            .get("grpc-status")
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse().ok());
+        self.judge(
+            ep,
+            parts.status.as_u16(),
+            if trailers_only { grpc_status } else { None },
+            may_retry,
+            sent_at,
+        )?;
+        let kind = if trailers_only {
+            BodyKind::Empty
+        } else {
+            headers::content_length(&parts.headers).map_or(BodyKind::Streamed, BodyKind::Length)
+        };
+        let addr = self.cluster.endpoints[ep].addr;
+        down.note(parts.status.as_u16(), addr);
+        self.worker.counters.http.response(parts.status.as_u16());
+        let cut = |why: String| AttemptError::Final(Failure::Cut(why));
+        down.respond(parts.status, parts.headers, kind)
+            .await
+            .map_err(|e| cut(format!("writing the response head: {e}")))?;
+        if trailers_only {
+            return Ok(());
+        }
+        let relay = async {
+            let mut flow = body.flow_control().clone();
+            loop {
+                let next = monoio::select! {
+                    d = monoio::time::timeout(self.idle, body.data()) => d,
+                    reason = down.cancelled() => {
+                        return Err(format!("client reset the stream ({reason:?})"));
+                    }
+                };
+                match next {
+                    Err(_) => return Err("upstream response body timed out".to_string()),
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        let reason = e.reason().unwrap_or(h2::Reason::INTERNAL_ERROR);
+                        down.reset(reason);
+                        return Err(format!("upstream response body: {e}"));
+                    }
+                    Ok(Some(Ok(data))) => {
+                        let n = data.len();
+                        down.data(data)
+                            .await
+                            .map_err(|e| format!("writing the response body: {e}"))?;
+                        let _ = flow.release_capacity(n);
+                    }
+                }
+            }
+            let trailers = match monoio::time::timeout(self.idle, body.trailers()).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    down.reset(e.reason().unwrap_or(h2::Reason::INTERNAL_ERROR));
+                    return Err(format!("upstream trailers: {e}"));
+                }
+                Err(_) => return Err("upstream trailers timed out".to_string()),
+            };
+            down.finish(trailers)
+                .await
+                .map_err(|e| format!("ending the response: {e}"))
+        };
+        let result = match pump {
+            None => relay.await,
+            Some(pump) => {
+                futures_util::pin_mut!(relay);
+                match futures_util::future::select(relay, pump).await {
+                    futures_util::future::Either::Left((done, _pump)) => done,
+                    futures_util::future::Either::Right((pumped, relay)) => match pumped {
+                        Ok(()) => relay.await,
+                        Err(e) => Err(format!("request body: {e:?}")),
+                    },
+                }
+            }
+        };
+        result.map_err(|why| {
+            self.cluster.record(
+                ep,
+                Outcome::Failure,
+                Instant::now(),
+                &self.worker.counters.http,
+            );
+            cut(why)
+        })
+    }
+
+    /// One attempt over an HTTP/1.1 connection (h2 client, or `auto`
+    /// cluster whose server chose HTTP/1.1).
+    async fn over_h1<D: Downstream>(
+        &self,
+        ep: usize,
+        stream: Stream,
+        req: &Request,
+        down: &mut D,
+        may_retry: bool,
+    ) -> Result<(), AttemptError> {
+        let worker = self.worker;
+        let mut up = super::exchange::Upstream {
+            stream,
+            inbound: Inbound::new(worker.buffers.take()),
+        };
+        let out_body = match req.body {
+            BodyKind::Empty => OutBody::None,
+            BodyKind::Length(n) => OutBody::Length(n),
+            BodyKind::Streamed => OutBody::Chunked,
+        };
+        let mut head = worker.heads.take();
+        headers::request_to_h1(&req.method, &req.uri, &req.headers, out_body, &mut head);
+        let reset = |detail: String| AttemptError::Retryable {
+            connect: false,
+            reason: ErrorReason::UpstreamReset,
+            detail,
+        };
+        let (written, head) = write_all_timed(&mut up.stream, head, self.idle).await;
+        worker.heads.give(head);
+        written.map_err(|e| reset(format!("sending the request head: {e}")))?;
+        let sent_at = Instant::now();
+        if req.body != BodyKind::Empty {
+            self.send_body_h1(down, &mut up.stream, out_body)
+                .await
+                .map_err(|e| AttemptError::Final(body_failure(e)))?;
+        }
+        let kind = if req.method == Method::HEAD {
+            RequestKind::Head
+        } else {
+            RequestKind::Other
+        };
+        let mut parser = ResponseParser::new(HeadLimits::default());
+        let resp = loop {
+            let r = super::exchange::read_head_from(
+                &mut up.stream,
+                &mut up.inbound,
+                &mut parser,
+                kind,
+                self.left(),
+            )
+            .await;
+            match r {
+                Ok(r) if r.is_interim() => continue,
+                Ok(r) => break r,
+                Err(super::exchange::HeadRead::TimedOut) => return Err(self.timeout_failure()),
+                Err(e) => return Err(reset(format!("upstream response head: {e:?}"))),
+            }
+        };
+        self.judge(ep, resp.status, None, may_retry, sent_at)?;
+        let (status, h) = headers::response_from_h1(&resp).map_err(|e| {
+            AttemptError::Final(self.generated(ErrorReason::BadUpstreamResponse, e.to_string()))
+        })?;
+        let kind = match resp.body {
+            ResponseBody::None | ResponseBody::Tunnel => BodyKind::Empty,
+            ResponseBody::Length(n) => BodyKind::Length(n),
+            ResponseBody::Chunked | ResponseBody::UntilClose => BodyKind::Streamed,
+        };
+        down.note(status.as_u16(), self.cluster.endpoints[ep].addr);
+        worker.counters.http.response(status.as_u16());
+        let cut = |why: String| AttemptError::Final(Failure::Cut(why));
+        down.respond(status, h, kind)
+            .await
+            .map_err(|e| cut(format!("writing the response head: {e}")))?;
+        let mut reader = H1Body::new(resp.body, Side::Upstream);
+        loop {
+            let chunk = reader
+                .next(&mut up.inbound, &mut up.stream, self.idle, None)
+                .await;
+            match chunk {
+                Ok(Some(data)) => down
+                    .data(data)
+                    .await
+                    .map_err(|e| cut(format!("writing the response body: {e}")))?,
+                Ok(None) => break,
+                Err(e) => {
+                    self.cluster.record(
+                        ep,
+                        Outcome::Failure,
+                        Instant::now(),
+                        &worker.counters.http,
+                    );
+                    down.reset(h2::Reason::INTERNAL_ERROR);
+                    return Err(cut(format!("upstream response body: {e:?}")));
+                }
+            }
+        }
+        down.finish(None)
+            .await
+            .map_err(|e| cut(format!("ending the response: {e}")))?;
+        let reusable = resp.hop.keep_alive
+            && resp.version == crate::http1::Version::Http11
+            && resp.body != ResponseBody::UntilClose
+            && up.inbound.is_empty();
+        let super::exchange::Upstream { stream, inbound } = up;
+        worker.buffers.give(inbound.into_buffer());
+        if reusable {
+            self.cluster.endpoints[ep].pool.checkin(
+                stream,
+                Instant::now(),
+                self.cluster.config.max_idle_per_endpoint,
+            );
+        }
+        Ok(())
+    }
+
+    /// Request body from any client to an HTTP/1.1 upstream, framed as
+    /// `out`.
+    async fn send_body_h1<D: Downstream>(
+        &self,
+        down: &mut D,
+        up: &mut Stream,
+        out: OutBody,
+    ) -> Result<(), BodyError> {
+        let mut total = 0u64;
+        let mut buf = self.worker.heads.take();
+        let result = async {
+            while let Some(chunk) = down.body_chunk(self.idle).await? {
+                total += chunk.len() as u64;
+                if self.body_bytes_max.is_some_and(|max| total > max) {
+                    return Err(BodyError::TooLarge);
+                }
+                buf.clear();
+                if out == OutBody::Chunked {
+                    crate::http1::chunked::write_chunk_size(chunk.len(), &mut buf);
+                    buf.extend_from_slice(&chunk);
+                    buf.extend_from_slice(crate::http1::chunked::CHUNK_END);
+                } else {
+                    buf.extend_from_slice(&chunk);
+                }
+                let (r, back) = write_all_timed(up, std::mem::take(&mut buf), self.idle).await;
+                buf = back;
+                r.map_err(|e| BodyError::Io(Side::Upstream, e))?;
+                down.release(chunk.len());
+            }
+            if out == OutBody::Chunked {
+                buf.clear();
+                buf.extend_from_slice(crate::http1::chunked::LAST_CHUNK);
+                let (r, back) = write_all_timed(up, std::mem::take(&mut buf), self.idle).await;
+                buf = back;
+                r.map_err(|e| BodyError::Io(Side::Upstream, e))?;
+            }
+            Ok(())
+        }
+        .await;
+        self.worker.heads.give(buf);
+        result
+    }
+}
+
+/// Waits for `f` unless the client cancels first.
+async fn race_cancel<D: Downstream, F: std::future::Future>(
+    down: &mut D,
+    f: F,
+) -> Result<F::Output, String> {
+    monoio::select! {
+        r = f => Ok(r),
+        reason = down.cancelled() => Err(format!("client reset the stream ({reason:?})")),
+    }
+}
+
+fn upstream_stream_error(ctx: &Ctx<'_>, e: h2::Error) -> AttemptError {
+    // A stream refused (REFUSED_STREAM, or GOAWAY past its id) never
+    // reached the upstream application: safe to retry anywhere.
+    let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away();
+    if refused || e.is_io() {
+        AttemptError::Retryable {
+            connect: refused,
+            reason: ErrorReason::UpstreamReset,
+            detail: format!("HTTP/2 upstream of cluster {:?}: {e}", ctx.cluster.name),
+        }
+    } else {
+        AttemptError::Final(Failure::Generated {
+            reason: ErrorReason::UpstreamReset,
+            detail: format!("HTTP/2 upstream of cluster {:?}: {e}", ctx.cluster.name),
+            close: true,
+        })
+    }
+}
+
+fn body_failure(e: BodyError) -> Failure {
+    match e {
+        BodyError::TooLarge => Failure::Generated {
+            reason: ErrorReason::BodyTooLarge,
+            detail: "request body exceeds the limit".into(),
+            close: true,
+        },
+        BodyError::Framing(Side::Downstream, c) => Failure::Generated {
+            reason: ErrorReason::BadRequest,
+            detail: format!("request body: {c}"),
+            close: true,
+        },
+        BodyError::Io(Side::Upstream, err) => Failure::Generated {
+            reason: ErrorReason::UpstreamReset,
+            detail: format!("upstream failed while receiving the body: {err}"),
+            close: true,
+        },
+        other => Failure::Cut(format!("client request body: {other:?}")),
+    }
+}
+
+/// `uri` with its scheme replaced (the upstream's, not the client's).
+fn with_scheme(uri: &Uri, scheme: &'static str) -> Uri {
+    let mut parts = uri.clone().into_parts();
+    parts.scheme = Some(if scheme == "https" {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    });
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+/// Sends `data` on an h2 stream as the peer's window allows: waits for
+/// capacity (flow control), so nothing piles up in h2's send buffer
+/// beyond what the peer granted.
+pub async fn send_h2_data(
+    send: &mut h2::SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+    idle: Duration,
+) -> io::Result<()> {
+    let to_io = |e: h2::Error| io::Error::other(e.to_string());
+    if data.is_empty() {
+        // Nothing to wait for: an empty DATA frame only to end the stream.
+        if end {
+            send.send_data(data, true).map_err(to_io)?;
+        }
+        return Ok(());
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let cap = monoio::time::timeout(idle, poll_fn(|cx| send.poll_capacity(cx)))
+            .await
+            .map_err(|_| super::inbound::timed_out())?;
+        let cap = match cap {
+            None => return Err(io::ErrorKind::BrokenPipe.into()),
+            Some(Err(e)) => return Err(to_io(e)),
+            Some(Ok(0)) => continue,
+            Some(Ok(n)) => n,
+        };
+        let piece = data.split_to(cap.min(data.len()));
+        send.send_data(piece, end && data.is_empty())
+            .map_err(to_io)?;
+    }
+    Ok(())
+}
+
+/// Pumps an h2 request body into an h2 upstream stream, trailers too;
+/// capacity goes back to the client only once forwarded.
+async fn pump_h2(
+    from: &mut h2::RecvStream,
+    to: &mut h2::SendStream<Bytes>,
+    idle: Duration,
+) -> Result<(), BodyError> {
+    let mut flow = from.flow_control().clone();
+    loop {
+        // No idle bound while the client streams: gRPC streams may be
+        // quiet for long; the client's own deadline and the route
+        // timeout bound the exchange.
+        let next = from.data().await;
+        match next {
+            None => break,
+            Some(Err(e)) => {
+                to.send_reset(e.reason().unwrap_or(h2::Reason::CANCEL));
+                return Err(BodyError::Io(
+                    Side::Downstream,
+                    io::Error::other(e.to_string()),
+                ));
+            }
+            Some(Ok(data)) => {
+                let n = data.len();
+                send_h2_data(to, data, false, idle)
+                    .await
+                    .map_err(|e| BodyError::Io(Side::Upstream, e))?;
+                let _ = flow.release_capacity(n);
+            }
+        }
+    }
+    match from.trailers().await {
+        Ok(Some(t)) => to
+            .send_trailers(t)
+            .map_err(|e| BodyError::Io(Side::Upstream, io::Error::other(e.to_string()))),
+        Ok(None) => to
+            .send_data(Bytes::new(), true)
+            .map_err(|e| BodyError::Io(Side::Upstream, io::Error::other(e.to_string()))),
+        Err(e) => Err(BodyError::Io(
+            Side::Downstream,
+            io::Error::other(e.to_string()),
+        )),
+    }
+}
+
+/// Reads an HTTP/1.1 body (either direction) as pieces: Content-Length,
+/// chunked (decoded strictly), or until close.
+pub struct H1Body {
+    state: H1State,
+    side: Side,
+    total: u64,
+}
+
+enum H1State {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+impl H1Body {
+    pub fn new(body: ResponseBody, side: Side) -> Self {
+        let state = match body {
+            ResponseBody::None | ResponseBody::Tunnel | ResponseBody::Length(0) => H1State::Done,
+            ResponseBody::Length(n) => H1State::Length(n),
+            ResponseBody::Chunked => H1State::Chunked(ChunkedDecoder::default()),
+            ResponseBody::UntilClose => H1State::UntilClose,
+        };
+        Self {
+            state,
+            side,
+            total: 0,
+        }
+    }
+
+    /// The next piece; None at the body's end. `limit` bounds the total.
+    pub async fn next<S: monoio::io::AsyncReadRent>(
+        &mut self,
+        inbound: &mut Inbound,
+        stream: &mut S,
+        idle: Duration,
+        limit: Option<u64>,
+    ) -> Result<Option<Bytes>, BodyError> {
+        loop {
+            if matches!(self.state, H1State::Done) {
+                return Ok(None);
+            }
+            if inbound.is_empty() {
+                if inbound.saturated() {
+                    let grown = (inbound.capacity() * 2).min(super::body::STREAM_BUFFER_BYTES_MAX);
+                    inbound.reserve_to(grown);
+                }
+                let cap = inbound.capacity();
+                match inbound.fill(stream, cap, idle).await {
+                    Ok(0) if matches!(self.state, H1State::UntilClose) => {
+                        self.state = H1State::Done;
+                        return Ok(None);
+                    }
+                    Ok(0) => return Err(BodyError::Truncated(self.side)),
+                    Ok(_) => {}
+                    Err(e) => return Err(BodyError::Io(self.side, e)),
+                }
+            }
+            let piece = match &mut self.state {
+                H1State::Done => return Ok(None),
+                H1State::Length(left) => {
+                    let n = (inbound.data().len() as u64).min(*left) as usize;
+                    let piece = Bytes::copy_from_slice(&inbound.data()[..n]);
+                    inbound.consume(n);
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.state = H1State::Done;
+                    }
+                    Some(piece)
+                }
+                H1State::UntilClose => {
+                    let n = inbound.data().len();
+                    let piece = Bytes::copy_from_slice(inbound.data());
+                    inbound.consume(n);
+                    Some(piece)
+                }
+                H1State::Chunked(decoder) => {
+                    let d = decoder
+                        .decode(inbound.data())
+                        .map_err(|e| BodyError::Framing(self.side, e))?;
+                    let piece = d
+                        .data
+                        .map(|range| Bytes::copy_from_slice(&inbound.data()[range]));
+                    inbound.consume(d.consumed);
+                    if decoder.is_done() {
+                        self.state = H1State::Done;
+                    }
+                    piece
+                }
+            };
+            if let Some(piece) = piece.filter(|p| !p.is_empty()) {
+                self.total += piece.len() as u64;
+                if limit.is_some_and(|max| self.total > max) {
+                    return Err(BodyError::TooLarge);
+                }
+                return Ok(Some(piece));
+            }
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! HTTP/2 on a listener: one task drives the connection (h2's accept
+//! loop), one task per stream takes its request through routing,
+//! authorization, fault injection and the pipeline, as HTTP/1.1 requests
+//! go.
+//!
+//! What must hold: the connection advertises and enforces the limits in
+//! [`super`] (streams, windows, header list, reset floods); a panic in a
+//! stream's task ends that stream, never the worker; a drain or a config
+//! swap ends the connection with a graceful GOAWAY (h2 sends the two
+//! phases: first with the last possible id, then with the last stream it
+//! took) and lets open streams finish; a connection with no stream for
+//! the listener's idle timeout is closed the same way.
+
+use std::{
+    cell::Cell,
+    future::poll_fn,
+    io,
+    panic::AssertUnwindSafe,
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use h2::{server::SendResponse, RecvStream, SendStream};
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use super::{grpc, io::PollIo};
+use crate::{
+    config::{http::HttpListener, Listener, ListenerKind},
+    http::{
+        body::{BodyError, Side},
+        exchange::Failure,
+        pipeline::{self, BodyKind, Downstream, Origin, Request},
+    },
+    metrics::{self, ErrorReason},
+    route::RequestView,
+    tls::{counters::DecisionSlots, identity::SpiffeId, stream::Stream},
+    worker::Worker,
+};
+
+/// Who is on the other end of an h2 connection.
+pub struct Caller {
+    pub ip: String,
+    pub identity: Option<SpiffeId>,
+    pub tls: bool,
+    pub decisions: DecisionSlots,
+}
+
+/// Serves one HTTP/2 connection; `already` holds bytes read while
+/// detecting the protocol (the start of the preface).
+pub async fn serve(
+    worker: Rc<Worker>,
+    listener_index: usize,
+    stream: Stream,
+    already: Vec<u8>,
+    caller: Caller,
+    conn_id: u64,
+) {
+    let listener = &worker.config.listeners[listener_index];
+    let ListenerKind::Http(http) = &listener.kind else {
+        return;
+    };
+    metrics::add(&worker.counters.http.h2_connections, 1);
+    let io = PollIo::new(stream, already);
+    let mut builder = h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(super::MAX_CONCURRENT_STREAMS)
+        .initial_window_size(super::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(super::CONNECTION_WINDOW_BYTES)
+        .max_header_list_size(super::HEADER_LIST_BYTES_MAX.min(http.limits.head_bytes as u32))
+        .max_send_buffer_size(super::SEND_BUFFER_BYTES_MAX)
+        .max_pending_accept_reset_streams(super::PENDING_ACCEPT_RESETS_MAX)
+        .max_local_error_reset_streams(Some(super::LOCAL_ERROR_RESETS_MAX));
+    let mut conn = match monoio::time::timeout(http.head_timeout, builder.handshake(io)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(conn_id, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(conn_id, "HTTP/2 preface not received in time");
+            return;
+        }
+    };
+    let caller = Rc::new(caller);
+    let open = Rc::new(Cell::new(0usize));
+    let idle = listener.idle_timeout;
+    let mut closing = false;
+    loop {
+        let next = if closing {
+            conn.accept().await
+        } else {
+            let quiet = open.get() == 0;
+            monoio::select! {
+                n = conn.accept() => n,
+                _ = worker.retired.wait() => {
+                    conn.graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+                _ = monoio::time::sleep(idle), if quiet => {
+                    conn.graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+            }
+        };
+        match next {
+            None => break,
+            Some(Err(e)) => {
+                // Protocol errors and the flood limits end here; h2 has
+                // sent GOAWAY with the reason.
+                metrics::add(&worker.counters.http.h2_connection_errors, 1);
+                tracing::debug!(conn_id, error = %e, "HTTP/2 connection error");
+                break;
+            }
+            Some(Ok((req, respond))) => {
+                metrics::add(&worker.counters.http.h2_streams, 1);
+                open.set(open.get() + 1);
+                let task = stream_task(
+                    Rc::clone(&worker),
+                    listener_index,
+                    Rc::clone(&caller),
+                    req,
+                    respond,
+                );
+                let (counters, open) = (Rc::clone(&worker.counters), Rc::clone(&open));
+                monoio::spawn(async move {
+                    if AssertUnwindSafe(task).catch_unwind().await.is_err() {
+                        metrics::add(&counters.task_panics, 1);
+                        tracing::error!(conn_id, "HTTP/2 stream task panicked; stream reset");
+                    }
+                    open.set(open.get().saturating_sub(1));
+                });
+            }
+        }
+    }
+    // Let h2 flush the GOAWAY (and whatever else it owes) before closing.
+    let _ = monoio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
+}
+
+/// Routing's view of an h2 request.
+struct View<'a> {
+    req: &'a Request,
+    host: Option<&'a [u8]>,
+    path: &'a [u8],
+}
+
+impl RequestView for View<'_> {
+    fn method(&self) -> &[u8] {
+        self.req.method.as_str().as_bytes()
+    }
+
+    fn host(&self) -> Option<&[u8]> {
+        self.host.map(crate::route::route_host)
+    }
+
+    fn path(&self) -> &[u8] {
+        self.path
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.req.headers.get(name).map(HeaderValue::as_bytes)
+    }
+}
+
+/// A request's answer in the making, for the log.
+#[derive(Default)]
+struct Note {
+    status: u16,
+    upstream: Option<std::net::SocketAddr>,
+    error: Option<&'static str>,
+}
+
+/// The client side of one h2 stream.
+struct H2Down {
+    body: Option<RecvStream>,
+    respond: SendResponse<Bytes>,
+    send: Option<SendStream<Bytes>>,
+    ended: bool,
+    idle: Duration,
+    note: Note,
+}
+
+impl Downstream for H2Down {
+    fn take_h2_body(&mut self) -> Option<RecvStream> {
+        self.body.take()
+    }
+
+    async fn body_chunk(&mut self, idle: Duration) -> Result<Option<Bytes>, BodyError> {
+        let Some(body) = self.body.as_mut() else {
+            return Ok(None);
+        };
+        match monoio::time::timeout(idle, body.data()).await {
+            Err(_) => Err(BodyError::Io(
+                Side::Downstream,
+                crate::http::inbound::timed_out(),
+            )),
+            Ok(None) => Ok(None),
+            Ok(Some(Err(e))) => Err(BodyError::Io(Side::Downstream, io::Error::other(e))),
+            Ok(Some(Ok(d))) => Ok(Some(d)),
+        }
+    }
+
+    fn release(&mut self, n: usize) {
+        if let Some(body) = self.body.as_mut() {
+            let _ = body.flow_control().release_capacity(n);
+        }
+    }
+
+    async fn respond(
+        &mut self,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: BodyKind,
+    ) -> io::Result<()> {
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        let end = body == BodyKind::Empty;
+        let send = self
+            .respond
+            .send_response(resp, end)
+            .map_err(io::Error::other)?;
+        self.ended = end;
+        self.send = Some(send);
+        Ok(())
+    }
+
+    async fn data(&mut self, data: Bytes) -> io::Result<()> {
+        let Some(send) = self.send.as_mut() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        if self.ended {
+            // A body where the head said none (HEAD): dropped.
+            return Ok(());
+        }
+        pipeline::send_h2_data(send, data, false, self.idle).await
+    }
+
+    async fn finish(&mut self, trailers: Option<HeaderMap>) -> io::Result<()> {
+        let Some(send) = self.send.as_mut() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        if std::mem::replace(&mut self.ended, true) {
+            return Ok(());
+        }
+        match trailers {
+            Some(t) => send.send_trailers(t),
+            None => send.send_data(Bytes::new(), true),
+        }
+        .map_err(io::Error::other)
+    }
+
+    async fn cancelled(&mut self) -> h2::Reason {
+        let reset = match self.send.as_mut() {
+            Some(send) => poll_fn(|cx| send.poll_reset(cx)).await,
+            None => poll_fn(|cx| self.respond.poll_reset(cx)).await,
+        };
+        reset.unwrap_or(h2::Reason::CANCEL)
+    }
+
+    fn reset(&mut self, reason: h2::Reason) {
+        self.ended = true;
+        match self.send.as_mut() {
+            Some(send) => send.send_reset(reason),
+            None => self.respond.send_reset(reason),
+        }
+    }
+
+    fn note(&mut self, status: u16, upstream: std::net::SocketAddr) {
+        self.note.status = status;
+        self.note.upstream = Some(upstream);
+    }
+}
+
+/// One stream: from request head to the end of its response.
+async fn stream_task(
+    worker: Rc<Worker>,
+    listener_index: usize,
+    caller: Rc<Caller>,
+    req: http::Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) {
+    let listener = &worker.config.listeners[listener_index];
+    let ListenerKind::Http(http) = &listener.kind else {
+        return;
+    };
+    metrics::add(&worker.counters.http.requests, 1);
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let mut down = H2Down {
+        body: Some(body),
+        respond,
+        send: None,
+        ended: false,
+        idle: listener.idle_timeout,
+        note: Note::default(),
+    };
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    let method = parts.method.to_string();
+    let mut route = None;
+    handle(
+        &worker, listener, http, &caller, parts, &mut down, &mut route,
+    )
+    .await;
+    let took = started.elapsed();
+    worker.histograms.listener(listener_index, took);
+    if let Some(r) = route {
+        worker.histograms.route(listener_index, r, took);
+    }
+    if let Some(log) = listener.access_log.as_ref() {
+        let line = crate::access_log::Line {
+            time: crate::access_log::now(),
+            worker: worker.id,
+            listener: &listener.name,
+            route: route.map(|r| http.routes[r].name.as_str()),
+            client: &caller.ip,
+            peer_identity: caller.identity.as_ref().map(|i| i.as_str()),
+            method: &method,
+            target: &target,
+            version: "HTTP/2.0",
+            status: down.note.status,
+            duration_us: took.as_micros() as u64,
+            upstream: down.note.upstream,
+            error: down.note.error,
+        };
+        worker.access_log.record(&worker.counters, log, &line);
+    }
+}
+
+/// Builds the version-independent request, routes it and forwards it;
+/// answers itself when it cannot.
+async fn handle(
+    worker: &Worker,
+    listener: &Listener,
+    http: &HttpListener,
+    caller: &Caller,
+    parts: http::request::Parts,
+    down: &mut H2Down,
+    route_out: &mut Option<usize>,
+) {
+    let grpc = grpc::is_grpc(parts.headers.get("content-type").map(HeaderValue::as_bytes));
+    let refuse = |reason: ErrorReason, detail: String| (reason, detail);
+    let built = request(worker, http, parts, down.body.as_ref());
+    let (req, path) = match built {
+        Ok(r) => r,
+        Err((reason, detail)) => return generated(worker, down, grpc, reason, &detail).await,
+    };
+    let authority = req.uri.authority().map(|a| a.as_str().as_bytes().to_vec());
+    let view = View {
+        req: &req,
+        host: authority.as_deref(),
+        path: &path,
+    };
+    let route_index = crate::route::select(&http.routes, &view);
+    *route_out = route_index;
+    let route = route_index.map(|i| &http.routes[i]);
+    let denied = crate::http::authorize(
+        worker,
+        listener,
+        route,
+        caller.identity.as_ref(),
+        &caller.decisions,
+    );
+    if let Some(denied) = denied {
+        let (reason, detail) = refuse(ErrorReason::Forbidden, denied);
+        return generated(worker, down, grpc, reason, &detail).await;
+    }
+    if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
+        if let Some(status) =
+            crate::http::inject(worker, fault, |h| req.headers.contains_key(h)).await
+        {
+            metrics::add(&worker.counters.http.faults_aborted, 1);
+            return answer(
+                worker,
+                down,
+                grpc,
+                status,
+                "fault_injected",
+                "injected by this route's fault settings",
+            )
+            .await;
+        }
+    }
+    let cluster = match (route, http.default_cluster) {
+        (Some(r), _) => crate::route::pick_weighted(&r.clusters, &worker.rng),
+        (None, Some(c)) => c,
+        (None, None) => {
+            return generated(
+                worker,
+                down,
+                grpc,
+                ErrorReason::NoRoute,
+                "no route matches this request",
+            )
+            .await
+        }
+    };
+    let origin = Origin {
+        client_ip: &caller.ip,
+        tls: caller.tls,
+        identity: caller.identity.as_ref().map(|i| i.as_str()),
+    };
+    let idle = listener.idle_timeout;
+    let forwarded = pipeline::forward(worker, http, route, cluster, &origin, req, down, idle).await;
+    match forwarded {
+        Ok(()) => {}
+        Err(Failure::Generated { reason, detail, .. }) => {
+            tracing::debug!(reason = reason.name(), %detail, "generated response");
+            if down.send.is_none() {
+                generated(worker, down, grpc, reason, &detail).await;
+            } else {
+                down.reset(h2::Reason::INTERNAL_ERROR);
+            }
+        }
+        Err(Failure::Cut(why)) => {
+            metrics::add(&worker.counters.http.responses_cut, 1);
+            tracing::debug!(%why, "HTTP/2 response cut off");
+            if !down.ended {
+                down.reset(h2::Reason::INTERNAL_ERROR);
+            }
+        }
+    }
+}
+
+type Refusal = (ErrorReason, String);
+
+/// The pipeline's request from an h2 request head: authority checked,
+/// path normalized. Also returns the normalized path (for routing).
+fn request(
+    worker: &Worker,
+    http: &HttpListener,
+    parts: http::request::Parts,
+    body: Option<&RecvStream>,
+) -> Result<(Request, Vec<u8>), Refusal> {
+    let bad = |detail: &str| (ErrorReason::BadRequest, detail.to_string());
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .map(HeaderValue::as_bytes);
+    let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
+    // RFC 9113 §8.3.1: a Host that names another entity than :authority
+    // makes the request malformed; routing must not pick one of the two.
+    if let (Some(h), Some(a)) = (host, authority) {
+        if !h.eq_ignore_ascii_case(a) {
+            return Err(bad("Host and :authority disagree"));
+        }
+    }
+    let Some(authority) = authority.or(host).map(<[u8]>::to_vec) else {
+        return Err(bad("request without :authority or Host"));
+    };
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let split = target.find('?').unwrap_or(target.len());
+    let (raw_path, query) = target.split_at(split);
+    let path = match crate::route::path::normalize(raw_path.as_bytes(), http.paths) {
+        Ok(None) => raw_path.as_bytes().to_vec(),
+        Ok(Some(normal)) => {
+            metrics::add(&worker.counters.http.paths_normalized, 1);
+            normal
+        }
+        Err(e) => return Err((ErrorReason::BadPath, e.to_string())),
+    };
+    let mut uri = Vec::with_capacity(8 + authority.len() + target.len());
+    uri.extend_from_slice(b"http://");
+    uri.extend_from_slice(&authority);
+    uri.extend_from_slice(&path);
+    uri.extend_from_slice(query.as_bytes());
+    let uri = http::Uri::try_from(uri).map_err(|_| bad("request target"))?;
+    let body_kind = match body {
+        Some(b) if b.is_end_stream() => BodyKind::Empty,
+        None => BodyKind::Empty,
+        Some(_) => super::headers::content_length(&parts.headers)
+            .map_or(BodyKind::Streamed, BodyKind::Length),
+    };
+    if let (BodyKind::Length(n), Some(max)) = (body_kind, http.body_bytes_max) {
+        if n > max {
+            return Err((
+                ErrorReason::BodyTooLarge,
+                format!("request body of {n} bytes exceeds the limit of {max}"),
+            ));
+        }
+    }
+    let grpc = grpc::is_grpc(parts.headers.get("content-type").map(HeaderValue::as_bytes));
+    let grpc_timeout = parts
+        .headers
+        .get("grpc-timeout")
+        .and_then(|v| grpc::parse_timeout(v.as_bytes()));
+    let mut headers = parts.headers;
+    headers.remove(http::header::HOST);
+    Ok((
+        Request {
+            method: parts.method,
+            uri,
+            headers,
+            body: body_kind,
+            grpc,
+            grpc_timeout,
+        },
+        path,
+    ))
+}
+
+/// Answers with a generated response for `reason` (counted).
+async fn generated(
+    worker: &Worker,
+    down: &mut H2Down,
+    grpc: bool,
+    reason: ErrorReason,
+    detail: &str,
+) {
+    worker.counters.http.generated(reason);
+    answer(worker, down, grpc, reason.status(), reason.name(), detail).await;
+}
+
+/// Writes a generated answer: for gRPC callers HTTP 200 with the status
+/// in `grpc-status` (trailers-only), else the status with a text body.
+async fn answer(
+    worker: &Worker,
+    down: &mut H2Down,
+    grpc: bool,
+    status: u16,
+    name: &'static str,
+    detail: &str,
+) {
+    down.note.error = Some(name);
+    let mut headers = HeaderMap::new();
+    headers.insert("x-pilotfish-error", HeaderValue::from_static(name));
+    let http_status = if grpc { 200 } else { status };
+    down.note.status = http_status;
+    worker.counters.http.response(http_status);
+    let code = StatusCode::from_u16(http_status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if grpc {
+        headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+        let grpc_code = if name == "upstream_timeout" {
+            grpc::DEADLINE_EXCEEDED
+        } else {
+            grpc::code_for_http(status)
+        };
+        headers.insert("grpc-status", HeaderValue::from(grpc_code));
+        if let Ok(v) = HeaderValue::from_str(&grpc::encode_message(detail)) {
+            headers.insert("grpc-message", v);
+        }
+        let _ = down.respond(code, headers, BodyKind::Empty).await;
+        return;
+    }
+    headers.insert(
+        "content-type",
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    let text = Bytes::from(format!("{detail}\n"));
+    headers.insert("content-length", HeaderValue::from(text.len()));
+    if down
+        .respond(code, headers, BodyKind::Length(text.len() as u64))
+        .await
+        .is_ok()
+        && down.data(text).await.is_ok()
+    {
+        let _ = down.finish(None).await;
+    }
+}
