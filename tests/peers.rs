@@ -47,7 +47,7 @@ worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
-events {{ worker_connections 256; }}
+events {{ worker_connections 1024; }}
 http {{
     access_log off;
     client_body_temp_path {dir}/body;
@@ -67,6 +67,9 @@ http {{
         location = /sink {{
             client_max_body_size 0;
             return 200 "sunk\n";
+        }}
+        location /uri/ {{
+            return 200 "$request_uri\n";
         }}
     }}
 }}
@@ -106,6 +109,24 @@ fn proxy_config(upstream: SocketAddr) -> String {
         &cluster("nginx", &[upstream], ""),
     )
     .replace("name = \"web\"", "name = \"app-out\"")
+}
+
+const H2_RAW: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/h2_raw.py");
+
+/// Whether Python has `module` (outside CI a missing one skips, in CI it fails).
+fn have_py(module: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 {module} must be installed in CI"
+        );
+        eprintln!("python3 {module} not installed: skipping");
+    }
+    ok
 }
 
 fn curl(args: &[&str]) -> (bool, String, String) {
@@ -351,4 +372,195 @@ fn path_spellings_cannot_bypass_a_route_to_nginx() {
     }
     proxy.signal(15);
     assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+}
+
+/// The HTTP/2 listener side with real peers: curl with prior knowledge
+/// (h2c) and with ALPN over TLS on the same ports as HTTP/1.1, h2 streams
+/// in parallel on one connection each answered with its own body, and
+/// h2load with many streams per connection; nginx (HTTP/1.1) behind.
+#[test]
+fn curl_and_h2load_over_http2_through_pilotfish_to_nginx() {
+    if !have("nginx") || !have("curl") || !have("h2load") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let data = pattern(7, 4 << 20);
+    std::fs::write(nginx.dir.join("www/4m.bin"), &data).unwrap();
+    let ca = support::pki::new_ca("curl CA");
+    let tls_dir = temp_dir("h2-tls");
+    support::pki::leaf(&ca, support::pki::ORDERS, |_| {}).write(&tls_dir, &ca.pem);
+    let toml = format!(
+        "{}{}[[listeners]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"nginx\"\ntls = {{ require_client_cert = false }}\n",
+        proxy_config(nginx.addr),
+        support::pki::tls_table(&tls_dir),
+    );
+    let (proxy, addr) = start_toml(&toml, "app-out");
+    let tls = proxy.listener_addr("tls").unwrap();
+    let base = format!("http://{addr}");
+    let h2c = ["--http2-prior-knowledge", "-w", "\n%{http_version}"];
+
+    let (ok, out, err) = curl(&[&h2c[..], &[&format!("{base}/hello.txt")]].concat());
+    assert!(ok, "{err}");
+    assert_eq!(out, "hello from nginx\n\n2", "h2c GET");
+    let (ok, out, err) = curl(&[&h2c[..], &["-I", &format!("{base}/hello.txt")]].concat());
+    assert!(ok && out.starts_with("HTTP/2 200"), "{out}{err}");
+    assert!(
+        out.contains("content-length: 17"),
+        "HEAD keeps the length: {out}"
+    );
+    let (ok, out, err) = curl(
+        &[
+            &h2c[..],
+            &["--data-binary", "name=value", &format!("{base}/sink")],
+        ]
+        .concat(),
+    );
+    assert!(ok && out == "sunk\n\n2", "{out}{err}");
+    // An upload without a length (h2 DATA until END_STREAM) goes up
+    // chunked, and comes back intact.
+    let file = temp_dir("h2-put").join("up.bin");
+    std::fs::write(&file, &data[..300_000]).unwrap();
+    let put = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cat {} | curl -sS --max-time 60 --http2-prior-knowledge -T - {base}/dav/h2.bin -o /dev/null -w '%{{http_code}}'",
+            file.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&put.stdout), "201");
+    let back = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            &format!("{base}/dav/h2.bin"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        back.stdout.len(),
+        300_000,
+        "{}",
+        String::from_utf8_lossy(&back.stdout)
+    );
+    assert!(back.stdout == data[..300_000], "PUT then GET over h2");
+    // A 4 MiB body through the windows.
+    let big = Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", &format!("{base}/4m.bin")])
+        .output()
+        .unwrap();
+    assert_eq!(big.stdout.len(), data.len());
+    assert!(big.stdout == data, "4 MiB over h2 arrives intact");
+
+    // 500 streams on one connection, up to 90 at once: each gets its
+    // own answer (curl 7.88's -Z fails with prior knowledge, against any
+    // server, so a raw h2 client does this).
+    if have_py("h2") {
+        let out = Command::new("timeout")
+            .args(["60", "python3", H2_RAW, "mux", &addr.to_string(), "500"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.trim(), r#"{"ok": 500, "done": 500}"#, "{text}");
+    }
+
+    // TLS: ALPN picks h2 or HTTP/1.1 on the same port.
+    let url = format!("https://{tls}/hello.txt");
+    let (ok, out, err) = curl(&["-k", "--http2", "-w", "\n%{http_version}", &url]);
+    assert!(ok && out == "hello from nginx\n\n2", "{out}{err}");
+    let (ok, out, err) = curl(&["-k", "--http1.1", "-w", "\n%{http_version}", &url]);
+    assert!(ok && out == "hello from nginx\n\n1.1", "{out}{err}");
+
+    // h2load: many streams per connection, every one answered.
+    let load = Command::new("h2load")
+        .args([
+            "-n",
+            "20000",
+            "-c",
+            "8",
+            "-m",
+            "32",
+            &format!("{base}/hello.txt"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&load.stdout);
+    assert!(
+        text.contains("20000 succeeded, 0 failed, 0 errored, 0 timeout"),
+        "{text}"
+    );
+    assert!(text.contains("status codes: 20000 2xx"), "{text}");
+    let stats = proxy.stats().total.http;
+    assert!(stats.h2_connections >= 8 + 2, "{stats:?}");
+    assert_eq!(stats.h2_connection_errors, 0, "{stats:?}");
+    proxy.shutdown();
+}
+
+/// Current resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Each HTTP/2 abuse class from a raw-frame client against the real
+/// binary: the connection ends (GOAWAY, or at once after the client
+/// stops), the proxy's memory stays bounded, and a well-behaved client
+/// served right after is unaffected.
+#[test]
+fn http2_floods_end_the_connection_and_spare_other_clients() {
+    if !have("nginx") || !have_py("h2") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let mut proxy = ChildProxy::spawn(&proxy_config(nginx.addr));
+    let addr = proxy.wait_ready();
+    let pid = proxy.child.id();
+    let before = rss_kib(pid);
+    for kind in [
+        "rapid_reset",
+        "continuation",
+        "hpack_bomb",
+        "empty_data",
+        "ping",
+        "settings",
+        "window_update",
+    ] {
+        let out = Command::new("timeout")
+            .args(["60", "python3", H2_RAW, "flood", &addr.to_string(), kind])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let r: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "{kind}: {e}: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        assert_eq!(r["closed"], true, "{kind}: the connection ends: {r}");
+        eprintln!("{kind}: {r}");
+        // Frame-level abuse is answered with GOAWAY; control-frame floods
+        // (PING, SETTINGS, WINDOW_UPDATE) are answered one at a time at
+        // the pace the client reads, so they end when the client stops.
+        if ["rapid_reset", "continuation", "hpack_bomb", "empty_data"].contains(&kind) {
+            assert_eq!(r["goaway"], "ENHANCE_YOUR_CALM", "{kind}: {r}");
+        }
+        let ok = Command::new("timeout")
+            .args(["30", "python3", H2_RAW, "mux", &addr.to_string(), "50"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&ok.stdout);
+        assert_eq!(
+            text.trim(),
+            r#"{"ok": 50, "done": 50}"#,
+            "after {kind}: {text}"
+        );
+    }
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(grown < 64 * 1024, "RSS grew by {grown} KiB over the floods");
+    proxy.signal(15);
+    proxy.wait_exit(Duration::from_secs(10));
 }
