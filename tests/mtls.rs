@@ -222,6 +222,11 @@ fn http_and_l4_through_a_sidecar_pair_carry_the_callers_identity() {
             "{driver}: 6 requests + 1 connection"
         );
         assert_eq!(m.upstream.requests(), 6);
+        // HTTP/1.1 in at A, HTTP/2 between the sidecars (ALPN on the
+        // mTLS cluster), HTTP/1.1 out at B.
+        let between = m.b.stats().total.http;
+        assert!(between.h2_connections >= 1, "{driver}: {between:?}");
+        assert!(between.h2_streams >= 5, "{driver}: {between:?}");
         a.shutdown();
         m.b.shutdown();
     }

@@ -76,12 +76,13 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         out,
         &outbound_config(out, inbound_addr, inbound_mtls),
     )?;
-    let (outbound_addr, outbound_mtls) = (
+    let (outbound_addr, outbound_mtls, outbound_mtls_h1) = (
         outbound.listener("outbound")?,
         outbound.listener("outbound-mtls")?,
+        outbound.listener("outbound-mtls-h1")?,
     );
     println!(
-        "sidecar A (outbound)          {outbound_addr} plaintext, {outbound_mtls} mTLS as {SERVICE_A}  pid {}",
+        "sidecar A (outbound)          {outbound_addr} plaintext, {outbound_mtls} mTLS (h2 between the sidecars), {outbound_mtls_h1} mTLS (HTTP/1.1 between) as {SERVICE_A}  pid {}",
         outbound.pid()
     );
     println!(
@@ -89,10 +90,11 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         pki.display()
     );
     println!(
-        "\nload: {} connections, HTTP/1.1 GET keep-alive, closed loop; warm-up {:?}, then {:?} each: direct, plaintext mesh, mTLS mesh\n",
+        "\nload: {} connections, HTTP/1.1 GET keep-alive, closed loop; warm-up {:?}, then {:?} each: direct, plaintext mesh, mTLS mesh with HTTP/1.1 and with h2 between the sidecars\n",
         plan.connections, plan.warmup, plan.measure
     );
 
+    let pids = [outbound.pid(), inbound.pid()];
     let measure = |target| -> anyhow::Result<pingpong::Outcome> {
         pingpong::run(target, plan.connections, plan.warmup, &stop)?;
         // The sidecars' histograms count the measured window only.
@@ -105,9 +107,26 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         }
         pingpong::run(target, plan.connections, plan.measure, &stop)
     };
+    // CPU seconds both sidecars spent, per request, over one window.
+    let cpu = |f: &dyn Fn() -> anyhow::Result<pingpong::Outcome>| {
+        let ticks = || -> u64 {
+            pids.iter()
+                .map(|p| {
+                    let (u, s) = crate::compare::cpu_ticks(*p);
+                    u + s
+                })
+                .sum()
+        };
+        let before = ticks();
+        let o = f()?;
+        let used = (ticks() - before) as f64 / 100.0;
+        let per_request_us = used * 1e6 / o.requests.max(1) as f64;
+        anyhow::Ok((o, per_request_us))
+    };
     let direct = measure(app)?;
     let mesh = measure(outbound_addr)?;
-    let mtls = measure(outbound_mtls)?;
+    let (mtls_h1, cpu_h1) = cpu(&|| measure(outbound_mtls_h1))?;
+    let (mtls, cpu_h2) = cpu(&|| measure(outbound_mtls))?;
     if stop.load(Ordering::Relaxed) {
         anyhow::bail!("interrupted; sidecars stopped");
     }
@@ -120,7 +139,8 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
     report += &pingpong::table(&[
         ("direct", &direct),
         ("through mesh", &mesh),
-        ("through mTLS mesh", &mtls),
+        ("mTLS, HTTP/1.1 between", &mtls_h1),
+        ("through mTLS mesh (h2)", &mtls),
     ]);
     report += "\nLatency added (µs): by the mesh (two sidecar hops), and by mTLS on top of it\n";
     report += "  percentile      mesh   mTLS\n";
@@ -137,6 +157,26 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         mtls.rate(),
         mesh.rate(),
         mtls.rate() / mesh.rate()
+    );
+    let b_stats = {
+        let socket = out.join("sidecar-b-inbound.sock");
+        let (_, body) = pilotfish::admin::client::request(&socket, "GET", "/stats")?;
+        serde_json::from_str::<serde_json::Value>(&body)?
+    };
+    let h2 = &b_stats["total"]["http"];
+    report += &format!(
+        "between the sidecars (mTLS): h2 by ALPN, {} requests multiplexed on {} connection(s) (sidecar B's /stats); the app on both sides speaks HTTP/1.1\n",
+        h2["h2_streams"].as_u64().unwrap_or(0),
+        h2["h2_connections"].as_u64().unwrap_or(0),
+    );
+    report += &format!(
+        "mTLS pair, h2 vs HTTP/1.1 between the sidecars: {:.0} vs {:.0} req/s ({:.2}x); sidecar CPU {:.1} vs {:.1} µs/request ({:.2}x)\n",
+        mtls.rate(),
+        mtls_h1.rate(),
+        mtls.rate() / mtls_h1.rate(),
+        cpu_h2,
+        cpu_h1,
+        cpu_h2 / cpu_h1,
     );
     report += "\nmTLS handshakes (from each sidecar's /stats)\n";
     for name in ["sidecar-a-outbound", "sidecar-b-inbound"] {
@@ -173,7 +213,8 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         &[
             ("direct", &direct.histogram),
             ("through mesh", &mesh.histogram),
-            ("through mTLS mesh", &mtls.histogram),
+            ("mTLS, HTTP/1.1 between", &mtls_h1.histogram),
+            ("through mTLS mesh (h2)", &mtls.histogram),
         ],
     );
     let svg_path = out.join("latency.svg");
@@ -276,6 +317,11 @@ name = "outbound-mtls"
 bind = "127.0.0.1:0"
 protocol = "http"
 cluster = "sidecar-b-mtls"
+[[listeners]]
+name = "outbound-mtls-h1"
+bind = "127.0.0.1:0"
+protocol = "http"
+cluster = "sidecar-b-mtls-h1"
 [[clusters]]
 name = "sidecar-b"
 endpoints = ["{plain}"]
@@ -283,6 +329,13 @@ endpoints = ["{plain}"]
 name = "sidecar-b-mtls"
 endpoints = ["{mtls}"]
 tls = {{ server_identity = "{SERVICE_B}" }}
+# protocol = "auto" (the default): ALPN picks h2 between two Pilotfish
+# sidecars, so the app's HTTP/1.1 requests ride one multiplexed connection.
+[[clusters]]
+name = "sidecar-b-mtls-h1"
+endpoints = ["{mtls}"]
+tls = {{ server_identity = "{SERVICE_B}" }}
+protocol = "http1"
 "#
         )
 }
