@@ -282,11 +282,28 @@ impl Ctx<'_> {
         let endpoint = &self.cluster.endpoints[ep];
         let counters = &self.worker.counters.http;
         let h2 = self.cluster.speaks_h2();
+        let mut _connecting = None;
         if h2 {
-            if let Some(lease) = endpoint.h2.checkout() {
-                metrics::add(&counters.pool_reuses, 1);
-                return Ok(UpConn::H2(lease));
+            loop {
+                if let Some(lease) = endpoint.h2.checkout() {
+                    metrics::add(&counters.pool_reuses, 1);
+                    return Ok(UpConn::H2(lease));
+                }
+                match endpoint.h2.in_flight() {
+                    // Another request is connecting: its connection will
+                    // likely have room for this one too.
+                    Some(done) => {
+                        if monoio::time::timeout(self.left(), done.wait())
+                            .await
+                            .is_err()
+                        {
+                            return Err(self.timeout_failure());
+                        }
+                    }
+                    None => break,
+                }
             }
+            _connecting = Some(endpoint.h2.start_connect());
         } else if let Some(s) = endpoint
             .pool
             .checkout(Instant::now(), self.cluster.config.pool_idle_timeout)

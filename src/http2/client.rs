@@ -20,7 +20,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 
 use super::io::PollIo;
-use crate::tls::stream::Stream;
+use crate::{tls::stream::Stream, worker::gate::Trigger};
 
 /// Connections per endpoint per worker. One carries up to the peer's
 /// stream limit (100 for most servers, [`super::MAX_CONCURRENT_STREAMS`]
@@ -42,6 +42,24 @@ struct Conn {
 #[derive(Debug, Default)]
 pub struct H2Conns {
     conns: RefCell<Vec<Conn>>,
+    /// A connect in flight: fired when it ends (either way). Requests that
+    /// find no free stream wait for it instead of each opening their own
+    /// (a burst at start would otherwise open a connection per request).
+    connecting: RefCell<Option<Trigger>>,
+}
+
+/// Held by the task that connects; wakes the waiters when dropped.
+#[derive(Debug)]
+pub struct Connecting<'a> {
+    conns: &'a H2Conns,
+    done: Trigger,
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.done.fire();
+        *self.conns.connecting.borrow_mut() = None;
+    }
 }
 
 /// A stream slot on a connection: released when dropped.
@@ -72,6 +90,18 @@ impl H2Conns {
             None => conns.iter().min_by_key(|c| c.streams.get())?,
         };
         Some(Self::lease(pick))
+    }
+
+    /// A connect in flight to wait for, if any.
+    pub fn in_flight(&self) -> Option<Trigger> {
+        self.connecting.borrow().clone()
+    }
+
+    /// Marks a connect in flight until the guard is dropped.
+    pub fn start_connect(&self) -> Connecting<'_> {
+        let done = Trigger::default();
+        *self.connecting.borrow_mut() = Some(done.clone());
+        Connecting { conns: self, done }
     }
 
     fn lease(c: &Conn) -> Lease {
