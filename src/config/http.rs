@@ -855,3 +855,50 @@ impl super::Validator<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn parse(cluster_extra: &str, route_extra: &str) -> Result<Config, String> {
+        let text = format!(
+            "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"c\"\n\
+             [[listeners.routes]]\nname = \"r\"\npath_prefix = \"/\"\ncluster = \"c\"\n{route_extra}\n\
+             [[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n{cluster_extra}\n"
+        );
+        Config::parse("t.toml", &text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn cluster_protocol_and_grpc_retry_conditions() {
+        let c = parse("", "").unwrap();
+        assert_eq!(c.clusters[0].http.protocol, UpstreamProtocol::Auto);
+        for (text, want) in [
+            ("h2", UpstreamProtocol::H2),
+            ("http1", UpstreamProtocol::Http1),
+            ("auto", UpstreamProtocol::Auto),
+        ] {
+            let c = parse(&format!("protocol = \"{text}\""), "").unwrap();
+            assert_eq!(c.clusters[0].http.protocol, want);
+        }
+        let err = parse("protocol = \"h3\"", "").unwrap_err();
+        assert!(
+            err.contains("clusters[0].protocol") && err.contains("h3"),
+            "{err}"
+        );
+        let c = parse(
+            "",
+            "retry = { on = [\"unavailable\", \"503\", \"cancelled\"] }",
+        )
+        .unwrap();
+        let crate::config::ListenerKind::Http(http) = &c.listeners[0].kind else {
+            panic!("an http listener");
+        };
+        let retry = &http.routes[0].retry;
+        assert_eq!(retry.on_grpc, [14, 1]);
+        assert_eq!(retry.on_status, [503]);
+        let err = parse("", "retry = { on = [\"unavailabel\"] }").unwrap_err();
+        assert!(err.contains("unavailabel") && err.contains("gRPC"), "{err}");
+    }
+}

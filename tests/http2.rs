@@ -1,0 +1,139 @@
+//! HTTP/2 on a listener, in-process, both drivers: generated answers over
+//! h2, and a drain that lets in-flight streams finish (graceful GOAWAY)
+//! while the connection takes no new ones. curl is the h2 client.
+#![allow(clippy::disallowed_methods)] // test threads may sleep
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use support::*;
+
+/// An HTTP/1.1 upstream that answers each request after `delay`.
+fn slow_upstream(delay: Duration) -> std::net::SocketAddr {
+    serve(move |mut s| {
+        let mut buf = vec![0u8; 8192];
+        let mut seen = Vec::new();
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                seen.drain(..end + 4);
+                thread::sleep(delay);
+                let body = "slow\n";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if s.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+fn curl_h2(args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--http2-prior-knowledge"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn generated_answers_over_h2_say_why() {
+    if !have("curl") {
+        return;
+    }
+    for driver in drivers() {
+        let up = slow_upstream(Duration::ZERO);
+        let toml = http_config(
+            driver,
+            "[[listeners.routes]]\nname = \"only\"\npath_prefix = \"/only\"\ncluster = \"up\"",
+            &cluster("up", &[up], ""),
+        );
+        let (proxy, addr) = start_toml(&toml, "web");
+        let (out, err) = curl_h2(&["-i", &format!("http://{addr}/elsewhere")]);
+        assert!(out.starts_with("HTTP/2 404"), "{driver}: {out}{err}");
+        assert!(
+            out.contains("x-pilotfish-error: no_route"),
+            "{driver}: {out}"
+        );
+        assert!(
+            out.contains("no route matches this request"),
+            "{driver}: {out}"
+        );
+        let (out, _) = curl_h2(&["-i", &format!("http://{addr}/only/x")]);
+        assert!(
+            out.starts_with("HTTP/2 200") && out.ends_with("slow\n"),
+            "{driver}: {out}"
+        );
+        // gRPC callers get a gRPC error, not a 404 page.
+        let (out, err) = curl_h2(&[
+            "-i",
+            "-H",
+            "content-type: application/grpc",
+            "--data-binary",
+            "",
+            &format!("http://{addr}/pkg.Svc/Method"),
+        ]);
+        assert!(out.starts_with("HTTP/2 200"), "{driver}: {out}{err}");
+        assert!(
+            out.contains("grpc-status: 12"),
+            "{driver}: UNIMPLEMENTED: {out}"
+        );
+        assert!(
+            out.contains("grpc-message: no route matches this request"),
+            "{driver}: {out}"
+        );
+        proxy.shutdown();
+    }
+}
+
+#[test]
+fn a_drain_lets_open_h2_streams_finish() {
+    if !have("nghttp") {
+        return;
+    }
+    for driver in drivers() {
+        let up = slow_upstream(Duration::from_millis(800));
+        let toml = http_config(driver, "cluster = \"up\"", &cluster("up", &[up], ""));
+        let (proxy, addr) = start_toml(&toml, "web");
+        // Three streams on one connection (nghttp multiplexes its URIs),
+        // all in flight when the drain starts: each is answered.
+        let urls: Vec<String> = (1..=3).map(|i| format!("http://{addr}/s{i}")).collect();
+        let client = thread::spawn(move || {
+            Command::new("timeout")
+                .args(["30", "nghttp"])
+                .args(&urls)
+                .output()
+                .unwrap()
+        });
+        eventually("three streams in flight", || {
+            proxy.stats().total.http.h2_streams >= 3
+        });
+        proxy.drain();
+        let out = client.join().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "slow\nslow\nslow\n",
+            "{driver}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{driver}");
+        assert_eq!(proxy.stats().total.http.h2_connections, 1, "{driver}");
+        proxy.shutdown();
+    }
+}
