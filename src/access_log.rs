@@ -239,6 +239,9 @@ pub struct Line<'a> {
     pub upstream: Option<SocketAddr>,
     /// Why the proxy answered itself, if it did.
     pub error: Option<&'static str>,
+    /// The `grpc-status` sent (gRPC requests over HTTP/2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
 }
 
 /// The current time as an access log wants it.
@@ -364,6 +367,7 @@ mod tests {
             duration_us: 42,
             upstream: Some("127.0.0.1:80".parse().unwrap()),
             error: None,
+            grpc_status: None,
         }
     }
 

@@ -191,6 +191,23 @@ fn grpc_through_an_mtls_sidecar_pair() {
         assert!(sa.h2_connections >= 1, "{driver}: {sa:?}");
         assert!(sb.h2_connections >= 1, "{driver}: {sb:?}");
         assert!(sb.h2_streams >= 200, "{driver}: {sb:?}");
+        // gRPC statuses counted where they reached the client: OK, the
+        // server's NOT_FOUND (5), the proxy's own UNAVAILABLE (14).
+        assert!(
+            sa.grpc_responses[0] >= 200,
+            "{driver}: {:?}",
+            sa.grpc_responses
+        );
+        assert!(
+            sa.grpc_responses[5] >= 1,
+            "{driver}: {:?}",
+            sa.grpc_responses
+        );
+        assert!(
+            sa.grpc_responses[14] >= 1,
+            "{driver}: {:?}",
+            sa.grpc_responses
+        );
         a.shutdown();
         b.shutdown();
     }

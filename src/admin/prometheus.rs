@@ -273,6 +273,21 @@ pub fn render(reports: &[WorkerReport], hist: &[HistogramReport], extra: &Extra<
     }
     family(
         &mut out,
+        "http_grpc_responses_total",
+        "counter",
+        "gRPC responses sent to clients, by grpc-status (upstream's or the proxy's).",
+    );
+    for r in reports {
+        for (code, n) in r.counters.http.grpc_responses.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "pilotfish_http_grpc_responses_total{{core=\"{}\",grpc_status=\"{code}\"}} {n}",
+                r.worker,
+            );
+        }
+    }
+    family(
+        &mut out,
         "http_generated_responses_total",
         "counter",
         "Responses the proxy generated, by reason.",

@@ -34,6 +34,31 @@ pub struct HttpListener {
     /// byte (slow-loris bound); 408 when a request line was seen.
     #[serde(with = "super::humantime_serde_compat")]
     pub head_timeout: Duration,
+    /// HTTP/2 settings for this listener's clients.
+    pub h2: H2Settings,
+}
+
+/// HTTP/2 flow control and concurrency for one side (a listener's
+/// clients, or a cluster's endpoints). Defaults and bounds: see
+/// `crate::http2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct H2Settings {
+    /// Streams a peer may open at once (listeners only).
+    pub max_concurrent_streams: u32,
+    /// Unforwarded body bytes a peer may send per stream.
+    pub stream_window: u32,
+    /// ... and on the whole connection.
+    pub connection_window: u32,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: crate::http2::MAX_CONCURRENT_STREAMS,
+            stream_window: crate::http2::STREAM_WINDOW_BYTES,
+            connection_window: crate::http2::CONNECTION_WINDOW_BYTES,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -132,6 +157,8 @@ pub enum LbPolicy {
 pub struct HttpCluster {
     /// Which HTTP version the proxy speaks to the endpoints.
     pub protocol: UpstreamProtocol,
+    /// Windows for h2 connections to the endpoints.
+    pub h2: H2Settings,
     pub lb: LbPolicy,
     pub max_idle_per_endpoint: usize,
     #[serde(with = "super::humantime_serde_compat")]
@@ -181,6 +208,7 @@ impl Default for HttpCluster {
     fn default() -> Self {
         Self {
             protocol: UpstreamProtocol::Auto,
+            h2: H2Settings::default(),
             lb: LbPolicy::RoundRobin,
             max_idle_per_endpoint: POOL_IDLE_PER_ENDPOINT_DEFAULT,
             pool_idle_timeout: POOL_IDLE_TIMEOUT_DEFAULT,
@@ -336,6 +364,52 @@ impl super::Validator<'_> {
         }
     }
 
+    /// HTTP/2 settings from a listener's or a cluster's keys.
+    fn h2_settings(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        streams: &Option<Spanned<u32>>,
+        stream_window: &Option<Spanned<u32>>,
+        connection_window: &Option<Spanned<u32>>,
+    ) -> Result<H2Settings, super::ConfigError> {
+        use crate::http2::{
+            CONNECTION_WINDOW_BYTES, CONNECTION_WINDOW_BYTES_MAX, MAX_CONCURRENT_STREAMS,
+            MAX_CONCURRENT_STREAMS_MAX, STREAM_WINDOW_BYTES, STREAM_WINDOW_BYTES_MAX,
+            STREAM_WINDOW_BYTES_MIN,
+        };
+        let s = H2Settings {
+            max_concurrent_streams: self.bounded(
+                streams,
+                key("h2_max_concurrent_streams"),
+                1..=MAX_CONCURRENT_STREAMS_MAX,
+                MAX_CONCURRENT_STREAMS,
+            )?,
+            stream_window: self.bounded(
+                stream_window,
+                key("h2_stream_window"),
+                STREAM_WINDOW_BYTES_MIN..=STREAM_WINDOW_BYTES_MAX,
+                STREAM_WINDOW_BYTES,
+            )?,
+            connection_window: self.bounded(
+                connection_window,
+                key("h2_connection_window"),
+                STREAM_WINDOW_BYTES_MIN..=CONNECTION_WINDOW_BYTES_MAX,
+                CONNECTION_WINDOW_BYTES.max(stream_window.as_ref().map_or(0, |w| *w.get_ref())),
+            )?,
+        };
+        if s.connection_window < s.stream_window {
+            let anchor = connection_window.as_ref().or(stream_window.as_ref());
+            if let Some(a) = anchor {
+                return Err(self.error(
+                    a,
+                    key("h2_connection_window"),
+                    "must be at least h2_stream_window".into(),
+                ));
+            }
+        }
+        Ok(s)
+    }
+
     /// A tcp listener must not carry HTTP-only keys (they would be ignored).
     pub(super) fn no_http_keys(
         &self,
@@ -351,12 +425,15 @@ impl super::Validator<'_> {
             || l.merge_slashes.is_some()
             || l.escaped_slashes.is_some()
             || l.request_head_timeout.is_some()
+            || l.h2_max_concurrent_streams.is_some()
+            || l.h2_stream_window.is_some()
+            || l.h2_connection_window.is_some()
             || !l.routes.is_empty();
         if http_only {
             return Err(self.error(
                 &l.protocol,
                 format!("listeners[{i}]"),
-                "request_timeout, request_head_timeout, *_max limits, identity_header, merge_slashes, escaped_slashes and routes apply to protocol \"http\" only".into(),
+                "request_timeout, request_head_timeout, *_max limits, identity_header, merge_slashes, escaped_slashes, h2_* settings and routes apply to protocol \"http\" only".into(),
             ));
         }
         Ok(())
@@ -425,7 +502,14 @@ impl super::Validator<'_> {
             .enumerate()
             .map(|(j, r)| self.route(i, j, r, clusters, request_timeout, tls))
             .collect::<Result<Vec<_>, _>>()?;
+        let h2 = self.h2_settings(
+            &key,
+            &l.h2_max_concurrent_streams,
+            &l.h2_stream_window,
+            &l.h2_connection_window,
+        )?;
         Ok(HttpListener {
+            h2,
             limits,
             body_bytes_max: l.body_bytes_max.as_ref().map(|b| *b.get_ref()),
             routes,
@@ -828,7 +912,9 @@ impl super::Validator<'_> {
                 ))
             }
         };
+        let h2 = self.h2_settings(&key, &None, &c.h2_stream_window, &c.h2_connection_window)?;
         Ok(HttpCluster {
+            h2,
             protocol,
             lb,
             max_idle_per_endpoint: self.bounded(
@@ -900,5 +986,38 @@ mod tests {
         assert_eq!(retry.on_status, [503]);
         let err = parse("", "retry = { on = [\"unavailabel\"] }").unwrap_err();
         assert!(err.contains("unavailabel") && err.contains("gRPC"), "{err}");
+    }
+
+    #[test]
+    fn h2_windows_are_bounded_and_consistent() {
+        let c = parse(
+            "h2_stream_window = 1048576\nh2_connection_window = 4194304",
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.clusters[0].http.h2.stream_window, 1 << 20);
+        assert_eq!(c.clusters[0].http.h2.connection_window, 4 << 20);
+        // A larger stream window raises the default connection window.
+        let c = parse("h2_stream_window = 2097152", "").unwrap();
+        assert_eq!(c.clusters[0].http.h2.connection_window, 2 << 20);
+        let err = parse("h2_stream_window = 1000", "").unwrap_err();
+        assert!(err.contains("clusters[0].h2_stream_window"), "{err}");
+        let err = parse(
+            "h2_stream_window = 1048576\nh2_connection_window = 65535",
+            "",
+        )
+        .unwrap_err();
+        assert!(err.contains("at least h2_stream_window"), "{err}");
+        let text = "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"c\"\nh2_max_concurrent_streams = 10\n[[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n";
+        let c = Config::parse("t.toml", text).unwrap();
+        let crate::config::ListenerKind::Http(http) = &c.listeners[0].kind else {
+            panic!("an http listener");
+        };
+        assert_eq!(http.h2.max_concurrent_streams, 10);
+        let tcp = text.replace("protocol = \"http\"", "protocol = \"tcp\"");
+        assert!(
+            Config::parse("t.toml", &tcp).is_err(),
+            "h2 keys on a tcp listener"
+        );
     }
 }

@@ -242,6 +242,10 @@ mod raw {
         pub merge_slashes: Option<bool>,
         pub escaped_slashes: Option<crate::route::path::SlashAction>,
         pub request_head_timeout: Option<HumanDuration>,
+        // HTTP/2 on this listener.
+        pub h2_max_concurrent_streams: Option<Spanned<u32>>,
+        pub h2_stream_window: Option<Spanned<u32>>,
+        pub h2_connection_window: Option<Spanned<u32>>,
         #[serde(default)]
         pub routes: Vec<super::http::raw::Route>,
     }
@@ -264,6 +268,8 @@ mod raw {
         pub tls: Option<Spanned<super::tls::raw::ClusterTls>>,
         // HTTP only.
         pub protocol: Option<Spanned<String>>,
+        pub h2_stream_window: Option<Spanned<u32>>,
+        pub h2_connection_window: Option<Spanned<u32>>,
         pub lb: Option<Spanned<String>>,
         pub hash_header: Option<Spanned<String>>,
         pub max_idle_per_endpoint: Option<Spanned<usize>>,

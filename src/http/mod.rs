@@ -269,6 +269,7 @@ pub async fn serve(
                 duration_us: took.as_micros() as u64,
                 upstream: client.note.upstream,
                 error: client.note.error,
+                grpc_status: None,
             };
             worker.access_log.record(&worker.counters, log, &line);
         }

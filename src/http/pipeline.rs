@@ -354,7 +354,12 @@ impl Ctx<'_> {
             return Ok(UpConn::H1(stream));
         }
         let limit = self.left();
-        match monoio::time::timeout(limit, crate::http2::client::handshake(stream)).await {
+        match monoio::time::timeout(
+            limit,
+            crate::http2::client::handshake(stream, &self.cluster.config.h2),
+        )
+        .await
+        {
             Ok(Ok((send, closed))) => Ok(UpConn::H2(endpoint.h2.add(send, closed))),
             Ok(Err(e)) => Err(failed(format!(
                 "HTTP/2 handshake with {}: {e}",

@@ -146,12 +146,15 @@ impl H2Conns {
 
 /// Runs the HTTP/2 handshake on `stream` and spawns the task that drives
 /// the connection; the flag it returns turns true when that task ends.
-pub async fn handshake(stream: Stream) -> Result<(SendRequest<Bytes>, Rc<Cell<bool>>), h2::Error> {
+pub async fn handshake(
+    stream: Stream,
+    settings: &crate::config::http::H2Settings,
+) -> Result<(SendRequest<Bytes>, Rc<Cell<bool>>), h2::Error> {
     let io = PollIo::new(stream, Vec::new());
     let mut builder = h2::client::Builder::new();
     builder
-        .initial_window_size(super::STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(super::CONNECTION_WINDOW_BYTES)
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
         .max_header_list_size(super::HEADER_LIST_BYTES_MAX)
         .max_send_buffer_size(super::SEND_BUFFER_BYTES_MAX)
         .enable_push(false);

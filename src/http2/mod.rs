@@ -28,15 +28,26 @@ pub const PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 /// open stream holds at most [`STREAM_WINDOW_BYTES`] of unread body.
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 
+/// The most streams a listener may let a client open at once: each one
+/// can hold a stream window of unread body and a task.
+pub const MAX_CONCURRENT_STREAMS_MAX: u32 = 1000;
+
 /// Flow-control window per stream: the most body bytes the peer may
 /// send on one stream before we forward them (back-pressure then goes
 /// through the window, not through buffering in the proxy). 256 KiB keeps
 /// a single stream near line rate on loopback-class RTTs.
 pub const STREAM_WINDOW_BYTES: u32 = 256 * 1024;
 
+/// Bounds for `h2_stream_window`: RFC 9113's initial window (64 KiB - 1)
+/// at least, 16 MiB at most (memory a single stream may make us hold).
+pub const STREAM_WINDOW_BYTES_MIN: u32 = 65_535;
+pub const STREAM_WINDOW_BYTES_MAX: u32 = 16 * 1024 * 1024;
+
 /// Flow-control window for the whole connection: bounds unread body
 /// bytes across all streams (the memory one connection can make us hold).
 pub const CONNECTION_WINDOW_BYTES: u32 = 1024 * 1024;
+/// The most `h2_connection_window` may be set to.
+pub const CONNECTION_WINDOW_BYTES_MAX: u32 = 64 * 1024 * 1024;
 
 /// Largest header list (HPACK-decoded) a peer may send; h2's default is
 /// 16 MiB. The HTTP/1.1 listeners' head limit (64 KiB) is the same kind

@@ -65,9 +65,9 @@ pub async fn serve(
     let io = PollIo::new(stream, already);
     let mut builder = h2::server::Builder::new();
     builder
-        .max_concurrent_streams(super::MAX_CONCURRENT_STREAMS)
-        .initial_window_size(super::STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(super::CONNECTION_WINDOW_BYTES)
+        .max_concurrent_streams(http.h2.max_concurrent_streams)
+        .initial_window_size(http.h2.stream_window)
+        .initial_connection_window_size(http.h2.connection_window)
         .max_header_list_size(super::HEADER_LIST_BYTES_MAX.min(http.limits.head_bytes as u32))
         .max_send_buffer_size(super::SEND_BUFFER_BYTES_MAX)
         .max_pending_accept_reset_streams(super::PENDING_ACCEPT_RESETS_MAX)
@@ -171,6 +171,15 @@ struct Note {
     status: u16,
     upstream: Option<std::net::SocketAddr>,
     error: Option<&'static str>,
+    grpc_status: Option<u32>,
+}
+
+/// The `grpc-status` in a header or trailer block, if any.
+fn grpc_status(h: &HeaderMap) -> Option<u32> {
+    std::str::from_utf8(h.get("grpc-status")?.as_bytes())
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// The client side of one h2 stream.
@@ -215,10 +224,14 @@ impl Downstream for H2Down {
         headers: HeaderMap,
         body: BodyKind,
     ) -> io::Result<()> {
+        let end = body == BodyKind::Empty;
+        if end {
+            // Trailers-only (gRPC): the status is in the headers.
+            self.note.grpc_status = self.note.grpc_status.or(grpc_status(&headers));
+        }
         let mut resp = http::Response::new(());
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
-        let end = body == BodyKind::Empty;
         let send = self
             .respond
             .send_response(resp, end)
@@ -245,6 +258,9 @@ impl Downstream for H2Down {
         };
         if std::mem::replace(&mut self.ended, true) {
             return Ok(());
+        }
+        if let Some(code) = trailers.as_ref().and_then(grpc_status) {
+            self.note.grpc_status = Some(code);
         }
         match trailers {
             Some(t) => send.send_trailers(t),
@@ -308,6 +324,9 @@ async fn stream_task(
         &worker, listener, http, &caller, parts, &mut down, &mut route,
     )
     .await;
+    if let Some(code) = down.note.grpc_status {
+        worker.counters.http.grpc_response(code);
+    }
     let took = started.elapsed();
     worker.histograms.listener(listener_index, took);
     if let Some(r) = route {
@@ -328,6 +347,7 @@ async fn stream_task(
             duration_us: took.as_micros() as u64,
             upstream: down.note.upstream,
             error: down.note.error,
+            grpc_status: down.note.grpc_status,
         };
         worker.access_log.record(&worker.counters, log, &line);
     }

@@ -140,12 +140,18 @@ impl ErrorReason {
     }
 }
 
+/// gRPC status codes (OK = 0 through UNAUTHENTICATED = 16).
+pub const GRPC_CODES: usize = 17;
+
 /// HTTP counters of one worker.
 #[derive(Debug, Default)]
 pub struct HttpCounters {
     pub requests: Cell<u64>,
     /// Responses sent to clients by status class: 1xx (interim), 2xx ... 5xx.
     pub responses_by_class: [Cell<u64>; 5],
+    /// gRPC responses by `grpc-status` (0..=16; anything else counts as
+    /// 2, UNKNOWN), whether the upstream or the proxy answered.
+    pub grpc_responses: [Cell<u64>; GRPC_CODES],
     /// Responses the proxy generated itself, by [`ErrorReason`].
     pub generated: [Cell<u64>; ErrorReason::ALL.len()],
     pub retries: Cell<u64>,
@@ -189,6 +195,14 @@ impl HttpCounters {
     pub fn generated(&self, reason: ErrorReason) {
         add(&self.generated[reason.index()], 1);
     }
+
+    pub fn grpc_response(&self, code: u32) {
+        let i = usize::try_from(code)
+            .ok()
+            .filter(|&c| c < GRPC_CODES)
+            .unwrap_or(2);
+        add(&self.grpc_responses[i], 1);
+    }
 }
 
 /// A copy of one worker's HTTP counters.
@@ -196,6 +210,7 @@ impl HttpCounters {
 pub struct HttpSnapshot {
     pub requests: u64,
     pub responses_by_class: [u64; 5],
+    pub grpc_responses: [u64; GRPC_CODES],
     /// (reason, count) for every reason, in [`ErrorReason::ALL`] order.
     pub generated: Vec<(&'static str, u64)>,
     pub retries: u64,
@@ -226,6 +241,9 @@ impl HttpSnapshot {
 
     fn merge(&mut self, o: &HttpSnapshot) {
         self.requests += o.requests;
+        for (a, b) in self.grpc_responses.iter_mut().zip(o.grpc_responses) {
+            *a += b;
+        }
         for (a, b) in self.responses_by_class.iter_mut().zip(o.responses_by_class) {
             *a += b;
         }
@@ -322,6 +340,7 @@ impl Counters {
             http: HttpSnapshot {
                 requests: self.http.requests.get(),
                 responses_by_class: std::array::from_fn(|i| self.http.responses_by_class[i].get()),
+                grpc_responses: std::array::from_fn(|i| self.http.grpc_responses[i].get()),
                 generated: ErrorReason::ALL
                     .iter()
                     .map(|r| (r.name(), self.http.generated[r.index()].get()))
