@@ -137,3 +137,47 @@ fn a_drain_lets_open_h2_streams_finish() {
         proxy.shutdown();
     }
 }
+
+/// Envoy's premature-reset rule: a client that keeps cancelling streams
+/// after they went upstream gets GOAWAY ENHANCE_YOUR_CALM, counted.
+#[test]
+fn a_client_that_resets_most_streams_after_they_went_upstream_is_cut_off() {
+    let have_h2 = Command::new("python3")
+        .args(["-c", "import h2"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_h2 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 h2 must be installed in CI"
+        );
+        eprintln!("python3 h2 not installed: skipping");
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/h2_raw.py");
+    for driver in drivers() {
+        let up = slow_upstream(Duration::from_secs(2));
+        let toml = http_config(driver, "cluster = \"up\"", &cluster("up", &[up], ""));
+        let (proxy, addr) = start_toml(&toml, "web");
+        let out = Command::new("timeout")
+            .args([
+                "60",
+                "python3",
+                script,
+                "flood",
+                &addr.to_string(),
+                "premature_reset",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(r#""closed": true"#) && text.contains("ENHANCE_YOUR_CALM"),
+            "{driver}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let http = proxy.stats().total.http;
+        assert_eq!(http.h2_premature_reset_closes, 1, "{driver}: {http:?}");
+        proxy.shutdown();
+    }
+}

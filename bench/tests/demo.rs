@@ -36,13 +36,24 @@ fn demo_quick_runs_the_mesh_and_reports() {
         );
     }
     let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 3);
-    // Through both meshes, every request got an answer.
+    assert_eq!(svg.matches("<polyline").count(), 4);
+    // Through every mesh path, every request got an answer.
     let errors_line = stdout
         .lines()
         .find(|l| l.starts_with("requests (errors)"))
         .unwrap();
-    assert_eq!(errors_line.matches("(0)").count(), 3, "{errors_line}");
+    assert_eq!(errors_line.matches("(0)").count(), 4, "{errors_line}");
+    // The mTLS pair talked h2 between the sidecars, and the report says so.
+    let between = stdout
+        .lines()
+        .find(|l| l.starts_with("between the sidecars (mTLS): h2 by ALPN"))
+        .unwrap_or_else(|| panic!("no h2 line:\n{stdout}"));
+    assert!(!between.contains(" 0 requests"), "{between}");
+    assert!(between.contains("on 1 connection(s)"), "{between}");
+    assert!(
+        stdout.contains("mTLS pair, h2 vs HTTP/1.1 between the sidecars"),
+        "{stdout}"
+    );
     // The mTLS pair handshook (A originated, B accepted) and nothing failed.
     for side in ["originated, 0 failed", "accepted, 0 failed"] {
         let line = stdout

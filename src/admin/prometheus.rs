@@ -141,6 +141,16 @@ const COUNTERS: &[Field] = &[
         |s| s.http.h2_connection_errors,
     ),
     (
+        "http2_enhance_your_calm_total",
+        "HTTP/2 client connections ended with GOAWAY ENHANCE_YOUR_CALM by an abuse limit (rapid reset, CONTINUATION or empty-frame flood, header list).",
+        |s| s.http.h2_enhance_your_calm,
+    ),
+    (
+        "http2_premature_reset_closes_total",
+        "HTTP/2 client connections closed because the client reset most of its streams before their response was complete.",
+        |s| s.http.h2_premature_reset_closes,
+    ),
+    (
         "http_faults_delayed_total",
         "Requests delayed by a route's fault injection.",
         |s| s.http.faults_delayed,

@@ -719,14 +719,19 @@ impl Ctx<'_> {
         };
         let mut parser = ResponseParser::new(HeadLimits::default());
         let resp = loop {
-            let r = super::exchange::read_head_from(
+            let read = super::exchange::read_head_from(
                 &mut up.stream,
                 &mut up.inbound,
                 &mut parser,
                 kind,
                 self.left(),
-            )
-            .await;
+            );
+            // A client that resets its stream (h2) stops the wait: the
+            // upstream connection is then closed, not pooled.
+            let r = match race_cancel(down, read).await {
+                Ok(r) => r,
+                Err(why) => return Err(AttemptError::Final(Failure::Cut(why))),
+            };
             match r {
                 Ok(r) if r.is_interim() => continue,
                 Ok(r) => break r,

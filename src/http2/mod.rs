@@ -65,3 +65,10 @@ pub const PENDING_ACCEPT_RESETS_MAX: usize = 20;
 /// Streams we may reset because the peer broke the protocol on them,
 /// per connection, before h2 closes it with GOAWAY ENHANCE_YOUR_CALM.
 pub const LOCAL_ERROR_RESETS_MAX: usize = 256;
+
+/// Envoy's premature-reset rule (2023): once a connection has finished
+/// this many streams, it is closed (GOAWAY ENHANCE_YOUR_CALM) when the
+/// client reset more than half of them before their response was
+/// complete. h2's own rapid-reset limit only sees streams reset before we
+/// accepted them; this one sees streams that already went upstream.
+pub const PREMATURE_RESETS_STREAMS_MIN: u64 = 100;

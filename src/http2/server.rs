@@ -85,6 +85,7 @@ pub async fn serve(
     };
     let caller = Rc::new(caller);
     let open = Rc::new(Cell::new(0usize));
+    let resets = Rc::new(EarlyResets::default());
     let idle = listener.idle_timeout;
     let mut closing = false;
     loop {
@@ -112,11 +113,29 @@ pub async fn serve(
                 // Protocol errors and the flood limits end here; h2 has
                 // sent GOAWAY with the reason.
                 metrics::add(&worker.counters.http.h2_connection_errors, 1);
+                if e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) {
+                    metrics::add(&worker.counters.http.h2_enhance_your_calm, 1);
+                }
                 tracing::debug!(conn_id, error = %e, "HTTP/2 connection error");
                 break;
             }
             Some(Ok((req, respond))) => {
                 metrics::add(&worker.counters.http.h2_streams, 1);
+                if !closing && resets.too_many() {
+                    // Envoy's premature-reset rule: a client that cancels
+                    // most of its streams after they went upstream makes
+                    // us (and the upstream) work for nothing.
+                    metrics::add(&worker.counters.http.h2_premature_reset_closes, 1);
+                    tracing::debug!(
+                        conn_id,
+                        streams = resets.streams.get(),
+                        resets = resets.early.get(),
+                        "HTTP/2 client resets most of its streams early; closing"
+                    );
+                    conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                    closing = true;
+                    continue;
+                }
                 open.set(open.get() + 1);
                 let task = stream_task(
                     Rc::clone(&worker),
@@ -124,6 +143,7 @@ pub async fn serve(
                     Rc::clone(&caller),
                     req,
                     respond,
+                    Rc::clone(&resets),
                 );
                 let (counters, open) = (Rc::clone(&worker.counters), Rc::clone(&open));
                 monoio::spawn(async move {
@@ -138,6 +158,23 @@ pub async fn serve(
     }
     // Let h2 flush the GOAWAY (and whatever else it owes) before closing.
     let _ = monoio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
+}
+
+/// Streams a connection finished, and how many of them the client reset
+/// before their response was complete.
+#[derive(Default)]
+struct EarlyResets {
+    streams: Cell<u64>,
+    early: Cell<u64>,
+}
+
+impl EarlyResets {
+    /// At least [`super::PREMATURE_RESETS_STREAMS_MIN`] streams, more than
+    /// half of them reset early.
+    fn too_many(&self) -> bool {
+        let (streams, early) = (self.streams.get(), self.early.get());
+        streams >= super::PREMATURE_RESETS_STREAMS_MIN && early * 2 > streams
+    }
 }
 
 /// Routing's view of an h2 request.
@@ -188,6 +225,8 @@ struct H2Down {
     respond: SendResponse<Bytes>,
     send: Option<SendStream<Bytes>>,
     ended: bool,
+    /// The client reset the stream before its response was complete.
+    reset_by_client: bool,
     idle: Duration,
     note: Note,
 }
@@ -232,10 +271,10 @@ impl Downstream for H2Down {
         let mut resp = http::Response::new(());
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
-        let send = self
-            .respond
-            .send_response(resp, end)
-            .map_err(io::Error::other)?;
+        let send = self.respond.send_response(resp, end).map_err(|e| {
+            self.reset_by_client |= e.is_reset() && e.is_remote();
+            io::Error::other(e)
+        })?;
         self.ended = end;
         self.send = Some(send);
         Ok(())
@@ -274,6 +313,7 @@ impl Downstream for H2Down {
             Some(send) => poll_fn(|cx| send.poll_reset(cx)).await,
             None => poll_fn(|cx| self.respond.poll_reset(cx)).await,
         };
+        self.reset_by_client = true;
         reset.unwrap_or(h2::Reason::CANCEL)
     }
 
@@ -298,6 +338,7 @@ async fn stream_task(
     caller: Rc<Caller>,
     req: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
+    resets: Rc<EarlyResets>,
 ) {
     let listener = &worker.config.listeners[listener_index];
     let ListenerKind::Http(http) = &listener.kind else {
@@ -311,6 +352,7 @@ async fn stream_task(
         respond,
         send: None,
         ended: false,
+        reset_by_client: false,
         idle: listener.idle_timeout,
         note: Note::default(),
     };
@@ -326,6 +368,10 @@ async fn stream_task(
     .await;
     if let Some(code) = down.note.grpc_status {
         worker.counters.http.grpc_response(code);
+    }
+    resets.streams.set(resets.streams.get() + 1);
+    if down.reset_by_client {
+        resets.early.set(resets.early.get() + 1);
     }
     let took = started.elapsed();
     worker.histograms.listener(listener_index, took);

@@ -180,6 +180,11 @@ pub struct HttpCounters {
     /// HTTP/2 client connections ended by a protocol error or an abuse
     /// limit (GOAWAY sent by h2 with the reason).
     pub h2_connection_errors: Cell<u64>,
+    /// The subset ended with ENHANCE_YOUR_CALM by h2's abuse limits
+    /// (rapid reset, CONTINUATION and empty-frame floods, header lists).
+    pub h2_enhance_your_calm: Cell<u64>,
+    /// Connections closed by the premature-reset rule.
+    pub h2_premature_reset_closes: Cell<u64>,
 }
 
 impl HttpCounters {
@@ -229,6 +234,8 @@ pub struct HttpSnapshot {
     pub h2_connections: u64,
     pub h2_streams: u64,
     pub h2_connection_errors: u64,
+    pub h2_enhance_your_calm: u64,
+    pub h2_premature_reset_closes: u64,
 }
 
 impl HttpSnapshot {
@@ -269,6 +276,8 @@ impl HttpSnapshot {
         self.h2_connections += o.h2_connections;
         self.h2_streams += o.h2_streams;
         self.h2_connection_errors += o.h2_connection_errors;
+        self.h2_enhance_your_calm += o.h2_enhance_your_calm;
+        self.h2_premature_reset_closes += o.h2_premature_reset_closes;
         self.paths_normalized += o.paths_normalized;
     }
 }
@@ -360,6 +369,8 @@ impl Counters {
                 h2_connections: self.http.h2_connections.get(),
                 h2_streams: self.http.h2_streams.get(),
                 h2_connection_errors: self.http.h2_connection_errors.get(),
+                h2_enhance_your_calm: self.http.h2_enhance_your_calm.get(),
+                h2_premature_reset_closes: self.http.h2_premature_reset_closes.get(),
                 paths_normalized: self.http.paths_normalized.get(),
             },
             tls: self.tls.snapshot(),

