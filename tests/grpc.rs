@@ -18,21 +18,6 @@ use support::pki::{self, leaf, new_ca, tls_table, FRONTEND, ORDERS};
 
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/grpc_peer.py");
 
-fn have_grpcio() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import grpc"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "grpcio must be installed in CI"
-        );
-        eprintln!("python3 grpcio not installed: skipping (pip install grpcio)");
-    }
-    ok
-}
-
 /// The gRPC server, killed on drop.
 struct Server(Child, u16);
 
@@ -120,7 +105,7 @@ endpoints = ["{closed}"]
 
 #[test]
 fn grpc_through_an_mtls_sidecar_pair() {
-    if !have_grpcio() {
+    if !support::have_py("grpc") {
         return;
     }
     for driver in support::drivers() {

@@ -113,22 +113,6 @@ fn proxy_config(upstream: SocketAddr) -> String {
 
 const H2_RAW: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/h2_raw.py");
 
-/// Whether Python has `module` (outside CI a missing one skips, in CI it fails).
-fn have_py(module: &str) -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3 {module} must be installed in CI"
-        );
-        eprintln!("python3 {module} not installed: skipping");
-    }
-    ok
-}
-
 fn curl(args: &[&str]) -> (bool, String, String) {
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "60"])

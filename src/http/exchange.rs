@@ -72,6 +72,31 @@ pub enum Failure {
     Cut(String),
 }
 
+impl Failure {
+    /// What a failure while sending the request body comes to: the
+    /// client's fault (413, 400), the upstream's (502), or a cut.
+    pub fn from_request_body(e: BodyError) -> Failure {
+        match e {
+            BodyError::TooLarge => Failure::Generated {
+                reason: ErrorReason::BodyTooLarge,
+                detail: "request body exceeds the limit".into(),
+                close: true,
+            },
+            BodyError::Framing(Side::Downstream, c) => Failure::Generated {
+                reason: ErrorReason::BadRequest,
+                detail: format!("request body: {c}"),
+                close: true,
+            },
+            BodyError::Io(Side::Upstream, err) => Failure::Generated {
+                reason: ErrorReason::UpstreamReset,
+                detail: format!("upstream failed while receiving the body: {err}"),
+                close: true,
+            },
+            other => Failure::Cut(format!("client request body: {other:?}")),
+        }
+    }
+}
+
 /// Routing's view of an HTTP/1 request.
 pub struct View<'a>(pub &'a RequestHead);
 
@@ -786,24 +811,7 @@ impl Attempt<'_> {
             .map(|_| ()),
         };
         sent.map_err(|e| {
-            let failure = match e {
-                BodyError::TooLarge => Failure::Generated {
-                    reason: ErrorReason::BodyTooLarge,
-                    detail: "request body exceeds the limit".into(),
-                    close: true,
-                },
-                BodyError::Framing(Side::Downstream, c) => Failure::Generated {
-                    reason: ErrorReason::BadRequest,
-                    detail: format!("request body: {c}"),
-                    close: true,
-                },
-                BodyError::Io(Side::Upstream, err) => Failure::Generated {
-                    reason: ErrorReason::UpstreamReset,
-                    detail: format!("upstream failed while receiving the body: {err}"),
-                    close: true,
-                },
-                other => Failure::Cut(format!("client request body: {other:?}")),
-            };
+            let failure = Failure::from_request_body(e);
             Exit::Failed(AttemptError::Final(failure))
         })
     }

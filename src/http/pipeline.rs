@@ -519,14 +519,14 @@ impl Ctx<'_> {
                 }
                 futures_util::future::Either::Right((pumped, head)) => {
                     if let Err(e) = pumped {
-                        return Err(AttemptError::Final(body_failure(e)));
+                        return Err(AttemptError::Final(Failure::from_request_body(e)));
                     }
                     head.await
                 }
             }
         } else {
             if let Err(e) = self.send_body_h2(down, &mut up_body).await {
-                return Err(AttemptError::Final(body_failure(e)));
+                return Err(AttemptError::Final(Failure::from_request_body(e)));
             }
             monoio::time::timeout(self.left(), response).await
         };
@@ -710,7 +710,7 @@ impl Ctx<'_> {
         if req.body != BodyKind::Empty {
             self.send_body_h1(down, &mut up.stream, out_body)
                 .await
-                .map_err(|e| AttemptError::Final(body_failure(e)))?;
+                .map_err(|e| AttemptError::Final(Failure::from_request_body(e)))?;
         }
         let kind = if req.method == Method::HEAD {
             RequestKind::Head
@@ -867,27 +867,6 @@ fn upstream_stream_error(ctx: &Ctx<'_>, e: h2::Error) -> AttemptError {
             detail: format!("HTTP/2 upstream of cluster {:?}: {e}", ctx.cluster.name),
             close: true,
         })
-    }
-}
-
-fn body_failure(e: BodyError) -> Failure {
-    match e {
-        BodyError::TooLarge => Failure::Generated {
-            reason: ErrorReason::BodyTooLarge,
-            detail: "request body exceeds the limit".into(),
-            close: true,
-        },
-        BodyError::Framing(Side::Downstream, c) => Failure::Generated {
-            reason: ErrorReason::BadRequest,
-            detail: format!("request body: {c}"),
-            close: true,
-        },
-        BodyError::Io(Side::Upstream, err) => Failure::Generated {
-            reason: ErrorReason::UpstreamReset,
-            detail: format!("upstream failed while receiving the body: {err}"),
-            close: true,
-        },
-        other => Failure::Cut(format!("client request body: {other:?}")),
     }
 }
 

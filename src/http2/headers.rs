@@ -68,17 +68,26 @@ pub fn request_from_h1(
     uri.extend_from_slice(req.origin_target());
     let uri = Uri::try_from(uri).map_err(|e| bad(format!("request target: {e}")))?;
     let mut headers = HeaderMap::with_capacity(req.head.fields.len() + 4);
-    for (name, value) in req.head.iter() {
-        if name.eq_ignore_ascii_case(b"te") {
-            if te_trailers(value) {
-                headers.append(header::TE, HeaderValue::from_static("trailers"));
-            }
-            continue;
-        }
-        // Content-Length is framing we decided on; it stays valid on h2,
-        // where the peer checks the DATA against it.
+    if req.head.get_all("te").any(te_trailers) {
+        headers.append(header::TE, HeaderValue::from_static("trailers"));
+    }
+    h2_fields(&req.head, &req.hop, &mut headers)?;
+    Ok((method, uri, headers))
+}
+
+/// Copies an HTTP/1.1 head's end-to-end fields into an h2 header map:
+/// hop-by-hop and connection-specific ones stay behind (TE too: the
+/// caller adds `te: trailers` when it was asked for). Content-Length is
+/// framing we decided on and stays valid on h2, where the peer checks the
+/// DATA against it.
+fn h2_fields(
+    head: &crate::http1::head::Head,
+    hop: &crate::http1::head::Hop,
+    out: &mut HeaderMap,
+) -> Result<(), Untranslatable> {
+    for (name, value) in head.iter() {
         let framing = name.eq_ignore_ascii_case(b"content-length");
-        if !framing && is_hop_by_hop(name, &req.head, &req.hop) {
+        if !framing && is_hop_by_hop(name, head, hop) {
             continue;
         }
         let name = HeaderName::from_bytes(name).map_err(|_| bad("field name"))?;
@@ -86,9 +95,9 @@ pub fn request_from_h1(
             continue;
         }
         let value = HeaderValue::from_bytes(value).map_err(|_| bad("field value"))?;
-        headers.append(name, value);
+        out.append(name, value);
     }
-    Ok((method, uri, headers))
+    Ok(())
 }
 
 /// What the proxy adds to (and removes from) every forwarded request, on
@@ -201,18 +210,7 @@ fn framing(out: &mut Vec<u8>, body: OutBody) {
 pub fn response_from_h1(resp: &ResponseHead) -> Result<(StatusCode, HeaderMap), Untranslatable> {
     let status = StatusCode::from_u16(resp.status).map_err(|_| bad("status"))?;
     let mut headers = HeaderMap::with_capacity(resp.head.fields.len());
-    for (name, value) in resp.head.iter() {
-        let framing = name.eq_ignore_ascii_case(b"content-length");
-        if !framing && is_hop_by_hop(name, &resp.head, &resp.hop) {
-            continue;
-        }
-        let name = HeaderName::from_bytes(name).map_err(|_| bad("field name"))?;
-        if h1_only(&name) {
-            continue;
-        }
-        let value = HeaderValue::from_bytes(value).map_err(|_| bad("field value"))?;
-        headers.append(name, value);
-    }
+    h2_fields(&resp.head, &resp.hop, &mut headers)?;
     Ok((status, headers))
 }
 

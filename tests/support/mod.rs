@@ -377,3 +377,22 @@ pub fn have(tool: &str) -> bool {
     }
     found
 }
+
+/// Whether python3 can import `module` (the Python peers: grpcio, h2).
+/// Outside CI a missing one skips the test that asked; under CI it fails.
+pub fn have_py(module: &str) -> bool {
+    let found = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 module {module} must be installed in CI"
+        );
+        eprintln!("python3 {module} not installed: skipping (pip install it to run this test)");
+    }
+    found
+}
