@@ -210,16 +210,8 @@ impl Ctx<'_> {
         let mut last: Option<Failure> = None;
         let mut failed_on: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
         for attempt in 1..=self.policy.attempts {
-            if attempt > 1 {
-                if !cluster.retry_under_breaker() {
-                    metrics::add(&counters.retries_over_breaker, 1);
-                    break;
-                }
-                if !cluster.retry_allowed() {
-                    metrics::add(&counters.retries_over_budget, 1);
-                    break;
-                }
-                metrics::add(&counters.retries, 1);
+            if attempt > 1 && !cluster.admit_retry(counters) {
+                break;
             }
             let _retrying = (attempt > 1).then(|| ActiveGuard::new(&cluster.active_retries));
             let now = Instant::now();

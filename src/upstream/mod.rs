@@ -286,6 +286,22 @@ impl ClusterState {
         self.active_retries.get() < budget
     }
 
+    /// Whether a retry may start now: under the `max_retries` breaker and
+    /// within the retry budget. A refusal is counted against whichever
+    /// refused; an admitted retry is counted as a retry.
+    pub fn admit_retry(&self, counters: &HttpCounters) -> bool {
+        if !self.retry_under_breaker() {
+            metrics::add(&counters.retries_over_breaker, 1);
+            return false;
+        }
+        if !self.retry_allowed() {
+            metrics::add(&counters.retries_over_budget, 1);
+            return false;
+        }
+        metrics::add(&counters.retries, 1);
+        true
+    }
+
     /// This worker's view of the cluster, for `/clusters`.
     pub fn report(&self, now: Instant) -> ClusterReport {
         ClusterReport {
