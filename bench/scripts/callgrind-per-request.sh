@@ -4,6 +4,7 @@
 # the kernel's work is not counted). Needs valgrind, nginx and wrk.
 #
 #   bench/scripts/callgrind-per-request.sh [seconds]
+#   CLIENT=h2 bench/scripts/callgrind-per-request.sh [seconds]   (h2load, h2c in; needs h2load)
 #
 # Runs the epoll driver: callgrind serialises threads, and a worker blocked
 # in io_uring_enter starves the others (seen here), so io_uring is not
@@ -27,7 +28,12 @@ endpoints = ["127.0.0.1:$up"]
 TOML
 callgrind_start "$dir/cg.out" "$dir/pilotfish.toml"
 wait_port "$px"
-n=$(wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$px/" | awk '/requests in/{print $1}')
+if [ "${CLIENT:-http1}" = h2 ]; then
+  # 8 connections, 1 stream each: the same concurrency as wrk's.
+  n=$(h2load -c8 -m1 -D"$secs" "http://127.0.0.1:$px/" | awk '/^requests:/{print $8}')
+else
+  n=$(wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$px/" | awk '/requests in/{print $1}')
+fi
 kill -TERM $vg; wait $vg || true
 total=$(callgrind_total "$dir/cg.out")
 echo "requests=$n instructions=$total per_request=$((total / n))"

@@ -109,6 +109,12 @@ pub async fn serve(
         };
         match next {
             None => break,
+            Some(Err(e)) if e.is_io() => {
+                // The client went away (reset, closed mid-frame): not a
+                // protocol error.
+                tracing::debug!(conn_id, error = %e, "HTTP/2 client connection ended");
+                break;
+            }
             Some(Err(e)) => {
                 // Protocol errors and the flood limits end here; h2 has
                 // sent GOAWAY with the reason.
