@@ -272,6 +272,28 @@ impl Ctx<'_> {
     /// A connection to endpoint `ep`: a pooled one, else a new one.
     async fn connect(&self, ep: usize) -> Result<UpConn, AttemptError> {
         let endpoint = &self.cluster.endpoints[ep];
+        let pooled = if self.cluster.speaks_h2() {
+            endpoint.h2.checkout().map(UpConn::H2)
+        } else {
+            let timeout = self.cluster.config.pool_idle_timeout;
+            endpoint
+                .pool
+                .checkout(Instant::now(), timeout)
+                .map(UpConn::H1)
+        };
+        if let Some(conn) = pooled {
+            metrics::add(&self.worker.counters.http.pool_reuses, 1);
+            return Ok(conn);
+        }
+        // Boxed: a handshake's state (TLS, h2) is large, and inline it
+        // would be copied with every request's future, pooled or not.
+        Box::pin(self.connect_new(ep)).await
+    }
+
+    /// [`Self::connect`] without a pooled connection: waits for an h2
+    /// connect in flight, else opens a new connection.
+    async fn connect_new(&self, ep: usize) -> Result<UpConn, AttemptError> {
+        let endpoint = &self.cluster.endpoints[ep];
         let counters = &self.worker.counters.http;
         let h2 = self.cluster.speaks_h2();
         let mut _connecting = None;
@@ -371,8 +393,10 @@ impl Ctx<'_> {
         down: &mut D,
         may_retry: bool,
     ) -> Result<(), AttemptError> {
+        // Each exchange is boxed: the request's own future (copied into
+        // its task when spawned) stays small whichever version goes up.
         match self.connect(ep).await? {
-            UpConn::H2(lease) => self.over_h2(ep, lease, req, down, may_retry).await,
+            UpConn::H2(lease) => Box::pin(self.over_h2(ep, lease, req, down, may_retry)).await,
             UpConn::H1(stream) => {
                 if req.grpc {
                     // gRPC needs trailers and streaming both ways.
@@ -384,7 +408,7 @@ impl Ctx<'_> {
                         ),
                     )));
                 }
-                self.over_h1(ep, stream, req, down, may_retry).await
+                Box::pin(self.over_h1(ep, stream, req, down, may_retry)).await
             }
         }
     }
@@ -505,9 +529,18 @@ impl Ctx<'_> {
                         Err(_) => return Err(self.timeout_failure()),
                     };
                     let (parts, body) = r.into_parts();
-                    return self
-                        .relay_h2_response(ep, parts, body, down, may_retry, sent_at, Some(pump))
-                        .await;
+                    // Boxed: streaming both ways is the rare (gRPC) case,
+                    // and its state would enlarge every request's.
+                    let relay = self.relay_h2_response(
+                        ep,
+                        parts,
+                        body,
+                        down,
+                        may_retry,
+                        sent_at,
+                        Some(pump),
+                    );
+                    return Box::pin(relay).await;
                 }
                 futures_util::future::Either::Right((pumped, head)) => {
                     if let Err(e) = pumped {
