@@ -103,28 +103,41 @@ fn h2_fields(
 /// What the proxy adds to (and removes from) every forwarded request, on
 /// a header map: the same fields as [`write::request`] writes on HTTP/1.
 pub fn forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>, edits: &Edits) {
-    headers.remove("x-forwarded-proto");
+    // Names as constants: a name given as text is parsed on every call
+    // (callgrind: this function cost 4.7k instructions per request so).
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const XRID: HeaderName = HeaderName::from_static("x-request-id");
     if let Ok(name) = HeaderName::from_bytes(fwd.identity_header.as_bytes()) {
         headers.remove(&name);
         if let Some(value) = fwd.identity.and_then(|v| HeaderValue::from_str(v).ok()) {
             headers.insert(name, value);
         }
     }
-    let mut xff = Vec::new();
-    for v in headers.get_all("x-forwarded-for") {
-        xff.extend_from_slice(v.as_bytes());
-        xff.extend_from_slice(b", ");
+    let client = match headers.get(&XFF) {
+        None => HeaderValue::from_str(fwd.client_ip).ok(),
+        Some(_) => {
+            let mut xff = Vec::new();
+            for v in headers.get_all(&XFF) {
+                xff.extend_from_slice(v.as_bytes());
+                xff.extend_from_slice(b", ");
+            }
+            xff.extend_from_slice(fwd.client_ip.as_bytes());
+            HeaderValue::from_bytes(&xff).ok()
+        }
+    };
+    if let Some(v) = client {
+        headers.insert(XFF, v);
     }
-    xff.extend_from_slice(fwd.client_ip.as_bytes());
-    if let Ok(v) = HeaderValue::from_bytes(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(fwd.proto) {
-        headers.insert("x-forwarded-proto", v);
-    }
-    if !headers.contains_key("x-request-id") {
+    let proto = if fwd.proto == "https" {
+        HeaderValue::from_static("https")
+    } else {
+        HeaderValue::from_static("http")
+    };
+    headers.insert(XFP, proto);
+    if !headers.contains_key(&XRID) {
         if let Ok(v) = HeaderValue::from_bytes(fwd.request_id) {
-            headers.insert("x-request-id", v);
+            headers.insert(XRID, v);
         }
     }
     for name in &edits.remove {
