@@ -833,6 +833,11 @@ impl Ctx<'_> {
         let mut buf = self.worker.heads.take();
         let result = async {
             while let Some(chunk) = down.body_chunk(self.idle).await? {
+                if chunk.is_empty() {
+                    // An empty chunk would be read as the last chunk, and
+                    // the real one after it as the next request's start.
+                    continue;
+                }
                 total += chunk.len() as u64;
                 if self.body_bytes_max.is_some_and(|max| total > max) {
                     return Err(BodyError::TooLarge);

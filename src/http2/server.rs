@@ -246,14 +246,19 @@ impl Downstream for H2Down {
         let Some(body) = self.body.as_mut() else {
             return Ok(None);
         };
-        match monoio::time::timeout(idle, body.data()).await {
-            Err(_) => Err(BodyError::Io(
-                Side::Downstream,
-                crate::http::inbound::timed_out(),
-            )),
-            Ok(None) => Ok(None),
-            Ok(Some(Err(e))) => Err(BodyError::Io(Side::Downstream, io::Error::other(e))),
-            Ok(Some(Ok(d))) => Ok(Some(d)),
+        loop {
+            return match monoio::time::timeout(idle, body.data()).await {
+                Err(_) => Err(BodyError::Io(
+                    Side::Downstream,
+                    crate::http::inbound::timed_out(),
+                )),
+                Ok(None) => Ok(None),
+                Ok(Some(Err(e))) => Err(BodyError::Io(Side::Downstream, io::Error::other(e))),
+                // An empty DATA frame (often the one that ends the stream)
+                // carries nothing to forward.
+                Ok(Some(Ok(d))) if d.is_empty() => continue,
+                Ok(Some(Ok(d))) => Ok(Some(d)),
+            };
         }
     }
 
