@@ -9,6 +9,7 @@
 pub mod duration;
 pub mod error;
 pub mod http;
+pub mod intercept;
 pub mod limits;
 pub mod tls;
 
@@ -47,6 +48,9 @@ pub struct Config {
     pub tls: Option<tls::TlsFiles>,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
+    /// Transparent interception (`[intercept]`): which listeners the
+    /// redirect rules point at, and what they capture.
+    pub intercept: Option<intercept::Intercept>,
 }
 
 /// How io_uring rings are set up. The flags decide how completions reach
@@ -125,6 +129,10 @@ pub struct Listener {
     pub tls: Option<tls::ListenerTls>,
     /// Caller identities allowed in; None: any caller the handshake admits.
     pub authorize: Option<Vec<crate::tls::identity::Pattern>>,
+    /// Set on the listeners `[intercept]` names (`protocol = "auto"`):
+    /// connections arrive redirected, and their original destination
+    /// decides where they go.
+    pub direction: Option<intercept::Direction>,
     pub kind: ListenerKind,
 }
 
@@ -144,6 +152,9 @@ pub enum ListenerKind {
 pub enum Protocol {
     Tcp,
     Http,
+    /// Intercepted connections: each is detected (TLS, HTTP/2, HTTP/1.x,
+    /// else opaque TCP) and routed by its original destination.
+    Auto,
 }
 
 /// How an L4 listener moves plaintext bytes.
@@ -174,6 +185,11 @@ pub struct Cluster {
     /// Used by HTTP listeners; L4 listeners use round robin and connect
     /// retries only.
     pub http: http::HttpCluster,
+    /// Intercepted connections whose original destination matches one of
+    /// these come to this cluster.
+    pub destinations: Vec<intercept::Destination>,
+    /// Which intercept listener's connections `destinations` are for.
+    pub direction: intercept::Direction,
 }
 
 /// The file format. Kept separate from [`Config`] so that serde's view of
@@ -196,6 +212,7 @@ mod raw {
         pub listeners: Vec<Listener>,
         #[serde(default)]
         pub clusters: Vec<Cluster>,
+        pub intercept: Option<Spanned<super::intercept::raw::Intercept>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -229,6 +246,8 @@ mod raw {
         pub cluster: Option<Spanned<String>>,
         pub idle_timeout: Option<HumanDuration>,
         pub copy: Option<Spanned<CopyMode>>,
+        /// Protocol "auto" only: read SO_ORIGINAL_DST on accept.
+        pub original_dst: Option<Spanned<bool>>,
         // HTTP only.
         pub request_timeout: Option<HumanDuration>,
         pub head_bytes_max: Option<Spanned<usize>>,
@@ -278,6 +297,9 @@ mod raw {
         pub circuit_breakers: Option<super::http::raw::Breakers>,
         pub outlier: Option<super::http::raw::Outlier>,
         pub health_check: Option<super::http::raw::HealthCheck>,
+        // Interception.
+        pub destinations: Option<Spanned<Vec<Spanned<String>>>>,
+        pub direction: Option<super::intercept::Direction>,
     }
 }
 
@@ -332,6 +354,15 @@ impl Config {
                         l.name,
                         l.bind,
                         self.clusters[*cluster].name,
+                        humantime::format_duration(l.idle_timeout),
+                    );
+                }
+                ListenerKind::Http(_) if l.direction.is_some() => {
+                    out += &format!(
+                        "listener {:?}: {} intercept {:?}, protocol detected, cluster by original destination (idle {})\n",
+                        l.name,
+                        l.bind,
+                        l.direction.unwrap_or(intercept::Direction::Outbound),
                         humantime::format_duration(l.idle_timeout),
                     );
                 }
@@ -410,7 +441,8 @@ impl Validator<'_> {
         }
         let tls = self.tls_files(raw.tls.as_ref())?;
         let clusters = self.clusters(&raw.clusters, tls.as_ref())?;
-        let listeners = self.listeners(&raw.listeners, &raw.clusters, tls.as_ref())?;
+        let mut listeners = self.listeners(&raw.listeners, &raw.clusters, tls.as_ref())?;
+        let intercept = self.intercept(raw.intercept.as_ref(), &mut listeners)?;
         let series = listeners.len()
             + 2 * clusters.len()
             + listeners
@@ -467,6 +499,7 @@ impl Validator<'_> {
             tls,
             listeners,
             clusters,
+            intercept,
         })
     }
 
@@ -567,6 +600,8 @@ impl Validator<'_> {
                 connect_attempts,
                 tls: self.cluster_tls(files, c.tls.as_ref(), key("tls"))?,
                 http: self.http_cluster(i, c)?,
+                destinations: self.destinations(i, c.destinations.as_ref())?,
+                direction: c.direction.unwrap_or(intercept::Direction::Outbound),
             });
         }
         Ok(out)
@@ -660,7 +695,45 @@ impl Validator<'_> {
                     }
                     ListenerKind::Http(self.http_listener(i, l, cluster, clusters, tls.as_ref())?)
                 }
+                Protocol::Auto => {
+                    if let Some(copy) = &l.copy {
+                        return Err(self.error(
+                            copy,
+                            key("copy"),
+                            "`copy` applies to tcp listeners only".into(),
+                        ));
+                    }
+                    if let Some(c) = &l.cluster {
+                        return Err(self.error(
+                            c,
+                            key("cluster"),
+                            "an \"auto\" listener picks the cluster by each connection's original destination: list it in the cluster's `destinations` instead".into(),
+                        ));
+                    }
+                    if !l.routes.is_empty() {
+                        return Err(self.error(
+                            &l.name,
+                            key("routes"),
+                            "routes on an \"auto\" listener are not supported: the original destination picks the cluster".into(),
+                        ));
+                    }
+                    if let Some(o) = l.original_dst.as_ref().filter(|o| !*o.get_ref()) {
+                        return Err(self.error(
+                            o,
+                            key("original_dst"),
+                            "an \"auto\" listener routes by the original destination, so it must read it".into(),
+                        ));
+                    }
+                    ListenerKind::Http(self.http_listener(i, l, None, clusters, tls.as_ref())?)
+                }
             };
+            if let (Some(o), false) = (&l.original_dst, *l.protocol.get_ref() == Protocol::Auto) {
+                return Err(self.error(
+                    o,
+                    key("original_dst"),
+                    "`original_dst` applies to protocol \"auto\" (intercept) listeners only".into(),
+                ));
+            }
             let access_log = match &l.access_log {
                 None => None,
                 Some(spanned) => {
@@ -693,6 +766,7 @@ impl Validator<'_> {
                 access_log,
                 tls,
                 authorize,
+                direction: None,
                 kind,
             });
         }
