@@ -66,6 +66,8 @@ pub struct Client {
     pub decisions: crate::tls::counters::DecisionSlots,
     /// What happened to the current request, for the access log.
     pub note: Note,
+    /// Overrides the listener's `cluster` (see [`Accepted::cluster`]).
+    pub cluster: Option<usize>,
 }
 
 /// What one request came to: the final status sent (0: none), the
@@ -96,12 +98,14 @@ pub async fn serve(
 ) {
     let _active = metrics::ActiveGuard::new(&worker.counters.connections_active);
     let listener = &worker.config.listeners[listener_index];
-    let ListenerKind::Http(http) = &listener.kind else {
-        unreachable!("the accept loop sends only http listeners here");
-    };
     let _ = stream.set_nodelay(true);
-    let (stream, identity) = match &listener.tls {
-        None => (Stream::Plain(stream), None),
+    let conn = match &listener.tls {
+        None => Accepted {
+            stream: Stream::Plain(stream),
+            identity: None,
+            h2: false,
+            cluster: None,
+        },
         Some(settings) => {
             let accepted = worker
                 .tls
@@ -114,37 +118,72 @@ pub async fn serve(
                     conn_id,
                 )
                 .await;
-            match accepted {
-                Some((stream, caller)) if caller.h2 => {
-                    let caller = crate::http2::server::Caller {
-                        ip: peer.ip().to_string(),
-                        identity: caller.identity,
-                        tls: true,
-                        decisions: Default::default(),
-                    };
-                    let served = crate::http2::server::serve(
-                        Rc::clone(&worker),
-                        listener_index,
-                        stream,
-                        Vec::new(),
-                        caller,
-                        conn_id,
-                    );
-                    Box::pin(served).await;
-                    return;
-                }
-                Some((stream, caller)) => (stream, caller.identity),
-                None => return,
+            let Some((stream, caller)) = accepted else {
+                return;
+            };
+            Accepted {
+                stream,
+                identity: caller.identity,
+                h2: caller.h2,
+                cluster: None,
             }
         }
     };
+    serve_accepted(Rc::clone(&worker), listener_index, conn, peer, conn_id).await;
+}
+
+/// A connection ready for HTTP: TLS (if any) terminated.
+pub struct Accepted {
+    pub stream: Stream,
+    /// The caller's verified identity.
+    pub identity: Option<SpiffeId>,
+    /// ALPN chose `h2`.
+    pub h2: bool,
+    /// Where requests no route matches go, instead of the listener's
+    /// `cluster` (an intercepted connection's original destination).
+    pub cluster: Option<usize>,
+}
+
+/// Serves HTTP/1.x (or HTTP/2, by ALPN or the h2c preface) on a
+/// connection whose TLS is already settled.
+pub async fn serve_accepted(
+    worker: Rc<Worker>,
+    listener_index: usize,
+    conn: Accepted,
+    peer: SocketAddr,
+    conn_id: u64,
+) {
+    let listener = &worker.config.listeners[listener_index];
+    let ListenerKind::Http(http) = &listener.kind else {
+        unreachable!("only http and intercept listeners come here");
+    };
+    if conn.h2 {
+        let caller = crate::http2::server::Caller {
+            ip: peer.ip().to_string(),
+            identity: conn.identity,
+            tls: true,
+            decisions: Default::default(),
+            cluster: conn.cluster,
+        };
+        let served = crate::http2::server::serve(
+            Rc::clone(&worker),
+            listener_index,
+            conn.stream,
+            Vec::new(),
+            caller,
+            conn_id,
+        );
+        Box::pin(served).await;
+        return;
+    }
     let mut client = Client {
-        stream,
+        stream: conn.stream,
         inbound: Inbound::new(Vec::with_capacity(CLIENT_BUFFER_BYTES)),
         ip: peer.ip().to_string(),
-        identity,
+        identity: conn.identity,
         decisions: Default::default(),
         note: Note::default(),
+        cluster: conn.cluster,
     };
     let idle = listener.idle_timeout;
     let mut parser = RequestParser::new(http.limits);
@@ -172,6 +211,7 @@ pub async fn serve(
                     ip,
                     identity,
                     decisions,
+                    cluster,
                     ..
                 } = client;
                 let caller = crate::http2::server::Caller {
@@ -179,6 +219,7 @@ pub async fn serve(
                     identity,
                     tls: stream.is_tls(),
                     decisions,
+                    cluster,
                 };
                 let already = inbound.data().to_vec();
                 let served = crate::http2::server::serve(
@@ -416,7 +457,7 @@ async fn handle(
             return refuse_with(worker, client, &req, answer, idle).await;
         }
     }
-    let cluster = match (route, http.default_cluster) {
+    let cluster = match (route, client.cluster.or(http.default_cluster)) {
         (Some(r), _) => crate::route::pick_weighted(&r.clusters, &worker.rng),
         (None, Some(c)) => c,
         (None, None) => {

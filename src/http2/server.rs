@@ -45,6 +45,9 @@ pub struct Caller {
     pub identity: Option<SpiffeId>,
     pub tls: bool,
     pub decisions: DecisionSlots,
+    /// Overrides the listener's `cluster` (an intercepted connection's
+    /// original destination picked it).
+    pub cluster: Option<usize>,
 }
 
 /// Serves one HTTP/2 connection; `already` holds bytes read while
@@ -464,7 +467,7 @@ async fn handle(
             .await;
         }
     }
-    let cluster = match (route, http.default_cluster) {
+    let cluster = match (route, caller.cluster.or(http.default_cluster)) {
         (Some(r), _) => crate::route::pick_weighted(&r.clusters, &worker.rng),
         (None, Some(c)) => c,
         (None, None) => {

@@ -175,6 +175,9 @@ pub struct Peer {
     pub resumed: bool,
     /// Whether ALPN chose `h2`.
     pub h2: bool,
+    /// Whether ALPN chose `http/1.1`. (Neither: no ALPN, which is how
+    /// sidecars originate opaque TCP, see `l4::connect`.)
+    pub http1: bool,
 }
 
 /// Terminates TLS on an accepted connection.
@@ -189,6 +192,7 @@ pub async fn accept(
         identity: peer_identity(conn.peer_certificates()),
         resumed: matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed)),
         h2: conn.alpn_protocol() == Some(b"h2"),
+        http1: conn.alpn_protocol() == Some(b"http/1.1"),
     };
     let fd = io.as_raw_fd();
     let stream = Stream::Server(Box::new(ServerTlsStream::new(io, conn)), fd);
