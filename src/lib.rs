@@ -12,6 +12,8 @@
 //! - [`admin`]: the admin socket (stats, metrics, histograms, control).
 //! - [`access_log`]: per-core buffered request lines, written off-core.
 //! - [`tls`]: SPIFFE identities, SVID verification, TLS material, dev CA.
+//! - [`intercept`]: transparent interception: redirect rules, original
+//!   destinations, protocol detection, inbound and outbound roles.
 //! - [`lifecycle`]: signals, systemd notify, the process's exit.
 
 pub mod access_log;
@@ -22,6 +24,7 @@ pub mod control;
 pub mod http;
 pub mod http1;
 pub mod http2;
+pub mod intercept;
 pub mod l4;
 pub mod lifecycle;
 pub mod metrics;

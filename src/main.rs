@@ -14,6 +14,7 @@ Examples:
   pilotfish run --config config/l4.toml       run the sidecar in the foreground
   pilotfish reload -c config/l4.toml --pid N  check the file, then SIGHUP process N
   RUST_LOG=debug pilotfish run -c my.toml     with per-connection logs
+  pilotfish intercept install -c sidecar.toml redirect the namespace's TCP to it
 
 Signals: SIGTERM/SIGINT drain (stop accepting, let connections finish up to
 drain_timeout, exit 0); a second one exits at once. SIGHUP re-reads the
@@ -59,6 +60,13 @@ enum Command {
         #[command(subcommand)]
         what: CaCommand,
     },
+    /// Transparent interception: the redirect rules of this network
+    /// namespace, from the config's [intercept] table (needs
+    /// CAP_NET_ADMIN to change them).
+    Intercept {
+        #[command(subcommand)]
+        what: InterceptCommand,
+    },
     /// Ask a running proxy through its admin socket.
     Admin {
         /// The admin socket ([admin] socket in the config).
@@ -66,6 +74,31 @@ enum Command {
         socket: PathBuf,
         #[command(subcommand)]
         what: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum InterceptCommand {
+    /// Install the rules (replacing ours, atomically with nft).
+    Install {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Default: nft where it exists, else iptables-restore.
+        #[arg(long)]
+        backend: Option<pilotfish::intercept::rules::Backend>,
+        /// Print the rules instead of installing them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove our rules; nothing installed is not an error.
+    Remove {
+        #[arg(long)]
+        backend: Option<pilotfish::intercept::rules::Backend>,
+    },
+    /// Print the rules installed now; exit 1 when there are none.
+    Show {
+        #[arg(long)]
+        backend: Option<pilotfish::intercept::rules::Backend>,
     },
 }
 
@@ -141,6 +174,72 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::Admin { socket, what } => admin(&socket, what),
         Command::Ca { what } => ca(what),
+        Command::Intercept { what } => intercept(what),
+    }
+}
+
+fn intercept(what: InterceptCommand) -> ExitCode {
+    use pilotfish::intercept::rules::{self, Backend, Plan};
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    };
+    let backend = |asked: Option<Backend>| rules::choose(asked);
+    match what {
+        InterceptCommand::Install {
+            config,
+            backend: asked,
+            dry_run,
+        } => {
+            let loaded = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let Some(plan) = Plan::from_config(&loaded) else {
+                return fail(&format!("{}: no [intercept] table", config.display()));
+            };
+            let backend = match backend(asked) {
+                Ok(b) => b,
+                Err(e) => return fail(&e),
+            };
+            if dry_run {
+                match backend {
+                    Backend::Nft => print!("{}", plan.nft_script()),
+                    Backend::Iptables => {
+                        print!("{}", plan.iptables_script(false));
+                        print!("# ip6tables-restore\n{}", plan.iptables_script(true));
+                    }
+                }
+                return ExitCode::SUCCESS;
+            }
+            match rules::install(&plan, backend) {
+                Ok(()) => {
+                    println!("intercept rules installed ({backend:?})");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        InterceptCommand::Remove { backend: asked } => {
+            match backend(asked).and_then(rules::remove) {
+                Ok(()) => {
+                    println!("intercept rules removed");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        InterceptCommand::Show { backend: asked } => match backend(asked).and_then(rules::show) {
+            Ok(Some(text)) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                eprintln!("no pilotfish intercept rules are installed");
+                ExitCode::FAILURE
+            }
+            Err(e) => fail(&e),
+        },
     }
 }
 

@@ -327,6 +327,18 @@ pub fn render(reports: &[WorkerReport], hist: &[HistogramReport], extra: &Extra<
             r.worker, r.driver
         );
     }
+    for (name, help, get) in crate::intercept::FIELDS {
+        let name = format!("intercept_{name}_total");
+        family(&mut out, &name, "counter", help);
+        for r in reports {
+            let _ = writeln!(
+                out,
+                "pilotfish_{name}{{core=\"{}\"}} {}",
+                r.worker,
+                get(&r.counters.intercept)
+            );
+        }
+    }
     tls_families(&mut out, reports, tls);
     latency(&mut out, hist);
     out

@@ -39,6 +39,7 @@ pub struct Counters {
     pub connections_refused_overload: Cell<u64>,
     pub http: HttpCounters,
     pub tls: crate::tls::counters::TlsCounters,
+    pub intercept: crate::intercept::Counters,
 }
 
 /// Why the proxy generated a response itself. Each is counted, and named
@@ -320,6 +321,7 @@ pub struct Snapshot {
     pub connections_refused_overload: u64,
     pub http: HttpSnapshot,
     pub tls: crate::tls::counters::TlsSnapshot,
+    pub intercept: crate::intercept::Snapshot,
 }
 
 /// Adds `n` to a counter cell.
@@ -374,6 +376,7 @@ impl Counters {
                 paths_normalized: self.http.paths_normalized.get(),
             },
             tls: self.tls.snapshot(),
+            intercept: self.intercept.snapshot(),
         }
     }
 }
@@ -398,6 +401,7 @@ impl Snapshot {
         self.connections_refused_overload += other.connections_refused_overload;
         self.http.merge(&other.http);
         self.tls.merge(&other.tls);
+        self.intercept.merge(&other.intercept);
     }
 }
 

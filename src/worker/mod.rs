@@ -803,8 +803,9 @@ async fn accept_loop(
         let Some(slot) = slot else {
             metrics::add(&worker.counters.connections_refused_overload, 1);
             tracing::debug!(worker = worker.id, %peer, listener = %listener.name, "at the connection cap: refused");
-            let plain_http =
-                matches!(listener.kind, ListenerKind::Http(_)) && listener.tls.is_none();
+            let plain_http = matches!(listener.kind, ListenerKind::Http(_))
+                && listener.tls.is_none()
+                && listener.direction.is_none();
             if plain_http && refusing.get() < REFUSALS_IN_FLIGHT_MAX {
                 refusing.set(refusing.get() + 1);
                 let (counters, buffers) = (Rc::clone(&worker.counters), Rc::clone(&worker.buffers));
@@ -819,6 +820,11 @@ async fn accept_loop(
         let conn_id = worker.next_conn_id();
         let counters = Rc::clone(&worker.counters);
         let w = Rc::clone(&worker);
+        if listener.direction.is_some() {
+            let conn = crate::intercept::serve(w, listener_index, stream, peer, conn_id, slot);
+            isolate::spawn_connection(counters, conn_id, conn);
+            continue;
+        }
         match listener.kind {
             ListenerKind::Tcp { .. } => {
                 let conn = l4::serve(w, listener_index, stream, peer, conn_id, slot);
