@@ -202,6 +202,9 @@ fn intercept(what: InterceptCommand) -> ExitCode {
                 Ok(b) => b,
                 Err(e) => return fail(&e),
             };
+            for w in plan.warnings() {
+                eprintln!("warning: {w}");
+            }
             if dry_run {
                 match backend {
                     Backend::Nft => print!("{}", plan.nft_script()),

@@ -30,6 +30,8 @@ const A_IP: &str = "10.77.0.1";
 const B_IP: &str = "10.77.0.2";
 const B_IP_FOR_C: &str = "10.78.0.2";
 const C_IP: &str = "10.78.0.3";
+const A_IP6: &str = "fd77::1";
+const B_IP6: &str = "fd77::2";
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_pilotfish")
@@ -132,8 +134,9 @@ impl Drop for Ns {
     }
 }
 
-/// Joins two namespaces with a veth pair and addresses on a /24.
-fn link(a: &Ns, a_if: &str, a_ip: &str, b: &Ns, b_if: &str, b_ip: &str) {
+/// Joins two namespaces with a veth pair and addresses on a /24 (and a
+/// /64 when `v6` is given).
+fn link(a: &Ns, a_if: &str, a_ip: &str, b: &Ns, b_if: &str, b_ip: &str, v6: Option<(&str, &str)>) {
     ok(&[
         "ip", "link", "add", a_if, "netns", &a.0, "type", "veth", "peer", "name", b_if, "netns",
         &b.0,
@@ -159,6 +162,31 @@ fn link(a: &Ns, a_if: &str, a_ip: &str, b: &Ns, b_if: &str, b_ip: &str) {
         b_if,
     ]);
     ok(&["ip", "-n", &a.0, "link", "set", a_if, "up"]);
+    if let Some((a6, b6)) = v6 {
+        // nodad: usable at once, no duplicate-address wait.
+        ok(&[
+            "ip",
+            "-n",
+            &a.0,
+            "addr",
+            "add",
+            &format!("{a6}/64"),
+            "dev",
+            a_if,
+            "nodad",
+        ]);
+        ok(&[
+            "ip",
+            "-n",
+            &b.0,
+            "addr",
+            "add",
+            &format!("{b6}/64"),
+            "dev",
+            b_if,
+            "nodad",
+        ]);
+    }
     ok(&["ip", "-n", &b.0, "link", "set", b_if, "up"]);
 }
 
@@ -287,13 +315,19 @@ detect_timeout = "{detect_timeout}"
 
 [[listeners]]
 name = "outbound"
-bind = "127.0.0.1:15001"
+bind = "[::]:15001"
 protocol = "auto"
 
 [[clusters]]
 name = "b-http"
 destinations = ["{B_IP}:80"]
 endpoints = ["{B_IP}:80"]
+tls = {{ server_identity = "{ID_B}" }}
+
+[[clusters]]
+name = "b-http-v6"
+destinations = ["[{B_IP6}]:80"]
+endpoints = ["[{B_IP6}]:80"]
 tls = {{ server_identity = "{ID_B}" }}
 
 [[clusters]]
@@ -342,7 +376,7 @@ detect_timeout = "500ms"
 
 [[listeners]]
 name = "inbound"
-bind = "0.0.0.0:15006"
+bind = "[::]:15006"
 protocol = "auto"
 tls = {{}}
 {authorize}
@@ -378,6 +412,7 @@ http {{
   scgi_temp_path {d}/nginx-scgi;
   server {{
     listen 80;
+    listen [::]:80;
     location / {{ return 200 "peer=$http_x_pilotfish_peer_identity uri=$request_uri\n"; }}
   }}
   server {{
@@ -482,15 +517,10 @@ impl Pods {
         let (a, b, c) = (Ns::new("a"), Ns::new("b"), Ns::new("c"));
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}{n}", std::process::id() % 10000);
-        link(&a, &format!("va{tag}"), A_IP, &b, &format!("vb{tag}"), B_IP);
-        link(
-            &c,
-            &format!("vc{tag}"),
-            C_IP,
-            &b,
-            &format!("cv{tag}"),
-            B_IP_FOR_C,
-        );
+        let (va, vb) = (format!("va{tag}"), format!("vb{tag}"));
+        link(&a, &va, A_IP, &b, &vb, B_IP, Some((A_IP6, B_IP6)));
+        let (vc, cv) = (format!("vc{tag}"), format!("cv{tag}"));
+        link(&c, &vc, C_IP, &b, &cv, B_IP_FOR_C, None);
         let apps = vec![nginx(&b, &dir), tcp_servers(&b)];
         Pods {
             dir,
@@ -640,6 +670,13 @@ fn http_from_an_unmodified_client_reaches_nginx_in_the_other_pod_over_mtls() {
     );
     assert_eq!(body, format!("peer={ID_A} uri=/h2?secret-marker=2\n"));
     assert_eq!(a.intercept("detected_http2"), 1);
+
+    // IPv6 end to end: IPv6 rules, IP6T_SO_ORIGINAL_DST on both sides.
+    let body = curl(
+        &pods.a,
+        &["-g", &format!("http://[{B_IP6}]/v6?secret-marker=3")],
+    );
+    assert_eq!(body, format!("peer={ID_A} uri=/v6?secret-marker=3\n"));
 
     // A caller cannot claim an identity: the header it sends is replaced.
     let body = curl(

@@ -41,6 +41,11 @@ pub enum Backend {
 pub struct Plan {
     pub outbound_port: Option<u16>,
     pub inbound_port: Option<u16>,
+    /// Whether the listeners take IPv6 (bound to an IPv6 address; `[::]`
+    /// is dual-stack). IPv6 is redirected only to a listener that can
+    /// accept it, else it would be refused; [`Plan::warnings`] says so.
+    pub outbound_v6: bool,
+    pub inbound_v6: bool,
     pub uid: u32,
     pub gid: Option<u32>,
     pub exclude_inbound_ports: Vec<u16>,
@@ -54,9 +59,12 @@ impl Plan {
     pub fn from_config(config: &Config) -> Option<Plan> {
         let i = config.intercept.as_ref()?;
         let port = |l: Option<usize>| l.map(|l| config.listeners[l].bind.port());
+        let v6 = |l: Option<usize>| l.is_some_and(|l| config.listeners[l].bind.is_ipv6());
         Some(Plan {
             outbound_port: port(i.outbound_listener),
             inbound_port: port(i.inbound_listener),
+            outbound_v6: v6(i.outbound_listener),
+            inbound_v6: v6(i.inbound_listener),
             uid: i.proxy_uid,
             gid: i.proxy_gid,
             exclude_inbound_ports: i.exclude_inbound_ports.clone(),
@@ -64,6 +72,18 @@ impl Plan {
             exclude_outbound: i.exclude_outbound_cidrs.clone(),
             include_outbound: i.include_outbound_cidrs.clone(),
         })
+    }
+
+    /// What the operator should know about these rules.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.outbound_port.is_some() && !self.outbound_v6 {
+            w.push("the outbound listener binds an IPv4 address: IPv6 outbound connections are not captured (bind it to [::1] or [::] to capture them)".to_string());
+        }
+        if self.inbound_port.is_some() && !self.inbound_v6 {
+            w.push("the inbound listener binds an IPv4 address: IPv6 inbound connections are not captured (bind it to [::] to capture them)".to_string());
+        }
+        w
     }
 
     /// The nft script that replaces the table in one transaction: create
@@ -110,6 +130,9 @@ impl Plan {
                     let _ = writeln!(s, "    ip6 daddr != {} return", nft_set(&v6));
                 }
             }
+            if !self.outbound_v6 {
+                s += "    meta nfproto ipv6 return\n";
+            }
             let _ = writeln!(s, "    meta l4proto tcp redirect to :{port}\n  }}");
         }
         if let Some(port) = self.inbound_port {
@@ -136,7 +159,7 @@ impl Plan {
     pub fn iptables_script(&self, v6: bool) -> String {
         let mut s = String::from("*nat\n");
         let _ = writeln!(s, ":{IPT_OUTPUT} - [0:0]\n:{IPT_PREROUTING} - [0:0]");
-        if let Some(port) = self.outbound_port {
+        if let Some(port) = self.outbound_port.filter(|_| !v6 || self.outbound_v6) {
             let c = IPT_OUTPUT;
             let _ = writeln!(
                 s,
@@ -165,7 +188,7 @@ impl Plan {
                 let _ = writeln!(s, "-A {c} -p tcp -j REDIRECT --to-ports {port}");
             }
         }
-        if let Some(port) = self.inbound_port {
+        if let Some(port) = self.inbound_port.filter(|_| !v6 || self.inbound_v6) {
             let c = IPT_PREROUTING;
             let _ = writeln!(s, "-A {c} -i lo -j RETURN");
             for p in &self.exclude_inbound_ports {
@@ -342,6 +365,8 @@ mod tests {
         Plan {
             outbound_port: Some(15001),
             inbound_port: Some(15006),
+            outbound_v6: true,
+            inbound_v6: true,
             uid: 1337,
             gid: Some(1338),
             exclude_inbound_ports: vec![22, 15020],
@@ -380,6 +405,14 @@ mod tests {
         let s = p.nft_script();
         assert!(s.contains("ip daddr != { 10.0.0.0/8 } return"), "{s}");
         assert!(s.contains("meta nfproto ipv6 return"), "{s}");
+        p.include_outbound.clear();
+        assert!(!p.nft_script().contains("nfproto"));
+        p.outbound_v6 = false;
+        assert!(p.nft_script().contains("meta nfproto ipv6 return"));
+        assert!(!p
+            .iptables_script(true)
+            .contains("PILOTFISH_OUTPUT -p tcp -j REDIRECT"));
+        assert_eq!(p.warnings().len(), 1);
         let ipt = p.iptables_script(false);
         assert!(
             ipt.contains("-A PILOTFISH_OUTPUT -p tcp -d 10.0.0.0/8 -j REDIRECT --to-ports 15001")
