@@ -55,7 +55,7 @@ fn capable() -> bool {
     if root && tools {
         return true;
     }
-    let why = format!("interception tests need root and ip, nft, nginx, curl, tcpdump, python3, setpriv (root: {root}, tools: {tools})");
+    let why = format!("interception tests need root and ip, nft, iptables-restore, nginx, curl, tcpdump, python3, setpriv (root: {root}, tools: {tools})");
     assert!(std::env::var("CI").is_err(), "{why}");
     eprintln!("skipped: {why}");
     false
@@ -540,12 +540,18 @@ impl Pods {
 
     /// Writes `toml` and runs `pilotfish intercept install` in `ns`.
     fn install(&self, ns: &Ns, name: &str, toml: &str) {
+        self.install_with(ns, name, toml, "nft");
+    }
+
+    fn install_with(&self, ns: &Ns, name: &str, toml: &str, backend: &str) {
         let path = self.dir.join(format!("{name}-rules.toml"));
         std::fs::write(&path, toml).unwrap();
         let out = ns.run(&[
             bin(),
             "intercept",
             "install",
+            "--backend",
+            backend,
             "--config",
             path.to_str().unwrap(),
         ]);
@@ -945,4 +951,53 @@ protocol = "auto"
         "{out:?}"
     );
     assert_eq!(ruleset(), before);
+}
+
+#[test]
+fn the_iptables_fallback_intercepts_too_and_removes_cleanly() {
+    if !capable() {
+        return;
+    }
+    let pods = Pods::new();
+    let save = |ns: &Ns| {
+        let v4 = ns.run(&["iptables-save", "-t", "nat"]);
+        let v6 = ns.run(&["ip6tables-save", "-t", "nat"]);
+        // Without the "# Generated/Completed" lines, which carry times.
+        String::from_utf8_lossy(&[v4.stdout, v6.stdout].concat())
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let before = (save(&pods.a), save(&pods.b));
+    let a_toml = config_a(&pods.dir, "passthrough", "300ms");
+    let b_toml = config_b(&pods.dir, "strict", true);
+    for _ in 0..2 {
+        pods.install_with(&pods.a, "a", &a_toml, "iptables");
+        pods.install_with(&pods.b, "b", &b_toml, "iptables");
+    }
+    let rules = save(&pods.a);
+    assert_eq!(
+        rules.matches("-A OUTPUT -j PILOTFISH_OUTPUT").count(),
+        2,
+        "one jump per family after two installs:\n{rules}"
+    );
+    assert!(rules.contains("--uid-owner 1337 -j RETURN"), "{rules}");
+    let b = Sidecar::start(&pods.b, &pods.dir, "b", &b_toml);
+    let a = Sidecar::start(&pods.a, &pods.dir, "a", &a_toml);
+    let body = curl(&pods.a, &[&format!("http://{B_IP}/via-iptables")]);
+    assert_eq!(body, format!("peer={ID_A} uri=/via-iptables\n"));
+    let body = curl(&pods.a, &["-g", &format!("http://[{B_IP6}]/via-ip6tables")]);
+    assert_eq!(body, format!("peer={ID_A} uri=/via-ip6tables\n"));
+    assert_eq!(a.intercept("outbound_routed"), 2);
+    assert_eq!(b.intercept("inbound_mtls"), 2);
+    for ns in [&pods.a, &pods.b] {
+        let out = ns.run(&[bin(), "intercept", "remove", "--backend", "iptables"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_eq!(
+        (save(&pods.a), save(&pods.b)),
+        before,
+        "remove left rules behind"
+    );
 }
