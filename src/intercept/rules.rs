@@ -405,6 +405,11 @@ mod tests {
         let s = p.nft_script();
         assert!(s.contains("ip daddr != { 10.0.0.0/8 } return"), "{s}");
         assert!(s.contains("meta nfproto ipv6 return"), "{s}");
+        let ipt = p.iptables_script(false);
+        assert!(
+            ipt.contains("-A PILOTFISH_OUTPUT -p tcp -d 10.0.0.0/8 -j REDIRECT --to-ports 15001")
+        );
+        assert!(!ipt.contains("-A PILOTFISH_OUTPUT -p tcp -j REDIRECT"));
         p.include_outbound.clear();
         assert!(!p.nft_script().contains("nfproto"));
         p.outbound_v6 = false;
@@ -413,11 +418,6 @@ mod tests {
             .iptables_script(true)
             .contains("PILOTFISH_OUTPUT -p tcp -j REDIRECT"));
         assert_eq!(p.warnings().len(), 1);
-        let ipt = p.iptables_script(false);
-        assert!(
-            ipt.contains("-A PILOTFISH_OUTPUT -p tcp -d 10.0.0.0/8 -j REDIRECT --to-ports 15001")
-        );
-        assert!(!ipt.contains("-A PILOTFISH_OUTPUT -p tcp -j REDIRECT"));
     }
 
     #[test]
