@@ -150,9 +150,11 @@ fn hello_extensions(hs: &[u8]) -> Option<(Option<String>, Vec<Vec<u8>>)> {
                     let n = usize::from(list.u16()?);
                     let name = list.take(n)?;
                     if name_type == 0 && sni.is_none() {
+                        // Normalized before anything routes on it: one
+                        // spelling per name (case, a trailing dot).
                         sni = std::str::from_utf8(name)
                             .ok()
-                            .map(|s| s.to_ascii_lowercase());
+                            .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
                     }
                 }
             }
@@ -214,7 +216,7 @@ mod tests {
 
     #[test]
     fn tls_client_hello_gives_sni_and_alpn() {
-        let hello = client_hello("Payments.Default.svc", &[b"h2", b"http/1.1"]);
+        let hello = client_hello("Payments.Default.svc.", &[b"h2", b"http/1.1"]);
         assert_eq!(
             detect(&hello),
             Detected::Tls {

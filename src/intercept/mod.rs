@@ -272,7 +272,9 @@ pub async fn serve(
     };
     if is_own(&worker, &stream, dst) {
         add(&counters.loops, 1);
-        tracing::warn!(conn_id, %peer, %dst, listener = %listener.name, "connection to the proxy's own listener on an intercept port (a loop, or a direct call); closing");
+        // Counted; logged at debug only: any process in the pod can open
+        // such connections, and a line per connection would flood the log.
+        tracing::debug!(conn_id, %peer, %dst, listener = %listener.name, "connection to the proxy's own listener on an intercept port (a loop, or a direct call); closing");
         return;
     }
     let _ = stream.set_nodelay(true);
@@ -337,26 +339,20 @@ async fn outbound(
         match settings.outbound_policy {
             OutboundPolicy::Deny => {
                 add(&counters.outbound_denied, 1);
-                tracing::info!(conn_id, %peer, %dst, "no cluster claims this destination; refused (outbound_policy deny)");
+                tracing::debug!(conn_id, %peer, %dst, "no cluster claims this destination; refused (outbound_policy deny)");
             }
             OutboundPolicy::Passthrough => {
                 add(&counters.outbound_passthrough, 1);
                 tracing::debug!(conn_id, %peer, %dst, "no cluster claims this destination; passed through");
-                let connected = monoio::time::timeout(
-                    PASSTHROUGH_CONNECT_TIMEOUT,
-                    TcpStream::connect_addr(dst),
-                )
-                .await;
-                let Ok(Ok(upstream)) = connected else {
+                let Some(upstream) = connect_plain(dst).await else {
                     metrics::add(&worker.counters.connections_unrouted, 1);
                     return;
                 };
-                let _ = upstream.set_nodelay(true);
                 relay(
                     worker,
                     listener_index,
                     Stream::Plain(stream),
-                    Stream::Plain(upstream),
+                    upstream,
                     conn_id,
                 )
                 .await;
@@ -448,7 +444,7 @@ async fn inbound(
                 .decision(&listener.name, id.map(|i| i.as_str()), allowed);
             if !allowed {
                 add(&counters.inbound_unauthorized, 1);
-                tracing::info!(conn_id, %peer, caller = ?id.map(|i| i.as_str()), "caller not authorized; closing");
+                tracing::debug!(conn_id, %peer, caller = ?id.map(|i| i.as_str()), "caller not authorized; closing");
                 return;
             }
         }
@@ -458,7 +454,7 @@ async fn inbound(
     match settings.inbound_mode {
         InboundMode::Strict => {
             add(&counters.inbound_plaintext_refused, 1);
-            tracing::info!(conn_id, %peer, %dst, "plaintext caller refused (inbound_mode strict)");
+            tracing::debug!(conn_id, %peer, %dst, "plaintext caller refused (inbound_mode strict)");
         }
         InboundMode::Permissive => {
             add(&counters.inbound_plaintext, 1);
@@ -515,16 +511,7 @@ async fn to_app(
         Some(c) => l4::connect::connect(worker, c).await.map(|(s, _)| s),
         None => {
             let app = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port());
-            let connected =
-                monoio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, TcpStream::connect_addr(app))
-                    .await;
-            match connected {
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    Some(Stream::Plain(s))
-                }
-                _ => None,
-            }
+            connect_plain(app).await
         }
     };
     let Some(upstream) = upstream else {
@@ -533,6 +520,18 @@ async fn to_app(
         return;
     };
     relay(worker, listener_index, client, upstream, conn_id).await;
+}
+
+/// A plaintext connect to where a connection was going (passthrough, or
+/// the local app), bounded by [`PASSTHROUGH_CONNECT_TIMEOUT`].
+async fn connect_plain(addr: SocketAddr) -> Option<Stream> {
+    let connected =
+        monoio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, TcpStream::connect_addr(addr)).await;
+    let Ok(Ok(s)) = connected else {
+        return None;
+    };
+    let _ = s.set_nodelay(true);
+    Some(Stream::Plain(s))
 }
 
 /// Bytes both ways until either side is done or the pair idles out.
