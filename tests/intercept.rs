@@ -253,6 +253,21 @@ impl Sidecar {
         v["total"].clone()
     }
 
+    /// The count of one histogram from the admin socket (0 if absent).
+    fn histogram_count(&self, listener: &str, metric: &str) -> u64 {
+        let (status, body) =
+            pilotfish::admin::client::request(&self.admin, "GET", "/histograms?format=json")
+                .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["key"]["listener"] == listener && h["key"]["metric"] == metric)
+            .and_then(|h| h["count"].as_u64())
+            .unwrap_or(0)
+    }
+
     fn intercept(&self, counter: &str) -> u64 {
         self.stats()["intercept"][counter]
             .as_u64()
@@ -741,6 +756,17 @@ fn opaque_tcp_and_a_server_first_protocol_cross_the_mesh() {
     let got = tcp_client(&pods.a, B_IP, 2626, true, "HELO b\r\n");
     assert_eq!(got, "220 banner ready\r\n250 got HELO b\r\n");
     assert_eq!(a.intercept("detect_timeouts"), 1);
+
+    // Each of the three connections recorded its detection time once, and
+    // its duration (when it closed) as a connection, never as a request.
+    assert_eq!(a.histogram_count("outbound", "protocol_detect"), 3);
+    let deadline = Instant::now() + support::IO_DEADLINE;
+    while a.histogram_count("outbound", "connection_duration") < 3 {
+        assert!(Instant::now() < deadline, "relayed connections not closed");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(a.histogram_count("outbound", "connection_duration"), 3);
+    assert_eq!(a.histogram_count("outbound", "request_total"), 0);
 }
 
 #[test]

@@ -232,12 +232,12 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
 }
 
 /// The workload identities of the demo's two services.
-const SERVICE_A: &str = "spiffe://demo.mesh/ns/default/sa/service-a";
-const SERVICE_B: &str = "spiffe://demo.mesh/ns/default/sa/service-b";
+pub(crate) const SERVICE_A: &str = "spiffe://demo.mesh/ns/default/sa/service-a";
+pub(crate) const SERVICE_B: &str = "spiffe://demo.mesh/ns/default/sa/service-b";
 
 /// Makes a development CA and one SVID per sidecar with the real
 /// `pilotfish ca` commands, as a user trying the mesh would.
-fn issue_identities(binary: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn issue_identities(binary: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     let pki = out.join("pki");
     let _ = std::fs::remove_dir_all(&pki);
     let run = |args: &[&str]| -> anyhow::Result<()> {

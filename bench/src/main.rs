@@ -9,6 +9,7 @@ mod load;
 mod pingpong;
 mod plot;
 mod sidecar;
+mod transparent;
 mod upstream;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -37,6 +38,11 @@ enum Command {
         /// The pilotfish binary (default: built next to this one).
         #[arg(long, value_name = "PATH")]
         pilotfish: Option<PathBuf>,
+        /// Two pods as network namespaces with interception rules: the app
+        /// dials the other pod's address and the sidecars take over
+        /// (direct vs explicit-port vs transparent mesh). Needs root.
+        #[arg(long)]
+        transparent: bool,
     },
     /// L4 throughput: direct vs through the proxy (buffered copy vs splice).
     L4 {
@@ -139,7 +145,18 @@ fn main() -> anyhow::Result<()> {
             quick,
             out,
             pilotfish,
+            transparent: false,
         } => demo::run(quick, &out.unwrap_or_else(demo::default_out), pilotfish),
+        Command::Demo {
+            quick,
+            out,
+            pilotfish,
+            transparent: true,
+        } => transparent::run(
+            quick,
+            &out.unwrap_or_else(transparent::default_out),
+            pilotfish,
+        ),
         Command::L4 { mib, rounds } => l4::run(mib, rounds),
         Command::Handshakes { quick, pilotfish } => handshakes::run(quick, pilotfish),
         Command::Compare {

@@ -46,11 +46,31 @@ pub fn stop_on_ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// How the load uses its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// One connection per load thread, reused (keep-alive).
+    KeepAlive,
+    /// A new connection for every request (`Connection: close`); the
+    /// round trip includes the connect.
+    PerRequest,
+}
+
 pub fn run(
     target: SocketAddr,
     connections: usize,
     duration: Duration,
     stop: &Arc<AtomicBool>,
+) -> anyhow::Result<Outcome> {
+    run_with(target, connections, duration, stop, Reuse::KeepAlive)
+}
+
+pub fn run_with(
+    target: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    stop: &Arc<AtomicBool>,
+    reuse: Reuse,
 ) -> anyhow::Result<Outcome> {
     anyhow::ensure!(
         (1..=CONNECTIONS_MAX).contains(&connections),
@@ -61,7 +81,10 @@ pub fn run(
     let workers: Vec<_> = (0..connections)
         .map(|_| {
             let stop = Arc::clone(stop);
-            thread::spawn(move || one_http_connection(target, deadline, &stop))
+            thread::spawn(move || match reuse {
+                Reuse::KeepAlive => one_http_connection(target, deadline, &stop),
+                Reuse::PerRequest => connection_per_request(target, deadline, &stop),
+            })
         })
         .collect();
     let mut total = Outcome {
@@ -102,6 +125,43 @@ fn one_http_connection(target: SocketAddr, deadline: Instant, stop: &AtomicBool)
         if s.write_all(request).is_err() || !read_http_response(&mut s, &mut buf) {
             out.errors += 1;
             break;
+        }
+        let us = sent
+            .elapsed()
+            .as_micros()
+            .clamp(1, u128::from(LATENCY_MAX_US)) as u64;
+        let _ = out.histogram.record(us);
+        out.requests += 1;
+    }
+    out
+}
+
+/// `Connection: close` requests, each on a connection of its own: the
+/// round trip runs from before the connect to the end of the response.
+fn connection_per_request(target: SocketAddr, deadline: Instant, stop: &AtomicBool) -> Outcome {
+    let mut out = Outcome {
+        histogram: new_histogram(),
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    let request = b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n";
+    let mut buf = vec![0u8; 16 * 1024];
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        let sent = Instant::now();
+        let answered =
+            TcpStream::connect_timeout(&target, Duration::from_secs(5)).is_ok_and(|mut s| {
+                let _ = s.set_nodelay(true);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                s.write_all(request).is_ok() && read_http_response(&mut s, &mut buf)
+            });
+        if !answered {
+            out.errors += 1;
+            // A refused connect returns at once: do not spin on it.
+            if out.errors > 100 {
+                break;
+            }
+            continue;
         }
         let us = sent
             .elapsed()

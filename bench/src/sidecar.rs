@@ -29,14 +29,40 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts `pilotfish run --config FILE` and waits for READY=1.
     pub fn start(binary: &Path, name: &str, dir: &Path, config_toml: &str) -> anyhow::Result<Self> {
+        Self::start_with(binary, name, dir, config_toml, &[])
+    }
+
+    /// As [`Sidecar::start`], with the binary run by `wrapper` (e.g. `ip
+    /// netns exec POD setpriv --reuid=1337 ...`, each of which execs the
+    /// next, so the child's pid is pilotfish's). The notify socket is
+    /// opened to other users for a wrapper that drops privileges.
+    pub fn start_with(
+        binary: &Path,
+        name: &str,
+        dir: &Path,
+        config_toml: &str,
+        wrapper: &[String],
+    ) -> anyhow::Result<Self> {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, config_toml)?;
         let notify_path = dir.join(format!("{name}.notify"));
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path)?;
         notify.set_read_timeout(Some(READY_TIMEOUT))?;
+        if !wrapper.is_empty() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o666))?;
+        }
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let child = Command::new(binary)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&config)
             .env("NOTIFY_SOCKET", &notify_path)

@@ -28,7 +28,7 @@ use std::{
     cell::Cell,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     rc::Rc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use monoio::net::TcpStream;
@@ -260,6 +260,7 @@ pub async fn serve(
     _slot: Slot,
 ) {
     let _active = metrics::ActiveGuard::new(&worker.counters.connections_active);
+    let accepted = Instant::now();
     let counters = &worker.counters.intercept;
     let listener = &worker.config.listeners[listener_index];
     let dst = match socket::original_dst(&stream, peer) {
@@ -280,10 +281,28 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     match listener.direction {
         Some(Direction::Outbound) => {
-            outbound(&worker, listener_index, stream, peer, dst, conn_id).await
+            outbound(
+                &worker,
+                listener_index,
+                stream,
+                peer,
+                dst,
+                conn_id,
+                accepted,
+            )
+            .await
         }
         Some(Direction::Inbound) => {
-            inbound(&worker, listener_index, stream, peer, dst, conn_id).await
+            inbound(
+                &worker,
+                listener_index,
+                stream,
+                peer,
+                dst,
+                conn_id,
+                accepted,
+            )
+            .await
         }
         None => {}
     }
@@ -312,6 +331,7 @@ async fn outbound(
     peer: SocketAddr,
     dst: SocketAddr,
     conn_id: u64,
+    accepted: Instant,
 ) {
     let Some(settings) = &worker.config.intercept else {
         return;
@@ -331,6 +351,7 @@ async fn outbound(
         counters.detected(&peeked.detected);
         peeked.detected
     };
+    worker.histograms.detect(listener_index, accepted.elapsed());
     let sni = match &detected {
         Detected::Tls { sni, .. } => sni.as_deref(),
         _ => None,
@@ -396,6 +417,7 @@ async fn inbound(
     peer: SocketAddr,
     dst: SocketAddr,
     conn_id: u64,
+    accepted: Instant,
 ) {
     let Some(settings) = &worker.config.intercept else {
         return;
@@ -403,6 +425,10 @@ async fn inbound(
     let counters = &worker.counters.intercept;
     let listener = &worker.config.listeners[listener_index];
     let first = socket::first_byte(&stream, settings.detect_timeout).await;
+    // Inbound, the first byte decides (TLS or plaintext); permissive
+    // plaintext then peeks further, which the HTTP pipeline's own
+    // timings cover.
+    worker.histograms.detect(listener_index, accepted.elapsed());
     let tls = match (&listener.tls, first) {
         // A TLS record of type handshake: a ClientHello.
         (Some(tls), Some(0x16)) => Some(tls),
@@ -543,16 +569,14 @@ async fn relay(
     conn_id: u64,
 ) {
     let listener = &worker.config.listeners[listener_index];
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let activity = Cell::new(0u64);
     let copied = l4::copy::both_ways(worker, CopyMode::Auto, client, upstream, &activity);
     let outcome = monoio::select! {
         r = copied => Some(r),
         _ = l4::idle(&activity, listener.idle_timeout) => None,
     };
-    worker
-        .histograms
-        .listener(listener_index, started.elapsed());
+    worker.histograms.relayed(listener_index, started.elapsed());
     match outcome {
         Some(Ok(())) => tracing::debug!(conn_id, "closed cleanly"),
         Some(Err(e)) => tracing::debug!(conn_id, error = %e, "closed on error"),

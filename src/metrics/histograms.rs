@@ -48,6 +48,10 @@ pub enum Metric {
     UpstreamFirstByte,
     /// L4: accepted → both sides closed.
     ConnectionDuration,
+    /// Intercepted connection: accepted → protocol decided (original
+    /// destination read, loop check, first bytes peeked and classified;
+    /// includes the wait for the caller's first bytes).
+    ProtocolDetect,
 }
 
 impl Metric {
@@ -57,6 +61,7 @@ impl Metric {
             Metric::UpstreamConnect => "upstream_connect",
             Metric::UpstreamFirstByte => "upstream_first_byte",
             Metric::ConnectionDuration => "connection_duration",
+            Metric::ProtocolDetect => "protocol_detect",
         }
     }
 }
@@ -222,6 +227,10 @@ pub struct Histograms {
     listeners: Vec<Cell>,
     /// Per (listener, route): request_total.
     routes: Vec<Vec<Cell>>,
+    /// Per listener, for intercept listeners only: protocol_detect, and
+    /// connection_duration of the connections relayed as bytes (their
+    /// HTTP requests go to request_total; one family, one measurement).
+    intercept: Vec<Option<(Cell, Cell)>>,
 }
 
 impl Histograms {
@@ -255,7 +264,23 @@ impl Histograms {
                 ListenerKind::Tcp { .. } => Vec::new(),
             })
             .collect();
-        Self { listeners, routes }
+        let intercept = config
+            .listeners
+            .iter()
+            .map(|l| {
+                l.direction.map(|_| {
+                    (
+                        store.cell(key(&l.name, None, Metric::ProtocolDetect)),
+                        store.cell(key(&l.name, None, Metric::ConnectionDuration)),
+                    )
+                })
+            })
+            .collect();
+        Self {
+            listeners,
+            routes,
+            intercept,
+        }
     }
 
     /// A finished HTTP request (or L4 connection) on `listener`.
@@ -265,6 +290,21 @@ impl Histograms {
 
     pub fn route(&self, listener: usize, route: usize, d: Duration) {
         record(&self.routes[listener][route], d);
+    }
+
+    /// An intercepted connection on `listener` whose protocol took `d` to
+    /// decide.
+    pub fn detect(&self, listener: usize, d: Duration) {
+        if let Some((cell, _)) = &self.intercept[listener] {
+            record(cell, d);
+        }
+    }
+
+    /// An intercepted connection on `listener` relayed as bytes, closed.
+    pub fn relayed(&self, listener: usize, d: Duration) {
+        if let Some((_, cell)) = &self.intercept[listener] {
+            record(cell, d);
+        }
     }
 }
 
