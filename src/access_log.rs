@@ -230,6 +230,10 @@ pub struct Line<'a> {
     pub client: &'a str,
     /// The caller's verified SPIFFE ID (mTLS listeners); CLF's authuser.
     pub peer_identity: Option<&'a str>,
+    /// Whether the caller's connection was TLS. On an intercepted inbound
+    /// port in `permissive` mode, `false` marks a plaintext caller from
+    /// outside the mesh.
+    pub tls: bool,
     pub method: &'a str,
     pub target: &'a str,
     pub version: &'a str,
@@ -360,6 +364,7 @@ mod tests {
             route: Some("api"),
             client: "10.0.0.1",
             peer_identity: None,
+            tls: false,
             method: "GET",
             target: "/a\"b",
             version: "HTTP/1.1",
@@ -394,6 +399,7 @@ mod tests {
         let id = "spiffe://mesh.local/ns/prod/sa/frontend";
         let with_id = Line {
             peer_identity: Some(id),
+            tls: true,
             ..line()
         };
         format(LogFormat::Common, &with_id, &mut out);
@@ -404,6 +410,7 @@ mod tests {
         format(LogFormat::Json, &with_id, &mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["peer_identity"], id);
+        assert_eq!(v["tls"], true);
     }
 
     #[test]

@@ -394,6 +394,7 @@ name = "inbound"
 bind = "[::]:15006"
 protocol = "auto"
 tls = {{}}
+access_log = {{ path = "{log}", format = "json" }}
 {authorize}
 [[clusters]]
 name = "app-http"
@@ -402,6 +403,7 @@ destinations = [":80"]
 endpoints = ["127.0.0.1:80"]
 "#,
         admin = dir.join("b.sock").display(),
+        log = dir.join("b-access.log").display(),
         tls = tls_table(dir, "b"),
     )
 }
@@ -843,6 +845,29 @@ fn plaintext_callers_are_refused_when_strict_and_forwarded_when_permissive() {
     let body = curl(&pods.a, &[&format!("http://{B_IP}/from-a")]);
     assert_eq!(body, format!("peer={ID_A} uri=/from-a\n"));
     assert_eq!(b.intercept("inbound_mtls"), 1);
+    // The access log tells the outsider (plaintext, no identity) from the
+    // mesh peer (mTLS, its SPIFFE ID).
+    let log = pods.dir.join("b-access.log");
+    let deadline = Instant::now() + support::IO_DEADLINE;
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v["target"] == "/from-c" || v["target"] == "/from-a")
+            .collect();
+        if lines.len() == 2 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "access log: {text}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let from_c = lines.iter().find(|v| v["target"] == "/from-c").unwrap();
+    assert_eq!(from_c["tls"], false, "{from_c}");
+    assert!(from_c["peer_identity"].is_null(), "{from_c}");
+    let from_a = lines.iter().find(|v| v["target"] == "/from-a").unwrap();
+    assert_eq!(from_a["tls"], true, "{from_a}");
+    assert_eq!(from_a["peer_identity"], ID_A, "{from_a}");
     drop(b);
     // With an allow-list, permissive still lets plaintext connect, but no
     // identity is on the list: 403.

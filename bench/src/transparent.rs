@@ -49,6 +49,10 @@ use crate::{
 const PROXY_UID: u32 = 1337;
 const A_IP: &str = "10.79.0.1";
 const B_IP: &str = "10.79.0.2";
+/// A second address of pod B, for the direct windows only: a new
+/// connection per request leaves thousands of TIME_WAIT sockets, and
+/// their ports would slow the later windows' connects to `B_IP`.
+const B_IP_DIRECT: &str = "10.79.0.3";
 /// The app's port in pod B, dialled by the app in pod A.
 const APP_PORT: u16 = 8080;
 /// Sidecar A's explicit (non-intercepting) listener, on pod A's loopback.
@@ -99,20 +103,18 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         "link", "add", &veth_a, "netns", &a.name, "type", "veth", "peer", "name", &veth_b, "netns",
         &b.name,
     ])?;
-    for (pod, dev, addr) in [(&a, &veth_a, A_IP), (&b, &veth_b, B_IP)] {
-        ip(&[
-            "-n",
-            &pod.name,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            dev,
-        ])?;
+    let addresses = [
+        (&a, &veth_a, A_IP),
+        (&b, &veth_b, B_IP),
+        (&b, &veth_b, B_IP_DIRECT),
+    ];
+    for (pod, dev, addr) in addresses {
+        let cidr = format!("{addr}/24");
+        ip(&["-n", &pod.name, "addr", "add", &cidr, "dev", dev])?;
         ip(&["-n", &pod.name, "link", "set", dev, "up"])?;
     }
-    // Pod A makes a new connection per request in two windows to the same
-    // address: let it reuse TIME_WAIT ports (this namespace only).
+    // Pod A makes thousands of new connections: let it reuse TIME_WAIT
+    // ports (this namespace only).
     a.exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
     a.exec(&[
         "sysctl",
@@ -133,7 +135,7 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
     b.within(move || upstream::http(app_listen).map_err(anyhow::Error::from))?;
     let app: SocketAddr = format!("{B_IP}:{APP_PORT}").parse()?;
     println!(
-        "pods: {} ({A_IP}) and {} ({B_IP}), one veth pair",
+        "pods: {} ({A_IP}) and {} ({B_IP}; {B_IP_DIRECT} for the direct windows), one veth pair",
         a.name, b.name
     );
     println!("service B (HTTP upstream)     {app} in pod B");
@@ -170,8 +172,9 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         anyhow::Ok((o, per_request_us))
     };
 
-    let (direct, _) = window(app, Reuse::KeepAlive)?;
-    let (direct_new, _) = window(app, Reuse::PerRequest)?;
+    let direct_app: SocketAddr = format!("{B_IP_DIRECT}:{APP_PORT}").parse()?;
+    let (direct, _) = window(direct_app, Reuse::KeepAlive)?;
+    let (direct_new, _) = window(direct_app, Reuse::PerRequest)?;
 
     for (pod, name) in [(&a, "sidecar-a"), (&b, "sidecar-b")] {
         let config = out.join(format!("{name}.toml"));

@@ -300,6 +300,7 @@ pub async fn serve_accepted(
                 route: route.map(|r| http.routes[r].name.as_str()),
                 client: &client.ip,
                 peer_identity: client.identity.as_ref().map(|i| i.as_str()),
+                tls: !matches!(client.stream, Stream::Plain(_)),
                 method: &String::from_utf8_lossy(&method),
                 target: &String::from_utf8_lossy(&target),
                 version: match version {

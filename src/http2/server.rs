@@ -400,6 +400,7 @@ async fn stream_task(
             route: route.map(|r| http.routes[r].name.as_str()),
             client: &caller.ip,
             peer_identity: caller.identity.as_ref().map(|i| i.as_str()),
+            tls: caller.tls,
             method: &method,
             target: &target,
             version: "HTTP/2.0",
