@@ -43,6 +43,10 @@ enum Command {
         /// (direct vs explicit-port vs transparent mesh). Needs root.
         #[arg(long)]
         transparent: bool,
+        /// Load connections (default 16, --quick 4); with --transparent
+        /// only. 1 measures the unloaded round trip.
+        #[arg(long, requires = "transparent")]
+        connections: Option<usize>,
     },
     /// L4 throughput: direct vs through the proxy (buffered copy vs splice).
     L4 {
@@ -146,14 +150,17 @@ fn main() -> anyhow::Result<()> {
             out,
             pilotfish,
             transparent: false,
+            ..
         } => demo::run(quick, &out.unwrap_or_else(demo::default_out), pilotfish),
         Command::Demo {
             quick,
             out,
             pilotfish,
             transparent: true,
+            connections,
         } => transparent::run(
             quick,
+            connections,
             &out.unwrap_or_else(transparent::default_out),
             pilotfish,
         ),

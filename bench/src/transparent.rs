@@ -71,9 +71,14 @@ pub fn default_out() -> PathBuf {
     crate::demo::default_out().with_file_name("demo-transparent")
 }
 
-pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<()> {
+pub fn run(
+    quick: bool,
+    connections: Option<usize>,
+    out: &Path,
+    binary: Option<PathBuf>,
+) -> anyhow::Result<()> {
     preflight()?;
-    let plan = if quick {
+    let mut plan = if quick {
         Plan {
             connections: 4,
             warmup: Duration::from_millis(200),
@@ -86,6 +91,9 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
             measure: Duration::from_secs(5),
         }
     };
+    if let Some(n) = connections {
+        plan.connections = n;
+    }
     let stop = pingpong::stop_on_ctrl_c()?;
     let binary = crate::sidecar::locate_binary(binary)?;
     std::fs::create_dir_all(out)?;

@@ -1,0 +1,352 @@
+//! The transparent sidecar's units under a real systemd: a minimal Debian
+//! (debootstrap, cached under the target directory) booted with
+//! systemd-nspawn in a network namespace of its own, the real binary and
+//! the real unit files bound in read-only. Checks the order the README
+//! promises: the rules are installed before the sidecar starts, the
+//! sidecar runs as the fixed user whose uid the rules exclude, and on stop
+//! the sidecar is gone before the rules are removed, leaving nothing.
+//!
+//! Needs root, debootstrap, systemd-nspawn (systemd-container) and
+//! nsenter, and the first run fetches Debian packages (about a minute).
+//! Outside CI a machine without them skips with a note; under CI=true it
+//! fails instead.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// How long debootstrap may take (a cold package cache, a slow mirror).
+const DEBOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(480);
+/// How long the container's systemd may take to boot, and to power off.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Packages besides minbase: systemd as PID 1, and the nft the units run.
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,nftables";
+
+fn capable() -> bool {
+    let root = rustix::process::geteuid().is_root();
+    let tools = ["debootstrap", "systemd-nspawn", "nsenter"]
+        .iter()
+        .all(|t| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    if root && tools {
+        return true;
+    }
+    let why = format!(
+        "the systemd test needs root, debootstrap, systemd-nspawn and nsenter (root: {root}, tools: {tools})"
+    );
+    assert!(std::env::var("CI").is_err(), "{why}");
+    eprintln!("skipped: {why}");
+    false
+}
+
+/// Runs `cmd`, killing it after `limit`.
+fn run_for(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A minimal Debian with systemd, made once and reused (the container
+/// runs it with a volatile overlay, so boots never change it).
+fn rootfs() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nspawn-bookworm");
+    if dir.join(".complete").exists() {
+        return dir;
+    }
+    let partial = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = run_for(
+        Command::new("debootstrap").args([
+            "--variant=minbase",
+            &format!("--include={PACKAGES}"),
+            "bookworm",
+            partial.to_str().unwrap(),
+            "http://deb.debian.org/debian",
+        ]),
+        DEBOOTSTRAP_TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "debootstrap failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(partial.join(".complete"), "").unwrap();
+    std::fs::rename(&partial, &dir).unwrap();
+    dir
+}
+
+/// A booted container; powered off (or killed) when dropped.
+struct Container {
+    nspawn: Child,
+    init: u32,
+}
+
+impl Container {
+    fn boot(root: &Path, binds: &[(PathBuf, &str)], log: &Path) -> Container {
+        let mut cmd = Command::new("systemd-nspawn");
+        cmd.args(["-D", root.to_str().unwrap()])
+            .args([
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                "--volatile=overlay",
+                "--console=pipe",
+            ])
+            .arg(format!("--machine=pf-units-{}", std::process::id()));
+        for (host, inside) in binds {
+            cmd.arg(format!("--bind-ro={}:{inside}", host.display()));
+        }
+        let log_file = std::fs::File::create(log).unwrap();
+        let nspawn = cmd
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        // The container's PID 1 is nspawn's child.
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let init = loop {
+            let children =
+                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", nspawn.id()))
+                    .unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                break pid.parse().unwrap();
+            }
+            assert!(Instant::now() < deadline, "nspawn started no init");
+            thread::sleep(Duration::from_millis(50));
+        };
+        let c = Container { nspawn, init };
+        // Wait for boot to finish (degraded is fine: some units of a
+        // minimal image fail in a container).
+        loop {
+            let state = c.run(&["systemctl", "is-system-running"]);
+            let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+            if state == "running" || state == "degraded" {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container did not boot (state {state:?}): {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs a command inside the container.
+    fn run(&self, args: &[&str]) -> Output {
+        run_for(
+            Command::new("nsenter")
+                .args(["-t", &self.init.to_string(), "-a"])
+                .args(args),
+            BOOT_TIMEOUT,
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?} in the container: {}{}\njournal:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.journal()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn journal(&self) -> String {
+        let out = self.run(&[
+            "journalctl",
+            "--no-pager",
+            "-u",
+            "pilotfish-intercept.service",
+            "-u",
+            "pilotfish-transparent.service",
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// One property of a unit, as `systemctl show` gives it.
+    fn prop(&self, unit: &str, name: &str) -> String {
+        self.ok(&["systemctl", "show", "-p", name, "--value", unit])
+            .trim()
+            .to_string()
+    }
+
+    fn monotonic(&self, unit: &str, name: &str) -> u64 {
+        let v = self.prop(unit, name);
+        v.parse()
+            .unwrap_or_else(|_| panic!("{unit} {name} = {v:?}"))
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("nsenter")
+            .args(["-t", &self.init.to_string(), "-a", "systemctl", "poweroff"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+    }
+}
+
+const SIDECAR: &str = "pilotfish-transparent.service";
+const RULES: &str = "pilotfish-intercept.service";
+
+#[test]
+fn rules_are_installed_before_the_sidecar_and_removed_after_it() {
+    if !capable() {
+        return;
+    }
+    let root = rootfs();
+    let dir = support::temp_dir("nspawn-units");
+    // The sidecar's config: outbound and inbound interception on the
+    // container's own loopback (it has a network namespace of its own).
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("pilotfish.toml"),
+        r#"workers = 1
+drain_timeout = "1s"
+[admin]
+socket = "/run/pilotfish/admin.sock"
+[intercept]
+outbound_listener = "outbound"
+inbound_listener = "inbound"
+proxy_uid = 1337
+proxy_gid = 1337
+inbound_mode = "permissive"
+[[listeners]]
+name = "outbound"
+bind = "[::]:15001"
+protocol = "auto"
+[[listeners]]
+name = "inbound"
+bind = "[::]:15006"
+protocol = "auto"
+"#,
+    )
+    .unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let units = repo.join("systemd");
+    let binds = [
+        (
+            PathBuf::from(env!("CARGO_BIN_EXE_pilotfish")),
+            "/usr/local/bin/pilotfish",
+        ),
+        (
+            units.join(SIDECAR),
+            "/etc/systemd/system/pilotfish-transparent.service",
+        ),
+        (
+            units.join(RULES),
+            "/etc/systemd/system/pilotfish-intercept.service",
+        ),
+        (
+            units.join("pilotfish.sysusers"),
+            "/usr/lib/sysusers.d/pilotfish.conf",
+        ),
+        (etc.clone(), "/etc/pilotfish"),
+    ];
+    let c = Container::boot(&root, &binds, &dir.join("nspawn.log"));
+
+    // The user the sysusers file declares exists with the fixed uid.
+    let passwd = c.ok(&["getent", "passwd", "pilotfish"]);
+    assert!(passwd.contains(":1337:1337:"), "{passwd}");
+    // Nothing installed before the sidecar is started.
+    assert!(!c
+        .run(&["nft", "list", "table", "inet", "pilotfish"])
+        .status
+        .success());
+
+    c.ok(&["systemctl", "daemon-reload"]);
+    c.ok(&["systemctl", "start", SIDECAR]);
+    assert_eq!(c.prop(RULES, "ActiveState"), "active");
+    assert_eq!(c.prop(SIDECAR, "ActiveState"), "active");
+    // Start order: the rules unit finished (it is a oneshot that is active
+    // once ExecStart exited) before the sidecar's first process started.
+    let rules_in = c.monotonic(RULES, "ActiveEnterTimestampMonotonic");
+    let sidecar_started = c.monotonic(SIDECAR, "ExecMainStartTimestampMonotonic");
+    assert!(
+        rules_in > 0 && rules_in <= sidecar_started,
+        "rules active at {rules_in}, sidecar started at {sidecar_started}"
+    );
+    // The rules are in and exclude the sidecar's uid; the sidecar runs as it.
+    let table = c.ok(&["nft", "list", "table", "inet", "pilotfish"]);
+    assert!(table.contains("skuid 1337"), "{table}");
+    assert!(table.contains("redirect to :15001"), "{table}");
+    assert!(table.contains("redirect to :15006"), "{table}");
+    let pid = c.prop(SIDECAR, "MainPID");
+    let status = c.ok(&["cat", &format!("/proc/{pid}/status")]);
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "1337"),
+        "{uid_line}"
+    );
+    // The sidecar is serving: it answers on its admin socket.
+    let ready = c.ok(&[
+        "/usr/local/bin/pilotfish",
+        "admin",
+        "--socket",
+        "/run/pilotfish/admin.sock",
+        "ready",
+    ]);
+    assert!(!ready.is_empty());
+
+    // Stopping the sidecar stops the rules too (PartOf), after it.
+    c.ok(&["systemctl", "stop", SIDECAR]);
+    assert_eq!(c.prop(SIDECAR, "ActiveState"), "inactive");
+    assert_eq!(c.prop(RULES, "ActiveState"), "inactive");
+    let sidecar_gone = c.monotonic(SIDECAR, "InactiveEnterTimestampMonotonic");
+    let rules_out = c.monotonic(RULES, "ActiveExitTimestampMonotonic");
+    assert!(
+        sidecar_gone > 0 && sidecar_gone <= rules_out,
+        "sidecar stopped at {sidecar_gone}, rules removal began at {rules_out}"
+    );
+    // Nothing left behind.
+    assert!(
+        !c.run(&["nft", "list", "table", "inet", "pilotfish"])
+            .status
+            .success(),
+        "the rules outlived the sidecar"
+    );
+    let ruleset = c.ok(&["nft", "list", "ruleset"]);
+    assert!(!ruleset.contains("pilotfish"), "{ruleset}");
+    drop(c);
+}
