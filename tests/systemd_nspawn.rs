@@ -200,6 +200,25 @@ impl Container {
             .to_string()
     }
 
+    /// When PID 1 last logged a message starting with `verb` ("Stopping",
+    /// "Stopped") about `unit`: the journal's monotonic µs.
+    fn pid1_event(&self, unit: &str, verb: &str) -> u64 {
+        let out = self.ok(&[
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "json",
+            "_PID=1",
+            &format!("UNIT={unit}"),
+        ]);
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["MESSAGE"].as_str().is_some_and(|m| m.starts_with(verb)))
+            .filter_map(|v| v["__MONOTONIC_TIMESTAMP"].as_str()?.parse().ok())
+            .last()
+            .unwrap_or_else(|| panic!("no {verb:?} for {unit} in:\n{out}"))
+    }
+
     fn monotonic(&self, unit: &str, name: &str) -> u64 {
         let v = self.prop(unit, name);
         v.parse()
@@ -333,11 +352,14 @@ protocol = "auto"
     c.ok(&["systemctl", "stop", SIDECAR]);
     assert_eq!(c.prop(SIDECAR, "ActiveState"), "inactive");
     assert_eq!(c.prop(RULES, "ActiveState"), "inactive");
-    let sidecar_gone = c.monotonic(SIDECAR, "InactiveEnterTimestampMonotonic");
-    let rules_out = c.monotonic(RULES, "ActiveExitTimestampMonotonic");
+    // (Inactive units are unloaded, taking their timestamps along: the
+    // order comes from PID 1's journal entries about each unit.)
+    let sidecar_gone = c.pid1_event(SIDECAR, "Stopped");
+    let rules_out = c.pid1_event(RULES, "Stopping");
     assert!(
-        sidecar_gone > 0 && sidecar_gone <= rules_out,
-        "sidecar stopped at {sidecar_gone}, rules removal began at {rules_out}"
+        sidecar_gone <= rules_out,
+        "sidecar stopped at {sidecar_gone}, rules removal began at {rules_out}:\n{}",
+        c.journal()
     );
     // Nothing left behind.
     assert!(
