@@ -341,7 +341,7 @@ async fn outbound(
         add(&counters.detect_skipped, 1);
         Detected::Opaque
     } else {
-        let peeked = socket::detect_on(&stream, settings.detect_timeout).await;
+        let peeked = socket::detect_on(&stream, settings.detect_timeout, &worker.buffers).await;
         if peeked.closed {
             return;
         }
@@ -487,7 +487,7 @@ async fn inbound(
             let detected = if settings.opaque_ports.contains(&dst.port()) || first.is_none() {
                 Detected::Opaque
             } else {
-                socket::detect_on(&stream, settings.detect_timeout)
+                socket::detect_on(&stream, settings.detect_timeout, &worker.buffers)
                     .await
                     .detected
             };

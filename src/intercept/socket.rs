@@ -16,6 +16,7 @@ use std::{
 use monoio::net::TcpStream;
 
 use super::detect::{detect, Detected, DETECT_BYTES_MAX};
+use crate::worker::buffers::BufferPool;
 
 /// After a peek found an incomplete start, the next peek waits this long
 /// at first, doubling up to [`PEEK_BACKOFF_MAX`]: readiness cannot tell
@@ -80,9 +81,23 @@ pub struct Peeked {
 /// detect its protocol; the bytes stay queued on the socket. Out of time,
 /// or at [`DETECT_BYTES_MAX`], the answer is what the bytes so far say,
 /// with "need more" taken as opaque TCP.
-pub async fn detect_on(stream: &TcpStream, timeout: Duration) -> Peeked {
+///
+/// The peek buffer is one of the worker's pooled copy buffers, lent for the
+/// detection and given back, so detection allocates nothing per connection.
+pub async fn detect_on(stream: &TcpStream, timeout: Duration, pool: &BufferPool) -> Peeked {
+    let mut buf = pool.take();
+    buf.clear();
+    // Pooled buffers hold COPY_BUFFER_BYTES (64 KiB): no reallocation.
+    buf.resize(DETECT_BYTES_MAX, 0);
+    let peeked = detect_in(stream, timeout, &mut buf).await;
+    pool.give(buf);
+    peeked
+}
+
+const _: () = assert!(DETECT_BYTES_MAX <= crate::config::limits::COPY_BUFFER_BYTES);
+
+async fn detect_in(stream: &TcpStream, timeout: Duration, buf: &mut [u8]) -> Peeked {
     let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; DETECT_BYTES_MAX];
     let mut backoff = PEEK_BACKOFF_MIN;
     let mut seen = 0usize;
     let mut waited_readable = false;
@@ -103,7 +118,7 @@ pub async fn detect_on(stream: &TcpStream, timeout: Duration) -> Peeked {
                 };
             }
         }
-        match peek(stream, &mut buf) {
+        match peek(stream, buf) {
             Ok(0) => {
                 return Peeked {
                     detected: Detected::Opaque,
