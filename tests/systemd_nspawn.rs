@@ -212,10 +212,10 @@ impl Container {
             &format!("UNIT={unit}"),
         ]);
         out.lines()
+            .rev()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["MESSAGE"].as_str().is_some_and(|m| m.starts_with(verb)))
-            .filter_map(|v| v["__MONOTONIC_TIMESTAMP"].as_str()?.parse().ok())
-            .last()
+            .find_map(|v| v["__MONOTONIC_TIMESTAMP"].as_str()?.parse().ok())
             .unwrap_or_else(|| panic!("no {verb:?} for {unit} in:\n{out}"))
     }
 
