@@ -351,6 +351,13 @@ destinations = ["{B_IP}:7000"]
 endpoints = ["{B_IP}:7000"]
 tls = {{ server_identity = "{ID_B}" }}
 
+# Claimed by the SNI of the app's own TLS, whatever the address.
+[[clusters]]
+name = "b-sni"
+destinations = ["secure.b.mesh"]
+endpoints = ["{B_IP}:8443"]
+tls = {{ server_identity = "{ID_B}" }}
+
 [[clusters]]
 name = "b-banner"
 destinations = ["{B_IP}:2525"]
@@ -448,9 +455,18 @@ http {{
 
 /// Python servers in pod B: an echo on :7000 and a server-first banner
 /// on :2525 and :2626 (as SMTP greets before the client speaks).
-fn tcp_servers(ns: &Ns) -> Child {
+fn tcp_servers(ns: &Ns, dir: &Path) -> Child {
     let script = r#"
-import socket, threading
+import socket, ssl, sys, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1] + "/cert.pem", sys.argv[1] + "/key.pem")
+def tls_echo(c):
+    try:
+        t = ctx.wrap_socket(c, server_side=True)
+        t.sendall(b"tls:" + t.recv(1024))
+        t.close()
+    except Exception:
+        c.close()
 def echo(c):
     while True:
         d = c.recv(65536)
@@ -469,10 +485,12 @@ def serve(port, fn):
         c, _ = s.accept(); threading.Thread(target=fn, args=(c,), daemon=True).start()
 threading.Thread(target=serve, args=(2525, banner), daemon=True).start()
 threading.Thread(target=serve, args=(2626, banner), daemon=True).start()
+threading.Thread(target=serve, args=(8443, tls_echo), daemon=True).start()
 serve(7000, echo)
 "#;
-    let child = ns.spawn(&["python3", "-c", script]);
-    for port in [7000, 2525, 2626] {
+    let certs = dir.join("b");
+    let child = ns.spawn(&["python3", "-c", script, certs.to_str().unwrap()]);
+    for port in [7000, 2525, 2626, 8443] {
         wait_port(ns, "127.0.0.1", port);
     }
     child
@@ -538,7 +556,7 @@ impl Pods {
         link(&a, &va, A_IP, &b, &vb, B_IP, Some((A_IP6, B_IP6)));
         let (vc, cv) = (format!("vc{tag}"), format!("cv{tag}"));
         link(&c, &vc, C_IP, &b, &cv, B_IP_FOR_C, None);
-        let apps = vec![nginx(&b, &dir), tcp_servers(&b)];
+        let apps = vec![nginx(&b, &dir), tcp_servers(&b, &dir)];
         Pods {
             dir,
             a,
@@ -759,15 +777,41 @@ fn opaque_tcp_and_a_server_first_protocol_cross_the_mesh() {
     assert_eq!(got, "220 banner ready\r\n250 got HELO b\r\n");
     assert_eq!(a.intercept("detect_timeouts"), 1);
 
-    // Each of the three connections recorded its detection time once, and
+    // The app's own TLS: detected as TLS, its SNI picks the cluster (no
+    // cluster claims the address), relayed as bytes inside the sidecars'
+    // mTLS to the app's TLS server in pod B.
+    let tls_client = format!(
+        r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s = socket.create_connection(("{B_IP}", 8443), timeout=10)
+t = ctx.wrap_socket(s, server_hostname="Secure.B.Mesh.")
+t.sendall(b"hi")
+sys.stdout.write(t.recv(1024).decode())
+"#
+    );
+    let out = pods.a.run(&["python3", "-c", &tls_client]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "tls:hi",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a.intercept("detected_tls"), 1);
+    assert_eq!(a.intercept("outbound_passthrough"), 0);
+    assert_eq!(a.intercept("outbound_routed"), 4);
+
+    // Each of the four connections recorded its detection time once, and
     // its duration (when it closed) as a connection, never as a request.
-    assert_eq!(a.histogram_count("outbound", "protocol_detect"), 3);
+    assert_eq!(a.histogram_count("outbound", "protocol_detect"), 4);
     let deadline = Instant::now() + support::IO_DEADLINE;
-    while a.histogram_count("outbound", "connection_duration") < 3 {
+    while a.histogram_count("outbound", "connection_duration") < 4 {
         assert!(Instant::now() < deadline, "relayed connections not closed");
         thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(a.histogram_count("outbound", "connection_duration"), 3);
+    assert_eq!(a.histogram_count("outbound", "connection_duration"), 4);
     assert_eq!(a.histogram_count("outbound", "request_total"), 0);
 }
 
