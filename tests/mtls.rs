@@ -888,3 +888,167 @@ endpoints = ["{app}"]
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The golden metrics of a sidecar, scraped through a real admin socket.
+struct Scrape(prometheus_parse::Scrape);
+
+impl Scrape {
+    fn of(proxy: &Proxy, dir: &Path, query: &str) -> Scrape {
+        use pilotfish::admin::{client, Listen, Server, State};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let socket = dir.join(format!(
+            "admin-{}.sock",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let state = State {
+            control: proxy.controller(),
+            draining: Arc::new(AtomicBool::new(false)),
+            set_log_filter: None,
+        };
+        let listen = Listen {
+            socket: Some(socket.clone()),
+            tcp: None,
+            tcp_token: None,
+        };
+        let _server = Server::start(&listen, state).unwrap();
+        let (status, text) = client::request(&socket, "GET", &format!("/metrics{query}")).unwrap();
+        assert_eq!(status, 200, "{text}");
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        Scrape(prometheus_parse::Scrape::parse(lines).expect("valid exposition text"))
+    }
+
+    /// The sum of `name`'s samples whose labels include all of `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(ref h) => h.last().map_or(0.0, |b| b.count),
+                _ => 0.0,
+            })
+            .sum()
+    }
+}
+
+/// Issue 14: requests, responses and durations by caller and callee, each
+/// request once, on both sides of an mTLS pair with two callers; TCP
+/// connections and bytes by the same labels; the per-core view agrees.
+#[test]
+fn golden_metrics_count_each_request_by_caller_and_callee() {
+    const BILLING: &str = "spiffe://mesh.local/ns/prod/sa/billing";
+    for driver in support::drivers() {
+        let m = mesh(driver, "golden");
+        let frontend = m.sidecar(driver, FRONTEND, "frontend");
+        let billing = m.sidecar(driver, BILLING, "billing");
+        let get = |p: &Proxy, path: &str| {
+            let mut c = Conn::open(p.listener_addr("out").unwrap());
+            c.send(format!("GET {path} HTTP/1.1\r\nHost: orders\r\n\r\n").as_bytes());
+            c.read(false).expect("response").status
+        };
+        for _ in 0..3 {
+            assert_eq!(get(&frontend, "/x"), 200);
+        }
+        assert_eq!(get(&frontend, "/status/503"), 503);
+        for _ in 0..2 {
+            assert_eq!(get(&billing, "/y"), 200);
+        }
+        let data = support::pattern(3, 1000);
+        let back = support::echo_round_trip(frontend.listener_addr("out-tcp").unwrap(), &data);
+        assert_eq!(back, data);
+
+        // Sidecar B, inbound: one series per caller identity.
+        let inbound = |id: &'static str| {
+            [
+                ("direction", "inbound"),
+                ("listener", "inbound"),
+                ("route", ""),
+                ("cluster", "app"),
+                ("tls", "true"),
+                ("peer_identity", id),
+            ]
+        };
+        let b = Scrape::of(&m.b, &m.dir, "");
+        assert_eq!(
+            b.value("pilotfish_requests_total", &inbound(FRONTEND)),
+            4.0,
+            "{driver}"
+        );
+        assert_eq!(
+            b.value("pilotfish_requests_total", &inbound(BILLING)),
+            2.0,
+            "{driver}"
+        );
+        // Every request is in exactly one series.
+        assert_eq!(b.value("pilotfish_requests_total", &[]), 6.0, "{driver}");
+        let with_code = |id, code| {
+            let mut l = inbound(id).to_vec();
+            l.push(("code", code));
+            l
+        };
+        assert_eq!(
+            b.value("pilotfish_responses_total", &with_code(FRONTEND, "200")),
+            3.0
+        );
+        assert_eq!(
+            b.value("pilotfish_responses_total", &with_code(FRONTEND, "503")),
+            1.0
+        );
+        assert_eq!(
+            b.value("pilotfish_responses_total", &with_code(BILLING, "200")),
+            2.0
+        );
+        assert_eq!(
+            b.value("pilotfish_request_duration_seconds", &inbound(BILLING)),
+            2.0
+        );
+
+        // TCP by the same labels, once the relayed connection has closed.
+        let tcp = [
+            ("direction", "inbound"),
+            ("listener", "inbound-tcp"),
+            ("cluster", "echo"),
+            ("peer_identity", FRONTEND),
+        ];
+        let deadline = Instant::now() + support::IO_DEADLINE;
+        let b = loop {
+            let b = Scrape::of(&m.b, &m.dir, "");
+            if b.value("pilotfish_tcp_connections_total", &tcp) >= 1.0 {
+                break b;
+            }
+            assert!(Instant::now() < deadline, "{driver}: no TCP series");
+            thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(b.value("pilotfish_tcp_connections_total", &tcp), 1.0);
+        assert_eq!(b.value("pilotfish_tcp_received_bytes_total", &tcp), 1000.0);
+        assert_eq!(b.value("pilotfish_tcp_sent_bytes_total", &tcp), 1000.0);
+
+        // The per-core view sums to the same.
+        let per_core = Scrape::of(&m.b, &m.dir, "?per_core=true");
+        let mut core0 = inbound(FRONTEND).to_vec();
+        core0.push(("core", "0"));
+        assert_eq!(per_core.value("pilotfish_requests_total", &core0), 4.0);
+
+        // Sidecar A (frontend), outbound: the peer is the server identity
+        // the cluster verified.
+        let a = Scrape::of(&frontend, &m.dir, "");
+        let outbound = [
+            ("direction", "outbound"),
+            ("listener", "out"),
+            ("cluster", "orders"),
+            ("tls", "true"),
+            ("peer_identity", ORDERS),
+        ];
+        assert_eq!(
+            a.value("pilotfish_requests_total", &outbound),
+            4.0,
+            "{driver}"
+        );
+        let mut failed = outbound.to_vec();
+        failed.push(("code", "503"));
+        assert_eq!(a.value("pilotfish_responses_total", &failed), 1.0);
+    }
+}

@@ -557,6 +557,7 @@ fn known_params(path: &str) -> &'static [&'static str] {
             "format", "listener", "route", "cluster", "metric", "core", "reset",
         ],
         "/config" => &["format"],
+        "/metrics" => &["per_core"],
         "/log-level" => &["filter", "level"],
         _ => &[],
     }
@@ -591,6 +592,7 @@ fn route(method: &[u8], path: &str, query: &Query, body: &[u8], shared: &Shared)
                 tls: tls.as_ref(),
                 access_log_lost: state.control.access_log_lost(),
                 admin_refusals: Some(&shared.refusals),
+                per_core: query.get("per_core") == Some("true"),
             };
             let out = prometheus::render(&reports, &hist, &extra);
             (200, "text/plain; version=0.0.4", out.into_bytes())

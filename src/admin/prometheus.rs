@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use crate::{
-    metrics::{histograms, ErrorReason, Snapshot},
+    metrics::{golden, histograms, ErrorReason, Snapshot},
     worker::{HistogramReport, WorkerReport},
 };
 
@@ -192,6 +192,8 @@ pub struct Extra<'a> {
     pub access_log_lost: u64,
     /// The admin TCP listener's refusals.
     pub admin_refusals: Option<&'a super::Refusals>,
+    /// Golden metrics per core (a `core` label) instead of summed.
+    pub per_core: bool,
 }
 
 fn admin_refusals(out: &mut String, refusals: &super::Refusals) {
@@ -340,8 +342,136 @@ pub fn render(reports: &[WorkerReport], hist: &[HistogramReport], extra: &Extra<
         }
     }
     tls_families(&mut out, reports, tls);
+    golden_families(&mut out, reports, extra.per_core);
     latency(&mut out, hist);
     out
+}
+
+/// The golden metrics: summed over cores, or per core on request.
+fn golden_families(out: &mut String, reports: &[WorkerReport], per_core: bool) {
+    let parts: Vec<(Option<usize>, golden::Snapshot)> = if per_core {
+        reports
+            .iter()
+            .map(|r| (Some(r.worker), golden::merge([&r.golden])))
+            .collect()
+    } else {
+        vec![(None, golden::merge(reports.iter().map(|r| &r.golden)))]
+    };
+    let labels = |core: Option<usize>, l: &golden::Labels| {
+        let core = core.map_or(String::new(), |c| format!("core=\"{c}\","));
+        format!(
+            "{core}direction=\"{}\",listener=\"{}\",route=\"{}\",cluster=\"{}\",tls=\"{}\",peer_identity=\"{}\"",
+            l.direction.name(),
+            label(&l.listener),
+            label(l.route.as_deref().unwrap_or("")),
+            label(l.cluster.as_deref().unwrap_or("")),
+            l.tls,
+            label(l.peer.as_deref().unwrap_or("")),
+        )
+    };
+    family(
+        out,
+        "requests_total",
+        "counter",
+        "HTTP requests that ended, each once, by direction, listener, route, cluster, TLS and peer identity.",
+    );
+    for (core, s) in &parts {
+        for (l, h) in &s.http {
+            let _ = writeln!(
+                out,
+                "pilotfish_requests_total{{{}}} {}",
+                labels(*core, l),
+                h.requests
+            );
+        }
+    }
+    family(
+        out,
+        "responses_total",
+        "counter",
+        "HTTP responses by the request's labels, status code (0: none sent) and gRPC status.",
+    );
+    for (core, s) in &parts {
+        for (l, h) in &s.http {
+            let l = labels(*core, l);
+            for (code, grpc, n) in &h.responses {
+                let grpc = grpc.map_or(String::new(), |g| g.to_string());
+                let _ = writeln!(
+                    out,
+                    "pilotfish_responses_total{{{l},code=\"{code}\",grpc_status=\"{grpc}\"}} {n}"
+                );
+            }
+        }
+    }
+    family(
+        out,
+        "request_duration_seconds",
+        "histogram",
+        "HTTP request duration, head received to response sent, by the request's labels.",
+    );
+    for (core, s) in &parts {
+        for (l, h) in &s.http {
+            let l = labels(*core, l);
+            let mut running = 0;
+            for (le, n) in golden::BUCKETS_US.iter().zip(h.buckets) {
+                running += n;
+                let _ = writeln!(
+                    out,
+                    "pilotfish_request_duration_seconds_bucket{{{l},le=\"{}\"}} {running}",
+                    seconds(*le)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "pilotfish_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
+                h.requests
+            );
+            let _ = writeln!(
+                out,
+                "pilotfish_request_duration_seconds_sum{{{l}}} {}",
+                seconds(h.duration_us_sum)
+            );
+            let _ = writeln!(
+                out,
+                "pilotfish_request_duration_seconds_count{{{l}}} {}",
+                h.requests
+            );
+        }
+    }
+    for (name, help, get) in [
+        (
+            "tcp_connections_total",
+            "TCP connections relayed as bytes (L4 listeners, opaque intercepted connections) that closed, by labels.",
+            (|t: &golden::Tcp| t.connections) as fn(&golden::Tcp) -> u64,
+        ),
+        (
+            "tcp_received_bytes_total",
+            "Bytes received from clients on relayed TCP connections, by labels.",
+            |t| t.bytes_received,
+        ),
+        (
+            "tcp_sent_bytes_total",
+            "Bytes sent to clients on relayed TCP connections, by labels.",
+            |t| t.bytes_sent,
+        ),
+    ] {
+        family(out, name, "counter", help);
+        for (core, s) in &parts {
+            for (l, t) in &s.tcp {
+                let _ = writeln!(out, "pilotfish_{name}{{{}}} {}", labels(*core, l), get(t));
+            }
+        }
+    }
+}
+
+/// µs as seconds, exactly (no float rounding): `1500` → `0.0015`.
+fn seconds(us: u64) -> String {
+    let (s, frac) = (us / 1_000_000, us % 1_000_000);
+    if frac == 0 {
+        return s.to_string();
+    }
+    let frac = format!("{frac:06}");
+    format!("{s}.{}", frac.trim_end_matches('0'))
 }
 
 /// Handshakes, failures by reason, authorization decisions by caller, and

@@ -83,13 +83,22 @@ pub enum InboundMode {
 }
 
 /// Which side of the workload an intercept listener serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// The app's own connections out.
     Outbound,
     /// Connections from callers in.
     Inbound,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
 }
 
 /// An IP network.
@@ -302,6 +311,7 @@ impl Validator<'_> {
                 ));
             }
             l.direction = Some(direction);
+            l.traffic = direction;
             Ok(Some(i))
         };
         let outbound_listener = find(

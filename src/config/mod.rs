@@ -133,6 +133,11 @@ pub struct Listener {
     /// connections arrive redirected, and their original destination
     /// decides where they go.
     pub direction: Option<intercept::Direction>,
+    /// The `direction` label of this listener's golden metrics: the
+    /// intercept role where it has one, else the listener's `direction`
+    /// key, else inbound when it terminates TLS (mesh peers call it) and
+    /// outbound otherwise (the local app calls it).
+    pub traffic: intercept::Direction,
     pub kind: ListenerKind,
 }
 
@@ -267,6 +272,8 @@ mod raw {
         pub h2_connection_window: Option<Spanned<u32>>,
         #[serde(default)]
         pub routes: Vec<super::http::raw::Route>,
+        /// The golden metrics' direction label (see [`super::Listener::traffic`]).
+        pub direction: Option<Spanned<super::intercept::Direction>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -758,7 +765,13 @@ impl Validator<'_> {
                     })
                 }
             };
+            let traffic = match (&l.direction, &tls) {
+                (Some(d), _) => *d.get_ref(),
+                (None, Some(_)) => intercept::Direction::Inbound,
+                (None, None) => intercept::Direction::Outbound,
+            };
             out.push(Listener {
+                traffic,
                 name: l.name.get_ref().clone(),
                 bind,
                 protocol: *l.protocol.get_ref(),

@@ -17,7 +17,6 @@ pub mod pipeline;
 pub mod respond;
 
 use std::{
-    cell::Cell,
     net::SocketAddr,
     rc::Rc,
     time::{Duration, Instant},
@@ -25,6 +24,7 @@ use std::{
 
 use monoio::net::TcpStream;
 
+use crate::metrics::golden::LabelsRef;
 use crate::{
     config::{http::HttpListener, CopyMode, Listener, ListenerKind},
     http1::{HeadError, RequestBody, RequestHead, RequestParser},
@@ -75,6 +75,8 @@ pub struct Client {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Note {
     pub status: u16,
+    /// The cluster the request was sent to (or would have been).
+    pub cluster: Option<usize>,
     pub upstream: Option<SocketAddr>,
     pub error: Option<&'static str>,
 }
@@ -315,6 +317,19 @@ pub async fn serve_accepted(
             };
             worker.access_log.record(&worker.counters, log, &line);
         }
+        worker.counters.golden.http(
+            LabelsRef::of(
+                &worker.config,
+                listener_index,
+                route.map(|r| http.routes[r].name.as_str()),
+                client.note.cluster,
+                !matches!(client.stream, Stream::Plain(_)),
+                client.identity.as_ref().map(|i| i.as_str()),
+            ),
+            client.note.status,
+            None,
+            took,
+        );
         match next {
             Next::KeepAlive => continue,
             Next::Close if body_unread => {
@@ -466,6 +481,7 @@ async fn handle(
             return refuse(worker, client, &req, ErrorReason::NoRoute, why, idle).await;
         }
     };
+    client.note.cluster = Some(cluster);
     let result = exchange::forward(worker, http, route, cluster, client, &req, idle).await;
     match result {
         Ok(next) => next,
@@ -644,17 +660,11 @@ async fn tunnel(worker: &Worker, mut client: Client, mut up: exchange::Upstream,
         return;
     }
     worker.buffers.give(up.inbound.into_buffer());
-    let activity = Cell::new(0u64);
-    let copied = l4::copy::both_ways(
-        worker,
-        CopyMode::Buffered,
-        client.stream,
-        up.stream,
-        &activity,
-    );
+    let tally = l4::copy::Tally::default();
+    let copied = l4::copy::both_ways(worker, CopyMode::Buffered, client.stream, up.stream, &tally);
     monoio::select! {
         _ = copied => {}
-        _ = l4::idle(&activity, idle) => {}
+        _ = l4::idle(&tally.activity, idle) => {}
     }
 }
 

@@ -215,6 +215,8 @@ impl RequestView for View<'_> {
 #[derive(Default)]
 struct Note {
     status: u16,
+    /// The cluster the request was sent to (or would have been).
+    cluster: Option<usize>,
     upstream: Option<std::net::SocketAddr>,
     error: Option<&'static str>,
     grpc_status: Option<u32>,
@@ -412,6 +414,19 @@ async fn stream_task(
         };
         worker.access_log.record(&worker.counters, log, &line);
     }
+    worker.counters.golden.http(
+        crate::metrics::golden::LabelsRef::of(
+            &worker.config,
+            listener_index,
+            route.map(|r| http.routes[r].name.as_str()),
+            down.note.cluster,
+            caller.tls,
+            caller.identity.as_ref().map(|i| i.as_str()),
+        ),
+        down.note.status,
+        down.note.grpc_status,
+        took,
+    );
 }
 
 /// Builds the version-independent request, routes it and forwards it;
@@ -482,6 +497,7 @@ async fn handle(
             .await
         }
     };
+    down.note.cluster = Some(cluster);
     let origin = Origin {
         client_ip: &caller.ip,
         tls: caller.tls,

@@ -369,11 +369,17 @@ async fn outbound(
                     metrics::add(&worker.counters.connections_unrouted, 1);
                     return;
                 };
+                let hop = Hop {
+                    cluster: None,
+                    client_tls: false,
+                    caller: None,
+                };
                 relay(
                     worker,
                     listener_index,
                     Stream::Plain(stream),
                     upstream,
+                    hop,
                     conn_id,
                 )
                 .await;
@@ -398,11 +404,17 @@ async fn outbound(
                 metrics::add(&worker.counters.connections_unrouted, 1);
                 return;
             };
+            let hop = Hop {
+                cluster: Some(cluster),
+                client_tls: false,
+                caller: None,
+            };
             relay(
                 worker,
                 listener_index,
                 Stream::Plain(stream),
                 upstream,
+                hop,
                 conn_id,
             )
             .await;
@@ -474,7 +486,12 @@ async fn inbound(
                 return;
             }
         }
-        to_app(worker, listener_index, stream, cluster, dst, conn_id).await;
+        let hop = Hop {
+            cluster,
+            client_tls: true,
+            caller: caller.identity.as_ref().map(|i| i.as_str()),
+        };
+        to_app(worker, listener_index, stream, hop, dst, conn_id).await;
         return;
     }
     match settings.inbound_mode {
@@ -512,7 +529,11 @@ async fn inbound(
                         worker,
                         listener_index,
                         Stream::Plain(stream),
-                        cluster,
+                        Hop {
+                            cluster,
+                            client_tls: false,
+                            caller: None,
+                        },
                         dst,
                         conn_id,
                     )
@@ -529,11 +550,11 @@ async fn to_app(
     worker: &Rc<Worker>,
     listener_index: usize,
     client: Stream,
-    cluster: Option<usize>,
+    hop: Hop<'_>,
     dst: SocketAddr,
     conn_id: u64,
 ) {
-    let upstream = match cluster {
+    let upstream = match hop.cluster {
         Some(c) => l4::connect::connect(worker, c).await.map(|(s, _)| s),
         None => {
             let app = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port());
@@ -545,7 +566,14 @@ async fn to_app(
         tracing::debug!(conn_id, %dst, "the local app did not accept; closing");
         return;
     };
-    relay(worker, listener_index, client, upstream, conn_id).await;
+    relay(worker, listener_index, client, upstream, hop, conn_id).await;
+}
+
+/// What a relayed connection's golden metrics are labelled with.
+struct Hop<'a> {
+    cluster: Option<usize>,
+    client_tls: bool,
+    caller: Option<&'a str>,
 }
 
 /// A plaintext connect to where a connection was going (passthrough, or
@@ -566,17 +594,30 @@ async fn relay(
     listener_index: usize,
     client: Stream,
     upstream: Stream,
+    hop: Hop<'_>,
     conn_id: u64,
 ) {
     let listener = &worker.config.listeners[listener_index];
     let started = Instant::now();
-    let activity = Cell::new(0u64);
-    let copied = l4::copy::both_ways(worker, CopyMode::Auto, client, upstream, &activity);
+    let tally = l4::copy::Tally::default();
+    let copied = l4::copy::both_ways(worker, CopyMode::Auto, client, upstream, &tally);
     let outcome = monoio::select! {
         r = copied => Some(r),
-        _ = l4::idle(&activity, listener.idle_timeout) => None,
+        _ = l4::idle(&tally.activity, listener.idle_timeout) => None,
     };
     worker.histograms.relayed(listener_index, started.elapsed());
+    worker.counters.golden.tcp(
+        crate::metrics::golden::LabelsRef::of(
+            &worker.config,
+            listener_index,
+            None,
+            hop.cluster,
+            hop.client_tls,
+            hop.caller,
+        ),
+        tally.up.get(),
+        tally.down.get(),
+    );
     match outcome {
         Some(Ok(())) => tracing::debug!(conn_id, "closed cleanly"),
         Some(Err(e)) => tracing::debug!(conn_id, error = %e, "closed on error"),

@@ -28,6 +28,17 @@ use crate::{
     worker::{Driver, Worker},
 };
 
+/// One connection's copy progress: moves (for the idle timer) and bytes
+/// each way (for its golden metrics), beside the worker's totals.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub activity: Cell<u64>,
+    /// Client → upstream.
+    pub up: Cell<u64>,
+    /// Upstream → client.
+    pub down: Cell<u64>,
+}
+
 /// Copies client ↔ upstream until both directions saw FIN, or one failed.
 /// A TLS side always copies through buffers: its bytes must pass through
 /// rustls, so neither splice nor the plain path applies.
@@ -36,11 +47,11 @@ pub async fn both_ways(
     mode: CopyMode,
     client: Stream,
     upstream: Stream,
-    activity: &Cell<u64>,
+    tally: &Tally,
 ) -> io::Result<()> {
     match (client, upstream) {
-        (Stream::Plain(c), Stream::Plain(u)) => plain(worker, mode, c, u, activity).await,
-        (client, upstream) => buffered_pair(worker, client, upstream, activity).await,
+        (Stream::Plain(c), Stream::Plain(u)) => plain(worker, mode, c, u, tally).await,
+        (client, upstream) => buffered_pair(worker, client, upstream, tally).await,
     }
 }
 
@@ -49,7 +60,7 @@ async fn buffered_pair<A, B>(
     worker: &Worker,
     client: A,
     upstream: B,
-    activity: &Cell<u64>,
+    tally: &Tally,
 ) -> io::Result<()>
 where
     A: AsyncReadRent + AsyncWriteRent + Split,
@@ -61,8 +72,20 @@ where
     let up = &counters.bytes_downstream_to_upstream;
     let down = &counters.bytes_upstream_to_downstream;
     futures_util::future::try_join(
-        buffered(worker, &mut client_r, &mut upstream_w, up, activity),
-        buffered(worker, &mut upstream_r, &mut client_w, down, activity),
+        buffered(
+            worker,
+            &mut client_r,
+            &mut upstream_w,
+            [up, &tally.up],
+            &tally.activity,
+        ),
+        buffered(
+            worker,
+            &mut upstream_r,
+            &mut client_w,
+            [down, &tally.down],
+            &tally.activity,
+        ),
     )
     .await?;
     Ok(())
@@ -74,10 +97,10 @@ async fn plain(
     mode: CopyMode,
     client: TcpStream,
     upstream: TcpStream,
-    activity: &Cell<u64>,
+    tally: &Tally,
 ) -> io::Result<()> {
     if !matches!(resolve(mode, worker.driver), CopyMode::Splice) {
-        return buffered_pair(worker, client, upstream, activity).await;
+        return buffered_pair(worker, client, upstream, tally).await;
     }
     let (mut client_r, mut client_w) = client.into_split();
     let (mut upstream_r, mut upstream_w) = upstream.into_split();
@@ -86,14 +109,14 @@ async fn plain(
         splice(
             &mut client_r,
             &mut upstream_w,
-            &counters.bytes_downstream_to_upstream,
-            activity,
+            [&counters.bytes_downstream_to_upstream, &tally.up],
+            &tally.activity,
         ),
         splice(
             &mut upstream_r,
             &mut client_w,
-            &counters.bytes_upstream_to_downstream,
-            activity,
+            [&counters.bytes_upstream_to_downstream, &tally.down],
+            &tally.activity,
         ),
     )
     .await?;
@@ -114,7 +137,7 @@ async fn buffered<R, W>(
     worker: &Worker,
     from: &mut R,
     to: &mut W,
-    bytes: &Cell<u64>,
+    bytes: [&Cell<u64>; 2],
     activity: &Cell<u64>,
 ) -> io::Result<()>
 where
@@ -136,7 +159,9 @@ where
             break Err(e);
         }
         buf.clear();
-        metrics::add(bytes, n as u64);
+        for b in bytes {
+            metrics::add(b, n as u64);
+        }
         activity.set(activity.get().wrapping_add(1));
     };
     worker.buffers.give(buf);
@@ -147,7 +172,7 @@ where
 async fn splice<R, W>(
     from: &mut R,
     to: &mut W,
-    bytes: &Cell<u64>,
+    bytes: [&Cell<u64>; 2],
     activity: &Cell<u64>,
 ) -> io::Result<()>
 where
@@ -171,7 +196,9 @@ where
             }
             left -= sent;
         }
-        metrics::add(bytes, u64::from(n));
+        for b in bytes {
+            metrics::add(b, u64::from(n));
+        }
         activity.set(activity.get().wrapping_add(1));
     }
 }

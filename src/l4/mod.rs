@@ -15,6 +15,7 @@ use monoio::net::TcpStream;
 use crate::{
     config::ListenerKind,
     metrics,
+    metrics::golden::LabelsRef,
     tls::{identity, stream::Stream},
     worker::{gate::Slot, Worker},
 };
@@ -43,8 +44,9 @@ pub async fn serve(
         unreachable!("the accept loop sends only tcp listeners here");
     };
     let _ = client.set_nodelay(true);
-    let client = match &listener.tls {
-        None => Stream::Plain(client),
+    let client_tls = listener.tls.is_some();
+    let (client, caller_id) = match &listener.tls {
+        None => (Stream::Plain(client), None),
         Some(settings) => {
             let tls = &worker.counters.tls;
             let accepted = worker
@@ -63,7 +65,7 @@ pub async fn serve(
                     return;
                 }
             }
-            stream
+            (stream, caller.identity)
         }
     };
     let Some((upstream, endpoint)) = connect::connect(&worker, cluster).await else {
@@ -73,12 +75,24 @@ pub async fn serve(
     };
     tracing::debug!(conn_id, %peer, %endpoint, "proxying");
 
-    let activity = Cell::new(0u64);
-    let copied = copy::both_ways(&worker, copy, client, upstream, &activity);
+    let tally = copy::Tally::default();
+    let copied = copy::both_ways(&worker, copy, client, upstream, &tally);
     let outcome = monoio::select! {
         r = copied => Some(r),
-        _ = idle(&activity, listener.idle_timeout) => None,
+        _ = idle(&tally.activity, listener.idle_timeout) => None,
     };
+    worker.counters.golden.tcp(
+        LabelsRef::of(
+            &worker.config,
+            listener_index,
+            None,
+            Some(cluster),
+            client_tls,
+            caller_id.as_ref().map(|i| i.as_str()),
+        ),
+        tally.up.get(),
+        tally.down.get(),
+    );
     match outcome {
         Some(Ok(())) => tracing::debug!(conn_id, "closed cleanly"),
         Some(Err(e)) => tracing::debug!(conn_id, error = %e, "closed on error"),

@@ -5,6 +5,7 @@
 //! copied out on request through the worker's mailbox, and merge snapshots
 //! themselves.
 
+pub mod golden;
 pub mod histograms;
 
 use std::cell::Cell;
@@ -40,6 +41,9 @@ pub struct Counters {
     pub http: HttpCounters,
     pub tls: crate::tls::counters::TlsCounters,
     pub intercept: crate::intercept::Counters,
+    /// Requests and connections by mesh labels (not in [`Snapshot`]:
+    /// reported beside it, see [`golden`]).
+    pub golden: golden::Golden,
 }
 
 /// Why the proxy generated a response itself. Each is counted, and named

@@ -128,6 +128,9 @@ pub struct WorkerReport {
     /// The config generation new connections get.
     pub generation: u64,
     pub counters: Snapshot,
+    /// The golden metrics (served by /metrics, summed over cores).
+    #[serde(skip)]
+    pub golden: crate::metrics::golden::Snapshot,
 }
 
 /// Sent once by each worker thread when its listeners are bound (or not).
@@ -343,6 +346,7 @@ impl Worker {
             draining: self.draining.is_fired(),
             generation: self.generation,
             counters,
+            golden: self.counters.golden.snapshot(),
         }
     }
 }
