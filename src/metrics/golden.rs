@@ -22,7 +22,7 @@
 use std::{
     cell::RefCell,
     collections::{HashMap, HashSet},
-    hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
+    hash::{BuildHasher, BuildHasherDefault, Hasher},
     time::Duration,
 };
 
@@ -204,7 +204,36 @@ pub struct Tcp {
     pub bytes_sent: u64,
 }
 
-type Fixed = BuildHasherDefault<DefaultHasher>;
+/// A small, fast, fixed hasher (the Fx multiply-rotate) for label
+/// strings: the keys are config names and verified identities, not
+/// attacker-chosen at will, and the table is bounded anyway.
+#[derive(Debug, Default, Clone, Copy)]
+struct Fx(u64);
+
+impl Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let word = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // A precomputed hash as the key: used as it is.
+        self.0 = self.0.rotate_left(5) ^ n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Fixed = BuildHasherDefault<Fx>;
 
 #[derive(Debug)]
 struct Table<T> {
@@ -223,28 +252,26 @@ impl<T: Default> Table<T> {
 
     fn get(&mut self, l: &LabelsRef<'_>) -> &mut T {
         let hash = hash(l);
-        let full = self.len >= SERIES_MAX;
-        let exists = self
+        // The common case, an existing series: found without allocating.
+        let found = self
             .series
             .get(&hash)
-            .is_some_and(|v| v.iter().any(|(k, _)| k.is(l)));
-        let (hash, labels) = if exists || !full {
-            (hash, None)
+            .and_then(|v| v.iter().position(|(k, _)| k.is(l)));
+        if let Some(i) = found {
+            let bucket = self.series.get_mut(&hash).expect("found just above");
+            return &mut bucket[i].1;
+        }
+        let labels = if self.len < SERIES_MAX {
+            Labels::of(l)
         } else {
-            let o = Labels::overflow(l.direction);
-            let h = hash_owned(&o);
-            (h, Some(o))
+            Labels::overflow(l.direction)
         };
-        let bucket = self.series.entry(hash).or_default();
-        let at = match &labels {
-            None => bucket.iter().position(|(k, _)| k.is(l)),
-            Some(o) => bucket.iter().position(|(k, _)| k == o),
-        };
-        let at = match at {
+        let bucket = self.series.entry(hash_owned(&labels)).or_default();
+        let at = match bucket.iter().position(|(k, _)| *k == labels) {
             Some(i) => i,
             None => {
                 self.len += 1;
-                bucket.push((labels.unwrap_or_else(|| Labels::of(l)), T::default()));
+                bucket.push((labels, T::default()));
                 bucket.len() - 1
             }
         };
@@ -279,7 +306,7 @@ fn hash_owned(l: &Labels) -> u64 {
 pub struct Golden {
     http: RefCell<Table<Http>>,
     tcp: RefCell<Table<Tcp>>,
-    identities: RefCell<HashSet<String>>,
+    identities: RefCell<HashSet<String, Fixed>>,
 }
 
 impl Default for Golden {
