@@ -833,6 +833,22 @@ connect_timeout = "1s"
     }
 
     #[test]
+    fn a_listeners_metrics_direction_is_given_or_inferred() {
+        let c = Config::parse("good.toml", GOOD).unwrap();
+        // Plaintext, no `direction`: the local app's outbound listener.
+        assert_eq!(c.listeners[0].traffic, intercept::Direction::Outbound);
+        let toml = GOOD.replace(
+            "protocol = \"tcp\"\ncluster = \"backend\"",
+            "protocol = \"tcp\"\ncluster = \"backend\"\ndirection = \"inbound\"",
+        );
+        assert_ne!(toml, GOOD);
+        let c = Config::parse("in.toml", &toml).unwrap();
+        assert_eq!(c.listeners[0].traffic, intercept::Direction::Inbound);
+        let bad = Config::parse("bad.toml", &toml.replace("\"inbound\"", "\"sideways\""));
+        assert!(bad.unwrap_err().to_string().contains("direction"));
+    }
+
+    #[test]
     fn workers_auto_means_available_cores() {
         let c = Config::parse("a.toml", &GOOD.replace("workers = 2", "workers = \"auto\""));
         assert_eq!(c.unwrap().workers, Config::available_cores());
