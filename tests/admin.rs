@@ -132,14 +132,17 @@ fn metrics_parse_as_prometheus_text_and_match_the_counters() {
         1.0
     );
     assert!(
-        scrape.docs.contains_key("pilotfish_latency_microseconds"),
+        scrape
+            .docs
+            .contains_key("pilotfish_listener_request_duration_seconds"),
         "HELP lines present"
     );
     let hist = scrape
         .samples
         .iter()
         .find(|s| {
-            s.metric == "pilotfish_latency_microseconds" && s.labels.get("listener") == Some("web")
+            s.metric == "pilotfish_listener_request_duration_seconds"
+                && s.labels.get("listener") == Some("web")
         })
         .expect("a histogram for the listener");
     match &hist.value {

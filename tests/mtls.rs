@@ -890,7 +890,7 @@ endpoints = ["{app}"]
 }
 
 /// The golden metrics of a sidecar, scraped through a real admin socket.
-struct Scrape(prometheus_parse::Scrape);
+struct Scrape(prometheus_parse::Scrape, String);
 
 impl Scrape {
     fn of(proxy: &Proxy, dir: &Path, query: &str) -> Scrape {
@@ -914,7 +914,10 @@ impl Scrape {
         let (status, text) = client::request(&socket, "GET", &format!("/metrics{query}")).unwrap();
         assert_eq!(status, 200, "{text}");
         let lines = text.lines().map(|l| Ok(l.to_string()));
-        Scrape(prometheus_parse::Scrape::parse(lines).expect("valid exposition text"))
+        Scrape(
+            prometheus_parse::Scrape::parse(lines).expect("valid exposition text"),
+            text,
+        )
     }
 
     /// The sum of `name`'s samples whose labels include all of `labels`.
@@ -1026,6 +1029,11 @@ fn golden_metrics_count_each_request_by_caller_and_callee() {
         assert_eq!(b.value("pilotfish_tcp_received_bytes_total", &tcp), 1000.0);
         assert_eq!(b.value("pilotfish_tcp_sent_bytes_total", &tcp), 1000.0);
 
+        // Prometheus's own linter accepts the whole exposition (names,
+        // base units, HELP and TYPE, histogram and summary shapes).
+        promtool_check(&b.1);
+        promtool_check(&Scrape::of(&frontend, &m.dir, "").1);
+
         // The per-core view sums to the same.
         let per_core = Scrape::of(&m.b, &m.dir, "?per_core=true");
         let mut core0 = inbound(FRONTEND).to_vec();
@@ -1051,4 +1059,36 @@ fn golden_metrics_count_each_request_by_caller_and_callee() {
         failed.push(("code", "503"));
         assert_eq!(a.value("pilotfish_responses_total", &failed), 1.0);
     }
+}
+
+/// `promtool check metrics` (Debian's prometheus package) on a scrape; a
+/// machine without it skips outside CI, fails under CI=true.
+fn promtool_check(text: &str) {
+    let spawned = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(std::env::var("CI").is_err(), "promtool: {e}");
+            eprintln!("skipped promtool check: {e}");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,6 +1,8 @@
 //! The Prometheus text exposition format (version 0.0.4): counters per
-//! core, latency histograms merged over cores with buckets that suit
-//! microseconds, and p50/p90/p99/p999 as summaries.
+//! core; the golden metrics by mesh labels, summed over cores; the exact
+//! latency histograms merged over cores, one family per measurement, in
+//! seconds (base units, as `promtool check metrics` wants), with
+//! p50/p90/p99/p99.9 as summaries.
 
 use std::fmt::Write;
 
@@ -9,7 +11,8 @@ use crate::{
     worker::{HistogramReport, WorkerReport},
 };
 
-/// Bucket bounds in µs: 50 µs to 10 s, about three per decade.
+/// Bucket bounds in µs (served in seconds): 50 µs to 10 s, about three
+/// per decade.
 const BUCKETS_US: [u64; 17] = [
     50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
     1_000_000, 2_500_000, 5_000_000, 10_000_000,
@@ -573,83 +576,112 @@ fn tls_families(
     );
 }
 
+/// The family an exact histogram is served in: one measurement per family
+/// (a routed request is in its listener's family and its route's, never
+/// twice in one), in seconds.
+fn latency_family(k: &histograms::Key) -> (&'static str, &'static str) {
+    use histograms::Metric;
+    match (k.metric, &k.route) {
+        (Metric::RequestTotal, None) => (
+            "listener_request_duration_seconds",
+            "HTTP requests per listener, head received to response sent, merged over cores.",
+        ),
+        (Metric::RequestTotal, Some(_)) => (
+            "route_request_duration_seconds",
+            "HTTP requests per route, head received to response sent, merged over cores.",
+        ),
+        (Metric::UpstreamConnect, _) => (
+            "upstream_connect_duration_seconds",
+            "New upstream connections per cluster, connect started to established, merged over cores.",
+        ),
+        (Metric::UpstreamFirstByte, _) => (
+            "upstream_first_byte_duration_seconds",
+            "Request sent upstream to response head received, per cluster, merged over cores.",
+        ),
+        (Metric::ConnectionDuration, _) => (
+            "tcp_connection_duration_seconds",
+            "Relayed TCP connections, accepted to both sides closed, merged over cores.",
+        ),
+        (Metric::ProtocolDetect, _) => (
+            "protocol_detect_duration_seconds",
+            "Intercepted connections, accepted to protocol decided, merged over cores.",
+        ),
+    }
+}
+
+/// The exact (HDR) histograms as Prometheus histograms and, for people
+/// reading the text, summaries of p50/p90/p99/p99.9.
 fn latency(out: &mut String, hist: &[HistogramReport]) {
     let merged = histograms::merge_by_key(hist, None, |_| true);
+    let mut families: std::collections::BTreeMap<_, Vec<_>> = Default::default();
+    for (k, h) in &merged {
+        families.entry(latency_family(k)).or_default().push((k, h));
+    }
     let labels = |k: &histograms::Key| {
-        let mut l = format!("metric=\"{}\"", k.metric.name());
+        let mut l = Vec::new();
         for (name, v) in [
             ("listener", &k.listener),
             ("route", &k.route),
             ("cluster", &k.cluster),
         ] {
             if let Some(v) = v {
-                l += &format!(",{name}=\"{}\"", label(v));
+                l.push(format!("{name}=\"{}\"", label(v)));
             }
         }
-        l
+        l.join(",")
     };
-    family(
-        out,
-        "latency_microseconds",
-        "histogram",
-        "Latency in microseconds, merged over cores.",
-    );
-    for (k, h) in &merged {
-        let l = labels(k);
-        // One pass over the recorded values, not one per bucket: this runs
-        // on the admin thread, which may share a core with a worker.
-        let mut per_bucket = [0u64; BUCKETS_US.len()];
-        for v in h.iter_recorded() {
-            let first = BUCKETS_US.partition_point(|&le| le < v.value_iterated_to());
-            if let Some(c) = per_bucket.get_mut(first) {
-                *c += v.count_at_value();
+    for ((name, help), series) in &families {
+        family(out, name, "histogram", help);
+        for (k, h) in series {
+            let l = labels(k);
+            let sep = if l.is_empty() { "" } else { "," };
+            // One pass over the recorded values, not one per bucket: this
+            // runs on the admin thread, which may share a core with a worker.
+            let mut per_bucket = [0u64; BUCKETS_US.len()];
+            for v in h.iter_recorded() {
+                let first = BUCKETS_US.partition_point(|&le| le < v.value_iterated_to());
+                if let Some(c) = per_bucket.get_mut(first) {
+                    *c += v.count_at_value();
+                }
             }
-        }
-        let mut running = 0;
-        for (le, n) in BUCKETS_US.iter().zip(per_bucket) {
-            running += n;
+            let mut running = 0;
+            for (le, n) in BUCKETS_US.iter().zip(per_bucket) {
+                running += n;
+                let _ = writeln!(
+                    out,
+                    "pilotfish_{name}_bucket{{{l}{sep}le=\"{}\"}} {running}",
+                    seconds(*le)
+                );
+            }
             let _ = writeln!(
                 out,
-                "pilotfish_latency_microseconds_bucket{{{l},le=\"{le}\"}} {running}"
+                "pilotfish_{name}_bucket{{{l}{sep}le=\"+Inf\"}} {}",
+                h.len()
             );
+            let sum_us = (h.mean() * h.len() as f64).round() as u64;
+            let _ = writeln!(out, "pilotfish_{name}_sum{{{l}}} {}", seconds(sum_us));
+            let _ = writeln!(out, "pilotfish_{name}_count{{{l}}} {}", h.len());
         }
-        let _ = writeln!(
+        let quantiles = format!("{}_quantiles_seconds", name.trim_end_matches("_seconds"));
+        family(
             out,
-            "pilotfish_latency_microseconds_bucket{{{l},le=\"+Inf\"}} {}",
-            h.len()
+            &quantiles,
+            "summary",
+            &format!("{help} Percentiles of the exact histogram."),
         );
-        let sum = h.mean() * h.len() as f64;
-        let _ = writeln!(out, "pilotfish_latency_microseconds_sum{{{l}}} {sum:.0}");
-        let _ = writeln!(
-            out,
-            "pilotfish_latency_microseconds_count{{{l}}} {}",
-            h.len()
-        );
-    }
-    family(
-        out,
-        "latency_summary_microseconds",
-        "summary",
-        "Latency percentiles in microseconds, merged over cores.",
-    );
-    for (k, h) in &merged {
-        let l = labels(k);
-        for q in [0.5, 0.9, 0.99, 0.999] {
-            let _ = writeln!(
-                out,
-                "pilotfish_latency_summary_microseconds{{{l},quantile=\"{q}\"}} {}",
-                h.value_at_quantile(q)
-            );
+        for (k, h) in series {
+            let l = labels(k);
+            let sep = if l.is_empty() { "" } else { "," };
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                let _ = writeln!(
+                    out,
+                    "pilotfish_{quantiles}{{{l}{sep}quantile=\"{q}\"}} {}",
+                    seconds(h.value_at_quantile(q))
+                );
+            }
+            let sum_us = (h.mean() * h.len() as f64).round() as u64;
+            let _ = writeln!(out, "pilotfish_{quantiles}_sum{{{l}}} {}", seconds(sum_us));
+            let _ = writeln!(out, "pilotfish_{quantiles}_count{{{l}}} {}", h.len());
         }
-        let sum = h.mean() * h.len() as f64;
-        let _ = writeln!(
-            out,
-            "pilotfish_latency_summary_microseconds_sum{{{l}}} {sum:.0}"
-        );
-        let _ = writeln!(
-            out,
-            "pilotfish_latency_summary_microseconds_count{{{l}}} {}",
-            h.len()
-        );
     }
 }
