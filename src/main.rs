@@ -164,6 +164,17 @@ enum AdminCommand {
     LogLevel { filter: String },
     /// Stop accepting and drain, as SIGTERM does.
     Drain,
+    /// The busiest routes and peers, refreshed in the terminal: request
+    /// rate, success rate, p50 and p99 over the last interval (q or
+    /// Ctrl-C to quit).
+    Top {
+        /// Refresh interval, e.g. 1s or 500ms.
+        #[arg(long, default_value = "1s", value_parser = pilotfish::config::duration::parse)]
+        interval: std::time::Duration,
+        /// Rows shown at most.
+        #[arg(long, default_value_t = 20)]
+        rows: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -298,6 +309,15 @@ fn ca(what: CaCommand) -> ExitCode {
 
 fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
     use pilotfish::admin::client;
+    if let AdminCommand::Top { interval, rows } = what {
+        return match pilotfish::admin::top::run(socket, interval, rows) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut body = Vec::new();
     if let AdminCommand::Apply { file } = &what {
         // Validate here first: the error then names the real file and line.
@@ -322,6 +342,7 @@ fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
         AdminCommand::Clusters => ("GET", "/clusters".to_string()),
         AdminCommand::LogLevel { filter } => ("POST", format!("/log-level?filter={filter}")),
         AdminCommand::Drain => ("POST", "/drain".to_string()),
+        AdminCommand::Top { .. } => unreachable!("handled above"),
         AdminCommand::Histograms {
             listener,
             route,

@@ -29,6 +29,7 @@
 
 pub mod client;
 pub mod prometheus;
+pub mod top;
 
 use std::{
     io::{Read, Write},
@@ -596,6 +597,12 @@ fn route(method: &[u8], path: &str, query: &Query, body: &[u8], shared: &Shared)
             };
             let out = prometheus::render(&reports, &hist, &extra);
             (200, "text/plain; version=0.0.4", out.into_bytes())
+        }
+        (b"GET", "/golden") => {
+            let reports = worker::collect_reports(state.mailboxes());
+            json(&crate::metrics::golden::merge(
+                reports.iter().map(|r| &r.golden),
+            ))
         }
         // Emptying histograms changes state: POST only.
         (b"GET", "/histograms") if reset => text(

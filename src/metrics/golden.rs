@@ -26,7 +26,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::intercept::Direction;
 
@@ -98,7 +98,7 @@ impl<'a> LabelsRef<'a> {
 }
 
 /// The labels of one series, owned.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Labels {
     pub direction: Direction,
     pub listener: String,
@@ -143,7 +143,7 @@ impl Labels {
 }
 
 /// One HTTP series.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Http {
     pub requests: u64,
     /// (status code sent, gRPC status, count); code 0: none was sent.
@@ -196,7 +196,7 @@ impl Http {
 }
 
 /// One TCP series.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Tcp {
     pub connections: u64,
     /// Bytes from the client (sent upstream) and to it.
@@ -320,7 +320,7 @@ impl Default for Golden {
 }
 
 /// A core's series, or the sum of several cores'.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     pub http: Vec<(Labels, Http)>,
     pub tcp: Vec<(Labels, Tcp)>,
