@@ -4,29 +4,14 @@
 
 mod support;
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::Path,
-    sync::{atomic::AtomicBool, Arc},
-    time::Duration,
-};
+use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
-use pilotfish::admin::{client, Listen, Server, State};
+use pilotfish::admin::{client, Server};
 use support::{http_client::*, http_upstream::HttpUpstream, *};
 
 fn admin_for(proxy: &pilotfish::Proxy, dir: &Path) -> (Server, std::path::PathBuf) {
     let path = dir.join("admin.sock");
-    let state = State {
-        control: proxy.controller(),
-        draining: Arc::new(AtomicBool::new(false)),
-        set_log_filter: None,
-    };
-    let listen = Listen {
-        socket: Some(path.clone()),
-        tcp: None,
-        tcp_token: None,
-    };
-    (Server::start(&listen, state).unwrap(), path)
+    (admin_server(proxy, Some(path.clone()), None), path)
 }
 
 fn get_json(socket: &Path, path: &str) -> serde_json::Value {

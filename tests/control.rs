@@ -35,17 +35,8 @@ fn tagged_config(bind: SocketAddr, tag: &str, upstream: SocketAddr, extra: &str)
 fn start(toml: &str, dir: &Path) -> (pilotfish::Proxy, Server, std::path::PathBuf, SocketAddr) {
     let (proxy, addr) = start_toml(toml, "web");
     let socket = dir.join("admin.sock");
-    let state = State {
-        control: proxy.controller(),
-        draining: Arc::new(AtomicBool::new(false)),
-        set_log_filter: None,
-    };
-    let listen = Listen {
-        socket: Some(socket.clone()),
-        tcp: None,
-        tcp_token: None,
-    };
-    (proxy, Server::start(&listen, state).unwrap(), socket, addr)
+    let server = admin_server(&proxy, Some(socket.clone()), None);
+    (proxy, server, socket, addr)
 }
 
 fn post_config(socket: &Path, toml: &str) -> (u16, String) {

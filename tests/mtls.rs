@@ -894,23 +894,13 @@ struct Scrape(prometheus_parse::Scrape, String);
 
 impl Scrape {
     fn of(proxy: &Proxy, dir: &Path, query: &str) -> Scrape {
-        use pilotfish::admin::{client, Listen, Server, State};
+        use pilotfish::admin::client;
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let socket = dir.join(format!(
             "admin-{}.sock",
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let state = State {
-            control: proxy.controller(),
-            draining: Arc::new(AtomicBool::new(false)),
-            set_log_filter: None,
-        };
-        let listen = Listen {
-            socket: Some(socket.clone()),
-            tcp: None,
-            tcp_token: None,
-        };
-        let _server = Server::start(&listen, state).unwrap();
+        let _server = support::admin_server(proxy, Some(socket.clone()), None);
         let (status, text) = client::request(&socket, "GET", &format!("/metrics{query}")).unwrap();
         assert_eq!(status, 200, "{text}");
         let lines = text.lines().map(|l| Ok(l.to_string()));

@@ -22,7 +22,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pilotfish::admin::{Listen, Server, State};
 use support::{http_client::Conn, http_upstream::HttpUpstream, *};
 
 /// How long Prometheus gets to start, scrape twice and answer.
@@ -98,17 +97,7 @@ fn a_real_prometheus_scrapes_the_admin_listener_and_queries_rate_and_quantiles()
     let proxy =
         pilotfish::Proxy::start(pilotfish::Config::parse("p.toml", &toml).unwrap()).unwrap();
     let web = proxy.listener_addr("web").unwrap();
-    let state = State {
-        control: proxy.controller(),
-        draining: Arc::new(AtomicBool::new(false)),
-        set_log_filter: None,
-    };
-    let listen = Listen {
-        socket: None,
-        tcp: Some("127.0.0.1:0".parse().unwrap()),
-        tcp_token: None,
-    };
-    let admin = Server::start(&listen, state).unwrap();
+    let admin = admin_server(&proxy, None, Some("127.0.0.1:0".parse().unwrap()));
     let scrape_target = admin.tcp_addr().unwrap();
 
     // Traffic for the whole test: a request every 5 ms, bounded in time.

@@ -200,15 +200,14 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
     }
     report +=
         "\nEach sidecar's own histograms, from its admin socket (µs; the last, mTLS, window)\n";
-    for name in ["sidecar-a-outbound", "sidecar-b-inbound"] {
-        let socket = out.join(format!("{name}.sock"));
-        let (status, body) =
-            pilotfish::admin::client::request(&socket, "GET", "/histograms?format=json")?;
-        anyhow::ensure!(status == 200, "{name}: admin answered {status}: {body}");
-        let table = pilotfish::admin::client::histogram_table(&body).map_err(anyhow::Error::msg)?;
-        report += &format!("{name} ({}):\n{table}", socket.display());
-    }
-    let svg = plot::percentile_svg(
+    let sockets: Vec<(&str, PathBuf)> = ["sidecar-a-outbound", "sidecar-b-inbound"]
+        .into_iter()
+        .map(|name| (name, out.join(format!("{name}.sock"))))
+        .collect();
+    report += &histogram_tables(&sockets)?;
+    report += &golden_table(&sockets)?;
+    finish(
+        out,
         "Pilotfish mesh demo: round-trip latency by percentile",
         &[
             ("direct", &direct.histogram),
@@ -216,10 +215,66 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
             ("mTLS, HTTP/1.1 between", &mtls_h1.histogram),
             ("through mTLS mesh (h2)", &mtls.histogram),
         ],
+        &report,
+    )?;
+    drop((outbound, inbound));
+    Ok(())
+}
+
+/// Each sidecar's histograms as tables, pulled from its admin socket.
+pub(crate) fn histogram_tables(sidecars: &[(&str, PathBuf)]) -> anyhow::Result<String> {
+    let mut report = String::new();
+    for (name, socket) in sidecars {
+        let (status, body) =
+            pilotfish::admin::client::request(socket, "GET", "/histograms?format=json")?;
+        anyhow::ensure!(status == 200, "{name}: admin answered {status}: {body}");
+        let table = pilotfish::admin::client::histogram_table(&body).map_err(anyhow::Error::msg)?;
+        report += &format!("{name} ({}):\n{table}", socket.display());
+    }
+    Ok(report)
+}
+
+/// Who called whom: each sidecar's golden series (`GET /golden`), with
+/// requests and responses by code.
+pub(crate) fn golden_table(sidecars: &[(&str, PathBuf)]) -> anyhow::Result<String> {
+    let mut report = String::from(
+        "\nGolden metrics from each sidecar's admin socket (GET /golden; the whole run)\n",
     );
+    for (name, socket) in sidecars {
+        let (status, body) = pilotfish::admin::client::request(socket, "GET", "/golden")?;
+        anyhow::ensure!(status == 200, "{name}: admin answered {status}: {body}");
+        let golden: pilotfish::metrics::golden::Snapshot = serde_json::from_str(&body)?;
+        for (l, h) in &golden.http {
+            let codes: Vec<String> = h
+                .responses
+                .iter()
+                .map(|(code, _, n)| format!("{code}×{n}"))
+                .collect();
+            report += &format!(
+                "  {name}: {} listener={} cluster={} tls={} peer={} requests={} codes {}\n",
+                l.direction.name(),
+                l.listener,
+                l.cluster.as_deref().unwrap_or("-"),
+                l.tls,
+                l.peer.as_deref().unwrap_or("-"),
+                h.requests,
+                codes.join(" "),
+            );
+        }
+    }
+    Ok(report)
+}
+
+/// Writes the plot and the report to `out` and prints the report.
+pub(crate) fn finish(
+    out: &Path,
+    title: &str,
+    series: &[(&str, &hdrhistogram::Histogram<u64>)],
+    report: &str,
+) -> anyhow::Result<()> {
     let svg_path = out.join("latency.svg");
-    std::fs::write(&svg_path, svg)?;
-    std::fs::write(out.join("report.txt"), &report)?;
+    std::fs::write(&svg_path, plot::percentile_svg(title, series))?;
+    std::fs::write(out.join("report.txt"), report)?;
     print!("{report}");
     println!(
         "\nplot: {}\nreport: {}\nsidecar logs: {}/sidecar-*.log",
@@ -227,7 +282,6 @@ pub fn run(quick: bool, out: &Path, binary: Option<PathBuf>) -> anyhow::Result<(
         out.join("report.txt").display(),
         out.display()
     );
-    drop((outbound, inbound));
     Ok(())
 }
 

@@ -32,6 +32,15 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    fn empty() -> Self {
+        Outcome {
+            histogram: new_histogram(),
+            requests: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+        }
+    }
+
     pub fn rate(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -87,12 +96,7 @@ pub fn run_with(
             })
         })
         .collect();
-    let mut total = Outcome {
-        histogram: new_histogram(),
-        requests: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
+    let mut total = Outcome::empty();
     for w in workers {
         let o = w
             .join()
@@ -106,12 +110,7 @@ pub fn run_with(
 }
 
 fn one_http_connection(target: SocketAddr, deadline: Instant, stop: &AtomicBool) -> Outcome {
-    let mut out = Outcome {
-        histogram: new_histogram(),
-        requests: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
+    let mut out = Outcome::empty();
     let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
         out.errors += 1;
         return out;
@@ -139,12 +138,7 @@ fn one_http_connection(target: SocketAddr, deadline: Instant, stop: &AtomicBool)
 /// `Connection: close` requests, each on a connection of its own: the
 /// round trip runs from before the connect to the end of the response.
 fn connection_per_request(target: SocketAddr, deadline: Instant, stop: &AtomicBool) -> Outcome {
-    let mut out = Outcome {
-        histogram: new_histogram(),
-        requests: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
+    let mut out = Outcome::empty();
     let request = b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n";
     let mut buf = vec![0u8; 16 * 1024];
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {

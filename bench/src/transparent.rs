@@ -40,7 +40,6 @@ use anyhow::Context;
 use crate::{
     demo::{issue_identities, SERVICE_A, SERVICE_B},
     pingpong::{self, Outcome, Reuse},
-    plot,
     sidecar::Sidecar,
     upstream,
 };
@@ -288,31 +287,22 @@ pub fn run(
         }
     }
     report += "\nEach sidecar's histograms from its admin socket (µs; the last window)\n";
-    for (name, socket) in ["sidecar-a", "sidecar-b"].iter().zip(&sockets) {
-        let (status, body) =
-            pilotfish::admin::client::request(socket, "GET", "/histograms?format=json")?;
-        anyhow::ensure!(status == 200, "{name}: admin answered {status}: {body}");
-        let table = pilotfish::admin::client::histogram_table(&body).map_err(anyhow::Error::msg)?;
-        report += &format!("{name} ({}):\n{table}", socket.display());
-    }
-    let svg = plot::percentile_svg(
+    let named: Vec<(&str, PathBuf)> = ["sidecar-a", "sidecar-b"]
+        .into_iter()
+        .zip(sockets.iter().cloned())
+        .collect();
+    report += &crate::demo::histogram_tables(&named)?;
+    report += &crate::demo::golden_table(&named)?;
+    crate::demo::finish(
+        out,
         "Pilotfish transparent mesh: round-trip latency by percentile (keep-alive)",
         &[
             ("direct", &direct.histogram),
             ("explicit-port mesh", &explicit_ka.histogram),
             ("transparent mesh", &transparent.histogram),
         ],
-    );
-    let svg_path = out.join("latency.svg");
-    std::fs::write(&svg_path, svg)?;
-    std::fs::write(out.join("report.txt"), &report)?;
-    print!("{report}");
-    println!(
-        "\nplot: {}\nreport: {}\nsidecar logs: {}/sidecar-*.log",
-        svg_path.display(),
-        out.join("report.txt").display(),
-        out.display()
-    );
+        &report,
+    )?;
     // Sidecars stop (SIGTERM, drain) before their namespaces go; the rules
     // go with the namespaces.
     drop((sidecar_a, sidecar_b));

@@ -103,6 +103,16 @@ fn the_transparent_demo_meshes_two_pods_and_cleans_up() {
         assert!(stdout.contains(expected), "no {expected:?}:\n{stdout}");
     }
     assert!(out.join("latency.svg").exists());
+    // Golden metrics: sidecar B counted the transparent mesh's requests
+    // inbound, by the caller's SPIFFE ID, all answered 200.
+    let golden = stdout
+        .lines()
+        .find(|l| {
+            l.contains("sidecar-b: inbound listener=inbound cluster=service-b tls=true peer=spiffe://demo.mesh/ns/default/sa/service-a ")
+        })
+        .unwrap_or_else(|| panic!("no golden series for A at B:\n{stdout}"));
+    assert!(!golden.contains("requests=0"), "{golden}");
+    assert!(golden.contains(" 200×"), "{golden}");
 
     // Nothing left behind: the namespaces (and with them veths and rules)
     // are gone, and so are the sidecars' admin sockets.

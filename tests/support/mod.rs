@@ -396,3 +396,23 @@ pub fn have_py(module: &str) -> bool {
     }
     found
 }
+
+/// An admin server for an in-process proxy: the Unix socket at `socket`
+/// and, when given, a TCP listener.
+pub fn admin_server(
+    proxy: &pilotfish::Proxy,
+    socket: Option<PathBuf>,
+    tcp: Option<SocketAddr>,
+) -> pilotfish::admin::Server {
+    let state = pilotfish::admin::State {
+        control: proxy.controller(),
+        draining: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        set_log_filter: None,
+    };
+    let listen = pilotfish::admin::Listen {
+        socket,
+        tcp,
+        tcp_token: None,
+    };
+    pilotfish::admin::Server::start(&listen, state).unwrap()
+}
