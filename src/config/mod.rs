@@ -450,6 +450,23 @@ impl Validator<'_> {
         let clusters = self.clusters(&raw.clusters, tls.as_ref())?;
         let mut listeners = self.listeners(&raw.listeners, &raw.clusters, tls.as_ref())?;
         let intercept = self.intercept(raw.intercept.as_ref(), &mut listeners)?;
+        // A listener's `direction` key may not contradict its intercept role.
+        for (i, (l, r)) in listeners.iter().zip(&raw.listeners).enumerate() {
+            if let (Some(role), Some(given)) = (l.direction, &r.direction) {
+                if role != *given.get_ref() {
+                    return Err(self.error(
+                        given,
+                        format!("listeners[{i}].direction"),
+                        format!(
+                            "listener {:?} is the {} intercept listener: its direction is {}",
+                            l.name,
+                            role.name(),
+                            role.name()
+                        ),
+                    ));
+                }
+            }
+        }
         let series = listeners.len()
             + 2 * clusters.len()
             + listeners
@@ -846,6 +863,26 @@ connect_timeout = "1s"
         assert_eq!(c.listeners[0].traffic, intercept::Direction::Inbound);
         let bad = Config::parse("bad.toml", &toml.replace("\"inbound\"", "\"sideways\""));
         assert!(bad.unwrap_err().to_string().contains("direction"));
+        // An intercept listener's role decides; a contradicting key is an error.
+        let intercept = r#"
+[intercept]
+outbound_listener = "out"
+proxy_uid = 1337
+[[listeners]]
+name = "out"
+bind = "127.0.0.1:15001"
+protocol = "auto"
+direction = "inbound"
+"#;
+        let err = Config::parse("i.toml", intercept).unwrap_err().to_string();
+        assert!(err.contains("i.toml") && err.contains("direction"), "{err}");
+        assert!(err.contains("outbound intercept listener"), "{err}");
+        let ok = Config::parse(
+            "i.toml",
+            &intercept.replace("direction = \"inbound\"", "direction = \"outbound\""),
+        )
+        .unwrap();
+        assert_eq!(ok.listeners[0].traffic, intercept::Direction::Outbound);
     }
 
     #[test]
