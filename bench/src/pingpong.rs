@@ -41,6 +41,16 @@ impl Outcome {
         }
     }
 
+    /// One request answered, sent at `sent`.
+    fn answered(&mut self, sent: Instant) {
+        let us = sent
+            .elapsed()
+            .as_micros()
+            .clamp(1, u128::from(LATENCY_MAX_US)) as u64;
+        let _ = self.histogram.record(us);
+        self.requests += 1;
+    }
+
     pub fn rate(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -125,12 +135,7 @@ fn one_http_connection(target: SocketAddr, deadline: Instant, stop: &AtomicBool)
             out.errors += 1;
             break;
         }
-        let us = sent
-            .elapsed()
-            .as_micros()
-            .clamp(1, u128::from(LATENCY_MAX_US)) as u64;
-        let _ = out.histogram.record(us);
-        out.requests += 1;
+        out.answered(sent);
     }
     out
 }
@@ -157,12 +162,7 @@ fn connection_per_request(target: SocketAddr, deadline: Instant, stop: &AtomicBo
             }
             continue;
         }
-        let us = sent
-            .elapsed()
-            .as_micros()
-            .clamp(1, u128::from(LATENCY_MAX_US)) as u64;
-        let _ = out.histogram.record(us);
-        out.requests += 1;
+        out.answered(sent);
     }
     out
 }

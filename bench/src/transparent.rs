@@ -492,15 +492,7 @@ fn detect_histogram(socket: &Path, listener: &str) -> anyhow::Result<(u64, u64, 
         .flatten()
         .find(|h| h["key"]["metric"] == "protocol_detect" && h["key"]["listener"] == listener)
         .context("no protocol_detect histogram")?;
-    let p = |want: f64| {
-        h["percentiles_us"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|pair| pair[0].as_f64() == Some(want))
-            .and_then(|pair| pair[1].as_u64())
-            .unwrap_or(0)
-    };
+    let p = |want: f64| pilotfish::admin::client::percentile_us(h, want);
     Ok((h["count"].as_u64().unwrap_or(0), p(50.0), p(99.0)))
 }
 

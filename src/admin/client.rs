@@ -47,6 +47,18 @@ pub fn request_with_body(
 }
 
 /// A percentile table from `/histograms` JSON.
+/// One entry of `/histograms?format=json`: its `want` percentile in µs
+/// (0 when absent).
+pub fn percentile_us(h: &serde_json::Value, want: f64) -> u64 {
+    h["percentiles_us"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|pair| pair[0].as_f64() == Some(want))
+        .and_then(|pair| pair[1].as_u64())
+        .unwrap_or(0)
+}
+
 pub fn histogram_table(json: &str) -> Result<String, String> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let mut out = format!(
@@ -61,15 +73,7 @@ pub fn histogram_table(json: &str) -> Result<String, String> {
                 name += &format!(" {part}={x}");
             }
         }
-        let p = |want: f64| {
-            h["percentiles_us"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|pair| pair[0].as_f64() == Some(want))
-                .and_then(|pair| pair[1].as_u64())
-                .unwrap_or(0)
-        };
+        let p = |want: f64| percentile_us(h, want);
         out += &format!(
             "{:<40}{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}\n",
             name,
