@@ -175,6 +175,37 @@ enum AdminCommand {
         #[arg(long, default_value_t = 20)]
         rows: usize,
     },
+    /// Live requests as they complete, one per line, filtered (every
+    /// filter given must match). Ctrl-C to stop.
+    Tap {
+        #[arg(long)]
+        listener: Option<String>,
+        #[arg(long)]
+        route: Option<String>,
+        /// Host or host:port (case and a trailing dot do not matter).
+        #[arg(long)]
+        authority: Option<String>,
+        #[arg(long)]
+        path_prefix: Option<String>,
+        #[arg(long)]
+        method: Option<String>,
+        /// A status class (5xx) or code (503).
+        #[arg(long)]
+        status: Option<String>,
+        /// The peer's SPIFFE ID (the caller's, on inbound listeners).
+        #[arg(long)]
+        peer: Option<String>,
+        /// Events per second at most (whole process); the rest are dropped
+        /// and counted.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Print the JSON lines as they come.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -318,6 +349,46 @@ fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
             }
         };
     }
+    if let AdminCommand::Tap {
+        listener,
+        route,
+        authority,
+        path_prefix,
+        method,
+        status,
+        peer,
+        rate,
+        count,
+        json,
+    } = what
+    {
+        let query = pilotfish::admin::tap::query_string(&[
+            ("listener", listener),
+            ("route", route),
+            ("authority", authority),
+            ("path_prefix", path_prefix),
+            ("method", method),
+            ("status", status),
+            ("peer", peer),
+            ("rate", rate.map(|r| r.to_string())),
+            ("count", count.map(|c| c.to_string())),
+        ]);
+        if let Some(bad) = query
+            .bytes()
+            .find(|b| b.is_ascii_whitespace() || *b == b'#')
+        {
+            eprintln!("error: filters may not contain {:?}", bad as char);
+            return ExitCode::FAILURE;
+        }
+        let mut out = std::io::stdout().lock();
+        return match pilotfish::admin::tap::run(socket, &query, json, &mut out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut body = Vec::new();
     if let AdminCommand::Apply { file } = &what {
         // Validate here first: the error then names the real file and line.
@@ -342,7 +413,7 @@ fn admin(socket: &std::path::Path, what: AdminCommand) -> ExitCode {
         AdminCommand::Clusters => ("GET", "/clusters".to_string()),
         AdminCommand::LogLevel { filter } => ("POST", format!("/log-level?filter={filter}")),
         AdminCommand::Drain => ("POST", "/drain".to_string()),
-        AdminCommand::Top { .. } => unreachable!("handled above"),
+        AdminCommand::Top { .. } | AdminCommand::Tap { .. } => unreachable!("handled above"),
         AdminCommand::Histograms {
             listener,
             route,

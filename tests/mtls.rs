@@ -1051,6 +1051,70 @@ fn golden_metrics_count_each_request_by_caller_and_callee() {
     }
 }
 
+/// A tap on sidecar B filtered by the caller's SPIFFE ID sees that
+/// caller's requests only (they arrive over h2 between the sidecars),
+/// with the identity, TLS and the endpoint that answered; and a tap on
+/// sidecar A sees the server identity it verified as the peer.
+#[test]
+fn a_tap_filtered_by_caller_identity_sees_that_caller_only() {
+    use std::io::{BufRead, BufReader, Write};
+    const BILLING: &str = "spiffe://mesh.local/ns/prod/sa/billing";
+    let m = mesh("io_uring", "tap-peer");
+    let frontend = m.sidecar("io_uring", FRONTEND, "frontend");
+    let billing = m.sidecar("io_uring", BILLING, "billing");
+    let tap = |proxy: &Proxy, name: &str, query: &str| {
+        let socket = m.dir.join(format!("tap-{name}.sock"));
+        let server = support::admin_server(proxy, Some(socket.clone()), None);
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(support::IO_DEADLINE)).unwrap();
+        write!(s, "GET /tap{query} HTTP/1.1\r\nHost: admin\r\n\r\n").unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            assert!(r.read_line(&mut line).unwrap() > 0);
+        }
+        (server, r)
+    };
+    let events = |mut r: BufReader<std::os::unix::net::UnixStream>| -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap() > 0 {
+            out.push(serde_json::from_str(&line).unwrap());
+            line.clear();
+        }
+        out
+    };
+    let (_b_admin, on_b) = tap(&m.b, "b", &format!("?peer={BILLING}&count=2"));
+    let (_a_admin, on_a) = tap(&frontend, "a", "?count=1");
+    let get = |p: &Proxy, path: &str| {
+        let mut c = Conn::open(p.listener_addr("out").unwrap());
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: orders\r\n\r\n").as_bytes());
+        c.read(false).expect("response").status
+    };
+    assert_eq!(get(&frontend, "/from-frontend"), 200);
+    assert_eq!(get(&billing, "/from-billing/1"), 200);
+    assert_eq!(get(&frontend, "/from-frontend"), 200);
+    assert_eq!(get(&billing, "/from-billing/2"), 200);
+
+    let seen = events(on_b);
+    let paths: Vec<&str> = seen.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["/from-billing/1", "/from-billing/2"]);
+    for e in &seen {
+        assert_eq!(e["peer"], BILLING, "{e}");
+        assert_eq!(e["direction"], "inbound", "{e}");
+        assert_eq!(e["tls"], true, "{e}");
+        assert_eq!(e["version"], "HTTP/2.0", "sidecars speak h2: {e}");
+        assert_eq!(e["endpoint"], m.upstream.addr.to_string(), "{e}");
+        assert_eq!(e["status"], 200, "{e}");
+    }
+    let seen = events(on_a);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["peer"], ORDERS, "{}", seen[0]);
+    assert_eq!(seen[0]["direction"], "outbound");
+    assert_eq!(seen[0]["version"], "HTTP/1.1");
+}
+
 /// `promtool check metrics` (Debian's prometheus package) on a scrape; a
 /// machine without it skips outside CI, fails under CI=true.
 fn promtool_check(text: &str) {

@@ -5,6 +5,11 @@
 #
 #   bench/scripts/callgrind-per-request.sh [seconds]
 #   CLIENT=h2 bench/scripts/callgrind-per-request.sh [seconds]   (h2load, h2c in; needs h2load)
+#   TAP='route=web&rate=100' bench/scripts/callgrind-per-request.sh   (a live tap attached for the run)
+#
+# TAP attaches `pilotfish admin tap` with those filters (a query string)
+# for the whole run, its output thrown away: the cost per request of a tap
+# that matches (and, over its rate, drops) or of one that does not match.
 #
 # Runs the epoll driver: callgrind serialises threads, and a worker blocked
 # in io_uring_enter starves the others (seen here), so io_uring is not
@@ -17,6 +22,8 @@ up=$(port); px=$(port)
 nginx_upstream "$up"
 cat > "$dir/pilotfish.toml" <<TOML
 workers = 1
+[admin]
+socket = "$dir/admin.sock"
 [[listeners]]
 name = "web"
 bind = "127.0.0.1:$px"
@@ -28,6 +35,12 @@ endpoints = ["127.0.0.1:$up"]
 TOML
 callgrind_start "$dir/cg.out" "$dir/pilotfish.toml"
 wait_port "$px"
+if [ -n "${TAP:-}" ]; then
+  for _ in $(seq 100); do [ -S "$dir/admin.sock" ] && break; sleep 0.1; done
+  curl -sN --unix-socket "$dir/admin.sock" "http://admin/tap?$TAP" >/dev/null &
+  pids+=("$!")
+  sleep 1
+fi
 if [ "${CLIENT:-http1}" = h2 ]; then
   # 8 connections, 1 stream each: the same concurrency as wrk's.
   n=$(h2load -c8 -m1 -D"$secs" "http://127.0.0.1:$px/" | awk '/^requests:/{print $8}')

@@ -8,8 +8,10 @@
 //! histograms), `GET /config`, `GET /clusters` (endpoints with health,
 //! ejection, load, per core), `POST /config` (a whole TOML config, swapped
 //! on every worker or none; see [`crate::control`]), `POST /drain`,
-//! `POST /log-level?filter=...`. Unknown query parameters are refused (a
-//! typo must not return everything).
+//! `POST /log-level?filter=...`, `GET /golden` (the golden metrics as
+//! JSON), `GET /tap` (a live stream of requests, filtered: see [`tap`]).
+//! Unknown query parameters are refused (a typo must not return
+//! everything).
 //!
 //! Who may do what. Loopback is no trust boundary: in a pod every process
 //! shares the sidecar's network namespace. So:
@@ -29,6 +31,7 @@
 
 pub mod client;
 pub mod prometheus;
+pub mod tap;
 pub mod top;
 
 use std::{
@@ -193,6 +196,8 @@ impl Server {
             state,
             token: listen.tcp_token.clone(),
             refusals: Refusals::default(),
+            taps: AtomicUsize::new(0),
+            next_tap: AtomicU64::new(1),
         });
         let live = Arc::new(AtomicUsize::new(0));
         let mut server = Server {
@@ -307,6 +312,35 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Whether the client closed its end (a tap's idle check). Peeks
+    /// without blocking: no byte waiting, or one, means it is still there.
+    #[allow(unsafe_code)]
+    fn peer_gone(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Conn::Unix(c) => c.as_raw_fd(),
+            Conn::Tcp(c) => c.as_raw_fd(),
+        };
+        let mut byte = 0u8;
+        // SAFETY: a one-byte buffer we own, on a socket this value owns.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n == 0
+            || (n < 0
+                && !matches!(
+                    std::io::Error::last_os_error().kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ))
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
@@ -335,6 +369,9 @@ struct Shared {
     state: State,
     token: Option<String>,
     refusals: Refusals,
+    /// Taps attached now (see [`tap`]), and the next tap's id.
+    taps: AtomicUsize,
+    next_tap: AtomicU64,
 }
 
 /// Accepts until stopped. `accept` gives a connection and what it may reach.
@@ -426,6 +463,12 @@ fn serve(mut conn: Conn, access: Access, shared: &Shared) {
     let query = Query::parse(query);
     let (status, kind, answer) = match admit(access, req.method(), path, &req, shared) {
         Some(refused) => refused,
+        None if req.method() == b"GET" && path == "/tap" => match unknown_param(path, &query)
+            .map_or_else(|| tap::stream(&mut conn, &query, shared), Err)
+        {
+            Ok(()) => return,
+            Err(reply) => reply,
+        },
         None => route(req.method(), path, &query, &body, shared),
     };
     let _ = respond(&mut conn, status, kind, &answer);
@@ -560,25 +603,32 @@ fn known_params(path: &str) -> &'static [&'static str] {
         "/config" => &["format"],
         "/metrics" => &["per_core"],
         "/log-level" => &["filter", "level"],
+        "/tap" => tap::PARAMS,
         _ => &[],
     }
 }
 
+/// A 400 naming the first query parameter `path` does not know.
+fn unknown_param(path: &str, query: &Query) -> Option<Reply> {
+    let unknown = query.names().find(|n| !known_params(path).contains(n))?;
+    let known = known_params(path);
+    Some(text(
+        400,
+        if known.is_empty() {
+            format!("{path} takes no query parameter; found {unknown:?}\n")
+        } else {
+            format!(
+                "unknown parameter {unknown:?} for {path}; known: {}\n",
+                known.join(", ")
+            )
+        },
+    ))
+}
+
 fn route(method: &[u8], path: &str, query: &Query, body: &[u8], shared: &Shared) -> Reply {
     let state = &shared.state;
-    if let Some(unknown) = query.names().find(|n| !known_params(path).contains(n)) {
-        let known = known_params(path);
-        return text(
-            400,
-            if known.is_empty() {
-                format!("{path} takes no query parameter; found {unknown:?}\n")
-            } else {
-                format!(
-                    "unknown parameter {unknown:?} for {path}; known: {}\n",
-                    known.join(", ")
-                )
-            },
-        );
+    if let Some(refused) = unknown_param(path, query) {
+        return refused;
     }
     let reset = query.get("reset") == Some("true");
     match (method, path) {
@@ -623,7 +673,7 @@ fn route(method: &[u8], path: &str, query: &Query, body: &[u8], shared: &Shared)
         (
             _,
             "/live" | "/ready" | "/stats" | "/metrics" | "/histograms" | "/config" | "/clusters"
-            | "/drain" | "/log-level",
+            | "/drain" | "/log-level" | "/tap",
         ) => text(405, "method not allowed\n"),
         _ => text(404, format!("no admin endpoint {path}\n")),
     }

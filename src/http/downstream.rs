@@ -161,9 +161,8 @@ impl Downstream for H1Down<'_> {
         self.keep_alive = false;
     }
 
-    fn note(&mut self, status: u16, upstream: std::net::SocketAddr) {
-        self.client.note.status = status;
-        self.client.note.upstream = Some(upstream);
+    fn note(&mut self) -> &mut super::Note {
+        &mut self.client.note
     }
 }
 

@@ -296,6 +296,7 @@ async fn attempts(
             // A write of the head timed out and took the buffer with it.
             break;
         }
+        client.note.attempts = attempt;
         match ctx.run(client, head).await {
             Ok(next) => return Ok(next),
             Err(AttemptError::Final(f)) => return Err(f),
@@ -366,7 +367,8 @@ impl Attempt<'_> {
         })
     }
 
-    async fn connect(&self) -> Result<Stream, AttemptError> {
+    /// A pooled connection (None), or a new one and how long it took.
+    async fn connect(&self) -> Result<(Stream, Option<Duration>), AttemptError> {
         let endpoint = &self.cluster.endpoints[self.ep];
         let counters = &self.worker.counters.http;
         let now = Instant::now();
@@ -375,7 +377,7 @@ impl Attempt<'_> {
             .checkout(now, self.cluster.config.pool_idle_timeout)
         {
             metrics::add(&counters.pool_reuses, 1);
-            return Ok(s);
+            return Ok((s, None));
         }
         metrics::add(&counters.upstream_connects, 1);
         let limit = self.cluster.connect_timeout.min(self.until_deadline());
@@ -401,8 +403,9 @@ impl Attempt<'_> {
                             .0
                     }
                 };
-                histograms::record(&self.cluster.connect_histogram, started.elapsed());
-                Ok(s)
+                let took = started.elapsed();
+                histograms::record(&self.cluster.connect_histogram, took);
+                Ok((s, Some(took)))
             }
             Ok(Err(e)) => Err(failed(format!("connect to {} failed: {e}", endpoint.addr))),
             Err(_) => Err(failed(format!("connect to {} timed out", endpoint.addr))),
@@ -410,7 +413,8 @@ impl Attempt<'_> {
     }
 
     async fn run(&self, client: &mut Client, head: &mut Vec<u8>) -> Result<Next, AttemptError> {
-        let stream = self.connect().await?;
+        let (stream, opened) = self.connect().await?;
+        client.note.connect = opened;
         let mut up = Upstream {
             stream,
             inbound: Inbound::new(self.worker.buffers.take()),
@@ -723,6 +727,12 @@ impl Attempt<'_> {
         counters.response(resp.status);
         client.note.status = resp.status;
         client.note.upstream = Some(self.cluster.endpoints[self.ep].addr);
+        client.note.first_byte = Some(now);
+        client.note.response_bytes = match out_body {
+            OutBody::None => Some(0),
+            OutBody::Length(n) => Some(n),
+            OutBody::Chunked | OutBody::Close => None,
+        };
         if let Err(e) = written {
             return Err(Exit::Failed(AttemptError::Final(Failure::Cut(format!(
                 "writing the response head: {e}"

@@ -101,8 +101,8 @@ pub trait Downstream {
     /// Cuts the response: RST_STREAM on h2 (the connection is closed by
     /// the caller on HTTP/1.1).
     fn reset(&mut self, reason: h2::Reason);
-    /// Notes the final status (access log, counters).
-    fn note(&mut self, status: u16, upstream: std::net::SocketAddr);
+    /// What the request came to, for the access log, metrics and taps.
+    fn note(&mut self) -> &mut super::Note;
 }
 
 /// What one request needs to know about where it came from.
@@ -151,6 +151,7 @@ pub async fn forward<D: Downstream>(
         deadline: Instant::now() + timeout,
         idle,
         body_bytes_max: http.body_bytes_max,
+        opened: std::cell::Cell::new(None),
     };
     ctx.attempts(&req, down).await
 }
@@ -162,6 +163,27 @@ struct Ctx<'a> {
     deadline: Instant,
     idle: Duration,
     body_bytes_max: Option<u64>,
+    /// How long the current attempt's new connection took to open (taken
+    /// into the note when the attempt sends its request).
+    opened: std::cell::Cell<Option<Duration>>,
+}
+
+/// Notes an upstream's response head.
+fn note_answer(
+    note: &mut super::Note,
+    status: u16,
+    upstream: std::net::SocketAddr,
+    at: Instant,
+    body: BodyKind,
+) {
+    note.status = status;
+    note.upstream = Some(upstream);
+    note.first_byte = Some(at);
+    note.response_bytes = match body {
+        BodyKind::Empty => Some(0),
+        BodyKind::Length(n) => Some(n),
+        BodyKind::Streamed => None,
+    };
 }
 
 /// A connection for one attempt.
@@ -234,6 +256,7 @@ impl Ctx<'_> {
             };
             let _ep_active = ActiveGuard::new(&cluster.endpoints[ep].active);
             let may_retry = attempt < self.policy.attempts && replay_ok;
+            down.note().attempts = attempt;
             match self.attempt(ep, req, down, may_retry).await {
                 Ok(()) => return Ok(()),
                 Err(AttemptError::Final(f)) => return Err(f),
@@ -287,7 +310,10 @@ impl Ctx<'_> {
         }
         // Boxed: a handshake's state (TLS, h2) is large, and inline it
         // would be copied with every request's future, pooled or not.
-        Box::pin(self.connect_new(ep)).await
+        let started = Instant::now();
+        let conn = Box::pin(self.connect_new(ep)).await?;
+        self.opened.set(Some(started.elapsed()));
+        Ok(conn)
     }
 
     /// [`Self::connect`] without a pooled connection: waits for an h2
@@ -395,7 +421,9 @@ impl Ctx<'_> {
     ) -> Result<(), AttemptError> {
         // Each exchange is boxed: the request's own future (copied into
         // its task when spawned) stays small whichever version goes up.
-        match self.connect(ep).await? {
+        let conn = self.connect(ep).await?;
+        down.note().connect = self.opened.take();
+        match conn {
             UpConn::H2(lease) => Box::pin(self.over_h2(ep, lease, req, down, may_retry)).await,
             UpConn::H1(stream) => {
                 if req.grpc {
@@ -430,7 +458,7 @@ impl Ctx<'_> {
         grpc_status: Option<u32>,
         may_retry: bool,
         sent_at: Instant,
-    ) -> Result<(), AttemptError> {
+    ) -> Result<Instant, AttemptError> {
         let now = Instant::now();
         let endpoint = &self.cluster.endpoints[ep];
         endpoint.latency.observe(now - sent_at, now);
@@ -461,7 +489,7 @@ impl Ctx<'_> {
             Outcome::Success
         };
         self.cluster.record(ep, outcome, now, counters);
-        Ok(())
+        Ok(now)
     }
 
     /// One attempt over an h2 stream.
@@ -617,7 +645,7 @@ impl Ctx<'_> {
             .headers
             .get("grpc-status")
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse().ok());
-        self.judge(
+        let answered = self.judge(
             ep,
             parts.status.as_u16(),
             if trailers_only { grpc_status } else { None },
@@ -629,8 +657,13 @@ impl Ctx<'_> {
         } else {
             headers::content_length(&parts.headers).map_or(BodyKind::Streamed, BodyKind::Length)
         };
-        let addr = self.cluster.endpoints[ep].addr;
-        down.note(parts.status.as_u16(), addr);
+        note_answer(
+            down.note(),
+            parts.status.as_u16(),
+            self.cluster.endpoints[ep].addr,
+            answered,
+            kind,
+        );
         self.worker.counters.http.response(parts.status.as_u16());
         let cut = |why: String| AttemptError::Final(Failure::Cut(why));
         down.respond(parts.status, parts.headers, kind)
@@ -764,7 +797,7 @@ impl Ctx<'_> {
                 Err(e) => return Err(reset(format!("upstream response head: {e:?}"))),
             }
         };
-        self.judge(ep, resp.status, None, may_retry, sent_at)?;
+        let answered = self.judge(ep, resp.status, None, may_retry, sent_at)?;
         let (status, h) = headers::response_from_h1(&resp).map_err(|e| {
             AttemptError::Final(self.generated(ErrorReason::BadUpstreamResponse, e.to_string()))
         })?;
@@ -773,7 +806,13 @@ impl Ctx<'_> {
             ResponseBody::Length(n) => BodyKind::Length(n),
             ResponseBody::Chunked | ResponseBody::UntilClose => BodyKind::Streamed,
         };
-        down.note(status.as_u16(), self.cluster.endpoints[ep].addr);
+        note_answer(
+            down.note(),
+            status.as_u16(),
+            self.cluster.endpoints[ep].addr,
+            answered,
+            kind,
+        );
         worker.counters.http.response(status.as_u16());
         let cut = |why: String| AttemptError::Final(Failure::Cut(why));
         down.respond(status, h, kind)

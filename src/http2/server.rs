@@ -211,16 +211,7 @@ impl RequestView for View<'_> {
     }
 }
 
-/// A request's answer in the making, for the log.
-#[derive(Default)]
-struct Note {
-    status: u16,
-    /// The cluster the request was sent to (or would have been).
-    cluster: Option<usize>,
-    upstream: Option<std::net::SocketAddr>,
-    error: Option<&'static str>,
-    grpc_status: Option<u32>,
-}
+use crate::http::Note;
 
 /// The `grpc-status` in a header or trailer block, if any.
 fn grpc_status(h: &HeaderMap) -> Option<u32> {
@@ -341,9 +332,8 @@ impl Downstream for H2Down {
         }
     }
 
-    fn note(&mut self, status: u16, upstream: std::net::SocketAddr) {
-        self.note.status = status;
-        self.note.upstream = Some(upstream);
+    fn note(&mut self) -> &mut Note {
+        &mut self.note
     }
 }
 
@@ -377,6 +367,12 @@ async fn stream_task(
         .path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
     let method = parts.method.to_string();
+    // Copied only while a tap is attached.
+    let tapped = worker.taps.active().then(|| {
+        let authority = parts.uri.authority().map(|a| a.as_str().to_string());
+        let length = crate::http2::headers::content_length(&parts.headers);
+        (authority, length)
+    });
     let mut route = None;
     handle(
         &worker, listener, http, &caller, parts, &mut down, &mut route,
@@ -389,10 +385,35 @@ async fn stream_task(
     if down.reset_by_client {
         resets.early.set(resets.early.get() + 1);
     }
-    let took = started.elapsed();
+    let ended = Instant::now();
+    let took = ended - started;
     worker.histograms.listener(listener_index, took);
     if let Some(r) = route {
         worker.histograms.route(listener_index, r, took);
+    }
+    if let Some((authority, request_bytes)) = tapped {
+        worker.taps.offer(
+            worker.id,
+            &crate::metrics::tap::Request {
+                labels: crate::metrics::golden::LabelsRef::of(
+                    &worker.config,
+                    listener_index,
+                    route.map(|r| http.routes[r].name.as_str()),
+                    down.note.cluster,
+                    caller.tls,
+                    caller.identity.as_ref().map(|i| i.as_str()),
+                ),
+                client: &caller.ip,
+                method: &method,
+                authority: authority.as_deref(),
+                target: &target,
+                version: "HTTP/2.0",
+                request_bytes,
+                started,
+                ended,
+                note: &down.note,
+            },
+        );
     }
     if let Some(log) = listener.access_log.as_ref() {
         let line = crate::access_log::Line {

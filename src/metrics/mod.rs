@@ -7,6 +7,7 @@
 
 pub mod golden;
 pub mod histograms;
+pub mod tap;
 
 use std::cell::Cell;
 

@@ -95,6 +95,15 @@ pub enum Command {
         workload: Option<Arc<crate::tls::material::Workload>>,
         reply: Sender<usize>,
     },
+    /// Attach a live tap: matching requests go to `events` as they end;
+    /// answer with the worker id once attached.
+    Tap {
+        spec: Arc<crate::metrics::tap::Spec>,
+        events: Sender<crate::metrics::tap::Event>,
+        reply: Sender<usize>,
+    },
+    /// Detach tap `id`.
+    Untap(u64),
 }
 
 /// A worker's answer to [`Command::Prepare`].
@@ -240,6 +249,9 @@ pub struct Worker {
     pub access_log: Rc<access_log::Buffers>,
     /// The TLS configs new handshakes use (replaced on rotation).
     pub tls: Rc<crate::tls::per_worker::WorkerTls>,
+    /// Live taps attached through the admin socket (they outlive config
+    /// generations: they filter by name).
+    pub taps: Rc<crate::metrics::tap::Taps>,
     store: Rc<histograms::Store>,
     next_conn_id: Rc<Cell<u64>>,
 }
@@ -271,6 +283,7 @@ impl Worker {
             histograms: Histograms::new(&store, &config),
             access_log: Rc::new(access_log::Buffers::new(access_log)),
             tls: Rc::new(crate::tls::per_worker::WorkerTls::new(tls)),
+            taps: Rc::default(),
             store,
             slots: Slots::new(config.max_connections_per_worker),
             binds,
@@ -317,6 +330,7 @@ impl Worker {
             histograms: Histograms::new(&self.store, &config),
             access_log: Rc::clone(&self.access_log),
             tls: Rc::clone(&self.tls),
+            taps: Rc::clone(&self.taps),
             store: Rc::clone(&self.store),
             slots: Rc::clone(&self.slots),
             binds,
@@ -679,6 +693,15 @@ async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>, lifelin
                     worker.tls.install(workload);
                     let _ = reply.try_send(worker.id);
                 }
+                Ok(Command::Tap {
+                    spec,
+                    events,
+                    reply,
+                }) => {
+                    worker.taps.attach(spec, events);
+                    let _ = reply.try_send(worker.id);
+                }
+                Ok(Command::Untap(id)) => worker.taps.detach(id),
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
                     worker.draining.fire();
                     worker.retired.fire();
