@@ -246,6 +246,12 @@ pub struct Line<'a> {
     /// The `grpc-status` sent (gRPC requests over HTTP/2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_status: Option<u32>,
+    /// The trace and this hop's span, in hex (with `[tracing]`, sampled
+    /// or not: the ids travel either way).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
 }
 
 /// The current time as an access log wants it.
@@ -373,6 +379,8 @@ mod tests {
             upstream: Some("127.0.0.1:80".parse().unwrap()),
             error: None,
             grpc_status: None,
+            trace_id: None,
+            span_id: None,
         }
     }
 

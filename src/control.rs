@@ -193,6 +193,8 @@ pub struct Controller {
     logs: crate::access_log::Control,
     /// Every worker's drain/stop flag (see [`crate::worker::Lifeline`]).
     lifelines: Vec<crate::worker::Lifeline>,
+    /// What the span exporter delivered and lost.
+    spans: Arc<crate::trace::export::ExportStats>,
 }
 
 impl Controller {
@@ -203,12 +205,14 @@ impl Controller {
         tls: Option<Arc<Workload>>,
         logs: crate::access_log::Control,
         lifelines: Vec<crate::worker::Lifeline>,
+        spans: Arc<crate::trace::export::ExportStats>,
     ) -> Self {
         let stamps = config.tls.as_ref().map(stamps).unwrap_or_default();
         Self {
             mailboxes,
             logs,
             lifelines,
+            spans,
             running: Lock::new(Running {
                 config,
                 binds,
@@ -239,6 +243,15 @@ impl Controller {
     /// Access log lines the writer could not write.
     pub fn access_log_lost(&self) -> u64 {
         self.logs.lost()
+    }
+
+    /// Spans exported, and spans the exporter could not deliver.
+    pub fn span_export(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.spans.exported.load(Relaxed),
+            self.spans.failed.load(Relaxed),
+        )
     }
 
     /// Also checks that every cluster's `server_identity` is in a trust

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod worker;
 

@@ -54,6 +54,8 @@ pub struct Proxy {
     handles: Vec<WorkerHandle>,
     /// The access log writer; finished after the last worker exits.
     access_log: crate::access_log::Writer,
+    /// The span exporter; finished after the last worker exits.
+    spans: crate::trace::export::Exporter,
     exited: Receiver<()>,
     /// Dropped to stop the TLS file watcher.
     tls_watch: crossbeam_channel::Sender<()>,
@@ -82,6 +84,7 @@ impl Proxy {
         }
         let binds = Arc::new(binds);
         let access_log = crate::access_log::Writer::start().map_err(StartError::Spawn)?;
+        let spans = crate::trace::export::Exporter::start().map_err(StartError::Spawn)?;
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let (started_tx, started_rx) = crossbeam_channel::bounded(config.workers);
         let (alive_tx, exited) = crossbeam_channel::bounded(0);
@@ -95,6 +98,7 @@ impl Proxy {
                     config: Arc::clone(&config),
                     binds: Arc::clone(&binds),
                     access_log: access_log.sink(),
+                    spans: spans.sink(),
                     tls: tls.clone(),
                 },
                 started_tx.clone(),
@@ -128,12 +132,14 @@ impl Proxy {
             tls,
             access_log.control(),
             handles.iter().map(|h| h.lifeline.clone()).collect(),
+            spans.stats(),
         ));
         let tls_watch = spawn_tls_watch(&control).map_err(StartError::Spawn)?;
         Ok(Proxy {
             control,
             handles,
             access_log,
+            spans,
             exited,
             tls_watch,
         })
@@ -213,6 +219,7 @@ impl Proxy {
             }
         }
         self.access_log.finish();
+        self.spans.finish();
     }
 
     /// Stops every worker now and waits for them. Through each worker's

@@ -65,6 +65,18 @@ fn check_rejects_bad_configs_naming_file_line_and_key() {
             "listeners[1].bind",
             "name = \"second\"",
         ),
+        (
+            "sample rate over 1",
+            format!("{good}\n[tracing]\ncollector = \"127.0.0.1:4318\"\nsample_rate = 1.5\n"),
+            "tracing.sample_rate",
+            "sample_rate = 1.5",
+        ),
+        (
+            "collector without a port",
+            format!("{good}\n[tracing]\ncollector = \"otel-collector\"\n"),
+            "tracing.collector",
+            "collector = \"otel-collector\"",
+        ),
     ];
     let dir = temp_dir("check");
     for (what, text, key, marker) in cases {

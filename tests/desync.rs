@@ -80,6 +80,7 @@ fn forwarded(req: &RequestHead) -> Vec<u8> {
         request_id: b"test-id",
         identity_header: "x-pilotfish-peer-identity",
         identity: None,
+        trace: None,
     };
     let mut out = Vec::new();
     write::request(req, body, false, &fwd, &Edits::default(), &mut out);

@@ -41,6 +41,7 @@ fuzz_target!(|data: &[u8]| {
         request_id: b"fuzz",
         identity_header: "x-pilotfish-peer-identity",
         identity: None,
+        trace: None,
     };
     let mut out = Vec::new();
     write::request(&req, body, req.hop.upgrade, &fwd, &Edits::default(), &mut out);

@@ -639,9 +639,12 @@ fn route(method: &[u8], path: &str, query: &Query, body: &[u8], shared: &Shared)
             let reports = worker::collect_reports(state.mailboxes());
             let hist = worker::collect_histograms(state.mailboxes(), false);
             let tls = state.control.tls_status();
+            let (spans_exported, spans_failed) = state.control.span_export();
             let extra = prometheus::Extra {
                 tls: tls.as_ref(),
                 access_log_lost: state.control.access_log_lost(),
+                spans_exported,
+                spans_failed,
                 admin_refusals: Some(&shared.refusals),
                 per_core: query.get("per_core") == Some("true"),
             };

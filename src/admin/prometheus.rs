@@ -82,6 +82,16 @@ const COUNTERS: &[Field] = &[
         "Access log lines dropped because the writer fell behind.",
         |s| s.access_log_dropped,
     ),
+    (
+        "trace_spans_total",
+        "Spans recorded by sampled requests.",
+        |s| s.trace_spans,
+    ),
+    (
+        "trace_spans_dropped_total",
+        "Spans dropped because the exporter's queue was full (core=\"exporter\": not delivered to the collector).",
+        |s| s.trace_spans_dropped,
+    ),
     ("http_requests_total", "HTTP requests received.", |s| {
         s.http.requests
     }),
@@ -193,6 +203,10 @@ pub struct Extra<'a> {
     /// a removed directory), shown with the cores' dropped lines under
     /// `core="writer"`.
     pub access_log_lost: u64,
+    /// Spans the exporter could not deliver (shown under
+    /// `core="exporter"`), and spans it delivered.
+    pub spans_failed: u64,
+    pub spans_exported: u64,
     /// The admin TCP listener's refusals.
     pub admin_refusals: Option<&'a super::Refusals>,
     /// Golden metrics per core (a `core` label) instead of summed.
@@ -266,7 +280,25 @@ pub fn render(reports: &[WorkerReport], hist: &[HistogramReport], extra: &Extra<
                 extra.access_log_lost
             );
         }
+        if *name == "trace_spans_dropped_total" {
+            let _ = writeln!(
+                out,
+                "pilotfish_{name}{{core=\"exporter\"}} {}",
+                extra.spans_failed
+            );
+        }
     }
+    family(
+        &mut out,
+        "trace_spans_exported_total",
+        "counter",
+        "Spans the collector accepted.",
+    );
+    let _ = writeln!(
+        out,
+        "pilotfish_trace_spans_exported_total {}",
+        extra.spans_exported
+    );
     if let Some(refusals) = extra.admin_refusals {
         admin_refusals(&mut out, refusals);
     }

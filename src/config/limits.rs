@@ -180,3 +180,8 @@ pub const OUTLIER_MAX_EJECTION_DEFAULT: Duration = Duration::from_secs(300);
 pub const OUTLIER_MAX_EJECTED_PERCENT_DEFAULT: u32 = 50;
 /// Health-check response bytes read before the check counts as failed.
 pub const HEALTH_CHECK_RESPONSE_BYTES_MAX: usize = 16 * 1024;
+
+/// The share of requests without a caller's sampling decision that start
+/// a sampled trace: 1%, Envoy's and Istio's default, enough to see every
+/// busy path while costing the collector little.
+pub const TRACE_SAMPLE_RATE_DEFAULT: f64 = 0.01;

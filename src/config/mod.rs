@@ -51,7 +51,31 @@ pub struct Config {
     /// Transparent interception (`[intercept]`): which listeners the
     /// redirect rules point at, and what they capture.
     pub intercept: Option<intercept::Intercept>,
+    /// Distributed tracing (`[tracing]`): context propagation on every
+    /// HTTP hop, and spans exported to an OTLP/HTTP collector.
+    pub tracing: Option<Tracing>,
 }
+
+/// `[tracing]`: where sampled spans go and how often a new trace is
+/// sampled. Without it, trace headers pass through untouched.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tracing {
+    /// The OTLP/HTTP collector, `host:port` (resolved by the exporter
+    /// thread, never on a worker).
+    pub collector: String,
+    /// The collector's path for traces.
+    pub path: String,
+    /// Fraction of requests without a caller's decision that start a
+    /// sampled trace (0.0 to 1.0).
+    pub sample_rate: f64,
+    /// `service.name` of the spans' resource.
+    pub service_name: String,
+    /// The header format of traces this proxy starts.
+    pub inject: crate::trace::Format,
+}
+
+// `sample_rate` is validated into 0.0..=1.0, so never NaN.
+impl Eq for Tracing {}
 
 /// How io_uring rings are set up. The flags decide how completions reach
 /// the worker, and with it much of the kernel cost per request
@@ -218,6 +242,17 @@ mod raw {
         #[serde(default)]
         pub clusters: Vec<Cluster>,
         pub intercept: Option<Spanned<super::intercept::raw::Intercept>>,
+        pub tracing: Option<Spanned<Tracing>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tracing {
+        pub collector: Spanned<String>,
+        pub path: Option<Spanned<String>>,
+        pub sample_rate: Option<Spanned<f64>>,
+        pub service_name: Option<Spanned<String>>,
+        pub inject: Option<crate::trace::Format>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -524,7 +559,69 @@ impl Validator<'_> {
             listeners,
             clusters,
             intercept,
+            tracing: self.tracing(raw.tracing.as_ref())?,
         })
+    }
+
+    fn tracing(&self, raw: Option<&Spanned<raw::Tracing>>) -> Result<Option<Tracing>, ConfigError> {
+        let Some(t) = raw.map(Spanned::get_ref) else {
+            return Ok(None);
+        };
+        let collector = t.collector.get_ref();
+        let port_ok = collector.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok {
+            return Err(self.error(
+                &t.collector,
+                "tracing.collector".into(),
+                format!("expected host:port of an OTLP/HTTP collector, found {collector:?}"),
+            ));
+        }
+        let sample_rate = match &t.sample_rate {
+            None => limits::TRACE_SAMPLE_RATE_DEFAULT,
+            Some(r) if (0.0..=1.0).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                return Err(self.error(
+                    r,
+                    "tracing.sample_rate".into(),
+                    "must be between 0.0 and 1.0".into(),
+                ))
+            }
+        };
+        let path = match &t.path {
+            None => "/v1/traces".to_string(),
+            Some(p)
+                if p.get_ref().starts_with('/')
+                    && !p
+                        .get_ref()
+                        .bytes()
+                        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) =>
+            {
+                p.get_ref().clone()
+            }
+            Some(p) => {
+                return Err(self.error(
+                    p,
+                    "tracing.path".into(),
+                    "must start with / and hold no whitespace".into(),
+                ))
+            }
+        };
+        let service_name = match &t.service_name {
+            None => "pilotfish".to_string(),
+            Some(s) if !s.get_ref().is_empty() => s.get_ref().clone(),
+            Some(s) => {
+                return Err(self.error(s, "tracing.service_name".into(), "may not be empty".into()))
+            }
+        };
+        Ok(Some(Tracing {
+            collector: collector.clone(),
+            path,
+            sample_rate,
+            service_name,
+            inject: t.inject.unwrap_or(crate::trace::Format::W3c),
+        }))
     }
 
     fn workers(&self, workers: Option<&Spanned<raw::Workers>>) -> Result<usize, ConfigError> {

@@ -196,6 +196,7 @@ pub async fn forward(
         request_id: &request_id,
         identity_header: &http.identity_header,
         identity: client.identity.as_ref().map(|i| i.as_str()),
+        trace: client.note.trace,
     };
     let hash_key = match &cluster.config.lb {
         LbPolicy::Hash { header } => req.head.get(header.as_str()),
@@ -296,7 +297,7 @@ async fn attempts(
             // A write of the head timed out and took the buffer with it.
             break;
         }
-        client.note.attempts = attempt;
+        client.note.attempt(attempt, now);
         match ctx.run(client, head).await {
             Ok(next) => return Ok(next),
             Err(AttemptError::Final(f)) => return Err(f),

@@ -92,6 +92,28 @@ pub struct Note {
     pub attempts: u32,
     /// The response body's length when its framing declared one.
     pub response_bytes: Option<u64>,
+    /// This hop's trace context (with `[tracing]`).
+    pub trace: Option<crate::trace::Hop>,
+    /// When each retry began (the first [`RETRY_TIMES_MAX`]), for the
+    /// span's retry events.
+    pub retried_at: [Option<Instant>; RETRY_TIMES_MAX],
+}
+
+/// Retries whose start time a request's span shows; further retries are
+/// counted in `attempts` only.
+pub const RETRY_TIMES_MAX: usize = 4;
+
+impl Note {
+    /// Notes that attempt `attempt` (1-based) begins at `now`.
+    pub fn attempt(&mut self, attempt: u32, now: Instant) {
+        self.attempts = attempt;
+        if let Some(slot) = (attempt as usize)
+            .checked_sub(2)
+            .and_then(|i| self.retried_at.get_mut(i))
+        {
+            *slot = Some(now);
+        }
+    }
 }
 
 /// What the connection does after a request.
@@ -285,8 +307,20 @@ pub async fn serve_accepted(
                 req.version,
             )
         });
-        // Copied only while a tap is attached.
-        let tapped = worker.taps.active().then(|| TapCopy::of(&req));
+        client.note.trace = worker.config.tracing.as_ref().map(|t| {
+            crate::trace::Sampler::new(t.sample_rate, t.inject)
+                .hop(&worker.rng, |name| req.head.get(name))
+        });
+        // Copied only while a tap may want it or the trace is sampled.
+        let tapped = worker.taps.active()
+            && worker.taps.may_want(
+                &listener.name,
+                req.method(),
+                req.target(),
+                req.head.get("host"),
+            );
+        let sampled = client.note.trace.is_some_and(|t| t.sampled);
+        let copied = (tapped || sampled).then(|| HeadCopy::of(&req));
         // Not boxed, though the exchange is this task's largest state (4.1 KB
         // of its 6 KB; boxed, an idle connection's task would be 2.8 KB):
         // callgrind counted the box at +1,280 instructions per request
@@ -310,16 +344,14 @@ pub async fn serve_accepted(
         if let Some(route) = route {
             worker.histograms.route(listener_index, route, took);
         }
-        if let Some(copy) = tapped {
-            copy.offer(
-                &worker,
-                http,
-                &client,
+        if let Some(copy) = copied {
+            let seen = Seen {
                 listener_index,
                 route,
                 started,
                 ended,
-            );
+            };
+            copy.finish(&worker, http, &client, &seen, tapped);
         }
         if let Some((log, method, target, version)) = logged {
             let line = crate::access_log::Line {
@@ -341,6 +373,8 @@ pub async fn serve_accepted(
                 upstream: client.note.upstream,
                 error: client.note.error,
                 grpc_status: None,
+                trace_id: client.note.trace.map(|t| crate::trace::hex(&t.trace_id)),
+                span_id: client.note.trace.map(|t| crate::trace::hex(&t.span_id)),
             };
             worker.access_log.record(&worker.counters, log, &line);
         }
@@ -375,8 +409,18 @@ pub async fn serve_accepted(
     }
 }
 
-/// What a tap needs from a request head that the exchange consumes.
-struct TapCopy {
+/// Where and when a request was served, for [`HeadCopy::finish`].
+#[derive(Clone, Copy)]
+struct Seen {
+    listener_index: usize,
+    route: Option<usize>,
+    started: Instant,
+    ended: Instant,
+}
+
+/// What a tap or a span needs from a request head that the exchange
+/// consumes.
+struct HeadCopy {
     method: Vec<u8>,
     target: Vec<u8>,
     authority: Option<Vec<u8>>,
@@ -384,9 +428,9 @@ struct TapCopy {
     request_bytes: Option<u64>,
 }
 
-impl TapCopy {
+impl HeadCopy {
     fn of(req: &RequestHead) -> Self {
-        TapCopy {
+        HeadCopy {
             method: req.method().to_vec(),
             target: req.target().to_vec(),
             authority: req.head.get("host").map(<[u8]>::to_vec),
@@ -399,22 +443,28 @@ impl TapCopy {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Offers the completed request to the taps (`tapped`) and records
+    /// its span (a sampled trace).
     #[inline(never)]
-    fn offer(
+    fn finish(
         self,
         worker: &Worker,
         http: &HttpListener,
         client: &Client,
-        listener_index: usize,
-        route: Option<usize>,
-        started: Instant,
-        ended: Instant,
+        seen: &Seen,
+        tapped: bool,
     ) {
+        let Seen {
+            listener_index,
+            route,
+            started,
+            ended,
+        } = *seen;
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         let authority = self.authority.as_deref().map(text);
-        worker.taps.offer(
-            worker.id,
+        finished(
+            worker,
+            tapped,
             &crate::metrics::tap::Request {
                 labels: LabelsRef::of(
                     &worker.config,
@@ -438,6 +488,20 @@ impl TapCopy {
                 note: &client.note,
             },
         );
+    }
+}
+
+/// A completed request, whatever its version: offered to the taps when
+/// one may want it, and its span recorded when its trace is sampled.
+pub(crate) fn finished(worker: &Worker, tapped: bool, r: &crate::metrics::tap::Request<'_>) {
+    if tapped {
+        worker.taps.offer(worker.id, r);
+    }
+    if let (Some(hop), Some(tracing)) = (r.note.trace, worker.config.tracing.as_ref()) {
+        if hop.sampled {
+            let span = crate::trace::span(&hop, r, std::time::SystemTime::now());
+            worker.spans.record(&worker.counters, tracing, span);
+        }
     }
 }
 

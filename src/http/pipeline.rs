@@ -142,6 +142,7 @@ pub async fn forward<D: Downstream>(
         request_id: &request_id,
         identity_header: &http.identity_header,
         identity: origin.identity,
+        trace: down.note().trace,
     };
     headers::forwarding(&mut req.headers, &fwd, edits);
     let ctx = Ctx {
@@ -256,7 +257,7 @@ impl Ctx<'_> {
             };
             let _ep_active = ActiveGuard::new(&cluster.endpoints[ep].active);
             let may_retry = attempt < self.policy.attempts && replay_ok;
-            down.note().attempts = attempt;
+            down.note().attempt(attempt, now);
             match self.attempt(ep, req, down, may_retry).await {
                 Ok(()) => return Ok(()),
                 Err(AttemptError::Final(f)) => return Err(f),

@@ -44,6 +44,10 @@ pub struct Forwarding<'a> {
     pub identity_header: &'a str,
     /// The caller's verified SPIFFE ID (mTLS listeners).
     pub identity: Option<&'a str>,
+    /// This hop's trace context (with `[tracing]`): the request's own
+    /// context headers are replaced by the ones that make this hop the
+    /// next one's parent. None: they pass through untouched.
+    pub trace: Option<crate::trace::Hop>,
 }
 
 /// Whether `name` is one of the always hop-by-hop fields (or framing,
@@ -167,6 +171,7 @@ pub fn request(
                 .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
             || name.eq_ignore_ascii_case(b"x-forwarded-proto")
             || name.eq_ignore_ascii_case(fwd.identity_header.as_bytes())
+            || (fwd.trace.is_some() && crate::trace::is_context_header(name))
         {
             continue;
         }
@@ -206,6 +211,11 @@ pub fn request(
     }
     if let Some(id) = fwd.identity {
         write_field(out, fwd.identity_header.as_bytes(), id.as_bytes());
+    }
+    if let Some(hop) = &fwd.trace {
+        for (name, value) in hop.outgoing() {
+            write_field(out, name.as_bytes(), &value);
+        }
     }
     write_framing(out, body, head, &req.codings);
     write_edits(out, edits);
@@ -278,6 +288,7 @@ mod tests {
             request_id: b"id",
             identity_header: "x-id",
             identity: None,
+            trace: None,
         };
         let mut out = Vec::new();
         request(

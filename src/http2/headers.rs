@@ -140,6 +140,16 @@ pub fn forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>, edits: &Edits) 
             headers.insert(XRID, v);
         }
     }
+    if let Some(hop) = &fwd.trace {
+        for name in crate::trace::HEADERS {
+            headers.remove(name);
+        }
+        for (name, value) in hop.outgoing() {
+            if let Ok(v) = HeaderValue::from_bytes(&value) {
+                headers.insert(HeaderName::from_static(name), v);
+            }
+        }
+    }
     for name in &edits.remove {
         headers.remove(name.as_str());
     }
@@ -338,6 +348,7 @@ mod tests {
             request_id: b"abc",
             identity_header: "x-caller",
             identity: None,
+            trace: None,
         };
         forwarding(&mut h, &fwd, &Edits::default());
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.1");

@@ -367,8 +367,21 @@ async fn stream_task(
         .path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
     let method = parts.method.to_string();
-    // Copied only while a tap is attached.
-    let tapped = worker.taps.active().then(|| {
+    down.note.trace = worker.config.tracing.as_ref().map(|t| {
+        crate::trace::Sampler::new(t.sample_rate, t.inject).hop(&worker.rng, |name| {
+            parts.headers.get(name).map(HeaderValue::as_bytes)
+        })
+    });
+    // Copied only while a tap may want it or the trace is sampled.
+    let tapped = worker.taps.active()
+        && worker.taps.may_want(
+            &listener.name,
+            method.as_bytes(),
+            target.as_bytes(),
+            parts.uri.authority().map(|a| a.as_str().as_bytes()),
+        );
+    let sampled = down.note.trace.is_some_and(|t| t.sampled);
+    let copied = (tapped || sampled).then(|| {
         let authority = parts.uri.authority().map(|a| a.as_str().to_string());
         let length = crate::http2::headers::content_length(&parts.headers);
         (authority, length)
@@ -391,9 +404,10 @@ async fn stream_task(
     if let Some(r) = route {
         worker.histograms.route(listener_index, r, took);
     }
-    if let Some((authority, request_bytes)) = tapped {
-        worker.taps.offer(
-            worker.id,
+    if let Some((authority, request_bytes)) = copied {
+        crate::http::finished(
+            &worker,
+            tapped,
             &crate::metrics::tap::Request {
                 labels: crate::metrics::golden::LabelsRef::of(
                     &worker.config,
@@ -432,6 +446,8 @@ async fn stream_task(
             upstream: down.note.upstream,
             error: down.note.error,
             grpc_status: down.note.grpc_status,
+            trace_id: down.note.trace.map(|t| crate::trace::hex(&t.trace_id)),
+            span_id: down.note.trace.map(|t| crate::trace::hex(&t.span_id)),
         };
         worker.access_log.record(&worker.counters, log, &line);
     }

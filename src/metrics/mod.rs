@@ -35,6 +35,10 @@ pub struct Counters {
     /// Access log lines written, and dropped because the writer fell behind.
     pub access_log_lines: Cell<u64>,
     pub access_log_dropped: Cell<u64>,
+    /// Spans recorded (sampled hops), and dropped because the exporter's
+    /// queue was full (the collector slow or down).
+    pub trace_spans: Cell<u64>,
+    pub trace_spans_dropped: Cell<u64>,
     /// Idle keep-alive connections closed at the connection cap to admit a new one.
     pub connections_evicted_idle: Cell<u64>,
     /// Connections refused at the cap with no idle connection to close (503 or closed at once).
@@ -322,6 +326,8 @@ pub struct Snapshot {
     pub task_panics: u64,
     pub access_log_lines: u64,
     pub access_log_dropped: u64,
+    pub trace_spans: u64,
+    pub trace_spans_dropped: u64,
     pub connections_evicted_idle: u64,
     pub connections_refused_overload: u64,
     pub http: HttpSnapshot,
@@ -351,6 +357,8 @@ impl Counters {
             task_panics: self.task_panics.get(),
             access_log_lines: self.access_log_lines.get(),
             access_log_dropped: self.access_log_dropped.get(),
+            trace_spans: self.trace_spans.get(),
+            trace_spans_dropped: self.trace_spans_dropped.get(),
             connections_evicted_idle: self.connections_evicted_idle.get(),
             connections_refused_overload: self.connections_refused_overload.get(),
             http: HttpSnapshot {
@@ -402,6 +410,8 @@ impl Snapshot {
         self.task_panics += other.task_panics;
         self.access_log_lines += other.access_log_lines;
         self.access_log_dropped += other.access_log_dropped;
+        self.trace_spans += other.trace_spans;
+        self.trace_spans_dropped += other.trace_spans_dropped;
         self.connections_evicted_idle += other.connections_evicted_idle;
         self.connections_refused_overload += other.connections_refused_overload;
         self.http.merge(&other.http);

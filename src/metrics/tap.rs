@@ -131,6 +131,34 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// Whether a request with this head may match: the filters known
+    /// before the request is forwarded. A request no tap may want is
+    /// never copied.
+    fn may_match(
+        &self,
+        listener: &str,
+        method: &[u8],
+        target: &[u8],
+        authority: Option<&[u8]>,
+    ) -> bool {
+        self.listener.as_deref().is_none_or(|l| l == listener)
+            && self
+                .method
+                .as_deref()
+                .is_none_or(|m| m.as_bytes().eq_ignore_ascii_case(method))
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|p| target.starts_with(p.as_bytes()))
+            && self.authority.as_deref().is_none_or(|want| {
+                authority
+                    .and_then(|a| std::str::from_utf8(a).ok())
+                    .is_some_and(|a| authority_matches(want, a))
+            })
+    }
+}
+
 /// `want` is normalized; `have` is as the request gave it.
 fn authority_matches(want: &str, have: &str) -> bool {
     let (host, port) = split_port(have);
@@ -280,6 +308,21 @@ impl Taps {
         self.any.get()
     }
 
+    /// Whether any attached tap may want a request with this head (see
+    /// [`Filter::may_match`]); call only when [`Self::active`].
+    pub fn may_want(
+        &self,
+        listener: &str,
+        method: &[u8],
+        target: &[u8],
+        authority: Option<&[u8]>,
+    ) -> bool {
+        self.list
+            .borrow()
+            .iter()
+            .any(|t| t.spec.filter.may_match(listener, method, target, authority))
+    }
+
     pub fn attach(&self, spec: Arc<Spec>, tx: Sender<Event>) {
         let share = spec.rate.div_ceil(spec.workers.max(1) as u32).max(1);
         let mut list = self.list.borrow_mut();
@@ -406,6 +449,19 @@ mod tests {
             path_prefix: Some("/web".into()),
             ..Filter::default()
         }));
+        // The head-only check agrees, and refuses early what cannot match.
+        let head = Filter {
+            method: Some("GET".into()),
+            path_prefix: Some("/api".into()),
+            authority: Some(normalize_authority("b.mesh")),
+            listener: Some("in".into()),
+            ..Filter::default()
+        };
+        assert!(head.may_match("in", b"get", b"/api/x", Some(b"B.mesh:8080")));
+        assert!(!head.may_match("in", b"POST", b"/api/x", Some(b"b.mesh")));
+        assert!(!head.may_match("in", b"GET", b"/web", Some(b"b.mesh")));
+        assert!(!head.may_match("in", b"GET", b"/api", None));
+        assert!(!head.may_match("out", b"GET", b"/api", Some(b"b.mesh")));
         assert_eq!(StatusMatch::parse("6xx"), None);
         assert_eq!(StatusMatch::parse("99"), None);
         assert_eq!(StatusMatch::parse("4XX"), Some(StatusMatch::Class(4)));

@@ -252,6 +252,8 @@ pub struct Worker {
     /// Live taps attached through the admin socket (they outlive config
     /// generations: they filter by name).
     pub taps: Rc<crate::metrics::tap::Taps>,
+    /// Spans of sampled requests not yet handed to the exporter.
+    pub spans: Rc<crate::trace::export::Buffers>,
     store: Rc<histograms::Store>,
     next_conn_id: Rc<Cell<u64>>,
 }
@@ -263,7 +265,10 @@ impl Worker {
         driver: Driver,
         config: Arc<Config>,
         binds: Arc<Vec<SocketAddr>>,
-        access_log: Sender<access_log::Batch>,
+        (access_log, spans): (
+            Sender<access_log::Batch>,
+            Sender<crate::trace::export::Batch>,
+        ),
         tls: Option<Arc<crate::tls::material::Workload>>,
     ) -> Self {
         let now = Instant::now();
@@ -284,6 +289,7 @@ impl Worker {
             access_log: Rc::new(access_log::Buffers::new(access_log)),
             tls: Rc::new(crate::tls::per_worker::WorkerTls::new(tls)),
             taps: Rc::default(),
+            spans: Rc::new(crate::trace::export::Buffers::new(spans)),
             store,
             slots: Slots::new(config.max_connections_per_worker),
             binds,
@@ -331,6 +337,7 @@ impl Worker {
             access_log: Rc::clone(&self.access_log),
             tls: Rc::clone(&self.tls),
             taps: Rc::clone(&self.taps),
+            spans: Rc::clone(&self.spans),
             store: Rc::clone(&self.store),
             slots: Rc::clone(&self.slots),
             binds,
@@ -420,6 +427,8 @@ pub struct Setup {
     pub binds: Arc<Vec<SocketAddr>>,
     /// Where the worker's access log batches go.
     pub access_log: Sender<access_log::Batch>,
+    /// Where the worker's spans go.
+    pub spans: Sender<crate::trace::export::Batch>,
     /// The TLS material, when the config has `[tls]`.
     pub tls: Option<Arc<crate::tls::material::Workload>>,
 }
@@ -436,6 +445,7 @@ async fn worker_main(
         config,
         binds,
         access_log,
+        spans,
         tls,
     } = setup;
     let mut sockets = Vec::with_capacity(binds.len());
@@ -454,7 +464,13 @@ async fn worker_main(
     }
     tracing::info!(worker = id, core, %driver, "worker serving");
     let worker = Rc::new(Worker::first(
-        id, core, driver, config, binds, access_log, tls,
+        id,
+        core,
+        driver,
+        config,
+        binds,
+        (access_log, spans),
+        tls,
     ));
     spawn_upstream_upkeep(&worker);
     spawn_access_log_flusher(&worker);
@@ -474,6 +490,7 @@ async fn worker_main(
     serve_mailbox(&mut control, &inbox, &lifeline).await;
     let worker = control.worker();
     worker.access_log.flush(&worker.counters);
+    worker.spans.flush(&worker.counters);
 }
 
 /// Hands partly filled access log buffers to the writer every
@@ -484,6 +501,13 @@ fn spawn_access_log_flusher(worker: &Rc<Worker>) {
         loop {
             monoio::time::sleep(access_log::FLUSH_INTERVAL).await;
             buffers.flush(&counters);
+        }
+    });
+    let (spans, counters) = (Rc::clone(&worker.spans), Rc::clone(&worker.counters));
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(crate::trace::export::FLUSH_INTERVAL).await;
+            spans.flush(&counters);
         }
     });
 }
