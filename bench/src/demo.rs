@@ -250,8 +250,13 @@ pub(crate) fn golden_table(sidecars: &[(&str, PathBuf)]) -> anyhow::Result<Strin
                 .iter()
                 .map(|(code, _, n)| format!("{code}×{n}"))
                 .collect();
+            // Estimated from the duration buckets, as histogram_quantile does.
+            let q = |q: f64| {
+                pilotfish::admin::top::quantile(&h.buckets, q)
+                    .map_or("-".to_string(), |d| format!("{} µs", d.as_micros()))
+            };
             report += &format!(
-                "  {name}: {} listener={} cluster={} tls={} peer={} requests={} codes {}\n",
+                "  {name}: {} listener={} cluster={} tls={} peer={} requests={} codes {} p50≈{} p99≈{}\n",
                 l.direction.name(),
                 l.listener,
                 l.cluster.as_deref().unwrap_or("-"),
@@ -259,6 +264,8 @@ pub(crate) fn golden_table(sidecars: &[(&str, PathBuf)]) -> anyhow::Result<Strin
                 l.peer.as_deref().unwrap_or("-"),
                 h.requests,
                 codes.join(" "),
+                q(0.5),
+                q(0.99),
             );
         }
     }
@@ -314,7 +321,7 @@ pub(crate) fn issue_identities(binary: &Path, out: &Path) -> anyhow::Result<Path
     Ok(pki)
 }
 
-fn header(out: &Path, name: &str, service: &str) -> String {
+pub(crate) fn header(out: &Path, name: &str, service: &str) -> String {
     let socket = out.join(format!("{name}.sock"));
     let tls = out.join("pki").join(service);
     format!(

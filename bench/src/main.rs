@@ -3,9 +3,11 @@
 
 mod compare;
 mod demo;
+mod fault;
 mod handshakes;
 mod l4;
 mod load;
+mod otlp_sink;
 mod pingpong;
 mod plot;
 mod sidecar;
@@ -41,8 +43,12 @@ enum Command {
         /// Two pods as network namespaces with interception rules: the app
         /// dials the other pod's address and the sidecars take over
         /// (direct vs explicit-port vs transparent mesh). Needs root.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "find_the_fault")]
         transparent: bool,
+        /// Service B as two instances, one faulty (503s and slow answers);
+        /// the report shows how golden metrics, a tap and traces point at it.
+        #[arg(long)]
+        find_the_fault: bool,
         /// Load connections (default 16, --quick 4); with --transparent
         /// only. 1 measures the unloaded round trip.
         #[arg(long, requires = "transparent")]
@@ -149,6 +155,13 @@ fn main() -> anyhow::Result<()> {
             quick,
             out,
             pilotfish,
+            find_the_fault: true,
+            ..
+        } => fault::run(quick, &out.unwrap_or_else(demo::default_out), pilotfish),
+        Command::Demo {
+            quick,
+            out,
+            pilotfish,
             transparent: false,
             ..
         } => demo::run(quick, &out.unwrap_or_else(demo::default_out), pilotfish),
@@ -158,6 +171,7 @@ fn main() -> anyhow::Result<()> {
             pilotfish,
             transparent: true,
             connections,
+            ..
         } => transparent::run(
             quick,
             connections,

@@ -129,6 +129,15 @@ pub struct HttpOptions {
     /// ... for this long (a one-off stall, for coordinated-omission checks).
     #[arg(long, value_parser = crate::humantime_arg, default_value = "500ms")]
     pub stall: Duration,
+    /// Answer 503 to this percentage of requests, at random (a faulty
+    /// instance).
+    #[arg(long, default_value_t = 0)]
+    pub fail_percent: u8,
+    /// Wait --slow before answering this percentage of requests, at random.
+    #[arg(long, default_value_t = 0)]
+    pub slow_percent: u8,
+    #[arg(long, value_parser = crate::humantime_arg, default_value = "20ms")]
+    pub slow: Duration,
 }
 
 impl Default for HttpOptions {
@@ -141,6 +150,9 @@ impl Default for HttpOptions {
             fault: None,
             stall_request: None,
             stall: Duration::from_millis(500),
+            fail_percent: 0,
+            slow_percent: 0,
+            slow: Duration::from_millis(20),
         }
     }
 }
@@ -242,6 +254,17 @@ fn serve(mut s: TcpStream, shared: &Shared) {
                     rng ^= rng << 17;
                     let spread = (hi - lo).as_micros() as u64;
                     a.delay = Some(lo + Duration::from_micros(rng % (spread + 1)));
+                }
+            }
+            if o.fail_percent > 0 || o.slow_percent > 0 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let roll = (rng % 100) as u8;
+                if roll < o.fail_percent {
+                    a.status = 503;
+                } else if roll < o.fail_percent.saturating_add(o.slow_percent) {
+                    a.delay = Some(a.delay.unwrap_or_default() + o.slow);
                 }
             }
             let n = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;

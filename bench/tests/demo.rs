@@ -112,3 +112,53 @@ fn demo_output_goes_to_the_target_dir_from_any_directory() {
     );
     std::fs::remove_dir_all(cwd).unwrap();
 }
+
+/// The "find the fault" scenario: one of service B's two instances fails
+/// and is slow at random; the report's tap and trace tables must each
+/// blame that instance (the run fails otherwise), and the golden metrics
+/// must show the failures.
+#[test]
+fn find_the_fault_points_at_the_faulty_instance() {
+    let out = std::env::temp_dir().join(format!("pilotfish-fault-test-{}", std::process::id()));
+    let run = Command::new(env!("CARGO_BIN_EXE_pilotfish-bench"))
+        .args(["demo", "--find-the-fault", "--quick", "--out"])
+        .arg(&out)
+        .arg("--pilotfish")
+        .arg(pilotfish_binary())
+        .env_remove("CARGO")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let faulty = stdout
+        .lines()
+        .find(|l| l.starts_with("service B instance 2"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .unwrap_or_else(|| panic!("no faulty instance line:\n{stdout}"))
+        .to_string();
+    assert!(
+        stdout.contains(&format!("All four point at {faulty}")),
+        "{stdout}"
+    );
+    // Each table has a row for the faulty instance with errors, and one
+    // for the healthy instance without.
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("127.0.0.1:") && l.contains('%'))
+        .collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    for row in rows {
+        let errors = row.split_whitespace().nth(2).unwrap();
+        assert_eq!(
+            row.trim_start().starts_with(&faulty),
+            errors != "0.0%",
+            "{row}"
+        );
+    }
+    assert!(
+        stdout.contains("503×"),
+        "golden metrics show the 503s:\n{stdout}"
+    );
+    assert!(out.join("fault-report.txt").exists());
+}
