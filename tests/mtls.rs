@@ -53,6 +53,11 @@ name = "admin"
 path_prefix = "/admin"
 cluster = "app"
 authorize = ["{OPS}"]
+[[listeners.routes]]
+name = "metered"
+path_prefix = "/metered"
+cluster = "app"
+rate_limit = {{ requests_per_second = 1, burst = 2, per_identity = true }}
 [[listeners]]
 name = "inbound-tcp"
 bind = "127.0.0.1:0"
@@ -1113,6 +1118,34 @@ fn a_tap_filtered_by_caller_identity_sees_that_caller_only() {
     assert_eq!(seen[0]["peer"], ORDERS, "{}", seen[0]);
     assert_eq!(seen[0]["direction"], "outbound");
     assert_eq!(seen[0]["version"], "HTTP/1.1");
+}
+
+/// A route limited per caller identity gives each caller its own bucket:
+/// two callers each get the burst, then 429 (relayed through sidecar A).
+#[test]
+fn a_per_identity_rate_limit_gives_each_caller_its_own_bucket() {
+    const BILLING: &str = "spiffe://mesh.local/ns/prod/sa/billing";
+    for driver in support::drivers() {
+        let m = mesh(driver, "ratelimit-identity");
+        let frontend = m.sidecar(driver, FRONTEND, "frontend");
+        let billing = m.sidecar(driver, BILLING, "billing");
+        let statuses = |p: &Proxy| -> Vec<u16> {
+            let mut c = Conn::open(p.listener_addr("out").unwrap());
+            (0..3)
+                .map(|_| {
+                    c.send(b"GET /metered/x HTTP/1.1\r\nHost: orders\r\n\r\n");
+                    let r = c.read(false).expect("response");
+                    if r.status == 429 {
+                        assert_eq!(r.header("x-pilotfish-error"), Some("rate_limited"));
+                        assert!(r.header("retry-after").is_some());
+                    }
+                    r.status
+                })
+                .collect()
+        };
+        assert_eq!(statuses(&frontend), [200, 200, 429], "{driver}");
+        assert_eq!(statuses(&billing), [200, 200, 429], "{driver}: its own bucket");
+    }
 }
 
 /// `promtool check metrics` (Debian's prometheus package) on a scrape; a

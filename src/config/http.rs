@@ -36,6 +36,19 @@ pub struct HttpListener {
     pub head_timeout: Duration,
     /// HTTP/2 settings for this listener's clients.
     pub h2: H2Settings,
+    /// Requests this listener admits per second (the whole process).
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A local rate limit: a token bucket of `burst` tokens refilled at
+/// `per_second`, for the whole process (each of N workers holds 1/N; see
+/// `crate::http::ratelimit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+    /// One bucket per caller identity (mTLS) instead of one for all.
+    pub per_identity: bool,
 }
 
 /// HTTP/2 flow control and concurrency for one side (a listener's
@@ -78,6 +91,8 @@ pub struct Route {
     pub authorize: Option<Vec<crate::tls::identity::Pattern>>,
     /// Faults injected into this route's requests (resilience testing).
     pub fault: Option<Fault>,
+    /// Requests this route admits per second (the whole process).
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Fault injection on a route, as Istio users test their services'
@@ -275,6 +290,15 @@ pub(super) mod raw {
         pub request_headers: Option<HeaderEdits>,
         pub authorize: Option<Spanned<Vec<Spanned<String>>>>,
         pub fault: Option<Spanned<Fault>>,
+        pub rate_limit: Option<Spanned<RateLimit>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RateLimit {
+        pub requests_per_second: u32,
+        pub burst: Option<u32>,
+        pub per_identity: Option<bool>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -428,12 +452,13 @@ impl super::Validator<'_> {
             || l.h2_max_concurrent_streams.is_some()
             || l.h2_stream_window.is_some()
             || l.h2_connection_window.is_some()
+            || l.rate_limit.is_some()
             || !l.routes.is_empty();
         if http_only {
             return Err(self.error(
                 &l.protocol,
                 format!("listeners[{i}]"),
-                "request_timeout, request_head_timeout, *_max limits, identity_header, merge_slashes, escaped_slashes, h2_* settings and routes apply to protocol \"http\" only".into(),
+                "request_timeout, request_head_timeout, *_max limits, identity_header, merge_slashes, escaped_slashes, h2_* settings, rate_limit and routes apply to protocol \"http\" only".into(),
             ));
         }
         Ok(())
@@ -525,6 +550,7 @@ impl super::Validator<'_> {
             head_timeout: l
                 .request_head_timeout
                 .map_or(REQUEST_HEAD_TIMEOUT_DEFAULT, |d| d.0),
+            rate_limit: self.rate_limit(l.rate_limit.as_ref(), key("rate_limit"))?,
         })
     }
 
@@ -655,7 +681,40 @@ impl super::Validator<'_> {
                 .as_ref()
                 .map(|f| self.fault(f, key("fault")))
                 .transpose()?,
+            rate_limit: self.rate_limit(r.rate_limit.as_ref(), key("rate_limit"))?,
         })
+    }
+
+    pub(super) fn rate_limit(
+        &self,
+        raw: Option<&Spanned<raw::RateLimit>>,
+        key: String,
+    ) -> Result<Option<RateLimit>, super::ConfigError> {
+        let Some(spanned) = raw else {
+            return Ok(None);
+        };
+        let r = spanned.get_ref();
+        if !(1..=RATE_LIMIT_PER_SECOND_MAX).contains(&r.requests_per_second) {
+            return Err(self.error(
+                spanned,
+                format!("{key}.requests_per_second"),
+                format!("must be between 1 and {RATE_LIMIT_PER_SECOND_MAX}"),
+            ));
+        }
+        // Default burst: one second's worth, as a bucket usually starts.
+        let burst = r.burst.unwrap_or(r.requests_per_second);
+        if !(1..=RATE_LIMIT_PER_SECOND_MAX).contains(&burst) {
+            return Err(self.error(
+                spanned,
+                format!("{key}.burst"),
+                format!("must be between 1 and {RATE_LIMIT_PER_SECOND_MAX}"),
+            ));
+        }
+        Ok(Some(RateLimit {
+            per_second: r.requests_per_second,
+            burst,
+            per_identity: r.per_identity.unwrap_or(false),
+        }))
     }
 
     fn fault(&self, f: &Spanned<raw::Fault>, key: String) -> Result<Fault, super::ConfigError> {

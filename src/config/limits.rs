@@ -185,3 +185,7 @@ pub const HEALTH_CHECK_RESPONSE_BYTES_MAX: usize = 16 * 1024;
 /// a sampled trace: 1%, Envoy's and Istio's default, enough to see every
 /// busy path while costing the collector little.
 pub const TRACE_SAMPLE_RATE_DEFAULT: f64 = 0.01;
+
+/// The largest rate a local rate limit may name (per second, whole
+/// process): beyond, a limit protects nothing a sidecar could serve.
+pub const RATE_LIMIT_PER_SECOND_MAX: u32 = 10_000_000;

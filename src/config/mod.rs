@@ -301,6 +301,7 @@ mod raw {
         pub merge_slashes: Option<bool>,
         pub escaped_slashes: Option<crate::route::path::SlashAction>,
         pub request_head_timeout: Option<HumanDuration>,
+        pub rate_limit: Option<Spanned<super::http::raw::RateLimit>>,
         // HTTP/2 on this listener.
         pub h2_max_concurrent_streams: Option<Spanned<u32>>,
         pub h2_stream_window: Option<Spanned<u32>>,

@@ -14,6 +14,7 @@ pub mod downstream;
 pub mod exchange;
 pub mod inbound;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod respond;
 
 use std::{
@@ -329,7 +330,7 @@ pub async fn serve_accepted(
         let body_unread = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
         let next = handle(
             &worker,
-            listener,
+            listener_index,
             http,
             &mut client,
             req,
@@ -567,7 +568,7 @@ async fn read_head(
 #[allow(clippy::too_many_arguments)]
 async fn handle(
     worker: &Rc<Worker>,
-    listener: &Listener,
+    listener_index: usize,
     http: &HttpListener,
     client: &mut Client,
     mut req: RequestHead,
@@ -575,6 +576,7 @@ async fn handle(
     conn_id: u64,
     route_out: &mut Option<usize>,
 ) -> Next {
+    let listener = &worker.config.listeners[listener_index];
     // Before anything decides on the path: routing, authorization and the
     // upstream must all see one spelling of it.
     match req.normalize_path(http.paths) {
@@ -619,6 +621,21 @@ async fn handle(
     if let Some(denied) = authorize(worker, listener, route, caller, &client.decisions) {
         return refuse(worker, client, &req, ErrorReason::Forbidden, &denied, idle).await;
     }
+    let id = caller.map(|i| i.as_str());
+    if let Err(limited) = worker
+        .limits
+        .check(listener_index, route_index, id, Instant::now())
+    {
+        worker.counters.http.generated(ErrorReason::RateLimited);
+        let detail = limited.to_string();
+        let answer = Answer {
+            status: ErrorReason::RateLimited.status(),
+            name: ErrorReason::RateLimited.name(),
+            detail: &detail,
+            retry_after: Some(limited.retry_after),
+        };
+        return refuse_with(worker, client, &req, answer, idle).await;
+    }
     if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
         if let Some(status) = inject(worker, fault, |h| req.head.get(h).is_some()).await {
             metrics::add(&worker.counters.http.faults_aborted, 1);
@@ -626,6 +643,7 @@ async fn handle(
                 status,
                 name: "fault_injected",
                 detail: "injected by this route's fault settings",
+                retry_after: None,
             };
             return refuse_with(worker, client, &req, answer, idle).await;
         }
@@ -680,15 +698,18 @@ async fn refuse(
         status: reason.status(),
         name: reason.name(),
         detail,
+        retry_after: None,
     };
     refuse_with(worker, client, req, answer, idle).await
 }
 
-/// A generated answer: status, the `x-pilotfish-error` token, the text.
+/// A generated answer: status, the `x-pilotfish-error` token, the text,
+/// and when to retry (rate limits).
 struct Answer<'a> {
     status: u16,
     name: &'static str,
     detail: &'a str,
+    retry_after: Option<u64>,
 }
 
 /// [`refuse`] with any answer (fault injection answers with the status
@@ -783,6 +804,7 @@ async fn send_generated(
         status: reason.status(),
         name: reason.name(),
         detail,
+        retry_after: None,
     };
     write_generated(worker, client, answer, close, idle).await;
 }
@@ -799,7 +821,14 @@ async fn write_generated(
     client.note.status = answer.status;
     client.note.error = Some(answer.name);
     let mut out = worker.heads.take();
-    respond::generated_with(answer.status, answer.name, answer.detail, close, &mut out);
+    respond::generated_with(
+        answer.status,
+        answer.name,
+        answer.detail,
+        close,
+        answer.retry_after,
+        &mut out,
+    );
     let (_, out) = write_all_timed(&mut client.stream, out, idle).await;
     worker.heads.give(out);
 }

@@ -8,18 +8,33 @@ use crate::metrics::ErrorReason;
 
 /// Appends a complete generated response to `out`.
 pub fn generated(reason: ErrorReason, detail: &str, close: bool, out: &mut Vec<u8>) {
-    generated_with(reason.status(), reason.name(), detail, close, out);
+    generated_with(reason.status(), reason.name(), detail, close, None, out);
 }
 
 /// A generated response with any status and reason token (fault
-/// injection answers with the status the route asks for).
-pub fn generated_with(status: u16, name: &str, detail: &str, close: bool, out: &mut Vec<u8>) {
+/// injection answers with the status the route asks for), and a
+/// `retry-after` in seconds when given (rate limits).
+pub fn generated_with(
+    status: u16,
+    name: &str,
+    detail: &str,
+    close: bool,
+    retry_after: Option<u64>,
+    out: &mut Vec<u8>,
+) {
     let phrase = phrase(status);
     let body_len = format!("{status} {phrase}: {detail}\n").len();
     let _ = write!(
         out,
-        "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {body_len}\r\nx-pilotfish-error: {}\r\n{}\r\n{status} {phrase}: {detail}\n",
+        "HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {body_len}\r\nx-pilotfish-error: {}\r\n",
         name,
+    );
+    if let Some(secs) = retry_after {
+        let _ = write!(out, "retry-after: {secs}\r\n");
+    }
+    let _ = write!(
+        out,
+        "{}\r\n{status} {phrase}: {detail}\n",
         if close { "connection: close\r\n" } else { "" },
     );
 }
@@ -30,6 +45,7 @@ pub fn phrase(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
+        429 => "Too Many Requests",
         413 => "Content Too Large",
         414 => "URI Too Long",
         431 => "Request Header Fields Too Large",

@@ -27,7 +27,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::{grpc, io::PollIo};
 use crate::{
-    config::{http::HttpListener, Listener, ListenerKind},
+    config::{http::HttpListener, ListenerKind},
     http::{
         body::{BodyError, Side},
         exchange::Failure,
@@ -231,6 +231,8 @@ struct H2Down {
     reset_by_client: bool,
     idle: Duration,
     note: Note,
+    /// A `retry-after` for the generated answer (rate limits).
+    retry_after: Option<u64>,
 }
 
 impl Downstream for H2Down {
@@ -361,6 +363,7 @@ async fn stream_task(
         reset_by_client: false,
         idle: listener.idle_timeout,
         note: Note::default(),
+        retry_after: None,
     };
     let target = parts
         .uri
@@ -388,7 +391,13 @@ async fn stream_task(
     });
     let mut route = None;
     handle(
-        &worker, listener, http, &caller, parts, &mut down, &mut route,
+        &worker,
+        listener_index,
+        http,
+        &caller,
+        parts,
+        &mut down,
+        &mut route,
     )
     .await;
     if let Some(code) = down.note.grpc_status {
@@ -470,13 +479,14 @@ async fn stream_task(
 /// answers itself when it cannot.
 async fn handle(
     worker: &Worker,
-    listener: &Listener,
+    listener_index: usize,
     http: &HttpListener,
     caller: &Caller,
     parts: http::request::Parts,
     down: &mut H2Down,
     route_out: &mut Option<usize>,
 ) {
+    let listener = &worker.config.listeners[listener_index];
     let grpc = grpc::is_grpc(parts.headers.get("content-type").map(HeaderValue::as_bytes));
     let refuse = |reason: ErrorReason, detail: String| (reason, detail);
     let built = request(worker, http, parts, down.body.as_ref());
@@ -503,6 +513,17 @@ async fn handle(
     if let Some(denied) = denied {
         let (reason, detail) = refuse(ErrorReason::Forbidden, denied);
         return generated(worker, down, grpc, reason, &detail).await;
+    }
+    let id = caller.identity.as_ref().map(|i| i.as_str());
+    if let Err(limited) = worker
+        .limits
+        .check(listener_index, route_index, id, Instant::now())
+    {
+        let reason = ErrorReason::RateLimited;
+        worker.counters.http.generated(reason);
+        down.retry_after = Some(limited.retry_after);
+        let detail = limited.to_string();
+        return answer(worker, down, grpc, reason.status(), reason.name(), &detail).await;
     }
     if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
         if let Some(status) =
@@ -664,16 +685,19 @@ async fn answer(
     down.note.error = Some(name);
     let mut headers = HeaderMap::new();
     headers.insert("x-pilotfish-error", HeaderValue::from_static(name));
+    if let Some(secs) = down.retry_after.take() {
+        headers.insert("retry-after", HeaderValue::from(secs));
+    }
     let http_status = if grpc { 200 } else { status };
     down.note.status = http_status;
     worker.counters.http.response(http_status);
     let code = StatusCode::from_u16(http_status).unwrap_or(StatusCode::BAD_GATEWAY);
     if grpc {
         headers.insert("content-type", HeaderValue::from_static("application/grpc"));
-        let grpc_code = if name == "upstream_timeout" {
-            grpc::DEADLINE_EXCEEDED
-        } else {
-            grpc::code_for_http(status)
+        let grpc_code = match name {
+            "upstream_timeout" => grpc::DEADLINE_EXCEEDED,
+            "rate_limited" => grpc::RESOURCE_EXHAUSTED,
+            _ => grpc::code_for_http(status),
         };
         headers.insert("grpc-status", HeaderValue::from(grpc_code));
         if let Ok(v) = HeaderValue::from_str(&grpc::encode_message(detail)) {

@@ -77,10 +77,12 @@ pub enum ErrorReason {
     Overload,
     /// The cluster's `max_requests` circuit breaker is at its cap.
     CircuitBreakerMaxRequests,
+    /// A listener's or route's local rate limit has no token left.
+    RateLimited,
 }
 
 impl ErrorReason {
-    pub const ALL: [ErrorReason; 17] = [
+    pub const ALL: [ErrorReason; 18] = [
         ErrorReason::BadRequest,
         ErrorReason::HeadTooLarge,
         ErrorReason::UriTooLong,
@@ -98,6 +100,7 @@ impl ErrorReason {
         ErrorReason::RequestTimeout,
         ErrorReason::Overload,
         ErrorReason::CircuitBreakerMaxRequests,
+        ErrorReason::RateLimited,
     ];
 
     pub fn status(self) -> u16 {
@@ -105,6 +108,7 @@ impl ErrorReason {
             ErrorReason::BadRequest | ErrorReason::BadPath => 400,
             ErrorReason::RequestTimeout => 408,
             ErrorReason::Forbidden => 403,
+            ErrorReason::RateLimited => 429,
             ErrorReason::NoRoute => 404,
             ErrorReason::BodyTooLarge => 413,
             ErrorReason::UriTooLong => 414,
@@ -139,6 +143,7 @@ impl ErrorReason {
             ErrorReason::RequestTimeout => "request_timeout",
             ErrorReason::Overload => "overload",
             ErrorReason::CircuitBreakerMaxRequests => "circuit_breaker_max_requests",
+            ErrorReason::RateLimited => "rate_limited",
         }
     }
 

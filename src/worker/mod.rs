@@ -254,6 +254,8 @@ pub struct Worker {
     pub taps: Rc<crate::metrics::tap::Taps>,
     /// Spans of sampled requests not yet handed to the exporter.
     pub spans: Rc<crate::trace::export::Buffers>,
+    /// This generation's rate-limit buckets (a swap starts them full).
+    pub limits: Rc<crate::http::ratelimit::Limits>,
     store: Rc<histograms::Store>,
     next_conn_id: Rc<Cell<u64>>,
 }
@@ -290,6 +292,7 @@ impl Worker {
             tls: Rc::new(crate::tls::per_worker::WorkerTls::new(tls)),
             taps: Rc::default(),
             spans: Rc::new(crate::trace::export::Buffers::new(spans)),
+            limits: Rc::new(crate::http::ratelimit::Limits::new(&config, now)),
             store,
             slots: Slots::new(config.max_connections_per_worker),
             binds,
@@ -338,6 +341,7 @@ impl Worker {
             tls: Rc::clone(&self.tls),
             taps: Rc::clone(&self.taps),
             spans: Rc::clone(&self.spans),
+            limits: Rc::new(crate::http::ratelimit::Limits::new(&config, now)),
             store: Rc::clone(&self.store),
             slots: Rc::clone(&self.slots),
             binds,
