@@ -550,6 +550,10 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
+    // Before any thread starts: these read (and clear) the environment.
+    let mut inherited = lifecycle::inherit::Inherited::from_env();
+    let successor = lifecycle::upgrade::is_successor();
+    let invocation = lifecycle::upgrade::Invocation::current();
     let log_handle = init_logging();
     let config = match Config::load(path) {
         Ok(c) => c,
@@ -559,7 +563,12 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     let notifier = Notifier::from_env();
-    let proxy = match Proxy::start(config) {
+    // The admin TCP listener, when a predecessor handed it over.
+    let admin_tcp = config
+        .admin
+        .bind
+        .and_then(|addr| inherited.take(addr).into_iter().next());
+    let proxy = match Proxy::start_with(config, inherited) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "start-up failed");
@@ -569,7 +578,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin_config = proxy.config().admin.clone();
-    let _admin = match (&admin_config.socket, admin_config.bind) {
+    let admin = match (&admin_config.socket, admin_config.bind) {
         (None, None) => None,
         (socket, tcp) => {
             let state = pilotfish::admin::State {
@@ -597,7 +606,7 @@ fn run(path: &std::path::Path) -> ExitCode {
                 tcp,
                 tcp_token,
             };
-            match pilotfish::admin::Server::start(&listen, state) {
+            match pilotfish::admin::Server::start_with(&listen, state, admin_tcp) {
                 Ok(server) => Some(server),
                 Err(e) => {
                     tracing::error!(?listen, error = %e, "cannot start the admin server");
@@ -607,9 +616,36 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
         }
     };
-    match lifecycle::run_until_stopped(proxy, Some(path.to_path_buf()), &notifier, &draining) {
+    // Every listener serves (and the admin server): a predecessor that
+    // started this process may now drain.
+    lifecycle::upgrade::report_ready();
+    let upgrades = lifecycle::Upgrades {
+        invocation,
+        extra: admin
+            .as_ref()
+            .and_then(pilotfish::admin::Server::tcp_listener)
+            .into_iter()
+            .collect(),
+        successor,
+    };
+    let ran = lifecycle::run_until_stopped(
+        proxy,
+        Some(path.to_path_buf()),
+        &notifier,
+        &draining,
+        &upgrades,
+    );
+    match ran {
         Ok(Exit::Drained) => {
             tracing::info!("drained; exiting");
+            ExitCode::SUCCESS
+        }
+        Ok(Exit::Upgraded) => {
+            // The admin socket's path and its TCP listener are the new
+            // process's now: leave them as they are (no unlink, no
+            // shutdown of the shared listening socket).
+            std::mem::forget(admin);
+            tracing::info!("upgraded and drained; exiting");
             ExitCode::SUCCESS
         }
         Ok(Exit::Forced) => ExitCode::from(1),

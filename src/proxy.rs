@@ -64,6 +64,16 @@ pub struct Proxy {
 impl Proxy {
     /// Starts every worker and returns once all of them serve.
     pub fn start(config: Config) -> Result<Proxy, StartError> {
+        Self::start_with(config, crate::lifecycle::inherit::Inherited::none())
+    }
+
+    /// [`Proxy::start`], serving each listener whose address matches
+    /// `inherited` sockets on those sockets (socket activation, an
+    /// upgrade), shared out over the workers.
+    pub fn start_with(
+        config: Config,
+        mut inherited: crate::lifecycle::inherit::Inherited,
+    ) -> Result<Proxy, StartError> {
         let tls = Controller::load_tls(&config)?;
         crate::access_log::check_writable(&config).map_err(StartError::AccessLog)?;
         let config = Arc::new(config);
@@ -71,17 +81,31 @@ impl Proxy {
         // worker has bound its own socket to them.
         let mut reservations = Vec::new();
         let mut binds = Vec::with_capacity(config.listeners.len());
+        // Per worker: the inherited sockets it serves on.
+        let mut handed: Vec<Vec<(SocketAddr, std::net::TcpListener)>> =
+            (0..config.workers).map(|_| Vec::new()).collect();
         for l in &config.listeners {
             let bind_error = |source| StartError::Bind {
                 listener: l.name.clone(),
                 addr: l.bind,
                 source,
             };
+            if inherited.count(l.bind) > 0 {
+                // Socket j goes to worker j mod N: every inherited queue
+                // is served, none closed.
+                for (j, sock) in inherited.take(l.bind).into_iter().enumerate() {
+                    handed[j % config.workers].push((l.bind, sock));
+                }
+                tracing::info!(listener = %l.name, addr = %l.bind, "serving on inherited sockets");
+                binds.push(l.bind);
+                continue;
+            }
             listener::ensure_free(l.bind).map_err(bind_error)?;
             let (addr, held) = listener::reserve(l.bind).map_err(bind_error)?;
             binds.push(addr);
             reservations.push(held);
         }
+        inherited.close_rest();
         let binds = Arc::new(binds);
         let access_log = crate::access_log::Writer::start().map_err(StartError::Spawn)?;
         let spans = crate::trace::export::Exporter::start().map_err(StartError::Spawn)?;
@@ -89,7 +113,7 @@ impl Proxy {
         let (started_tx, started_rx) = crossbeam_channel::bounded(config.workers);
         let (alive_tx, exited) = crossbeam_channel::bounded(0);
         let mut handles = Vec::with_capacity(config.workers);
-        for id in 0..config.workers {
+        for (id, inherited) in handed.into_iter().enumerate() {
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let spawned = worker::spawn(
                 id,
@@ -100,6 +124,7 @@ impl Proxy {
                     access_log: access_log.sink(),
                     spans: spans.sink(),
                     tls: tls.clone(),
+                    inherited,
                 },
                 started_tx.clone(),
                 alive_tx.clone(),
@@ -191,6 +216,21 @@ impl Proxy {
     /// Stops accepting on every worker; connections get the drain timeout.
     pub fn drain(&self) {
         self.control.drain_all();
+    }
+
+    /// A duplicate of every socket every worker accepts on, for an
+    /// upgrade; an error unless every worker answered (a socket left out
+    /// would have its queued connections reset when this process exits).
+    pub fn listening_sockets(&self) -> Result<Vec<(SocketAddr, std::net::TcpListener)>, String> {
+        let answers = worker::ask_all(&self.mailboxes(), Duration::from_secs(2), Command::Sockets);
+        if answers.len() != self.handles.len() {
+            return Err(format!(
+                "{} of {} workers handed their sockets",
+                answers.len(),
+                self.handles.len()
+            ));
+        }
+        Ok(answers.into_iter().flatten().collect())
     }
 
     /// Asks every worker for its counters and merges them.

@@ -1144,7 +1144,11 @@ fn a_per_identity_rate_limit_gives_each_caller_its_own_bucket() {
                 .collect()
         };
         assert_eq!(statuses(&frontend), [200, 200, 429], "{driver}");
-        assert_eq!(statuses(&billing), [200, 200, 429], "{driver}: its own bucket");
+        assert_eq!(
+            statuses(&billing),
+            [200, 200, 429],
+            "{driver}: its own bucket"
+        );
     }
 }
 

@@ -180,6 +180,8 @@ pub struct Refusals {
 pub struct Server {
     socket: Option<PathBuf>,
     tcp: Option<SocketAddr>,
+    /// A duplicate of the TCP listening socket (see [`Server::tcp_listener`]).
+    tcp_listener: Option<TcpListener>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     /// The listening sockets (clones), shut down on drop to wake the
@@ -191,6 +193,16 @@ pub struct Server {
 impl Server {
     /// Binds what `listen` names (replacing a stale Unix socket) and serves.
     pub fn start(listen: &Listen, state: State) -> std::io::Result<Server> {
+        Self::start_with(listen, state, None)
+    }
+
+    /// [`Server::start`], serving TCP on `tcp_inherited` (a listening
+    /// socket handed over by an upgrade) instead of binding `listen.tcp`.
+    pub fn start_with(
+        listen: &Listen,
+        state: State,
+        tcp_inherited: Option<TcpListener>,
+    ) -> std::io::Result<Server> {
         let stop = Arc::new(AtomicBool::new(false));
         let state = Arc::new(Shared {
             state,
@@ -203,6 +215,7 @@ impl Server {
         let mut server = Server {
             socket: None,
             tcp: None,
+            tcp_listener: None,
             stop: Arc::clone(&stop),
             threads: Vec::new(),
             listening: Vec::new(),
@@ -219,7 +232,14 @@ impl Server {
             tracing::info!(socket = %path.display(), "admin socket listening");
         }
         if let Some(addr) = listen.tcp {
-            let listener = TcpListener::bind(addr)?;
+            let listener = match tcp_inherited {
+                Some(l) => {
+                    l.set_nonblocking(false)?;
+                    l
+                }
+                None => TcpListener::bind(addr)?,
+            };
+            server.tcp_listener = Some(listener.try_clone()?);
             let bound = listener.local_addr()?;
             let fd = std::os::fd::OwnedFd::from(listener.try_clone()?);
             server.spawn_accept("pilotfish-admin-tcp", fd, &state, &live, move || {
@@ -259,6 +279,11 @@ impl Server {
     /// The bound TCP address, if the server listens on TCP.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp
+    }
+
+    /// A duplicate of the TCP listening socket, for an upgrade to hand over.
+    pub fn tcp_listener(&self) -> Option<(SocketAddr, TcpListener)> {
+        Some((self.tcp?, self.tcp_listener.as_ref()?.try_clone().ok()?))
     }
 }
 

@@ -46,6 +46,12 @@ use inbound::{write_all_timed, Inbound};
 const LINGER_TIME: Duration = Duration::from_secs(2);
 /// See [`LINGER_TIME`]: past this many discarded bytes, close anyway.
 pub(crate) const LINGER_BYTES_MAX: usize = 1024 * 1024;
+/// When the process drains, a keep-alive connection idle between requests
+/// is closed after this long: an active client's next request, usually
+/// already on its way, is answered (with `connection: close`) instead of
+/// meeting a close (the keep-alive race that makes clients see a reset,
+/// e.g. during an in-place upgrade); a really idle one goes soon.
+const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// Bytes a client connection's read buffer starts with; it grows (up to
 /// the head limit) only for a head that does not fit, and (up to
@@ -227,9 +233,6 @@ pub async fn serve_accepted(
     let mut parser = RequestParser::new(http.limits);
     let mut first = true;
     loop {
-        if worker.draining.is_fired() && client.inbound.is_empty() {
-            return;
-        }
         let head = read_head(&mut client, &mut parser, http, idle, &worker).await;
         let req = match head {
             Ok(Some(req)) => req,
@@ -534,13 +537,20 @@ async fn read_head(
         // else the connection just closes.
         let line_seen = client.inbound.data().contains(&b'\n');
         let filled = if client.inbound.is_empty() {
-            // Between requests: a drain closes the connection now rather
-            // than waiting out the keep-alive, and so does a new connection
-            // that needs this one's slot (this one idle longest).
+            // Between requests: a drain closes the connection after a
+            // short grace rather than waiting out the keep-alive (a request
+            // already on its way in the grace is answered, with
+            // `connection: close`: closing at once would race an active
+            // client's next request), and a new connection that needs this
+            // one's slot closes it now (this one idle longest).
             let idle_here = worker.slots.register_idle();
+            let drained = async {
+                worker.draining.wait().await;
+                monoio::time::sleep(DRAIN_IDLE_GRACE).await;
+            };
             monoio::select! {
                 r = client.inbound.fill(&mut client.stream, max, wait) => r,
-                _ = worker.draining.wait() => return Ok(None),
+                _ = drained => return Ok(None),
                 _ = idle_here.evicted() => return Ok(None),
             }
         } else {

@@ -10,11 +10,13 @@
 //! refused reload keeps the old config, and says why in the log and in
 //! `STATUS=`. Under `WatchdogSec=`, `WATCHDOG=1` is sent only while every
 //! worker makes progress ([`watchdog`]). SIGUSR1 reopens the access log files (nginx's convention,
-//! what logrotate setups send); SIGHUP does too. SIGUSR2 is logged and
-//! ignored: a signal a sidecar may be sent in normal operation never
-//! ends it.
+//! what logrotate setups send); SIGHUP does too. SIGUSR2 upgrades in place
+//! ([`upgrade`]): a new process takes over every listening socket, and
+//! this one drains and exits; if the new one fails, this one goes on.
 
+pub mod inherit;
 pub mod notify;
+pub mod upgrade;
 pub mod watchdog;
 
 use crossbeam_channel::select;
@@ -34,6 +36,9 @@ pub enum Exit {
     Forced,
     /// Every worker stopped without being asked (should not happen).
     WorkersGone,
+    /// Drained after handing every listening socket to a new process
+    /// (SIGUSR2): exit 0, leaving the admin socket to the new process.
+    Upgraded,
 }
 
 /// Serves until signalled, then drains. Returns how it ended.
@@ -45,9 +50,11 @@ pub fn run_until_stopped(
     config_path: Option<PathBuf>,
     notifier: &Notifier,
     draining: &std::sync::atomic::AtomicBool,
+    upgrades: &Upgrades,
 ) -> anyhow::Result<Exit> {
     let (sig_tx, sig_rx) = crossbeam_channel::bounded(4);
     let (hup_tx, hup_rx) = crossbeam_channel::bounded(1);
+    let (usr2_tx, usr2_rx) = crossbeam_channel::bounded(1);
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])?;
     let signal_handle = signals.handle();
@@ -62,7 +69,7 @@ pub fn run_until_stopped(
                     continue;
                 }
                 if signal == SIGUSR2 {
-                    tracing::info!("SIGUSR2: ignored (SIGUSR1 reopens logs, SIGHUP reloads)");
+                    let _ = usr2_tx.try_send(());
                     continue;
                 }
                 if signal == SIGHUP {
@@ -84,9 +91,16 @@ pub fn run_until_stopped(
         .collect::<Vec<_>>()
         .join(" ");
     tracing::info!(workers, listeners = %summary, "ready");
-    notifier.send(&format!(
-        "READY=1\nSTATUS=serving on {workers} worker(s): {summary}"
-    ));
+    if upgrades.successor {
+        // The predecessor names this process MAINPID once told it serves.
+        notifier.send(&format!(
+            "STATUS=serving on {workers} worker(s) (upgraded): {summary}"
+        ));
+    } else {
+        notifier.send(&format!(
+            "READY=1\nSTATUS=serving on {workers} worker(s): {summary}"
+        ));
+    }
     // Dropped on return: stops the pings.
     let _watchdog = match watchdog::interval_from_env() {
         Some(every) => Some(watchdog::spawn(proxy.lifelines(), every)?),
@@ -102,6 +116,15 @@ pub fn run_until_stopped(
                     continue;
                 }
                 reload(&proxy, config_path.as_deref(), notifier);
+            }
+            recv(usr2_rx) -> _ => {
+                if draining.load(std::sync::atomic::Ordering::SeqCst) {
+                    tracing::info!("SIGUSR2 while draining: ignored");
+                    continue;
+                }
+                if let Some(pid) = upgrade(&proxy, upgrades, notifier) {
+                    break drain_after_upgrade(&proxy, pid, draining, &sig_rx, &done);
+                }
             }
             recv(sig_rx) -> sig => break stop(&proxy, sig.ok(), notifier, draining, &sig_rx, &done),
             // Drained through the admin socket (POST /drain), or gone unasked.
@@ -119,6 +142,89 @@ pub fn run_until_stopped(
         proxy.join();
     }
     Ok(exit)
+}
+
+/// What an in-place upgrade needs besides the proxy: how to start the
+/// successor, and sockets outside the workers to hand over (the admin TCP
+/// listener); and whether this process is itself a successor.
+#[derive(Debug, Default)]
+pub struct Upgrades {
+    pub invocation: Option<upgrade::Invocation>,
+    pub extra: Vec<(std::net::SocketAddr, std::net::TcpListener)>,
+    pub successor: bool,
+}
+
+/// SIGUSR2: starts the successor with every listening socket. Some(pid)
+/// when it serves (this process should drain); None when it failed (this
+/// process goes on, and says why).
+fn upgrade(proxy: &Proxy, upgrades: &Upgrades, notifier: &Notifier) -> Option<u32> {
+    let Some(invocation) = &upgrades.invocation else {
+        tracing::error!("SIGUSR2: upgrade impossible: this process's binary path is unknown");
+        return None;
+    };
+    tracing::info!(exe = %invocation.exe.display(), "SIGUSR2: upgrading in place");
+    // The successor matches inherited sockets by the addresses its config
+    // names: a port asked as 0 would be a different port there, and the
+    // handed-over sockets (with their queues) would be closed.
+    let config = proxy.config();
+    let unmatched = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), l.bind))
+        .chain(config.admin.bind.map(|b| ("admin", b)))
+        .find(|(_, addr)| addr.port() == 0);
+    let sockets = match unmatched {
+        Some((name, _)) => Err(format!(
+            "listener {name:?} binds port 0, which the new process could not match; an upgrade needs fixed ports"
+        )),
+        None => proxy.listening_sockets(),
+    };
+    let sockets = sockets.and_then(|mut s| {
+        for (addr, l) in &upgrades.extra {
+            s.push((*addr, l.try_clone().map_err(|e| e.to_string())?));
+        }
+        Ok(s)
+    });
+    match sockets.and_then(|s| upgrade::hand_over(invocation, s)) {
+        Ok(pid) => {
+            tracing::info!(pid, "the new process serves; draining this one");
+            notifier.send(&format!(
+                "MAINPID={pid}\nSTATUS=upgraded: pid {pid} serves; the previous process drains"
+            ));
+            Some(pid)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "upgrade failed; this process goes on serving");
+            let first = e.lines().next().unwrap_or_default().to_string();
+            notifier.send(&format!("STATUS=serving; upgrade failed: {first}"));
+            None
+        }
+    }
+}
+
+/// After a successful upgrade: drain as on SIGTERM, but the service is
+/// not stopping (no `STOPPING=1`).
+fn drain_after_upgrade(
+    proxy: &Proxy,
+    successor: u32,
+    draining: &std::sync::atomic::AtomicBool,
+    sig_rx: &crossbeam_channel::Receiver<i32>,
+    done: &crossbeam_channel::Receiver<()>,
+) -> Exit {
+    tracing::info!(
+        successor,
+        "draining after the upgrade; in-flight connections get {:?}",
+        proxy.config().drain_timeout
+    );
+    draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    proxy.drain();
+    select! {
+        recv(sig_rx) -> _ => {
+            tracing::warn!("signal during the upgrade drain: exiting without waiting");
+            Exit::Forced
+        }
+        recv(done) -> _ => Exit::Upgraded,
+    }
 }
 
 /// Re-reads the config file and swaps it on every worker or none.

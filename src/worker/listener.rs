@@ -50,11 +50,67 @@ pub fn ensure_free(addr: SocketAddr) -> io::Result<()> {
 }
 
 /// Binds and listens on `addr` for one worker.
-pub fn bind(addr: SocketAddr) -> io::Result<monoio::net::TcpListener> {
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = socket_for(addr)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    monoio::net::TcpListener::from_std(socket.into())
+    Ok(socket.into())
+}
+
+/// Accepts one connection, and is safe to cancel: the wait is a readiness
+/// poll, which takes nothing from the queue, and the accept itself is a
+/// non-blocking accept4(2) that either takes a connection or fails at
+/// once. (An io_uring accept dropped when the loop stops may already have
+/// taken a connection, which then is never served and is reset: seen as
+/// client errors during an in-place upgrade, where the successor serves the
+/// same queue.) Accepted sockets are close-on-exec; non-blocking when
+/// `nonblocking` (the epoll driver needs it; io_uring, whose own accept
+/// gives blocking sockets, runs splice and reads on them as such).
+pub async fn accept(
+    listener: &monoio::net::TcpListener,
+    nonblocking: bool,
+) -> io::Result<(monoio::net::TcpStream, SocketAddr)> {
+    use std::os::fd::AsRawFd;
+    loop {
+        match accept4(listener.as_raw_fd(), nonblocking) {
+            Ok((stream, peer)) => return Ok((monoio::net::TcpStream::from_std(stream)?, peer)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => listener.readable(false).await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A connection reset while queued: take the next one.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn accept4(
+    fd: std::os::fd::RawFd,
+    nonblocking: bool,
+) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut storage: libc::sockaddr_storage =
+        // SAFETY: all-zero bytes are a valid sockaddr_storage.
+        unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let flags = if nonblocking {
+        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC
+    } else {
+        libc::SOCK_CLOEXEC
+    };
+    // SAFETY: the address buffer and its length are ours and sized for any
+    // address; the flags only set the new descriptor's modes.
+    let conn = unsafe { libc::accept4(fd, (&raw mut storage).cast(), &mut len, flags) };
+    if conn < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(conn) };
+    // SAFETY: the kernel wrote a socket address of `len` bytes.
+    let peer = unsafe { socket2::SockAddr::new(storage, len) }
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a non-inet connection"))?;
+    Ok((std::net::TcpStream::from(owned), peer))
 }
 
 /// Resolves port 0 to a concrete port shared by every worker.

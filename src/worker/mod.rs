@@ -104,6 +104,9 @@ pub enum Command {
     },
     /// Detach tap `id`.
     Untap(u64),
+    /// Send a duplicate of every socket this worker accepts on (an
+    /// in-place upgrade hands them to the new process).
+    Sockets(Sender<Vec<(SocketAddr, std::net::TcpListener)>>),
 }
 
 /// A worker's answer to [`Command::Prepare`].
@@ -433,6 +436,9 @@ pub struct Setup {
     pub access_log: Sender<access_log::Batch>,
     /// Where the worker's spans go.
     pub spans: Sender<crate::trace::export::Batch>,
+    /// Listening sockets handed to this worker (socket activation, an
+    /// upgrade): it serves on these instead of binding their addresses.
+    pub inherited: Vec<(SocketAddr, std::net::TcpListener)>,
     /// The TLS material, when the config has `[tls]`.
     pub tls: Option<Arc<crate::tls::material::Workload>>,
 }
@@ -451,9 +457,19 @@ async fn worker_main(
         access_log,
         spans,
         tls,
+        mut inherited,
     } = setup;
     let mut sockets = Vec::with_capacity(binds.len());
     for (l, addr) in config.listeners.iter().zip(binds.iter()) {
+        let mine: Vec<std::net::TcpListener> = {
+            let (mine, rest) = inherited.into_iter().partition(|(a, _)| a == addr);
+            inherited = rest;
+            mine.into_iter().map(|(_, s)| s).collect()
+        };
+        if !mine.is_empty() {
+            sockets.extend(mine.into_iter().map(|s| (*addr, s)));
+            continue;
+        }
         match listener::bind(*addr) {
             Ok(sock) => sockets.push((*addr, sock)),
             Err(e) => {
@@ -523,8 +539,10 @@ type Current = Rc<RefCell<Rc<Worker>>>;
 /// generation, the listening sockets, a prepared generation.
 struct Control {
     current: Current,
-    /// One accept loop per listening address, stopped by its trigger.
-    listening: Vec<(SocketAddr, Trigger)>,
+    /// One accept loop per listening socket, stopped by its trigger, and
+    /// a duplicate of the socket (dropped with the loop, and at drain so
+    /// that a draining process refuses new connections).
+    listening: Vec<(SocketAddr, Trigger, Option<std::net::TcpListener>)>,
     pending: Option<Pending>,
 }
 
@@ -533,7 +551,7 @@ struct Pending {
     generation: u64,
     worker: Worker,
     /// Sockets bound for listeners new in this generation.
-    sockets: Vec<(SocketAddr, monoio::net::TcpListener)>,
+    sockets: Vec<(SocketAddr, std::net::TcpListener)>,
     tls: Option<Arc<crate::tls::material::Workload>>,
 }
 
@@ -542,7 +560,24 @@ impl Control {
         Rc::clone(&self.current.borrow())
     }
 
-    fn listen(&mut self, addr: SocketAddr, sock: monoio::net::TcpListener) {
+    /// Starts an accept loop on `sock`. A duplicate of the socket is
+    /// kept while it serves, for an upgrade to hand over
+    /// ([`Command::Sockets`]).
+    fn listen(&mut self, addr: SocketAddr, sock: std::net::TcpListener) {
+        let dup = match sock.try_clone() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot keep a copy of a listening socket; an upgrade will bind it anew");
+                None
+            }
+        };
+        let sock = match monoio::net::TcpListener::from_std(sock) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot serve a listening socket");
+                return;
+            }
+        };
         let stop = Trigger::default();
         monoio::spawn(accept_loop(
             Rc::clone(&self.current),
@@ -550,7 +585,7 @@ impl Control {
             sock,
             stop.clone(),
         ));
-        self.listening.push((addr, stop));
+        self.listening.push((addr, stop, dup));
     }
 
     /// Phase one: bind what is new, build the generation, keep it pending.
@@ -569,9 +604,9 @@ impl Control {
                 current.id
             ));
         }
-        let mut sockets: Vec<(SocketAddr, monoio::net::TcpListener)> = Vec::new();
+        let mut sockets: Vec<(SocketAddr, std::net::TcpListener)> = Vec::new();
         for (l, addr) in config.listeners.iter().zip(binds.iter()) {
-            let held = self.listening.iter().any(|(a, _)| a == addr)
+            let held = self.listening.iter().any(|(a, _, _)| a == addr)
                 || sockets.iter().any(|(a, _)| a == addr);
             if held {
                 continue;
@@ -608,7 +643,7 @@ impl Control {
         new.tls.install(pending.tls);
         new.slots.set_max(new.config.max_connections_per_worker);
         let old = self.current.replace(Rc::clone(&new));
-        self.listening.retain(|(addr, stop)| {
+        self.listening.retain(|(addr, stop, _)| {
             let kept = new.binds.contains(addr);
             if !kept {
                 stop.fire();
@@ -666,6 +701,11 @@ async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>, lifelin
                         worker.draining.fire();
                         worker.retired.fire();
                         control.pending = None;
+                        // Once its accept loops end, a draining process
+                        // refuses new connections (no copy keeps a queue).
+                        for (_, _, dup) in &mut control.listening {
+                            *dup = None;
+                        }
                         tracing::info!(
                             worker = worker.id,
                             active = worker.slots.used(),
@@ -730,6 +770,14 @@ async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>, lifelin
                     let _ = reply.try_send(worker.id);
                 }
                 Ok(Command::Untap(id)) => worker.taps.detach(id),
+                Ok(Command::Sockets(reply)) => {
+                    let dups = control
+                        .listening
+                        .iter()
+                        .filter_map(|(addr, _, dup)| Some((*addr, dup.as_ref()?.try_clone().ok()?)))
+                        .collect();
+                    let _ = reply.try_send(dups);
+                }
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
                     worker.draining.fire();
                     worker.retired.fire();
@@ -817,14 +865,18 @@ async fn accept_loop(
     sock: monoio::net::TcpListener,
     stop: Trigger,
 ) {
-    let (slots, draining) = {
+    let (slots, draining, nonblocking) = {
         let w = current.borrow();
-        (Rc::clone(&w.slots), w.draining.clone())
+        (
+            Rc::clone(&w.slots),
+            w.draining.clone(),
+            w.driver == Driver::Epoll,
+        )
     };
     let refusing = Rc::new(Cell::new(0usize));
     loop {
         let accepted = monoio::select! {
-            accepted = sock.accept() => accepted,
+            accepted = listener::accept(&sock, nonblocking) => accepted,
             _ = draining.wait() => return,
             _ = stop.wait() => return,
         };
