@@ -264,3 +264,90 @@ fn socket_activation_serves_on_the_sockets_systemd_passes() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The next notify datagram and the descriptors passed with it.
+fn recv_with_fds(notify: &std::os::unix::net::UnixDatagram) -> (String, Vec<std::os::fd::OwnedFd>) {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut data = [0u8; 4096];
+    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(253))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = recvmsg(
+        notify,
+        &mut [std::io::IoSliceMut::new(&mut data)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .expect("a notify datagram before the deadline");
+    let mut fds = Vec::new();
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = msg {
+            fds.extend(rights);
+        }
+    }
+    (
+        String::from_utf8_lossy(&data[..got.bytes]).into_owned(),
+        fds,
+    )
+}
+
+/// A crash, then systemd's restart with what the process put in the
+/// file-descriptor store (`FDSTORE=1`, read here from a fake
+/// NOTIFY_SOCKET): the restarted process serves on the same sockets, and
+/// a connection made while no process ran is answered.
+#[test]
+fn the_fd_store_keeps_the_listening_sockets_across_a_crash() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("fdstore");
+    let port = free_port();
+    let config_text = config("io_uring", port, &dir.join("admin.sock"), up.addr);
+    let mut first = ChildProxy::spawn(&config_text);
+    let addr = first.wait_ready();
+    let fds = loop {
+        let (msg, fds) = recv_with_fds(&first.notify);
+        if msg.contains("FDSTORE=1") {
+            assert!(msg.contains("FDNAME=listeners"), "{msg}");
+            break fds;
+        }
+    };
+    // Two workers, one listening socket each.
+    assert_eq!(fds.len(), 2);
+    one_request(addr).unwrap();
+    first.signal(libc::SIGKILL);
+    first.wait_exit(IO_DEADLINE).expect("killed");
+    // Nothing runs now; the stored sockets still listen, so this connect
+    // completes and waits in a queue.
+    let early = thread::spawn(move || one_request(addr));
+    thread::sleep(Duration::from_millis(200));
+    // Restart as systemd does: the stored descriptors from 3 on.
+    let config_path = dir.join("pilotfish.toml");
+    std::fs::write(&config_path, &config_text).unwrap();
+    // Copies above 100 first, so that moving them to 3.. overwrites none.
+    let high: Vec<std::os::fd::OwnedFd> = fds
+        .iter()
+        .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, 100).unwrap())
+        .collect();
+    let mut moves = String::new();
+    for (i, fd) in high.iter().enumerate() {
+        socket2::SockRef::from(fd).set_cloexec(false).unwrap();
+        moves += &format!("exec {}<&{}; ", 3 + i, fd.as_raw_fd());
+    }
+    let script = format!(
+        "{moves}LISTEN_PID=$$ LISTEN_FDS={n} exec {bin} run --config {config}",
+        n = fds.len(),
+        bin = env!("CARGO_BIN_EXE_pilotfish"),
+        config = config_path.display()
+    );
+    let mut second = Command::new("bash")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop((fds, high));
+    let answered = early.join().unwrap();
+    for _ in 0..10 {
+        one_request(addr).unwrap();
+    }
+    let _ = second.kill();
+    let _ = second.wait();
+    answered.expect("the connection made during the restart is answered");
+}

@@ -101,6 +101,7 @@ pub fn run_until_stopped(
             "READY=1\nSTATUS=serving on {workers} worker(s): {summary}"
         ));
     }
+    store_listeners(&proxy, upgrades, notifier);
     // Dropped on return: stops the pings.
     let _watchdog = match watchdog::interval_from_env() {
         Some(every) => Some(watchdog::spawn(proxy.lifelines(), every)?),
@@ -116,6 +117,8 @@ pub fn run_until_stopped(
                     continue;
                 }
                 reload(&proxy, config_path.as_deref(), notifier);
+                // New listeners' sockets join the store.
+                store_listeners(&proxy, upgrades, notifier);
             }
             recv(usr2_rx) -> _ => {
                 if draining.load(std::sync::atomic::Ordering::SeqCst) {
@@ -152,6 +155,33 @@ pub struct Upgrades {
     pub invocation: Option<upgrade::Invocation>,
     pub extra: Vec<(std::net::SocketAddr, std::net::TcpListener)>,
     pub successor: bool,
+}
+
+/// Under systemd, puts every listening socket in its file-descriptor store
+/// (with `FileDescriptorStoreMax=` in the unit), so that a crash or a
+/// restart keeps them and their queues: the next process gets them back
+/// as `LISTEN_FDS` ([`inherit`]).
+fn store_listeners(proxy: &Proxy, upgrades: &Upgrades, notifier: &Notifier) {
+    use std::os::fd::AsFd;
+    if !notifier.enabled() {
+        return;
+    }
+    let sockets = match proxy.listening_sockets() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "listening sockets not stored with systemd");
+            return;
+        }
+    };
+    let fds: Vec<_> = sockets
+        .iter()
+        .map(|(_, s)| s.as_fd())
+        .chain(upgrades.extra.iter().map(|(_, s)| s.as_fd()))
+        .collect();
+    if let Err(e) = notifier.store_fds("listeners", &fds) {
+        // Without FileDescriptorStoreMax= systemd refuses; that is a choice.
+        tracing::debug!(error = %e, "listening sockets not stored with systemd");
+    }
 }
 
 /// SIGUSR2: starts the successor with every listening socket. Some(pid)

@@ -62,6 +62,48 @@ impl Notifier {
     }
 }
 
+/// Descriptors per `FDSTORE=1` message: the kernel takes at most 253
+/// (SCM_MAX_FD) in one SCM_RIGHTS message.
+const FDS_PER_MESSAGE: usize = 250;
+
+impl Notifier {
+    /// Puts `fds` in systemd's file-descriptor store under `name`
+    /// (`FDSTORE=1`, sd_pid_notify_with_fds(3)): after a crash or a
+    /// restart, systemd passes them back (`LISTEN_FDS`), and the listening
+    /// sockets among them keep their queues in between. A descriptor
+    /// already stored (the same socket) is stored once.
+    pub fn store_fds(&self, name: &str, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+        use rustix::net::{
+            sendmsg_addr, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix,
+        };
+        let Some(target) = &self.target else {
+            return Ok(());
+        };
+        let addr = match target {
+            Target::Path(path) => SocketAddrUnix::new(path.as_path())?,
+            Target::Abstract(name) => SocketAddrUnix::new_abstract_name(name)?,
+        };
+        let socket = UnixDatagram::unbound()?;
+        let state = format!("FDSTORE=1\nFDNAME={name}");
+        for chunk in fds.chunks(FDS_PER_MESSAGE) {
+            let mut space =
+                vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(chunk.len()))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !control.push(SendAncillaryMessage::ScmRights(chunk)) {
+                return Err(io::Error::other("ancillary buffer too small"));
+            }
+            sendmsg_addr(
+                &socket,
+                &addr,
+                &[io::IoSlice::new(state.as_bytes())],
+                &mut control,
+                SendFlags::empty(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// CLOCK_MONOTONIC in microseconds, as `MONOTONIC_USEC=` in a
 /// `RELOADING=1` message wants it (systemd compares it with its own clock).
 #[allow(unsafe_code)]

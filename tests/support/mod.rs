@@ -256,12 +256,16 @@ impl ChildProxy {
         self.recv_notify().expect("notify message before deadline")
     }
 
-    /// The next notify datagram within the socket's read timeout; a signal
+    /// The next state datagram within the socket's read timeout; a signal
     /// that interrupts the wait (EINTR, seen in CI) is not a timeout.
+    /// File-descriptor store messages (`FDSTORE=1`, with the listening
+    /// sockets) are skipped (and the descriptors closed): tests/upgrade.rs
+    /// reads those itself.
     pub fn recv_notify(&self) -> std::io::Result<String> {
         let mut buf = [0u8; 4096];
         loop {
             match self.notify.recv(&mut buf) {
+                Ok(n) if buf[..n].starts_with(b"FDSTORE=1") => continue,
                 Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
