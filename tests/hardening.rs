@@ -307,6 +307,53 @@ fn at_the_connection_cap_idle_connections_make_room_and_the_rest_is_refused() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The first overload stage: near the connection cap (90% of it), HTTP/1.1
+/// responses say `connection: close`, so clients turn over before anyone
+/// is refused; below it, keep-alive is kept. Counted.
+#[test]
+fn near_the_connection_cap_responses_stop_keeping_connections_alive() {
+    let up = HttpUpstream::start();
+    let dir = temp_dir("keep-alive-off");
+    let socket = dir.join("admin.sock");
+    let config = app_out(
+        up.addr,
+        &format!(
+            "max_connections_per_worker = 10\n[admin]\nsocket = \"{}\"",
+            socket.display()
+        ),
+        "",
+    );
+    let mut proxy = ChildProxy::spawn(&config);
+    let addr = proxy.wait_ready();
+    let request = |c: &mut Conn| {
+        c.send(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = c.read(false).unwrap();
+        assert_eq!(r.status, 200);
+        r.header("connection").map(str::to_ascii_lowercase)
+    };
+    // 8 connections of 10: kept alive.
+    let mut held: Vec<Conn> = (0..7).map(|_| Conn::open(addr)).collect();
+    for c in &mut held {
+        assert_eq!(request(c), None);
+    }
+    let mut active = Conn::open(addr);
+    assert_eq!(request(&mut active), None, "8 of 10: kept");
+    // A ninth: the next response closes its connection.
+    let mut ninth = Conn::open(addr);
+    assert_eq!(request(&mut ninth).as_deref(), Some("close"), "9 of 10");
+    assert!(ninth.closed());
+    assert_eq!(counter(&socket, "overload_keep_alive_off"), 1);
+    // Back under the threshold: kept again.
+    drop(held.pop());
+    eventually("a slot comes free", || {
+        let mut c = Conn::open(addr);
+        request(&mut c).is_none()
+    });
+    proxy.signal(15);
+    assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Item 10: shutdown reaches a worker whose mailbox is full (it used to be
 /// sent with `try_send`, lost, and then waited for in `join` forever).
 #[test]

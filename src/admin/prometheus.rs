@@ -193,6 +193,11 @@ const COUNTERS: &[Field] = &[
         "Connections refused at the connection cap (no idle connection to close).",
         |s| s.connections_refused_overload,
     ),
+    (
+        "overload_keep_alive_off_total",
+        "HTTP/1.1 responses that closed their connection because the worker was near its connection cap.",
+        |s| s.overload_keep_alive_off,
+    ),
 ];
 
 /// What the process knows outside the workers' counters.

@@ -114,7 +114,7 @@ impl Downstream for H1Down<'_> {
         self.keep_alive = self.wants_keep_alive
             && self.body_done
             && self.out != OutBody::Close
-            && !self.worker.retired.is_fired();
+            && self.worker.keep_alive_ok();
         let mut out = self.worker.heads.take();
         crate::http2::headers::response_to_h1(
             status,

@@ -710,7 +710,7 @@ impl Attempt<'_> {
             && body_sent
             && out_body != OutBody::Close
             && !tunnel
-            && !self.worker.retired.is_fired();
+            && self.worker.keep_alive_ok();
         let mut out = self.worker.heads.take();
         write::response(&resp, out_body, client_keep, tunnel, &mut out);
         // A small body already read goes out with the head: one write.

@@ -43,6 +43,9 @@ pub struct Counters {
     pub connections_evicted_idle: Cell<u64>,
     /// Connections refused at the cap with no idle connection to close (503 or closed at once).
     pub connections_refused_overload: Cell<u64>,
+    /// Responses sent with `connection: close` because the worker was near
+    /// its connection cap (the first overload stage).
+    pub overload_keep_alive_off: Cell<u64>,
     pub http: HttpCounters,
     pub tls: crate::tls::counters::TlsCounters,
     pub intercept: crate::intercept::Counters,
@@ -335,6 +338,7 @@ pub struct Snapshot {
     pub trace_spans_dropped: u64,
     pub connections_evicted_idle: u64,
     pub connections_refused_overload: u64,
+    pub overload_keep_alive_off: u64,
     pub http: HttpSnapshot,
     pub tls: crate::tls::counters::TlsSnapshot,
     pub intercept: crate::intercept::Snapshot,
@@ -366,6 +370,7 @@ impl Counters {
             trace_spans_dropped: self.trace_spans_dropped.get(),
             connections_evicted_idle: self.connections_evicted_idle.get(),
             connections_refused_overload: self.connections_refused_overload.get(),
+            overload_keep_alive_off: self.overload_keep_alive_off.get(),
             http: HttpSnapshot {
                 requests: self.http.requests.get(),
                 responses_by_class: std::array::from_fn(|i| self.http.responses_by_class[i].get()),
@@ -419,6 +424,7 @@ impl Snapshot {
         self.trace_spans_dropped += other.trace_spans_dropped;
         self.connections_evicted_idle += other.connections_evicted_idle;
         self.connections_refused_overload += other.connections_refused_overload;
+        self.overload_keep_alive_off += other.overload_keep_alive_off;
         self.http.merge(&other.http);
         self.tls.merge(&other.tls);
         self.intercept.merge(&other.intercept);

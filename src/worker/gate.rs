@@ -76,6 +76,12 @@ impl Drop for Wait<'_> {
     }
 }
 
+/// Share of the connection cap (percent) from which HTTP/1.1 responses
+/// close their connections: with 10% of the cap left there is room to
+/// turn clients over before the next stage (evicting idle connections,
+/// then 503 `overload`) is reached.
+pub const KEEP_ALIVE_OFF_PERCENT: usize = 90;
+
 /// A limit on concurrently held slots (connections per worker).
 #[derive(Debug)]
 pub struct Slots {
@@ -214,6 +220,19 @@ impl Slots {
 
     pub fn used(&self) -> usize {
         self.used.get()
+    }
+
+    /// Whether the worker is near its connection cap
+    /// ([`KEEP_ALIVE_OFF_PERCENT`] of it or more): the first overload
+    /// stage, where responses stop keeping their connections alive so
+    /// that slots come free before anyone is refused.
+    pub fn crowded(&self) -> bool {
+        // The headroom is the part of the cap above the threshold, rounded
+        // down: under a cap of 10 there is none, and the stage is skipped
+        // (with two connections "near the cap" is the cap itself).
+        let max = self.max.get();
+        let headroom = max * (100 - KEEP_ALIVE_OFF_PERCENT) / 100;
+        headroom > 0 && self.used.get() + headroom >= max
     }
 
     /// Changes the limit (a config swap); connections over a lowered limit

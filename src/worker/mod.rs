@@ -358,6 +358,20 @@ impl Worker {
         }
     }
 
+    /// Whether a response may keep its client connection alive, as far as
+    /// the worker is concerned: not when this generation retired (a swap,
+    /// a drain), nor near the connection cap (counted).
+    pub fn keep_alive_ok(&self) -> bool {
+        if self.retired.is_fired() {
+            return false;
+        }
+        if self.slots.crowded() {
+            metrics::add(&self.counters.overload_keep_alive_off, 1);
+            return false;
+        }
+        true
+    }
+
     /// A connection id unique within the process: worker id in the top bits.
     fn next_conn_id(&self) -> u64 {
         let n = self.next_conn_id.get();
