@@ -354,6 +354,51 @@ fn near_the_connection_cap_responses_stop_keeping_connections_alive() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A client that trickles its request body (a byte every 300 ms: each
+/// read is within the idle timeout) is cut once the body has been slower
+/// than 1 KiB/s for the 10 s grace, instead of holding the connection and
+/// an upstream one for as long as it likes.
+#[test]
+fn a_trickled_request_body_is_cut_at_the_minimum_rate() {
+    use std::io::Write;
+    let up = HttpUpstream::start();
+    let (_proxy, addr) = start_toml(&app_out(up.addr, "", ""), "app-out");
+    let mut c = Conn::open(addr);
+    c.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n");
+    let mut writer = c.writer.try_clone().unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickler = {
+        let done = std::sync::Arc::clone(&done);
+        std::thread::spawn(move || {
+            // 30 s of trickle at most: far past the grace.
+            for _ in 0..100 {
+                if writer.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    // The proxy answers or closes while the client is still trickling.
+    c.reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(40)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = c.read(false);
+    assert!(
+        !done.load(std::sync::atomic::Ordering::SeqCst),
+        "the trickle ran its course: never cut"
+    );
+    // Not before the grace: a slow start is allowed.
+    assert!(started.elapsed() >= Duration::from_secs(10), "cut early");
+    if let Some(r) = answer {
+        assert!(r.status >= 400, "{}", r.status);
+    }
+    trickler.join().unwrap();
+}
+
 /// Item 10: shutdown reaches a worker whose mailbox is full (it used to be
 /// sent with `try_send`, lost, and then waited for in `join` forever).
 #[test]

@@ -43,11 +43,56 @@ impl BodyError {
     }
 }
 
+/// A request body slower than this on average (bytes per second), once
+/// [`BODY_RATE_GRACE`] has passed, is cut: the idle timeout between reads
+/// alone would let a client trickle a byte per interval for ever and hold
+/// a connection (and an upstream one) with almost no traffic. 1 KiB/s is
+/// far below any real peer of a sidecar. Response bodies are bounded by the
+/// idle timeout only: a slow stream (server-sent events, long polls) is
+/// slow by design.
+pub const BODY_MIN_BYTES_PER_SEC: u64 = 1024;
+/// How long a body may be slow before the minimum rate applies (a peer
+/// may pause while it prepares the rest).
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(10);
+
+/// The average rate of one body so far.
+#[derive(Debug, Default)]
+pub struct Pace {
+    started: Option<std::time::Instant>,
+    bytes: u64,
+}
+
+impl Pace {
+    /// Counts `n` bytes read; an error (timed out) when the body is slower
+    /// than [`BODY_MIN_BYTES_PER_SEC`] after the grace.
+    pub fn note(&mut self, n: usize) -> io::Result<()> {
+        let now = std::time::Instant::now();
+        let started = *self.started.get_or_insert(now);
+        self.bytes += n as u64;
+        let elapsed = now - started;
+        if elapsed > BODY_RATE_GRACE
+            && u128::from(self.bytes) * 1000
+                < u128::from(BODY_MIN_BYTES_PER_SEC) * elapsed.as_millis()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "body slower than {BODY_MIN_BYTES_PER_SEC} bytes/s ({} bytes in {:.1} s)",
+                    self.bytes,
+                    elapsed.as_secs_f64()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One direction: where bytes come from and which side that is.
 pub struct Source<'a, S> {
     pub inbound: &'a mut Inbound,
     pub stream: &'a mut S,
     pub side: Side,
+    pub pace: Pace,
 }
 
 /// The most a streamed body grows a connection's read buffer to.
@@ -76,6 +121,10 @@ impl<S: AsyncReadRent> Source<'_, S> {
         let cap = self.inbound.capacity();
         match self.inbound.fill(self.stream, cap, idle).await {
             Ok(0) => Ok(false),
+            Ok(n) if self.side == Side::Downstream => match self.pace.note(n) {
+                Ok(()) => Ok(true),
+                Err(e) => Err(BodyError::Io(self.side, e)),
+            },
             Ok(_) => Ok(true),
             Err(e) => Err(BodyError::Io(self.side, e)),
         }

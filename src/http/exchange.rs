@@ -746,6 +746,7 @@ impl Attempt<'_> {
             inbound: &mut up.inbound,
             stream: &mut up.stream,
             side: Side::Upstream,
+            pace: super::body::Pace::default(),
         };
         let mut scratch = Vec::new();
         let relayed = match resp.body {

@@ -870,5 +870,6 @@ pub fn request_source<'a>(client: &'a mut Client) -> Source<'a, Stream> {
         inbound: &mut client.inbound,
         stream: &mut client.stream,
         side: body::Side::Downstream,
+        pace: body::Pace::default(),
     }
 }

@@ -1040,6 +1040,7 @@ pub struct H1Body {
     state: H1State,
     side: Side,
     total: u64,
+    pace: super::body::Pace,
 }
 
 enum H1State {
@@ -1061,6 +1062,7 @@ impl H1Body {
             state,
             side,
             total: 0,
+            pace: super::body::Pace::default(),
         }
     }
 
@@ -1088,6 +1090,9 @@ impl H1Body {
                         return Ok(None);
                     }
                     Ok(0) => return Err(BodyError::Truncated(self.side)),
+                    Ok(n) if self.side == Side::Downstream => {
+                        self.pace.note(n).map_err(|e| BodyError::Io(self.side, e))?;
+                    }
                     Ok(_) => {}
                     Err(e) => return Err(BodyError::Io(self.side, e)),
                 }
