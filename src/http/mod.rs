@@ -348,14 +348,17 @@ pub async fn serve_accepted(
         if let Some(route) = route {
             worker.histograms.route(listener_index, route, took);
         }
+        // One set of labels for the golden metrics, the taps and the span.
+        let labels = LabelsRef::of(
+            &worker.config,
+            listener_index,
+            route.map(|r| http.routes[r].name.as_str()),
+            client.note.cluster,
+            !matches!(client.stream, Stream::Plain(_)),
+            client.identity.as_ref().map(|i| i.as_str()),
+        );
         if let Some(copy) = copied {
-            let seen = Seen {
-                listener_index,
-                route,
-                started,
-                ended,
-            };
-            copy.finish(&worker, http, &client, &seen, tapped);
+            copy.finish(&worker, &client, labels, (started, ended), tapped);
         }
         if let Some((log, method, target, version)) = logged {
             let line = crate::access_log::Line {
@@ -382,19 +385,10 @@ pub async fn serve_accepted(
             };
             worker.access_log.record(&worker.counters, log, &line);
         }
-        worker.counters.golden.http(
-            LabelsRef::of(
-                &worker.config,
-                listener_index,
-                route.map(|r| http.routes[r].name.as_str()),
-                client.note.cluster,
-                !matches!(client.stream, Stream::Plain(_)),
-                client.identity.as_ref().map(|i| i.as_str()),
-            ),
-            client.note.status,
-            None,
-            took,
-        );
+        worker
+            .counters
+            .golden
+            .http(labels, client.note.status, None, took);
         match next {
             Next::KeepAlive => continue,
             Next::Close if body_unread => {
@@ -411,15 +405,6 @@ pub async fn serve_accepted(
             }
         }
     }
-}
-
-/// Where and when a request was served, for [`HeadCopy::finish`].
-#[derive(Clone, Copy)]
-struct Seen {
-    listener_index: usize,
-    route: Option<usize>,
-    started: Instant,
-    ended: Instant,
 }
 
 /// What a tap or a span needs from a request head that the exchange
@@ -453,31 +438,18 @@ impl HeadCopy {
     fn finish(
         self,
         worker: &Worker,
-        http: &HttpListener,
         client: &Client,
-        seen: &Seen,
+        labels: LabelsRef<'_>,
+        (started, ended): (Instant, Instant),
         tapped: bool,
     ) {
-        let Seen {
-            listener_index,
-            route,
-            started,
-            ended,
-        } = *seen;
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         let authority = self.authority.as_deref().map(text);
         finished(
             worker,
             tapped,
             &crate::metrics::tap::Request {
-                labels: LabelsRef::of(
-                    &worker.config,
-                    listener_index,
-                    route.map(|r| http.routes[r].name.as_str()),
-                    client.note.cluster,
-                    client.stream.is_tls(),
-                    client.identity.as_ref().map(|i| i.as_str()),
-                ),
+                labels,
                 client: &client.ip,
                 method: &text(&self.method),
                 authority: authority.as_deref(),

@@ -413,19 +413,21 @@ async fn stream_task(
     if let Some(r) = route {
         worker.histograms.route(listener_index, r, took);
     }
+    // One set of labels for the golden metrics, the taps and the span.
+    let labels = crate::metrics::golden::LabelsRef::of(
+        &worker.config,
+        listener_index,
+        route.map(|r| http.routes[r].name.as_str()),
+        down.note.cluster,
+        caller.tls,
+        caller.identity.as_ref().map(|i| i.as_str()),
+    );
     if let Some((authority, request_bytes)) = copied {
         crate::http::finished(
             &worker,
             tapped,
             &crate::metrics::tap::Request {
-                labels: crate::metrics::golden::LabelsRef::of(
-                    &worker.config,
-                    listener_index,
-                    route.map(|r| http.routes[r].name.as_str()),
-                    down.note.cluster,
-                    caller.tls,
-                    caller.identity.as_ref().map(|i| i.as_str()),
-                ),
+                labels,
                 client: &caller.ip,
                 method: &method,
                 authority: authority.as_deref(),
@@ -460,19 +462,10 @@ async fn stream_task(
         };
         worker.access_log.record(&worker.counters, log, &line);
     }
-    worker.counters.golden.http(
-        crate::metrics::golden::LabelsRef::of(
-            &worker.config,
-            listener_index,
-            route.map(|r| http.routes[r].name.as_str()),
-            down.note.cluster,
-            caller.tls,
-            caller.identity.as_ref().map(|i| i.as_str()),
-        ),
-        down.note.status,
-        down.note.grpc_status,
-        took,
-    );
+    worker
+        .counters
+        .golden
+        .http(labels, down.note.status, down.note.grpc_status, took);
 }
 
 /// Builds the version-independent request, routes it and forwards it;
