@@ -552,7 +552,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn run(path: &std::path::Path) -> ExitCode {
     // Before any thread starts: these read (and clear) the environment.
     let mut inherited = lifecycle::inherit::Inherited::from_env();
-    let successor = lifecycle::upgrade::is_successor();
+    let ready_fd = lifecycle::upgrade::take_ready_fd();
     let invocation = lifecycle::upgrade::Invocation::current();
     let log_handle = init_logging();
     let config = match Config::load(path) {
@@ -618,7 +618,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     // Every listener serves (and the admin server): a predecessor that
     // started this process may now drain.
-    lifecycle::upgrade::report_ready();
+    lifecycle::upgrade::report_ready(ready_fd);
     let upgrades = lifecycle::Upgrades {
         invocation,
         extra: admin
@@ -626,7 +626,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             .and_then(pilotfish::admin::Server::tcp_listener)
             .into_iter()
             .collect(),
-        successor,
+        successor: ready_fd.is_some(),
     };
     let ran = lifecycle::run_until_stopped(
         proxy,

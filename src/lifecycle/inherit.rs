@@ -85,10 +85,6 @@ impl Inherited {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_addr.is_empty()
-    }
-
     /// How many sockets were inherited for `addr`.
     pub fn count(&self, addr: SocketAddr) -> usize {
         self.by_addr

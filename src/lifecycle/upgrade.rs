@@ -190,30 +190,32 @@ pub fn hand_over(
     }
 }
 
-/// In the successor: tells the process that started it that every
-/// listener serves. No-op when not started by an upgrade.
-#[allow(unsafe_code)]
-pub fn report_ready() {
-    let Some(fd) = std::env::var(READY_FD_VAR)
+/// In the successor: the pipe to report readiness on, taken from the
+/// environment (and removed from it). None when not started by an
+/// upgrade. Call at start-up, before any thread runs (the environment is
+/// changed).
+pub fn take_ready_fd() -> Option<RawFd> {
+    let fd = std::env::var(READY_FD_VAR)
         .ok()
         .and_then(|f| f.parse::<RawFd>().ok())
-        .filter(|&f| f > 2)
-    else {
+        .filter(|&f| f > 2);
+    std::env::remove_var(READY_FD_VAR);
+    fd
+}
+
+/// In the successor: tells the process that started it that every
+/// listener serves. `fd` is from [`take_ready_fd`].
+#[allow(unsafe_code)]
+pub fn report_ready(fd: Option<RawFd>) {
+    let Some(fd) = fd else {
         return;
     };
-    std::env::remove_var(READY_FD_VAR);
     use std::os::fd::FromRawFd;
     // SAFETY: the descriptor was created for this process by its
-    // predecessor (named in READY_FD_VAR, removed above so it is taken
-    // once); it is a pipe's write end, owned here from now on.
+    // predecessor and named once in READY_FD_VAR (taken and removed at
+    // start-up); it is a pipe's write end, owned here from now on.
     let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
     if let Err(e) = std::io::Write::write_all(&mut pipe, b"ready\n") {
         tracing::warn!(error = %e, "could not tell the previous process that this one serves");
     }
-}
-
-/// Whether this process was started by an upgrade (it then leaves
-/// `READY=1` to the predecessor's `MAINPID=`).
-pub fn is_successor() -> bool {
-    std::env::var_os(READY_FD_VAR).is_some()
 }
