@@ -113,7 +113,7 @@ rate_limit = { requests_per_second = 40, burst = 4 }
 }
 
 #[test]
-fn an_h2_client_gets_429_with_retry_after() {
+fn an_h2_client_gets_429_and_a_grpc_caller_resource_exhausted() {
     if !have("curl") {
         return;
     }
@@ -140,4 +140,27 @@ fn an_h2_client_gets_429_with_retry_after() {
     assert!(text.contains("http/2 429"), "{text}");
     assert!(text.contains("retry-after: 1"), "{text}");
     assert!(text.contains("x-pilotfish-error: rate_limited"), "{text}");
+    // A gRPC caller (by content-type) gets a gRPC answer: HTTP 200 with
+    // grpc-status 8, RESOURCE_EXHAUSTED (the bucket is empty by now).
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-i",
+            "--http2-prior-knowledge",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "--data-binary",
+            "",
+            &format!("http://{addr}/pkg.Svc/Call"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(text.contains("http/2 200"), "{text}");
+    assert!(text.contains("grpc-status: 8"), "{text}");
+    assert!(text.contains("retry-after: 1"), "{text}");
 }
