@@ -152,13 +152,21 @@ fn write_batches(rx: &Receiver<Batch>, reopen: &Receiver<()>, lost: &AtomicU64) 
     // that ever named a file (a config has at most LISTENERS_MAX).
     let mut files: HashMap<PathBuf, Box<dyn Write>> = HashMap::new();
     let mut failed: HashMap<PathBuf, u64> = HashMap::new();
+    // Once every reopen sender is gone (the proxy stopping, or failing to
+    // start), a disconnected receiver would be ready forever and spin
+    // this loop: it is swapped for one that never is.
+    let mut reopen = reopen.clone();
     loop {
         let batch = crossbeam_channel::select! {
             recv(rx) -> batch => match batch {
                 Ok(b) => b,
                 Err(_) => return,
             },
-            recv(reopen) -> _ => {
+            recv(reopen) -> asked => {
+                if asked.is_err() {
+                    reopen = crossbeam_channel::never();
+                    continue;
+                }
                 tracing::info!(files = files.len(), "access log files reopened");
                 files.clear();
                 continue;
@@ -243,6 +251,9 @@ pub struct Line<'a> {
     pub upstream: Option<SocketAddr>,
     /// Why the proxy answered itself, if it did.
     pub error: Option<&'static str>,
+    /// Who caused `error`: `downstream`, `upstream` or `internal`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blame: Option<&'static str>,
     /// The `grpc-status` sent (gRPC requests over HTTP/2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_status: Option<u32>,
@@ -378,6 +389,7 @@ mod tests {
             duration_us: 42,
             upstream: Some("127.0.0.1:80".parse().unwrap()),
             error: None,
+            blame: None,
             grpc_status: None,
             trace_id: None,
             span_id: None,

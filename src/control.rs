@@ -195,6 +195,8 @@ pub struct Controller {
     lifelines: Vec<crate::worker::Lifeline>,
     /// What the span exporter delivered and lost.
     spans: Arc<crate::trace::export::ExportStats>,
+    /// The memory overload monitor's last sample.
+    overload: Arc<crate::lifecycle::overload::Status>,
 }
 
 impl Controller {
@@ -213,6 +215,7 @@ impl Controller {
             logs,
             lifelines,
             spans,
+            overload: Arc::default(),
             running: Lock::new(Running {
                 config,
                 binds,
@@ -243,6 +246,31 @@ impl Controller {
     /// Access log lines the writer could not write.
     pub fn access_log_lost(&self) -> u64 {
         self.logs.lost()
+    }
+
+    /// The memory overload stage and what it was decided from.
+    pub fn overload(&self) -> crate::lifecycle::overload::Report {
+        self.overload.report()
+    }
+
+    /// Where the overload monitor publishes its samples.
+    pub fn overload_status(&self) -> Arc<crate::lifecycle::overload::Status> {
+        Arc::clone(&self.overload)
+    }
+
+    /// Tells each worker the memory overload stage, unless `told` says it
+    /// already knows; a full mailbox leaves it untold (None) for the next
+    /// sample to retry.
+    pub fn tell_overload(&self, stage: u8, told: &mut [Option<u8>]) {
+        for (mailbox, told) in self.mailboxes.iter().zip(told.iter_mut()) {
+            if *told == Some(stage) {
+                continue;
+            }
+            *told = mailbox
+                .try_send(Command::Overload(stage))
+                .ok()
+                .map(|()| stage);
+        }
     }
 
     /// Spans exported, and spans the exporter could not deliver.
@@ -570,6 +598,9 @@ fn diff(old: &Config, new: &Config, generation: u64) -> Changes {
     }
     if old.max_connections_per_worker != new.max_connections_per_worker {
         settings_changed.push("max_connections_per_worker");
+    }
+    if old.overload != new.overload {
+        settings_changed.push("overload");
     }
     Changes {
         generation,

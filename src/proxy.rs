@@ -59,6 +59,8 @@ pub struct Proxy {
     exited: Receiver<()>,
     /// Dropped to stop the TLS file watcher.
     tls_watch: crossbeam_channel::Sender<()>,
+    /// Dropped to stop the memory overload monitor.
+    overload_watch: crossbeam_channel::Sender<()>,
 }
 
 impl Proxy {
@@ -92,8 +94,21 @@ impl Proxy {
             };
             if inherited.count(l.bind) > 0 {
                 // Socket j goes to worker j mod N: every inherited queue
-                // is served, none closed.
-                for (j, sock) in inherited.take(l.bind).into_iter().enumerate() {
+                // is served, none closed. With fewer sockets than workers
+                // (a socket unit lists the address once), the rest share
+                // them (a duplicate descriptor, one accept queue) rather
+                // than bind more into the SO_REUSEPORT group: a socket of
+                // our own would not survive a restart (its queue is reset
+                // when we exit), and systemd's sockets belong to another
+                // user than a DynamicUser service, which the kernel does
+                // not let join their group.
+                let socks = inherited.take(l.bind);
+                let n = socks.len();
+                for j in n..config.workers {
+                    let shared = socks[j % n].try_clone().map_err(bind_error)?;
+                    handed[j].push((l.bind, shared));
+                }
+                for (j, sock) in socks.into_iter().enumerate() {
                     handed[j % config.workers].push((l.bind, sock));
                 }
                 tracing::info!(listener = %l.name, addr = %l.bind, "serving on inherited sockets");
@@ -160,6 +175,13 @@ impl Proxy {
             spans.stats(),
         ));
         let tls_watch = spawn_tls_watch(&control).map_err(StartError::Spawn)?;
+        let (overload_watch, overload_stop) = crossbeam_channel::bounded::<()>(0);
+        crate::lifecycle::overload::spawn(
+            Arc::clone(&control),
+            control.overload_status(),
+            overload_stop,
+        )
+        .map_err(StartError::Spawn)?;
         Ok(Proxy {
             control,
             handles,
@@ -167,6 +189,7 @@ impl Proxy {
             spans,
             exited,
             tls_watch,
+            overload_watch,
         })
     }
 
@@ -248,11 +271,11 @@ impl Proxy {
         worker::collect_histograms(&self.mailboxes(), reset)
     }
 
-    /// Waits for every worker thread to exit.
     /// Waits for every worker thread to exit, then for the access log
     /// writer to write what they left.
     pub fn join(self) {
         drop(self.tls_watch);
+        drop(self.overload_watch);
         for h in self.handles {
             if h.thread.join().is_err() {
                 tracing::error!(worker = h.id, "worker thread panicked");

@@ -140,6 +140,24 @@ fn metrics_parse_as_prometheus_text_and_match_the_counters() {
         }
         other => panic!("not a histogram: {other:?}"),
     }
+    // A generated answer is counted with who caused it.
+    let bad = one(
+        addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    );
+    assert_eq!(bad.status, 400);
+    let (_, text) = client::request(&socket, "GET", "/metrics").unwrap();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("pilotfish_http_generated_responses_total{")
+                && l.contains("reason=\"bad_request\"")
+        })
+        .expect("a bad_request line");
+    assert!(
+        line.contains("blame=\"downstream\"") && line.ends_with(" 1"),
+        "{line}"
+    );
     proxy.shutdown();
 }
 
@@ -333,6 +351,8 @@ fn access_log_writes_one_line_per_request_from_every_core() {
     assert_eq!(routed["method"], "GET");
     let refused = lines.iter().find(|l| l["status"] == 404).unwrap();
     assert_eq!(refused["error"], "no_route");
+    assert_eq!(refused["blame"], "downstream", "{refused}");
+    assert!(routed.get("blame").is_none(), "{routed}");
     let workers: std::collections::BTreeSet<u64> = lines
         .iter()
         .map(|l| l["worker"].as_u64().unwrap())

@@ -291,9 +291,11 @@ fn at_the_connection_cap_idle_connections_make_room_and_the_rest_is_refused() {
     assert_eq!(counter(&socket, "connections_evicted_idle"), 1);
 
     // Now both slots are busy with requests in flight: no one to evict.
+    // The count is taken before sending: a request may reach the upstream
+    // before the next line runs.
+    let before = up.requests();
     younger.send(b"GET /delay/3000 HTTP/1.1\r\nHost: a\r\n\r\n");
     third.send(b"GET /delay/3000 HTTP/1.1\r\nHost: a\r\n\r\n");
-    let before = up.requests();
     eventually("both requests upstream", || up.requests() == before + 2);
     let refused = ask(addr, "GET /echo HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(refused.status, 503, "{}", refused.text());
@@ -352,6 +354,96 @@ fn near_the_connection_cap_responses_stop_keeping_connections_alive() {
     proxy.signal(15);
     assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The memory overload stages, walked in order through the real binary
+/// (the resident size read from a file: the documented test seam): below
+/// 80% of `memory_max_mib` nothing changes; from 80% responses close their
+/// connections; from 90% new requests get 503 `overload`; from 95% the
+/// worker stops accepting, and a connection made then waits in the
+/// backlog and is served once the pressure eases. Each stage is counted
+/// and shown in /stats. Both drivers.
+#[test]
+fn memory_overload_stages_are_reached_in_order() {
+    const MIB: u64 = 1024 * 1024;
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        let dir = temp_dir("memory-overload");
+        let socket = dir.join("admin.sock");
+        let memory = dir.join("memory");
+        let set_memory = |mib: u64| std::fs::write(&memory, (mib * MIB).to_string()).unwrap();
+        set_memory(10);
+        let config = app_out(
+            up.addr,
+            &format!(
+                "[runtime]\ndriver = \"{driver}\"\n[overload]\nmemory_max_mib = 100\n[admin]\nsocket = \"{}\"",
+                socket.display()
+            ),
+            "",
+        );
+        let mut proxy = ChildProxy::spawn_with_env(
+            &config,
+            &[(
+                pilotfish::lifecycle::overload::MEMORY_FILE_ENV,
+                memory.to_str().unwrap(),
+            )],
+        );
+        let addr = proxy.wait_ready();
+        let stats = || {
+            let (_, body) = pilotfish::admin::client::request(&socket, "GET", "/stats").unwrap();
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        };
+        let stage_is = |want: u64| {
+            eventually(&format!("{driver}: overload stage {want}"), || {
+                stats()["overload"]["stage"].as_u64() == Some(want)
+            })
+        };
+        let request = |c: &mut Conn| {
+            c.send(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n");
+            c.read(false).unwrap()
+        };
+        // 10% of the ceiling: kept alive.
+        stage_is(0);
+        let r = request(&mut Conn::open(addr));
+        assert_eq!((r.status, r.header("connection")), (200, None), "{driver}");
+        // 85%: served, but the connection closes.
+        set_memory(85);
+        stage_is(1);
+        let r = request(&mut Conn::open(addr));
+        assert_eq!(r.status, 200, "{driver}");
+        assert_eq!(r.header("connection"), Some("close"), "{driver}");
+        assert!(counter(&socket, "overload_keep_alive_off") >= 1, "{driver}");
+        // 92%: refused with a reason.
+        set_memory(92);
+        stage_is(2);
+        let r = request(&mut Conn::open(addr));
+        assert_eq!(r.status, 503, "{driver}");
+        assert_eq!(r.header("x-pilotfish-error"), Some("overload"), "{driver}");
+        // 97%: the accept loop pauses (once the worker's mailbox is read).
+        set_memory(97);
+        stage_is(3);
+        eventually("the accept loop pauses", || {
+            counter(&socket, "overload_accept_paused") >= 1
+        });
+        let accepted = counter(&socket, "connections_accepted");
+        let mut waiting = Conn::open(addr);
+        waiting.send(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            counter(&socket, "connections_accepted"),
+            accepted,
+            "{driver}: accepted at stage 3"
+        );
+        // The pressure eases: the waiting connection is accepted and served.
+        set_memory(10);
+        stage_is(0);
+        let r = waiting.read(false).unwrap();
+        assert_eq!(r.status, 200, "{driver}");
+        assert_eq!(counter(&socket, "connections_accepted"), accepted + 1);
+        proxy.signal(15);
+        assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// A client that trickles its request body (a byte every 300 ms: each

@@ -573,20 +573,6 @@ fn interim_responses_are_relayed_and_bounded() {
     proxy.shutdown();
 }
 
-/// Reads a request head (to the blank line) from a raw upstream socket.
-fn read_head_raw(s: &mut std::net::TcpStream) -> String {
-    use std::io::Read;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b).unwrap_or(0) == 0 {
-            break;
-        }
-        head.push(b[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 /// Issue 11 item 8: the route timeout runs from when the request was
 /// forwarded in full, so a slow upload to a healthy upstream is no 504.
 #[test]
@@ -815,6 +801,130 @@ fn fault_settings_are_validated() {
     }
 }
 
+/// The connection breakers: past `max_connections` open to the cluster
+/// (pooled or busy), a request that needs a new one gets 503
+/// `circuit_breaker_max_connections`, while pooled ones are still reused;
+/// past `max_pending` requests waiting for a connect, 503
+/// `circuit_breaker_max_pending` at once.
+#[test]
+fn circuit_breakers_cap_connections_and_pending_connects() {
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        let (proxy, addr) = start_toml(
+            &http_config(
+                driver,
+                "cluster = \"app\"",
+                &cluster(
+                    "app",
+                    &[up.addr],
+                    "circuit_breakers = { max_connections = 2 }",
+                ),
+            ),
+            "web",
+        );
+        let before = up.requests();
+        let mut busy: Vec<Conn> = (0..2).map(|_| Conn::open(addr)).collect();
+        for c in &mut busy {
+            c.send(b"GET /delay/1000 HTTP/1.1\r\nHost: a\r\n\r\n");
+        }
+        eventually("two requests in flight", || up.requests() - before == 2);
+        let r = get(addr, "/echo");
+        assert_eq!(r.status, 503, "{driver}: {}", r.text());
+        assert_eq!(
+            r.header("x-pilotfish-error"),
+            Some("circuit_breaker_max_connections"),
+            "{driver}"
+        );
+        for c in &mut busy {
+            assert_eq!(c.read(false).unwrap().status, 200, "{driver}");
+        }
+        // Both connections are pooled now (still open, still counted):
+        // requests reuse them, one after another, and all get through.
+        for _ in 0..5 {
+            assert_eq!(get(addr, "/echo").status, 200, "{driver}");
+        }
+        let stats = proxy.stats().total.http;
+        assert_eq!(stats.upstream_connects, 2, "{driver}: no third connection");
+        proxy.shutdown();
+    }
+
+    // An endpoint whose accept queue is full: connects hang (the kernel
+    // drops the SYNs), so requests wait for a connection.
+    let stuck = blackhole();
+    let stuck_addr = stuck.addr;
+    for driver in drivers() {
+        let (proxy, addr) = start_toml(
+            &http_config(
+                driver,
+                "cluster = \"app\"",
+                &cluster(
+                    "app",
+                    &[stuck_addr],
+                    "connect_timeout = \"3s\"\ncircuit_breakers = { max_pending = 1 }",
+                ),
+            ),
+            "web",
+        );
+        let mut waiting = Conn::open(addr);
+        waiting.send(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n");
+        eventually("one request waiting for a connect", || {
+            proxy.stats().total.http.upstream_connects == 1
+        });
+        let r = get(addr, "/b");
+        assert_eq!(r.status, 503, "{driver}: {}", r.text());
+        assert_eq!(
+            r.header("x-pilotfish-error"),
+            Some("circuit_breaker_max_pending"),
+            "{driver}"
+        );
+        // The waiting one ends with its connect timeout (503, connect failed).
+        let w = waiting.read(false).unwrap();
+        assert_eq!(w.status, 503, "{driver}");
+        assert_eq!(
+            w.header("x-pilotfish-error"),
+            Some("upstream_connect_failed")
+        );
+        proxy.shutdown();
+    }
+}
+
+/// `max_connections` on an HTTP/2 cluster: requests that arrive while the
+/// one connection is still being made wait for it and share it, rather
+/// than being refused because the connect in flight already counts.
+#[test]
+fn max_connections_on_an_h2_cluster_multiplexes_instead_of_refusing() {
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        // B speaks h2c on its listener; A reaches it over h2, one
+        // connection at most.
+        let (b, b_addr) = start_toml(
+            &http_config(driver, "cluster = \"app\"", &cluster("app", &[up.addr], "")),
+            "web",
+        );
+        let (a, a_addr) = start_toml(
+            &http_config(
+                driver,
+                "cluster = \"b\"",
+                &cluster(
+                    "b",
+                    &[b_addr],
+                    "protocol = \"h2\"\ncircuit_breakers = { max_connections = 1 }",
+                ),
+            ),
+            "web",
+        );
+        let clients: Vec<_> = (0..8)
+            .map(|_| std::thread::spawn(move || get(a_addr, "/delay/200").status))
+            .collect();
+        let statuses: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        assert_eq!(statuses, vec![200; 8], "{driver}");
+        let stats = a.stats().total.http;
+        assert_eq!(stats.upstream_connects, 1, "{driver}: one h2 connection");
+        a.shutdown();
+        b.shutdown();
+    }
+}
+
 /// Circuit breakers per cluster (issue 16 item 2): past `max_requests`
 /// in flight, a request gets 503 `circuit_breaker_max_requests` at once;
 /// at `max_retries`, a failed attempt is not retried (counted).
@@ -870,5 +980,71 @@ fn circuit_breakers_cap_requests_and_retries() {
         let refused = proxy.stats().total.http.retries_over_breaker;
         assert_eq!(refused, u64::from(tries == 1), "{breaker:?}");
         proxy.shutdown();
+    }
+}
+
+/// Trailers cross every hop (issue 12): a chunked request's trailer
+/// section reaches the upstream, and an upstream's reaches the client,
+/// straight through one proxy (HTTP/1.1 both sides) and through a sidecar
+/// pair speaking h2 between them (HTTP/1.1 trailer sections become h2
+/// trailer blocks and back). Connection-specific and framing fields in a
+/// trailer section are not forwarded, nor, in a request, the fields the
+/// proxy vouches for in the head (the caller's identity, forwarding).
+#[test]
+fn trailers_cross_every_hop_both_ways() {
+    use std::io::Write;
+    let (log, seen) = std::sync::mpsc::channel::<String>();
+    let upstream = serve(move |mut s| loop {
+        let head = read_head_raw(&mut s);
+        if head.is_empty() {
+            return;
+        }
+        // The chunked body ends with the trailer section's blank line.
+        let body = read_head_raw(&mut s);
+        if !body.ends_with("\r\n\r\n") {
+            return;
+        }
+        let _ = log.send(body.to_ascii_lowercase());
+        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: abc\r\nContent-Length: 5\r\nGrpc-Status: 0\r\n\r\n";
+        if s.write_all(answer).is_err() {
+            return;
+        }
+    });
+    let request = b"POST /up HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\nX-Req-Sum: 1\r\nConnection: x\r\nX-Pilotfish-Peer-Identity: spiffe://forged\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n";
+    let check = |addr, what: &str| {
+        let mut c = Conn::open(addr);
+        c.send(request);
+        let r = c.read(false).unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "hello"), "{what}");
+        assert_eq!(
+            r.trailers,
+            vec![
+                ("x-sum".to_string(), "abc".to_string()),
+                ("grpc-status".to_string(), "0".to_string())
+            ],
+            "{what}"
+        );
+        let body = seen.recv_timeout(IO_DEADLINE).expect("the upstream got it");
+        assert!(body.starts_with("4\r\nbody\r\n0\r\n"), "{what}: {body:?}");
+        assert!(body.contains("x-req-sum: 1\r\n"), "{what}: {body:?}");
+        assert!(!body.contains("connection"), "{what}: {body:?}");
+        // What the proxy vouches for in the head cannot come in a trailer.
+        assert!(!body.contains("forged"), "{what}: {body:?}");
+        assert!(!body.contains("6.6.6.6"), "{what}: {body:?}");
+    };
+    for driver in drivers() {
+        let (b, b_addr) = start_to(driver, upstream);
+        check(b_addr, &format!("{driver}: one proxy"));
+        let (a, a_addr) = start_toml(
+            &http_config(
+                driver,
+                "cluster = \"b\"",
+                &cluster("b", &[b_addr], "protocol = \"h2\""),
+            ),
+            "web",
+        );
+        check(a_addr, &format!("{driver}: h2 between two proxies"));
+        a.shutdown();
+        b.shutdown();
     }
 }

@@ -172,3 +172,80 @@ fn a_client_that_resets_most_streams_after_they_went_upstream_is_cut_off() {
         proxy.shutdown();
     }
 }
+
+/// An upstream that answers an upload before reading it (a 413): the h2
+/// client gets that answer, and its stream ends cleanly: the rest of the
+/// body is read and discarded (bounded) instead of the stream being reset
+/// under a client that is still sending, which curl reports as an error.
+#[test]
+fn an_early_answer_to_an_h2_upload_reaches_the_client_whole() {
+    if !have("curl") {
+        return;
+    }
+    let upstream = serve(|mut s| {
+        if read_head_raw(&mut s).is_empty() {
+            return;
+        }
+        let _ = s.write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig\n");
+        // Never reads the body.
+        thread::sleep(Duration::from_secs(5));
+    });
+    let file = temp_dir("h2-early").join("up.bin");
+    std::fs::write(&file, vec![b'x'; 64 * 1024]).unwrap();
+    for driver in drivers() {
+        let (proxy, addr) = start_to(driver, upstream);
+        let stats = || proxy.stats().total.http;
+        // Sent slowly (about a second): the answer comes before the body
+        // is in.
+        let (out, err) = curl_h2(&[
+            "--limit-rate",
+            "64K",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            "-w",
+            "%{http_code}",
+            &format!("http://{addr}/upload"),
+        ]);
+        assert_eq!(out, "big\n413", "{driver}: {err}");
+        assert!(err.is_empty(), "{driver}: {err}");
+        assert_eq!(stats().early_responses, 1, "{driver}: answered early");
+        proxy.shutdown();
+    }
+}
+
+/// Interim responses from an HTTP/1.1 upstream reach an h2 client (103
+/// Early Hints, as HEADERS before the final ones), on both drivers.
+#[test]
+fn an_early_hints_response_reaches_an_h2_client() {
+    if !have("curl") {
+        return;
+    }
+    let upstream = serve(|mut s| {
+        if read_head_raw(&mut s).is_empty() {
+            return;
+        }
+        let _ = s.write_all(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n",
+        );
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b);
+    });
+    for driver in drivers() {
+        let (proxy, addr) = start_to(driver, upstream);
+        let (out, err) = curl_h2(&["-i", &format!("http://{addr}/page")]);
+        let out = out.to_ascii_lowercase();
+        let early = out
+            .find("http/2 103")
+            .unwrap_or_else(|| panic!("{driver}: {out}{err}"));
+        let last = out
+            .find("http/2 200")
+            .unwrap_or_else(|| panic!("{driver}: {out}{err}"));
+        assert!(early < last, "{driver}: {out}");
+        assert!(
+            out.contains("link: </style.css>; rel=preload"),
+            "{driver}: {out}"
+        );
+        assert!(out.ends_with("ok\n"), "{driver}: {out}");
+        proxy.shutdown();
+    }
+}

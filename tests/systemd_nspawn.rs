@@ -107,18 +107,29 @@ struct Container {
 }
 
 impl Container {
-    fn boot(root: &Path, binds: &[(PathBuf, &str)], log: &Path) -> Container {
+    /// `private_network`: a network namespace of its own; else the
+    /// host's, so the test reaches the container's listeners on loopback.
+    fn boot(
+        root: &Path,
+        binds: &[(PathBuf, &str)],
+        log: &Path,
+        private_network: bool,
+    ) -> Container {
+        static BOOTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut cmd = Command::new("systemd-nspawn");
         cmd.args(["-D", root.to_str().unwrap()])
             .args([
                 "--boot",
                 "--register=no",
                 "--keep-unit",
-                "--private-network",
                 "--volatile=overlay",
                 "--console=pipe",
             ])
-            .arg(format!("--machine=pf-units-{}", std::process::id()));
+            .arg(format!("--machine=pf-units-{}-{n}", std::process::id()));
+        if private_network {
+            cmd.arg("--private-network");
+        }
         for (host, inside) in binds {
             cmd.arg(format!("--bind-ro={}:{inside}", host.display()));
         }
@@ -189,6 +200,10 @@ impl Container {
             "pilotfish-intercept.service",
             "-u",
             "pilotfish-transparent.service",
+            "-u",
+            "pilotfish.service",
+            "-u",
+            "pilotfish.socket",
         ]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -303,7 +318,7 @@ protocol = "auto"
         ),
         (etc.clone(), "/etc/pilotfish"),
     ];
-    let c = Container::boot(&root, &binds, &dir.join("nspawn.log"));
+    let c = Container::boot(&root, &binds, &dir.join("nspawn.log"), true);
 
     // The user the sysusers file declares exists with the fixed uid.
     let passwd = c.ok(&["getent", "passwd", "pilotfish"]);
@@ -370,5 +385,263 @@ protocol = "auto"
     );
     let ruleset = c.ok(&["nft", "list", "ruleset"]);
     assert!(!ruleset.contains("pilotfish"), "{ruleset}");
+    drop(c);
+}
+
+const SERVICE: &str = "pilotfish.service";
+const SOCKET: &str = "pilotfish.socket";
+
+/// An HTTP/1.1 upstream on the host's loopback (the container shares the
+/// host's network here) that answers 200 with the request head as the
+/// body, so the test sees what the proxy forwarded; `GET /slow` waits
+/// 2 s first (a request in flight across a stop).
+fn head_echo_upstream() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    support::serve(|mut s| {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head: Vec<u8> = buf.drain(..end + 4).collect();
+                if head.starts_with(b"GET /slow") {
+                    thread::sleep(Duration::from_secs(2));
+                }
+                let mut reply =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len())
+                        .into_bytes();
+                reply.extend_from_slice(&head);
+                if s.write_all(&reply).is_err() {
+                    return;
+                }
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+}
+
+/// One request on a new connection: Ok((status, body)) or why not.
+fn get(port: u16, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read: {e}"))?;
+    let status = out
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {out:?}"))?;
+    Ok((status, out))
+}
+
+fn sidecar_config(port: u16, upstream: std::net::SocketAddr, version: &str) -> String {
+    format!(
+        r#"workers = 2
+drain_timeout = "5s"
+[admin]
+socket = "/run/pilotfish/admin.sock"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:{port}"
+protocol = "http"
+cluster = "up"
+[[listeners.routes]]
+name = "all"
+path_prefix = "/"
+cluster = "up"
+request_headers = {{ set = {{ "x-config" = "{version}" }} }}
+[[clusters]]
+name = "up"
+endpoints = ["{upstream}"]
+"#
+    )
+}
+
+/// Polls `check` until it holds, for at most `limit`.
+fn wait_for(c: &Container, what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {what}\njournal:\n{}",
+            c.journal()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The shipped `pilotfish.service` and `pilotfish.socket` under a real
+/// systemd, each operation the README documents: start (Type=notify, on
+/// the socket unit's sockets), `systemctl reload` (the new config in
+/// effect, same process), `systemctl restart` under load with no request
+/// refused or failed (the socket unit keeps the listening sockets), a
+/// crash (SIGKILL) restarted by `Restart=on-failure`, a wedged worker
+/// restarted by the watchdog, and `systemctl stop` draining a request in
+/// flight.
+#[test]
+fn sidecar_service_reloads_restarts_and_drains_under_systemd() {
+    if !capable() {
+        return;
+    }
+    let root = rootfs();
+    let dir = support::temp_dir("nspawn-service");
+    let upstream = head_echo_upstream();
+    let port = support::closed_port().port();
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let config = etc.join("pilotfish.toml");
+    std::fs::write(&config, sidecar_config(port, upstream, "v1")).unwrap();
+    // Drop-ins: the socket unit listens on the test's port; the service's
+    // directory gets the watchdog fault later.
+    let socket_d = dir.join("socket.d");
+    let service_d = dir.join("service.d");
+    std::fs::create_dir_all(&socket_d).unwrap();
+    std::fs::create_dir_all(&service_d).unwrap();
+    std::fs::write(
+        socket_d.join("port.conf"),
+        format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n"),
+    )
+    .unwrap();
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    let binds = [
+        (
+            PathBuf::from(env!("CARGO_BIN_EXE_pilotfish")),
+            "/usr/local/bin/pilotfish",
+        ),
+        (units.join(SERVICE), "/etc/systemd/system/pilotfish.service"),
+        (units.join(SOCKET), "/etc/systemd/system/pilotfish.socket"),
+        (socket_d.clone(), "/etc/systemd/system/pilotfish.socket.d"),
+        (service_d.clone(), "/etc/systemd/system/pilotfish.service.d"),
+        (etc.clone(), "/etc/pilotfish"),
+    ];
+    let c = Container::boot(&root, &binds, &dir.join("nspawn.log"), false);
+    c.ok(&["systemctl", "daemon-reload"]);
+
+    // Start: the socket unit first, then the service on its sockets.
+    c.ok(&["systemctl", "start", SOCKET]);
+    c.ok(&["systemctl", "start", SERVICE]);
+    assert_eq!(c.prop(SERVICE, "ActiveState"), "active");
+    let (status, body) = get(port, "/").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("x-config: v1"), "{body}");
+    let first = c.prop(SERVICE, "MainPID");
+    let journal = c.journal();
+    assert!(
+        journal.contains("serving on inherited sockets"),
+        "the service did not say it took the socket unit's sockets:\n{journal}"
+    );
+
+    // Reload: the edited file is checked and applied by the same process.
+    std::fs::write(&config, sidecar_config(port, upstream, "v2")).unwrap();
+    c.ok(&["systemctl", "reload", SERVICE]);
+    let (status, body) = get(port, "/").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("x-config: v2"),
+        "reload not in effect: {body}"
+    );
+    assert_eq!(
+        c.prop(SERVICE, "MainPID"),
+        first,
+        "reload replaced the process"
+    );
+
+    // Restart under load: requests on new connections all along, none
+    // refused or failed while one process stops and the next starts.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(port, "/") {
+                    Ok((200, _)) => ok += 1,
+                    Ok((s, body)) => failed.push(format!("status {s}: {body}")),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    c.ok(&["systemctl", "restart", SERVICE]);
+    let second = c.prop(SERVICE, "MainPID");
+    assert_ne!(second, first, "restart kept the process");
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(ok > 10, "only {ok} requests went through");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the restart: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
+
+    // A crash: SIGKILL; Restart=on-failure starts the next process.
+    c.ok(&["systemctl", "kill", "-s", "SIGKILL", SERVICE]);
+    wait_for(
+        &c,
+        "a restart after SIGKILL",
+        Duration::from_secs(30),
+        || {
+            let pid = c.prop(SERVICE, "MainPID");
+            c.prop(SERVICE, "ActiveState") == "active" && pid != second && pid != "0"
+        },
+    );
+    let third = c.prop(SERVICE, "MainPID");
+    assert_eq!(get(port, "/").unwrap().0, 200);
+
+    // The watchdog: worker 0 wedges 1 s after it serves (the binary's
+    // test seam) and WatchdogSec=2s; systemd must kill and restart it.
+    std::fs::write(
+        service_d.join("watchdog.conf"),
+        "[Service]\nWatchdogSec=2s\nEnvironment=PILOTFISH_FAULT_WEDGE_WORKER=0:1000:600000\n",
+    )
+    .unwrap();
+    c.ok(&["systemctl", "daemon-reload"]);
+    c.ok(&["systemctl", "restart", SERVICE]);
+    let wedged = c.prop(SERVICE, "MainPID");
+    assert_ne!(wedged, third);
+    wait_for(
+        &c,
+        "the watchdog to restart the wedged service",
+        Duration::from_secs(30),
+        || {
+            let pid = c.prop(SERVICE, "MainPID");
+            pid != wedged && pid != "0"
+        },
+    );
+    let pid1 = c.ok(&[
+        "journalctl",
+        "--no-pager",
+        "_PID=1",
+        &format!("UNIT={SERVICE}"),
+    ]);
+    assert!(pid1.contains("Watchdog timeout"), "{pid1}");
+    std::fs::remove_file(service_d.join("watchdog.conf")).unwrap();
+    c.ok(&["systemctl", "daemon-reload"]);
+    c.ok(&["systemctl", "restart", SERVICE]);
+    assert_eq!(c.prop(SERVICE, "ActiveState"), "active");
+
+    // Stop drains: a request in flight (the upstream takes 2 s) is
+    // answered; the process exits 0.
+    let slow = thread::spawn(move || get(port, "/slow"));
+    thread::sleep(Duration::from_millis(500));
+    c.ok(&["systemctl", "stop", SERVICE]);
+    let (status, body) = slow.join().unwrap().unwrap();
+    assert_eq!(status, 200, "the request in flight at stop: {body}");
+    assert_eq!(c.prop(SERVICE, "ActiveState"), "inactive");
+    assert_eq!(c.prop(SERVICE, "ExecMainStatus"), "0", "{}", c.journal());
     drop(c);
 }

@@ -217,9 +217,18 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     assert_eq!(code, 200);
 }
 
+/// Socket activation as systemd does it: one socket for two workers (they
+/// share it), connections queued before the proxy started are served.
+/// Both drivers.
 #[test]
 fn socket_activation_serves_on_the_sockets_systemd_passes() {
     let up = HttpUpstream::start();
+    for driver in drivers() {
+        socket_activation_on(driver, &up);
+    }
+}
+
+fn socket_activation_on(driver: &str, up: &HttpUpstream) {
     let dir = temp_dir("socket-activation");
     // As a systemd socket unit with ReusePort=yes would make it.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -232,7 +241,7 @@ fn socket_activation_serves_on_the_sockets_systemd_passes() {
     let config_path = dir.join("pilotfish.toml");
     std::fs::write(
         &config_path,
-        config("epoll", addr.port(), &dir.join("admin.sock"), up.addr),
+        config(driver, addr.port(), &dir.join("admin.sock"), up.addr),
     )
     .unwrap();
     // systemd puts the sockets at descriptor 3 and names the pid in
@@ -257,10 +266,13 @@ fn socket_activation_serves_on_the_sockets_systemd_passes() {
         assert!(Instant::now() < deadline, "not served");
         match one_request(addr) {
             Ok(()) => served += 1,
-            Err(e) => panic!("{e}"),
+            Err(e) => panic!("{driver}: {e}"),
         }
     }
-    early.join().unwrap().unwrap();
+    early
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{driver}: {e}"));
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -294,12 +306,19 @@ fn recv_with_fds(notify: &std::os::unix::net::UnixDatagram) -> (String, Vec<std:
 /// file-descriptor store (`FDSTORE=1`, read here from a fake
 /// NOTIFY_SOCKET): the restarted process serves on the same sockets, and
 /// a connection made while no process ran is answered.
+/// Both drivers.
 #[test]
 fn the_fd_store_keeps_the_listening_sockets_across_a_crash() {
     let up = HttpUpstream::start();
+    for driver in drivers() {
+        fd_store_round_trip(driver, &up);
+    }
+}
+
+fn fd_store_round_trip(driver: &str, up: &HttpUpstream) {
     let dir = temp_dir("fdstore");
     let port = free_port();
-    let config_text = config("io_uring", port, &dir.join("admin.sock"), up.addr);
+    let config_text = config(driver, port, &dir.join("admin.sock"), up.addr);
     let mut first = ChildProxy::spawn(&config_text);
     let addr = first.wait_ready();
     let fds = loop {

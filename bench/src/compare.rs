@@ -1,5 +1,8 @@
 //! Side by side: Pilotfish, nginx and HAProxy in front of the same
-//! upstream, under the same load, in one run, over several scenarios.
+//! upstream, under the same load, in one run, over several scenarios; and
+//! the floor: a do-nothing forwarder on Pilotfish's runtime (`floor.rs`),
+//! so each run shows how far Pilotfish is from the cheapest proxy of its
+//! shape on that machine (not in the idle scenario: it is a CPU floor).
 //!
 //! Placement: every proxy alone on the last CPU (one worker each); the load
 //! generators (wrk, our open-loop `load`, the L4 client) and the upstream
@@ -498,6 +501,35 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     } else {
         notes.push("haproxy: not installed, skipped".to_string());
     }
+    {
+        // The floor: the cheapest proxy of this shape on this machine.
+        let (http, tcp) = (free_addr()?, free_addr()?);
+        let child = pinned(
+            &proxy_cpu,
+            &std::env::current_exe()?.to_string_lossy(),
+            nofile,
+        )
+        .args([
+            "floor",
+            "--route",
+            &format!("{http}={upstream}"),
+            "--route",
+            &format!("{tcp}={sink}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+        let p = Proc { child };
+        wait_listening(http)?;
+        wait_listening(tcp)?;
+        candidates.push(Candidate {
+            name: "floor",
+            http,
+            tcp: Some(tcp),
+            pids: vec![p.child.id()],
+            _guard: Box::new(p),
+        });
+    }
     for n in &notes {
         println!("note: {n}");
     }
@@ -798,7 +830,9 @@ fn idle_scenario(s: &Setup, wanted: usize) -> anyhow::Result<ScenarioResult> {
             "{n} connections instead of {wanted}: this process may open {soft} files"
         ));
     }
-    for c in &s.candidates {
+    // The floor holds an upstream connection and two buffers per client
+    // connection: it is a floor for CPU, not for memory.
+    for c in s.candidates.iter().filter(|c| c.name != "floor") {
         let before = rss_kib(&c.pids);
         let mut held = Vec::with_capacity(n);
         let mut buf = [0u8; 4096];

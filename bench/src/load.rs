@@ -499,9 +499,18 @@ enum Framing {
     UntilClose,
 }
 
-/// A response head: its length, status, framing, and whether it keeps the
-/// connection; None while incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<(usize, u16, Framing, bool)>, &'static str> {
+/// A parsed response head.
+struct Head {
+    len: usize,
+    status: u16,
+    framing: Framing,
+    keep: bool,
+    /// It carries `x-pilotfish-error`: the proxy generated it (and says why).
+    generated: bool,
+}
+
+/// A response head; None while incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, &'static str> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
     let n = match resp.parse(buf) {
@@ -512,7 +521,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, u16, Framing, bool)>, &'stati
     let status = resp.code.unwrap_or(0);
     let mut framing = Framing::UntilClose;
     let mut keep = resp.version == Some(1);
+    let mut generated = false;
     for h in resp.headers.iter() {
+        generated |= h.name.eq_ignore_ascii_case("x-pilotfish-error");
         if h.name.eq_ignore_ascii_case("content-length") {
             let len = std::str::from_utf8(h.value)
                 .ok()
@@ -532,16 +543,29 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, u16, Framing, bool)>, &'stati
     if status == 204 || status == 304 {
         framing = Framing::Length(0);
     }
-    Ok(Some((n, status, framing, keep)))
+    Ok(Some(Head {
+        len: n,
+        status,
+        framing,
+        keep,
+        generated,
+    }))
 }
 
-/// Reads one response; non-2xx statuses are errors by class.
+/// Reads one response; non-2xx statuses are errors by class, those the
+/// proxy generated (`x-pilotfish-error`) apart from the upstream's.
 async fn read_response(w: &mut Wire) -> Result<(u64, bool), &'static str> {
-    let (head_len, status, framing, keep) = loop {
+    let Head {
+        len: head_len,
+        status,
+        framing,
+        keep,
+        generated,
+    } = loop {
         match parse_head(&w.buf)? {
             // An interim response: drop it and read on.
-            Some((n, status, ..)) if (100..200).contains(&status) => {
-                w.buf.drain(..n);
+            Some(h) if (100..200).contains(&h.status) => {
+                w.buf.drain(..h.len);
             }
             Some(head) => break head,
             None if w.buf.len() >= HEAD_BYTES_MAX => return Err("head_too_large"),
@@ -579,6 +603,8 @@ async fn read_response(w: &mut Wire) -> Result<(u64, bool), &'static str> {
     };
     if !(200..300).contains(&status) {
         return Err(match status / 100 {
+            4 if generated => "generated_4xx",
+            5 if generated => "generated_5xx",
             3 => "status_3xx",
             4 => "status_4xx",
             5 => "status_5xx",

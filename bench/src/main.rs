@@ -4,12 +4,14 @@
 mod compare;
 mod demo;
 mod fault;
+mod floor;
 mod handshakes;
 mod l4;
 mod load;
 mod otlp_sink;
 mod pingpong;
 mod plot;
+mod reliability;
 mod sidecar;
 mod transparent;
 mod upstream;
@@ -89,6 +91,21 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "bench/results")]
         out: PathBuf,
     },
+    /// Staying up: config swaps, reloads, a drain, an in-place upgrade, an
+    /// upstream restart, slowloris, idle connections and floods, each
+    /// under load against the real binary; one table of what clients saw.
+    Reliability {
+        /// 3 s per scenario and 2,000 idle connections (CI).
+        #[arg(long)]
+        quick: bool,
+        /// The pilotfish binary (default: built next to this one).
+        #[arg(long, value_name = "PATH")]
+        pilotfish: Option<PathBuf>,
+        /// Where the report, configs and logs go (default: `reliability/`
+        /// in the cargo target directory).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// An HTTP/1.1 (or, with --tcp, echo) upstream for tests and benchmarks.
     Upstream {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -101,6 +118,22 @@ enum Command {
     },
     /// Load: open loop at --rate (coordinated omission corrected) or closed loop.
     Load(LoadArgs),
+    /// The do-nothing forwarder `compare` measures as the floor: one
+    /// upstream connection per client connection, bytes copied both ways,
+    /// nothing parsed, on Pilotfish's runtime.
+    Floor {
+        /// LISTEN=UPSTREAM, both host:port (repeatable).
+        #[arg(long = "route", value_parser = route_arg, required = true)]
+        routes: Vec<(SocketAddr, SocketAddr)>,
+    },
+}
+
+fn route_arg(s: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (l, u) = s.split_once('=').ok_or("expected LISTEN=UPSTREAM")?;
+    Ok((
+        l.parse().map_err(|e| format!("{l}: {e}"))?,
+        u.parse().map_err(|e| format!("{u}: {e}"))?,
+    ))
 }
 
 #[derive(Debug, clap::Args)]
@@ -179,6 +212,15 @@ fn main() -> anyhow::Result<()> {
             pilotfish,
         ),
         Command::L4 { mib, rounds } => l4::run(mib, rounds),
+        Command::Reliability {
+            quick,
+            pilotfish,
+            out,
+        } => reliability::run(&reliability::Options {
+            quick,
+            binary: pilotfish,
+            out: out.unwrap_or_else(|| demo::default_out().with_file_name("reliability")),
+        }),
         Command::Handshakes { quick, pilotfish } => handshakes::run(quick, pilotfish),
         Command::Compare {
             quick,
@@ -204,6 +246,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Load(args) => run_load(args),
+        Command::Floor { routes } => floor::run(routes),
     }
 }
 

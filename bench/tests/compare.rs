@@ -46,6 +46,9 @@ fn compare_quick_runs_every_scenario_and_writes_results() {
     // direct (where direct applies).
     assert_eq!(stdout.matches("\npilotfish ").count(), 7, "{stdout}");
     assert_eq!(stdout.matches("\ndirect ").count(), 6, "{stdout}");
+    // The floor in every scenario but the idle one (a CPU floor).
+    assert_eq!(stdout.matches("\nfloor ").count(), 6, "{stdout}");
+    assert!(stdout.contains("cost vs floor"), "{stdout}");
     let files: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -672,6 +672,7 @@ fn route(method: &[u8], path: &str, query: &Query, body: &[u8], shared: &Shared)
                 spans_failed,
                 admin_refusals: Some(&shared.refusals),
                 per_core: query.get("per_core") == Some("true"),
+                overload: state.control.overload(),
             };
             let out = prometheus::render(&reports, &hist, &extra);
             (200, "text/plain; version=0.0.4", out.into_bytes())
@@ -778,6 +779,8 @@ struct Stats {
     /// The certificate new handshakes present (absent without `[tls]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<crate::control::TlsStatus>,
+    /// The memory overload stage (0 without `[overload] memory_max_mib`).
+    overload: crate::lifecycle::overload::Report,
     workers: Vec<worker::WorkerReport>,
 }
 
@@ -803,6 +806,7 @@ fn stats(shared: &Shared) -> Stats {
             bad_token: shared.refusals.bad_token.load(Ordering::Relaxed),
         },
         tls: state.control.tls_status(),
+        overload: state.control.overload(),
         workers,
     }
 }

@@ -195,8 +195,13 @@ const COUNTERS: &[Field] = &[
     ),
     (
         "overload_keep_alive_off_total",
-        "HTTP/1.1 responses that closed their connection because the worker was near its connection cap.",
+        "Responses that closed their connection because the worker was near its connection cap or the process near its memory ceiling.",
         |s| s.overload_keep_alive_off,
+    ),
+    (
+        "overload_accept_paused_total",
+        "Times an accept loop paused at the last memory overload stage (new connections wait in the kernel backlog).",
+        |s| s.overload_accept_paused,
     ),
 ];
 
@@ -216,6 +221,8 @@ pub struct Extra<'a> {
     pub admin_refusals: Option<&'a super::Refusals>,
     /// Golden metrics per core (a `core` label) instead of summed.
     pub per_core: bool,
+    /// The memory overload stage and the figures behind it.
+    pub overload: crate::lifecycle::overload::Report,
 }
 
 fn admin_refusals(out: &mut String, refusals: &super::Refusals) {
@@ -307,6 +314,26 @@ pub fn render(reports: &[WorkerReport], hist: &[HistogramReport], extra: &Extra<
     if let Some(refusals) = extra.admin_refusals {
         admin_refusals(&mut out, refusals);
     }
+    for (name, help, value) in [
+        (
+            "overload_stage",
+            "Memory overload stage: 0 none, 1 keep-alive off, 2 new requests refused, 3 not accepting.",
+            u64::from(extra.overload.stage),
+        ),
+        (
+            "memory_used_bytes",
+            "Resident memory at the last overload sample (0 without [overload] memory_max_mib).",
+            extra.overload.memory_used_bytes,
+        ),
+        (
+            "memory_max_bytes",
+            "The [overload] memory ceiling (0: none).",
+            extra.overload.memory_max_bytes,
+        ),
+    ] {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "pilotfish_{name} {value}");
+    }
     family(
         &mut out,
         "http_responses_total",
@@ -342,15 +369,16 @@ pub fn render(reports: &[WorkerReport], hist: &[HistogramReport], extra: &Extra<
         &mut out,
         "http_generated_responses_total",
         "counter",
-        "Responses the proxy generated, by reason.",
+        "Responses the proxy generated, by reason and who caused it (downstream, upstream, internal).",
     );
     for r in reports {
         for reason in ErrorReason::ALL {
             let _ = writeln!(
                 out,
-                "pilotfish_http_generated_responses_total{{core=\"{}\",reason=\"{}\",status=\"{}\"}} {}",
+                "pilotfish_http_generated_responses_total{{core=\"{}\",reason=\"{}\",blame=\"{}\",status=\"{}\"}} {}",
                 r.worker,
                 reason.name(),
+                reason.blame().name(),
                 reason.status(),
                 r.counters.http.generated(reason)
             );

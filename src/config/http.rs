@@ -196,6 +196,14 @@ pub struct Breakers {
     /// Retries in flight to the cluster; past it, a failed attempt is not
     /// retried (counted).
     pub max_retries: Option<u32>,
+    /// Open connections to the cluster's endpoints (idle in the pool,
+    /// busy, or HTTP/2); a request that needs a new one past it gets 503
+    /// `circuit_breaker_max_connections`.
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a new connection (connect, TLS and HTTP/2
+    /// handshakes); past it, 503 `circuit_breaker_max_pending`. Bounds
+    /// the pile-up behind an endpoint that accepts slowly.
+    pub max_pending: Option<u32>,
 }
 
 impl Breakers {
@@ -354,6 +362,8 @@ pub(super) mod raw {
     pub struct Breakers {
         pub max_requests: Option<u32>,
         pub max_retries: Option<u32>,
+        pub max_connections: Option<u32>,
+        pub max_pending: Option<u32>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -996,6 +1006,8 @@ impl super::Validator<'_> {
             breakers: Breakers {
                 max_requests: c.circuit_breakers.as_ref().and_then(|b| b.max_requests),
                 max_retries: c.circuit_breakers.as_ref().and_then(|b| b.max_retries),
+                max_connections: c.circuit_breakers.as_ref().and_then(|b| b.max_connections),
+                max_pending: c.circuit_breakers.as_ref().and_then(|b| b.max_pending),
             },
         })
     }

@@ -112,7 +112,9 @@ pub const HTTP1_CHUNK_LINE_BYTES_MAX: usize = 4 * 1024;
 /// express u64::MAX; more is an overflow attempt.
 pub const HTTP1_CHUNK_SIZE_DIGITS_MAX: usize = 16;
 /// Total bytes of a chunked body's trailer section. Trailers are validated
-/// and then dropped (RFC 9112 §7.1.2 lets a de-chunking recipient discard them).
+/// and kept this far for the next hop (a trailer section is rarely more
+/// than a checksum or a status; HTTP/2's header-list limit bounds the h2
+/// side).
 pub const HTTP1_TRAILER_BYTES_MAX: usize = 16 * 1024;
 
 const _: () = assert!(HTTP1_HEAD_BYTES_DEFAULT <= HTTP1_HEAD_BYTES_MAX);

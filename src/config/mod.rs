@@ -54,6 +54,17 @@ pub struct Config {
     /// Distributed tracing (`[tracing]`): context propagation on every
     /// HTTP hop, and spans exported to an OTLP/HTTP collector.
     pub tracing: Option<Tracing>,
+    /// `[overload]`: the memory ceiling the overload stages are measured
+    /// against (see [`crate::lifecycle::overload`]).
+    pub overload: Overload,
+}
+
+/// `[overload]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Overload {
+    /// Resident memory (MiB) the process should stay under; None: no
+    /// memory stages (the connection cap's still apply).
+    pub memory_max_mib: Option<u64>,
 }
 
 /// `[tracing]`: where sampled spans go and how often a new trace is
@@ -243,6 +254,14 @@ mod raw {
         pub clusters: Vec<Cluster>,
         pub intercept: Option<Spanned<super::intercept::raw::Intercept>>,
         pub tracing: Option<Spanned<Tracing>>,
+        #[serde(default)]
+        pub overload: Overload,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Overload {
+        pub memory_max_mib: Option<Spanned<u64>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -550,6 +569,18 @@ impl Validator<'_> {
                         ))
                     }
                     (t, _) => t.as_ref().map(|t| t.get_ref().clone()),
+                },
+            },
+            overload: Overload {
+                memory_max_mib: match &raw.overload.memory_max_mib {
+                    Some(m) if *m.get_ref() == 0 => {
+                        return Err(self.error(
+                            m,
+                            "overload.memory_max_mib".into(),
+                            "must be at least 1 (leave it out for no memory stages)".into(),
+                        ))
+                    }
+                    m => m.as_ref().map(|m| *m.get_ref()),
                 },
             },
             max_connections_per_worker,

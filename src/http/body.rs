@@ -153,13 +153,14 @@ pub async fn copy_length<S: AsyncReadRent, D: AsyncWriteRent>(
     Ok(())
 }
 
-/// Decodes a chunked body and writes it re-chunked; returns the data size.
-/// `limit` bounds the decoded size (request bodies).
+/// Decodes a chunked body and writes it re-chunked, with the trailer
+/// fields `trailers` allows; returns the data size. `limit` bounds the
+/// decoded size (request bodies).
 pub async fn copy_chunked<S: AsyncReadRent, D: AsyncWriteRent>(
     src: &mut Source<'_, S>,
     dst: &mut D,
     out: &mut Vec<u8>,
-    limit: Option<u64>,
+    (limit, trailers): (Option<u64>, crate::http1::chunked::Trailers<'_>),
     idle: Duration,
 ) -> Result<u64, BodyError> {
     let mut decoder = ChunkedDecoder::default();
@@ -187,7 +188,7 @@ pub async fn copy_chunked<S: AsyncReadRent, D: AsyncWriteRent>(
             src.inbound.consume(d.consumed);
         }
         if decoder.is_done() {
-            out.extend_from_slice(LAST_CHUNK);
+            crate::http1::chunked::write_last_chunk(decoder.trailers(), trailers, out);
         }
         if !out.is_empty() {
             let (r, buf) = write_all_timed(dst, std::mem::take(out), idle).await;

@@ -6,8 +6,11 @@
 //! the upstream gave one, else chunked for HTTP/1.1 clients and
 //! close-delimited for HTTP/1.0 ones; the connection is kept only when
 //! the client asked for it, the request body was read in full, and the
-//! worker's generation is not retiring. Trailers from an h2 upstream are
-//! not sent to HTTP/1.1 clients (dropped; the last chunk ends the body).
+//! worker's generation is not retiring. Trailers go both ways on a
+//! chunked body: the client's trailer section becomes the request's
+//! trailers, and an upstream's trailers end a chunked response (they are
+//! dropped only where the framing has no room for them: a Content-Length
+//! or close-delimited body).
 
 use std::{io, time::Duration};
 
@@ -22,7 +25,7 @@ use super::{
 };
 use crate::{
     http1::{
-        chunked::{write_chunk_size, CHUNK_END, LAST_CHUNK},
+        chunked::{write_chunk_size, CHUNK_END},
         write::OutBody,
         RequestBody, RequestHead, ResponseBody, Version,
     },
@@ -38,6 +41,11 @@ pub struct H1Down<'a> {
     http11: bool,
     head: bool,
     wants_keep_alive: bool,
+    /// The client sent `Expect: 100-continue` and has not had its `100`
+    /// yet: it gets one when its body is first wanted and none of it came
+    /// yet (as nginx does), so it never waits on an upstream that would
+    /// not send one.
+    expects_continue: bool,
     out: OutBody,
     /// Decided when the head was written.
     pub keep_alive: bool,
@@ -66,6 +74,7 @@ impl<'a> H1Down<'a> {
             http11: req.version == Version::Http11,
             head: req.is_head(),
             wants_keep_alive: req.hop.keep_alive,
+            expects_continue: req.hop.expect_continue,
             out: OutBody::None,
             keep_alive: false,
             idle,
@@ -85,6 +94,20 @@ impl Downstream for H1Down<'_> {
     }
 
     async fn body_chunk(&mut self, idle: Duration) -> Result<Option<Bytes>, BodyError> {
+        // A client that sent body bytes with its head is not waiting for
+        // the 100 (RFC 9110 §10.1.1 lets the server omit it then).
+        if self.expects_continue && !self.client.inbound.is_empty() {
+            self.expects_continue = false;
+        }
+        if self.expects_continue && !self.body_done {
+            let sent = self
+                .interim(StatusCode::CONTINUE, HeaderMap::new())
+                .await
+                .map_err(|e| BodyError::Io(Side::Downstream, e))?;
+            if sent {
+                self.worker.counters.http.response(100);
+            }
+        }
         let client = &mut *self.client;
         let piece = self
             .body
@@ -97,6 +120,23 @@ impl Downstream for H1Down<'_> {
     }
 
     fn release(&mut self, _n: usize) {}
+
+    async fn request_trailers(&mut self, _idle: Duration) -> Result<Option<HeaderMap>, BodyError> {
+        Ok(self.body.trailers())
+    }
+
+    async fn interim(&mut self, status: StatusCode, headers: HeaderMap) -> io::Result<bool> {
+        // HTTP/1.0 has no interim responses.
+        if !self.http11 || (status == StatusCode::CONTINUE && !self.expects_continue) {
+            return Ok(false);
+        }
+        if status == StatusCode::CONTINUE {
+            self.expects_continue = false;
+        }
+        let mut out = self.worker.heads.take();
+        crate::http2::headers::response_to_h1(status, &headers, OutBody::None, true, &mut out);
+        self.write(out).await.map(|()| true)
+    }
 
     async fn respond(
         &mut self,
@@ -143,12 +183,13 @@ impl Downstream for H1Down<'_> {
         self.write(out).await
     }
 
-    async fn finish(&mut self, _trailers: Option<HeaderMap>) -> io::Result<()> {
+    async fn finish(&mut self, trailers: Option<HeaderMap>) -> io::Result<()> {
         if self.out != OutBody::Chunked {
             return Ok(());
         }
         let mut out = self.worker.heads.take();
-        out.extend_from_slice(LAST_CHUNK);
+        let policy = crate::http1::chunked::Trailers::Response;
+        crate::http2::headers::write_last_chunk(trailers.as_ref(), policy, &mut out);
         self.write(out).await
     }
 

@@ -28,6 +28,7 @@ use super::{
 use crate::{
     config::http::{HttpListener, LbPolicy, RetryPolicy, Route},
     http1::{
+        chunked::Trailers,
         head::RequestKind,
         write::{self, Edits, Forwarding, OutBody},
         HeadError, HeadLimits, RequestBody, RequestHead, ResponseBody, ResponseHead,
@@ -35,7 +36,7 @@ use crate::{
     },
     metrics::{self, histograms, ActiveGuard, ErrorReason},
     route::RequestView,
-    upstream::{ClusterState, Outcome},
+    upstream::{ClusterState, ConnToken, Outcome},
     worker::Worker,
 };
 
@@ -51,12 +52,15 @@ const INLINE_BODY_BYTES_MAX: usize = 16 * 1024;
 /// Interim (1xx) responses accepted before the final one. Real upstreams
 /// send one or two (100, 103); without a cap, one that streams them would
 /// keep us relaying until the request timeout.
-const INTERIM_RESPONSES_MAX: usize = 16;
+pub(crate) const INTERIM_RESPONSES_MAX: usize = 16;
 
 /// An upstream connection during one exchange.
 pub struct Upstream {
     pub stream: Stream,
     pub inbound: Inbound,
+    /// Counts this connection as open in its cluster (the
+    /// `max_connections` breaker) for as long as it lives.
+    pub token: ConnToken,
 }
 
 /// Why a request got no relayed response.
@@ -120,8 +124,9 @@ impl RequestView for View<'_> {
     }
 }
 
-/// What went wrong in one attempt, and whether a retry may fix it.
-enum AttemptError {
+/// What went wrong in one attempt, and whether a retry may fix it (both
+/// request paths use it, so they retry on the same conditions).
+pub(crate) enum AttemptError {
     /// Nothing reached the upstream's application, or it reset before
     /// answering: another endpoint may do better.
     Retryable {
@@ -132,11 +137,74 @@ enum AttemptError {
     Final(Failure),
 }
 
+/// Why an attempt may be retried: the route's `retry_on` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Condition {
+pub(crate) enum Condition {
+    /// Nothing was sent: any request may go elsewhere.
     ConnectFailure,
+    /// The upstream closed or reset before answering.
     Reset,
+    /// A status the route retries; judged retryable when it came.
     Status,
+}
+
+impl Condition {
+    /// Whether the policy retries this condition for a request that can
+    /// (`replay_ok`: no body, idempotent or allowed) be sent again.
+    pub(crate) fn allowed(self, policy: &RetryPolicy, replay_ok: bool) -> bool {
+        match self {
+            Condition::ConnectFailure => policy.on_connect_failure,
+            Condition::Reset => policy.on_reset && replay_ok,
+            Condition::Status => true,
+        }
+    }
+}
+
+/// What a failed read of a response head comes to. `close`: the client's
+/// request body was not read in full, so its connection must close.
+pub(crate) fn head_failure(
+    worker: &Worker,
+    cluster: &ClusterState,
+    ep: usize,
+    e: HeadRead,
+    close: bool,
+) -> AttemptError {
+    let bad_response = |detail: String, close: bool| {
+        // The upstream broke the protocol: counted against the endpoint
+        // (outlier detection), answered with a 502.
+        cluster.record(ep, Outcome::Failure, Instant::now(), &worker.counters.http);
+        AttemptError::Final(Failure::Generated {
+            reason: ErrorReason::BadUpstreamResponse,
+            detail,
+            close,
+        })
+    };
+    match e {
+        HeadRead::TimedOut => AttemptError::Final(Failure::Generated {
+            reason: ErrorReason::UpstreamTimeout,
+            detail: format!("no response from cluster {:?} in time", cluster.name),
+            close,
+        }),
+        HeadRead::Closed { partial: false } | HeadRead::Reset(_) => AttemptError::Retryable {
+            condition: Condition::Reset,
+            reason: ErrorReason::UpstreamReset,
+            detail: format!(
+                "cluster {:?} closed the connection before answering",
+                cluster.name
+            ),
+        },
+        HeadRead::Closed { partial: true } => AttemptError::Final(Failure::Generated {
+            reason: ErrorReason::BadUpstreamResponse,
+            detail: "upstream closed inside a response head".into(),
+            close,
+        }),
+        // Interims were relayed already: the connection cannot stay.
+        HeadRead::TooManyInterims => bad_response(
+            format!("more than {INTERIM_RESPONSES_MAX} interim (1xx) responses"),
+            true,
+        ),
+        HeadRead::Bad(h) => bad_response(format!("invalid response from upstream: {h}"), close),
+    }
 }
 
 /// 32 hex digits of randomness, without allocating.
@@ -170,7 +238,7 @@ pub async fn forward(
 ) -> Result<Next, Failure> {
     let cluster = &*worker.clusters[cluster_index];
     let tunnel = req.hop.upgrade || req.is_connect();
-    if !tunnel && cluster.speaks_h2() {
+    if !tunnel && (cluster.speaks_h2() || worker.http1_via_pipeline) {
         // Tunnels stay on HTTP/1.1 (h2 would need extended CONNECT).
         let via = super::downstream::forward(worker, http, route, cluster_index, client, req, idle);
         return Box::pin(via).await;
@@ -308,11 +376,10 @@ async fn attempts(
             }) => {
                 cluster.record(ep, Outcome::Failure, Instant::now(), counters);
                 failed_on.push(ep);
-                let allowed = match condition {
-                    Condition::ConnectFailure => policy.on_connect_failure,
-                    Condition::Reset => policy.on_reset && replay_ok,
-                    Condition::Status => true,
-                };
+                // Only an upstream's failure is worth another try: every
+                // retryable error is one by construction.
+                debug_assert_eq!(reason.blame(), crate::metrics::Blame::Upstream);
+                let allowed = condition.allowed(policy, replay_ok);
                 tracing::debug!(cluster = %cluster.name, attempt, ?condition, %detail, allowed, "attempt failed");
                 last = Some(Failure::Generated {
                     reason,
@@ -369,17 +436,30 @@ impl Attempt<'_> {
     }
 
     /// A pooled connection (None), or a new one and how long it took.
-    async fn connect(&self) -> Result<(Stream, Option<Duration>), AttemptError> {
+    async fn connect(&self) -> Result<(Stream, ConnToken, Option<Duration>), AttemptError> {
         let endpoint = &self.cluster.endpoints[self.ep];
         let counters = &self.worker.counters.http;
         let now = Instant::now();
-        if let Some(s) = endpoint
+        if let Some((s, token)) = endpoint
             .pool
             .checkout(now, self.cluster.config.pool_idle_timeout)
         {
             metrics::add(&counters.pool_reuses, 1);
-            return Ok((s, None));
+            return Ok((s, token, None));
         }
+        let refused = self
+            .cluster
+            .pending_refused()
+            .or_else(|| self.cluster.connections_refused());
+        if let Some((reason, detail)) = refused {
+            return Err(AttemptError::Final(Failure::Generated {
+                reason,
+                detail,
+                close: false,
+            }));
+        }
+        let _pending = ActiveGuard::new(&self.cluster.pending);
+        let token = self.cluster.connection_token();
         metrics::add(&counters.upstream_connects, 1);
         let limit = self.cluster.connect_timeout.min(self.until_deadline());
         let failed = |detail: String| AttemptError::Retryable {
@@ -406,7 +486,7 @@ impl Attempt<'_> {
                 };
                 let took = started.elapsed();
                 histograms::record(&self.cluster.connect_histogram, took);
-                Ok((s, Some(took)))
+                Ok((s, token, Some(took)))
             }
             Ok(Err(e)) => Err(failed(format!("connect to {} failed: {e}", endpoint.addr))),
             Err(_) => Err(failed(format!("connect to {} timed out", endpoint.addr))),
@@ -414,11 +494,12 @@ impl Attempt<'_> {
     }
 
     async fn run(&self, client: &mut Client, head: &mut Vec<u8>) -> Result<Next, AttemptError> {
-        let (stream, opened) = self.connect().await?;
+        let (stream, token, opened) = self.connect().await?;
         client.note.connect = opened;
         let mut up = Upstream {
             stream,
             inbound: Inbound::new(self.worker.buffers.take()),
+            token,
         };
         let kind = RequestKind::of(self.req);
         let mut parser = ResponseParser::new(HeadLimits::default());
@@ -445,15 +526,22 @@ impl Attempt<'_> {
         };
         match result {
             Ok((next, reusable)) => {
-                let Upstream { stream, inbound } = up;
+                let Upstream {
+                    stream,
+                    inbound,
+                    token,
+                } = up;
                 if let Next::Tunnel(_) = next {
                     unreachable!("tunnels return from exchange directly");
                 }
                 if reusable && inbound.is_empty() {
                     let max = self.cluster.config.max_idle_per_endpoint;
-                    self.cluster.endpoints[self.ep]
-                        .pool
-                        .checkin(stream, Instant::now(), max);
+                    self.cluster.endpoints[self.ep].pool.checkin(
+                        stream,
+                        token,
+                        Instant::now(),
+                        max,
+                    );
                 }
                 self.worker.buffers.give(inbound.into_buffer());
                 Ok(next)
@@ -496,6 +584,7 @@ impl Attempt<'_> {
         let Upstream {
             stream,
             mut inbound,
+            token,
         } = up;
         let (mut reader, mut writer) = stream.into_split();
         let raced = self
@@ -504,7 +593,14 @@ impl Attempt<'_> {
         let stream = reader
             .reunite(writer)
             .unwrap_or_else(|_| unreachable!("the two halves of one stream"));
-        (Upstream { stream, inbound }, raced)
+        (
+            Upstream {
+                stream,
+                inbound,
+                token,
+            },
+            raced,
+        )
     }
 
     /// Reads response heads until the final one (a request forwarded with
@@ -552,33 +648,11 @@ impl Attempt<'_> {
         kind: RequestKind,
     ) -> Result<Raced, Exit> {
         let go_ahead = crate::worker::gate::Trigger::default();
-        let heads = async {
-            let mut interims = Vec::new();
-            loop {
-                // No deadline of its own (a day is "none"): while the body
-                // goes up, its reads and writes have idle timeouts; after
-                // it, the route timeout below bounds this. A deadline here
-                // would cut a healthy long upload.
-                let resp = read_head_from(
-                    reader,
-                    inbound,
-                    parser,
-                    kind,
-                    crate::config::limits::DURATION_MAX,
-                )
-                .await?;
-                if !resp.is_interim() {
-                    return Ok((resp, interims));
-                }
-                if interims.len() >= INTERIM_RESPONSES_MAX {
-                    return Err(HeadRead::TooManyInterims);
-                }
-                if resp.status == 100 {
-                    go_ahead.fire();
-                }
-                interims.push(resp);
+        let heads = heads_while_sending(reader, inbound, parser, kind, |r| {
+            if r.status == 100 {
+                go_ahead.fire();
             }
-        };
+        });
         let body = async {
             if self.req.hop.expect_continue {
                 let wait = EXPECT_CONTINUE_WAIT.min(self.until_deadline());
@@ -756,7 +830,8 @@ impl Attempt<'_> {
                 body::copy_length(&mut src, &mut client.stream, n, idle).await
             }
             ResponseBody::Chunked => {
-                body::copy_chunked(&mut src, &mut client.stream, &mut scratch, None, idle)
+                let policy = (None, Trailers::Response);
+                body::copy_chunked(&mut src, &mut client.stream, &mut scratch, policy, idle)
                     .await
                     .map(|_| ())
             }
@@ -808,7 +883,12 @@ impl Attempt<'_> {
                 &mut src,
                 up,
                 &mut scratch,
-                self.http.body_bytes_max,
+                (
+                    self.http.body_bytes_max,
+                    Trailers::Request {
+                        identity_header: &self.http.identity_header,
+                    },
+                ),
                 self.idle,
             )
             .await
@@ -855,46 +935,42 @@ impl Attempt<'_> {
     }
 
     fn head_failure(&self, e: HeadRead, client_body_pending: bool) -> AttemptError {
-        match e {
-            HeadRead::TimedOut => self.timeout_failure(client_body_pending),
-            HeadRead::Closed { partial: false } | HeadRead::Reset(_) => AttemptError::Retryable {
-                condition: Condition::Reset,
-                reason: ErrorReason::UpstreamReset,
-                detail: format!(
-                    "cluster {:?} closed the connection before answering",
-                    self.cluster.name
-                ),
-            },
-            HeadRead::Closed { partial: true } => AttemptError::Final(Failure::Generated {
-                reason: ErrorReason::BadUpstreamResponse,
-                detail: "upstream closed inside a response head".into(),
-                close: client_body_pending,
-            }),
-            HeadRead::TooManyInterims => self.bad_response(
-                format!("more than {INTERIM_RESPONSES_MAX} interim (1xx) responses"),
-                true,
-            ),
-            HeadRead::Bad(h) => self.bad_response(
-                format!("invalid response from upstream: {h}"),
-                client_body_pending,
-            ),
-        }
+        head_failure(self.worker, self.cluster, self.ep, e, client_body_pending)
     }
+}
 
-    /// The upstream broke the protocol: counted against the endpoint
-    /// (outlier detection), answered with a 502.
-    fn bad_response(&self, detail: String, close: bool) -> AttemptError {
-        self.cluster.record(
-            self.ep,
-            Outcome::Failure,
-            Instant::now(),
-            &self.worker.counters.http,
-        );
-        AttemptError::Final(Failure::Generated {
-            reason: ErrorReason::BadUpstreamResponse,
-            detail,
-            close,
-        })
+/// Reads response heads until the final one while a request body goes up;
+/// returns it with the interim ones before it (at most
+/// [`INTERIM_RESPONSES_MAX`]), each also shown to `on_interim` as it
+/// comes. No deadline of its own (a day is "none"): while the body goes
+/// up, its reads and writes have idle timeouts, and once it was sent the
+/// caller bounds the rest by the route timeout. A deadline here would cut
+/// a healthy long upload.
+pub(crate) async fn heads_while_sending<R: AsyncReadRent>(
+    reader: &mut R,
+    inbound: &mut Inbound,
+    parser: &mut ResponseParser,
+    kind: RequestKind,
+    mut on_interim: impl FnMut(&ResponseHead),
+) -> Result<(ResponseHead, Vec<ResponseHead>), HeadRead> {
+    let mut interims = Vec::new();
+    loop {
+        let resp = read_head_from(
+            reader,
+            inbound,
+            parser,
+            kind,
+            crate::config::limits::DURATION_MAX,
+        )
+        .await?;
+        if !resp.is_interim() {
+            return Ok((resp, interims));
+        }
+        if interims.len() >= INTERIM_RESPONSES_MAX {
+            return Err(HeadRead::TooManyInterims);
+        }
+        on_interim(&resp);
+        interims.push(resp);
     }
 }
 

@@ -43,7 +43,7 @@ use inbound::{write_all_timed, Inbound};
 /// answer before the client reads it (RFC 9112 §9.6). So the connection
 /// stops writing, and reads and discards for at most this long and
 /// [`LINGER_BYTES_MAX`] bytes before it closes (nginx's lingering close).
-const LINGER_TIME: Duration = Duration::from_secs(2);
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
 /// See [`LINGER_TIME`]: past this many discarded bytes, close anyway.
 pub(crate) const LINGER_BYTES_MAX: usize = 1024 * 1024;
 /// When the process drains, a keep-alive connection idle between requests
@@ -88,6 +88,8 @@ pub struct Note {
     pub cluster: Option<usize>,
     pub upstream: Option<SocketAddr>,
     pub error: Option<&'static str>,
+    /// Who caused `error` (None for an injected fault).
+    pub blame: Option<metrics::Blame>,
     /// The gRPC status (HTTP/2 responses, from headers or trailers).
     pub grpc_status: Option<u32>,
     /// When the upstream's response head arrived.
@@ -325,10 +327,17 @@ pub async fn serve_accepted(
             );
         let sampled = client.note.trace.is_some_and(|t| t.sampled);
         let copied = (tapped || sampled).then(|| HeadCopy::of(&req));
-        // Not boxed, though the exchange is this task's largest state (4.1 KB
-        // of its 6 KB; boxed, an idle connection's task would be 2.8 KB):
-        // callgrind counted the box at +1,280 instructions per request
-        // (14.8k -> 16.1k). The rare paths below are boxed instead.
+        // Not boxed, though the exchange is this task's largest state:
+        // boxed, an idle keep-alive connection costs 5.75 KiB of RSS
+        // instead of 10.1 (idle-rss.sh 5000), but every request pays for
+        // copying the future into its box: +1,404 instructions per request
+        // (16,885 -> 18,289, callgrind-per-request.sh 8) and +3% CPU
+        // (ab-cpu.sh keep-alive: 21.0 -> 21.7 us median of 3, every round
+        // higher), 2026-12-02. Most of that is the allocation itself: the
+        // exchange holds monoio timeouts, whose timer entries are aligned
+        // to 128 bytes, so glibc serves the box through posix_memalign
+        // (about 1,000 instructions; see `--features mimalloc` in
+        // main.rs). The rare paths below are boxed instead.
         // Whether a Close after this request may leave body bytes unread.
         let body_unread = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
         let next = handle(
@@ -379,6 +388,7 @@ pub async fn serve_accepted(
                 duration_us: took.as_micros() as u64,
                 upstream: client.note.upstream,
                 error: client.note.error,
+                blame: client.note.blame.map(metrics::Blame::name),
                 grpc_status: None,
                 trace_id: client.note.trace.map(|t| crate::trace::hex(&t.trace_id)),
                 span_id: client.note.trace.map(|t| crate::trace::hex(&t.span_id)),
@@ -599,6 +609,9 @@ async fn handle(
     let route_index = crate::route::select(&http.routes, &view);
     *route_out = route_index;
     let route = route_index.map(|i| &http.routes[i]);
+    if let Some(why) = worker.refuse_for_memory() {
+        return refuse(worker, client, &req, ErrorReason::Overload, why, idle).await;
+    }
     let caller = client.identity.as_ref();
     if let Some(denied) = authorize(worker, listener, route, caller, &client.decisions) {
         return refuse(worker, client, &req, ErrorReason::Forbidden, &denied, idle).await;
@@ -608,13 +621,12 @@ async fn handle(
         .limits
         .check(listener_index, route_index, id, Instant::now())
     {
-        worker.counters.http.generated(ErrorReason::RateLimited);
         let detail = limited.to_string();
+        let reason = ErrorReason::RateLimited;
+        worker.counters.generated(reason, &detail);
         let answer = Answer {
-            status: ErrorReason::RateLimited.status(),
-            name: ErrorReason::RateLimited.name(),
-            detail: &detail,
             retry_after: Some(limited.retry_after),
+            ..Answer::of(reason, &detail)
         };
         return refuse_with(worker, client, &req, answer, idle).await;
     }
@@ -626,6 +638,7 @@ async fn handle(
                 name: "fault_injected",
                 detail: "injected by this route's fault settings",
                 retry_after: None,
+                blame: None,
             };
             return refuse_with(worker, client, &req, answer, idle).await;
         }
@@ -647,7 +660,6 @@ async fn handle(
             detail,
             close,
         }) => {
-            tracing::debug!(conn_id, reason = reason.name(), %detail, "generated response");
             let close = close || !req.hop.keep_alive;
             send_generated(worker, client, reason, &detail, close, idle).await;
             if close {
@@ -675,14 +687,8 @@ async fn refuse(
     detail: &str,
     idle: Duration,
 ) -> Next {
-    worker.counters.http.generated(reason);
-    let answer = Answer {
-        status: reason.status(),
-        name: reason.name(),
-        detail,
-        retry_after: None,
-    };
-    refuse_with(worker, client, req, answer, idle).await
+    worker.counters.generated(reason, detail);
+    refuse_with(worker, client, req, Answer::of(reason, detail), idle).await
 }
 
 /// A generated answer: status, the `x-pilotfish-error` token, the text,
@@ -692,6 +698,20 @@ struct Answer<'a> {
     name: &'static str,
     detail: &'a str,
     retry_after: Option<u64>,
+    /// None for a fault the route injected on purpose.
+    blame: Option<metrics::Blame>,
+}
+
+impl<'a> Answer<'a> {
+    fn of(reason: ErrorReason, detail: &'a str) -> Self {
+        Answer {
+            status: reason.status(),
+            name: reason.name(),
+            detail,
+            retry_after: None,
+            blame: Some(reason.blame()),
+        }
+    }
 }
 
 /// [`refuse`] with any answer (fault injection answers with the status
@@ -781,14 +801,8 @@ async fn send_generated(
     close: bool,
     idle: Duration,
 ) {
-    worker.counters.http.generated(reason);
-    let answer = Answer {
-        status: reason.status(),
-        name: reason.name(),
-        detail,
-        retry_after: None,
-    };
-    write_generated(worker, client, answer, close, idle).await;
+    worker.counters.generated(reason, detail);
+    write_generated(worker, client, Answer::of(reason, detail), close, idle).await;
 }
 
 /// Writes a generated answer (counted by status, noted for the log).
@@ -802,6 +816,7 @@ async fn write_generated(
     worker.counters.http.response(answer.status);
     client.note.status = answer.status;
     client.note.error = Some(answer.name);
+    client.note.blame = answer.blame;
     let mut out = worker.heads.take();
     respond::generated_with(
         answer.status,

@@ -6,9 +6,18 @@
 //! writing messages depends on the version, behind [`Downstream`] and
 //! [`UpConn`].
 //!
-//! HTTP/1.1 to HTTP/1.1 keeps its own path (`exchange`), which moves
-//! bytes without building header maps; it is the hot path the benchmarks
-//! measure, and converting it is issue 12's remaining step.
+//! HTTP/1.1 to HTTP/1.1 takes its own path (`exchange`) by default, which
+//! moves bytes without building header maps. Both paths share the cluster
+//! decisions, the retry conditions ([`Condition`]) and the failure
+//! mapping ([`head_failure`]), and this one handles everything the
+//! HTTP/1.1 suites check (interim responses, `Expect: 100-continue`, an
+//! early answer to an upload, the route timeout starting after the body):
+//! CI runs those suites through here too (`PILOTFISH_HTTP1_VIA_PIPELINE`).
+//! It is not the default because it costs more: measured at 1 worker,
+//! small keep-alive requests, 28,598 against 16,963 user-space
+//! instructions per request (`callgrind-per-request.sh`), 28.9 against
+//! 21.3 µs of proxy CPU (`ab-cpu.sh`, 3 rounds), mostly header maps built
+//! and dropped, URI parsing and the copies between them.
 //!
 //! What must hold: as in `exchange`, a retry happens only before anything
 //! reached the client, only for a request without a body, within the
@@ -32,21 +41,21 @@ use monoio::net::TcpStream;
 
 use super::{
     body::{BodyError, Side},
-    exchange::Failure,
+    exchange::{head_failure, AttemptError, Condition, Failure, HeadRead},
     inbound::{write_all_timed, Inbound},
 };
 use crate::{
     config::http::{HttpListener, RetryPolicy, Route, UpstreamProtocol},
     http1::{
-        chunked::ChunkedDecoder,
+        chunked::{ChunkedDecoder, Trailers},
         head::RequestKind,
         write::{Edits, Forwarding, OutBody},
-        HeadLimits, ResponseBody, ResponseParser,
+        HeadLimits, ResponseBody, ResponseHead, ResponseParser,
     },
     http2::{grpc, headers},
     metrics::{self, histograms, ActiveGuard, ErrorReason},
     tls::{per_worker::Alpn, stream::Stream},
-    upstream::{ClusterState, Outcome},
+    upstream::{ClusterState, ConnToken, Outcome},
     worker::Worker,
 };
 
@@ -85,6 +94,13 @@ pub trait Downstream {
     async fn body_chunk(&mut self, idle: Duration) -> Result<Option<Bytes>, BodyError>;
     /// `n` bytes of request body were forwarded: the client may send more.
     fn release(&mut self, n: usize);
+    /// The request's trailers, once [`Self::body_chunk`] said the body
+    /// ended (an HTTP/1.1 chunked trailer section, an h2 trailer block).
+    async fn request_trailers(&mut self, idle: Duration) -> Result<Option<HeaderMap>, BodyError>;
+    /// Relays an interim (1xx) response head, where the client's version
+    /// has them (a `100 Continue` only to a client that expects one).
+    /// Ok(true): it was sent.
+    async fn interim(&mut self, status: StatusCode, headers: HeaderMap) -> io::Result<bool>;
     /// Sends the response head; `body` says what follows.
     async fn respond(
         &mut self,
@@ -149,7 +165,12 @@ pub async fn forward<D: Downstream>(
         worker,
         cluster,
         policy,
-        deadline: Instant::now() + timeout,
+        deadline: std::cell::Cell::new(Instant::now() + timeout),
+        timeout,
+        grpc: req.grpc,
+        trailers: Trailers::Request {
+            identity_header: &http.identity_header,
+        },
         idle,
         body_bytes_max: http.body_bytes_max,
         opened: std::cell::Cell::new(None),
@@ -161,7 +182,14 @@ struct Ctx<'a> {
     worker: &'a Worker,
     cluster: &'a ClusterState,
     policy: &'a RetryPolicy,
-    deadline: Instant,
+    deadline: std::cell::Cell<Instant>,
+    /// The route timeout (capped by `grpc-timeout`).
+    timeout: Duration,
+    /// A gRPC call's deadline covers the whole call, its stream included.
+    grpc: bool,
+    /// What the request's trailers may carry up (not the fields this
+    /// proxy vouches for in the head).
+    trailers: Trailers<'a>,
     idle: Duration,
     body_bytes_max: Option<u64>,
     /// How long the current attempt's new connection took to open (taken
@@ -189,18 +217,8 @@ fn note_answer(
 
 /// A connection for one attempt.
 enum UpConn {
-    H1(Stream),
+    H1(Stream, ConnToken),
     H2(crate::http2::client::Lease),
-}
-
-/// What went wrong in one attempt.
-enum AttemptError {
-    Retryable {
-        connect: bool,
-        reason: ErrorReason,
-        detail: String,
-    },
-    Final(Failure),
 }
 
 impl Ctx<'_> {
@@ -238,7 +256,7 @@ impl Ctx<'_> {
             }
             let _retrying = (attempt > 1).then(|| ActiveGuard::new(&cluster.active_retries));
             let now = Instant::now();
-            if now >= self.deadline {
+            if now >= self.deadline.get() {
                 break;
             }
             let hash_key = match &cluster.config.lb {
@@ -262,18 +280,17 @@ impl Ctx<'_> {
                 Ok(()) => return Ok(()),
                 Err(AttemptError::Final(f)) => return Err(f),
                 Err(AttemptError::Retryable {
-                    connect,
+                    condition,
                     reason,
                     detail,
                 }) => {
                     cluster.record(ep, Outcome::Failure, Instant::now(), counters);
                     failed_on.push(ep);
-                    let allowed = if connect {
-                        self.policy.on_connect_failure
-                    } else {
-                        replay_ok
-                    };
-                    tracing::debug!(cluster = %cluster.name, attempt, %detail, allowed, "attempt failed");
+                    // Only an upstream's failure is worth another try: every
+                    // retryable error is one by construction.
+                    debug_assert_eq!(reason.blame(), crate::metrics::Blame::Upstream);
+                    let allowed = condition.allowed(self.policy, replay_ok);
+                    tracing::debug!(cluster = %cluster.name, attempt, ?condition, %detail, allowed, "attempt failed");
                     last = Some(self.generated(reason, detail));
                     if !allowed {
                         break;
@@ -290,7 +307,28 @@ impl Ctx<'_> {
     }
 
     fn left(&self) -> Duration {
-        self.deadline.saturating_duration_since(Instant::now())
+        self.deadline
+            .get()
+            .saturating_duration_since(Instant::now())
+    }
+
+    /// The request's trailers once its body ended, without what
+    /// [`Self::trailers`] keeps back.
+    async fn request_trailers<D: Downstream>(
+        &self,
+        down: &mut D,
+    ) -> Result<Option<HeaderMap>, BodyError> {
+        let trailers = down.request_trailers(self.idle).await?;
+        Ok(trailers.and_then(|t| headers::scrub_trailers(t, self.trailers)))
+    }
+
+    /// The request went up in full: for one with a body the route timeout
+    /// starts now (a long upload is not a slow upstream), as on the
+    /// HTTP/1.1 path; a gRPC deadline is the whole call's.
+    fn body_sent(&self) {
+        if !self.grpc {
+            self.deadline.set(Instant::now() + self.timeout);
+        }
     }
 
     /// A connection to endpoint `ep`: a pooled one, else a new one.
@@ -303,7 +341,7 @@ impl Ctx<'_> {
             endpoint
                 .pool
                 .checkout(Instant::now(), timeout)
-                .map(UpConn::H1)
+                .map(|(s, token)| UpConn::H1(s, token))
         };
         if let Some(conn) = pooled {
             metrics::add(&self.worker.counters.http.pool_reuses, 1);
@@ -323,6 +361,11 @@ impl Ctx<'_> {
         let endpoint = &self.cluster.endpoints[ep];
         let counters = &self.worker.counters.http;
         let h2 = self.cluster.speaks_h2();
+        // Waiting for another request's h2 connect counts as pending too.
+        if let Some((reason, detail)) = self.cluster.pending_refused() {
+            return Err(AttemptError::Final(self.generated(reason, detail)));
+        }
+        let _pending = ActiveGuard::new(&self.cluster.pending);
         let mut _connecting = None;
         if h2 {
             loop {
@@ -344,17 +387,26 @@ impl Ctx<'_> {
                     None => break,
                 }
             }
-            _connecting = Some(endpoint.h2.start_connect());
-        } else if let Some(s) = endpoint
+        } else if let Some((s, token)) = endpoint
             .pool
             .checkout(Instant::now(), self.cluster.config.pool_idle_timeout)
         {
             metrics::add(&counters.pool_reuses, 1);
-            return Ok(UpConn::H1(s));
+            return Ok(UpConn::H1(s, token));
         }
+        // Only now, with no pooled or multiplexed connection to take the
+        // request (an h2 connect in flight is waited for above, not
+        // refused), does the connection cap apply.
+        if let Some((reason, detail)) = self.cluster.connections_refused() {
+            return Err(AttemptError::Final(self.generated(reason, detail)));
+        }
+        if h2 {
+            _connecting = Some(endpoint.h2.start_connect());
+        }
+        let token = self.cluster.connection_token();
         metrics::add(&counters.upstream_connects, 1);
         let failed = |detail: String| AttemptError::Retryable {
-            connect: true,
+            condition: Condition::ConnectFailure,
             reason: ErrorReason::ConnectFailed,
             detail,
         };
@@ -392,12 +444,12 @@ impl Ctx<'_> {
         };
         histograms::record(&self.cluster.connect_histogram, started.elapsed());
         if !speaks_h2 {
-            return Ok(UpConn::H1(stream));
+            return Ok(UpConn::H1(stream, token));
         }
         let limit = self.left();
         match monoio::time::timeout(
             limit,
-            crate::http2::client::handshake(stream, &self.cluster.config.h2),
+            crate::http2::client::handshake(stream, &self.cluster.config.h2, token),
         )
         .await
         {
@@ -426,7 +478,7 @@ impl Ctx<'_> {
         down.note().connect = self.opened.take();
         match conn {
             UpConn::H2(lease) => Box::pin(self.over_h2(ep, lease, req, down, may_retry)).await,
-            UpConn::H1(stream) => {
+            UpConn::H1(stream, token) => {
                 if req.grpc {
                     // gRPC needs trailers and streaming both ways.
                     return Err(AttemptError::Final(self.generated(
@@ -437,7 +489,7 @@ impl Ctx<'_> {
                         ),
                     )));
                 }
-                Box::pin(self.over_h1(ep, stream, req, down, may_retry)).await
+                Box::pin(self.over_h1(ep, stream, token, req, down, may_retry)).await
             }
         }
     }
@@ -475,7 +527,7 @@ impl Ctx<'_> {
                 metrics::add(&counters.retries_over_budget, 1);
             } else {
                 return Err(AttemptError::Retryable {
-                    connect: false,
+                    condition: Condition::Status,
                     reason: ErrorReason::UpstreamReset,
                     detail: match grpc_status {
                         Some(g) => format!("upstream answered grpc-status {g}"),
@@ -510,7 +562,11 @@ impl Ctx<'_> {
         };
         let mut builder = http::Request::builder()
             .method(req.method.clone())
-            .uri(with_scheme(&req.uri, scheme));
+            .uri(with_scheme(
+                &req.uri,
+                scheme,
+                self.cluster.endpoints[ep].addr,
+            ));
         if let Some(h) = builder.headers_mut() {
             *h = req.headers.clone();
             if req.grpc_timeout.is_some() {
@@ -524,7 +580,7 @@ impl Ctx<'_> {
             AttemptError::Final(self.generated(ErrorReason::BadRequest, format!("request: {e}")))
         })?;
         let reset = |e: h2::Error| AttemptError::Retryable {
-            connect: false,
+            condition: Condition::Reset,
             reason: ErrorReason::UpstreamReset,
             detail: format!("HTTP/2 upstream: {e}"),
         };
@@ -546,7 +602,7 @@ impl Ctx<'_> {
                 Ok(r) => r,
             }
         } else if let Some(mut h2_body) = down.take_h2_body() {
-            let pump = pump_h2(&mut h2_body, &mut up_body, self.idle);
+            let pump = pump_h2(&mut h2_body, &mut up_body, self.trailers, self.idle);
             let head = monoio::time::timeout(left, response);
             futures_util::pin_mut!(pump, head);
             match futures_util::future::select(head, pump).await {
@@ -582,6 +638,7 @@ impl Ctx<'_> {
             if let Err(e) = self.send_body_h2(down, &mut up_body).await {
                 return Err(AttemptError::Final(Failure::from_request_body(e)));
             }
+            self.body_sent();
             monoio::time::timeout(self.left(), response).await
         };
         let resp = match response {
@@ -620,9 +677,14 @@ impl Ctx<'_> {
                 .map_err(|e| BodyError::Io(Side::Upstream, e))?;
             down.release(n);
         }
-        send_h2_data(up, Bytes::new(), true, self.idle)
-            .await
-            .map_err(|e| BodyError::Io(Side::Upstream, e))
+        match self.request_trailers(down).await? {
+            Some(t) => up
+                .send_trailers(t)
+                .map_err(|e| BodyError::Io(Side::Upstream, io::Error::other(e))),
+            None => send_h2_data(up, Bytes::new(), true, self.idle)
+                .await
+                .map_err(|e| BodyError::Io(Side::Upstream, e)),
+        }
     }
 
     /// Relays an h2 upstream's response to the client; `pump` is the
@@ -741,6 +803,7 @@ impl Ctx<'_> {
         &self,
         ep: usize,
         stream: Stream,
+        token: ConnToken,
         req: &Request,
         down: &mut D,
         may_retry: bool,
@@ -749,6 +812,7 @@ impl Ctx<'_> {
         let mut up = super::exchange::Upstream {
             stream,
             inbound: Inbound::new(worker.buffers.take()),
+            token,
         };
         let out_body = match req.body {
             BodyKind::Empty => OutBody::None,
@@ -758,7 +822,7 @@ impl Ctx<'_> {
         let mut head = worker.heads.take();
         headers::request_to_h1(&req.method, &req.uri, &req.headers, out_body, &mut head);
         let reset = |detail: String| AttemptError::Retryable {
-            connect: false,
+            condition: Condition::Reset,
             reason: ErrorReason::UpstreamReset,
             detail,
         };
@@ -766,18 +830,32 @@ impl Ctx<'_> {
         worker.heads.give(head);
         written.map_err(|e| reset(format!("sending the request head: {e}")))?;
         let sent_at = Instant::now();
-        if req.body != BodyKind::Empty {
-            self.send_body_h1(down, &mut up.stream, out_body)
-                .await
-                .map_err(|e| AttemptError::Final(Failure::from_request_body(e)))?;
-        }
         let kind = if req.method == Method::HEAD {
             RequestKind::Head
         } else {
             RequestKind::Other
         };
         let mut parser = ResponseParser::new(HeadLimits::default());
+        let mut interims = 0;
+        let mut early = false;
+        let mut raced = None;
+        if req.body != BodyKind::Empty {
+            let (back, raced_body) = self
+                .race_body_h1(ep, up, &mut parser, kind, down, out_body)
+                .await;
+            up = back;
+            let (resp, before, answered_early) = raced_body?;
+            for interim in &before {
+                self.relay_interim(down, interim).await?;
+            }
+            interims = before.len();
+            early = answered_early;
+            raced = Some(resp);
+        }
         let resp = loop {
+            if let Some(resp) = raced.take() {
+                break resp;
+            }
             let read = super::exchange::read_head_from(
                 &mut up.stream,
                 &mut up.inbound,
@@ -792,10 +870,16 @@ impl Ctx<'_> {
                 Err(why) => return Err(AttemptError::Final(Failure::Cut(why))),
             };
             match r {
-                Ok(r) if r.is_interim() => continue,
+                Ok(r) if r.is_interim() => {
+                    interims += 1;
+                    let e = HeadRead::TooManyInterims;
+                    if interims > super::exchange::INTERIM_RESPONSES_MAX {
+                        return Err(head_failure(worker, self.cluster, ep, e, true));
+                    }
+                    self.relay_interim(down, &r).await?;
+                }
                 Ok(r) => break r,
-                Err(super::exchange::HeadRead::TimedOut) => return Err(self.timeout_failure()),
-                Err(e) => return Err(reset(format!("upstream response head: {e:?}"))),
+                Err(e) => return Err(head_failure(worker, self.cluster, ep, e, true)),
             }
         };
         let answered = self.judge(ep, resp.status, None, may_retry, sent_at)?;
@@ -842,18 +926,25 @@ impl Ctx<'_> {
                 }
             }
         }
-        down.finish(None)
+        down.finish(reader.trailers())
             .await
             .map_err(|e| cut(format!("ending the response: {e}")))?;
-        let reusable = resp.hop.keep_alive
+        // After an early answer the upstream did not get the whole body.
+        let reusable = !early
+            && resp.hop.keep_alive
             && resp.version == crate::http1::Version::Http11
             && resp.body != ResponseBody::UntilClose
             && up.inbound.is_empty();
-        let super::exchange::Upstream { stream, inbound } = up;
+        let super::exchange::Upstream {
+            stream,
+            inbound,
+            token,
+        } = up;
         worker.buffers.give(inbound.into_buffer());
         if reusable {
             self.cluster.endpoints[ep].pool.checkin(
                 stream,
+                token,
                 Instant::now(),
                 self.cluster.config.max_idle_per_endpoint,
             );
@@ -861,12 +952,110 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Request body from any client to an HTTP/1.1 upstream, framed as
-    /// `out`.
-    async fn send_body_h1<D: Downstream>(
+    /// Relays an HTTP/1.1 upstream's interim response to the client.
+    async fn relay_interim<D: Downstream>(
         &self,
         down: &mut D,
-        up: &mut Stream,
+        r: &crate::http1::ResponseHead,
+    ) -> Result<(), AttemptError> {
+        let (status, h) = headers::response_from_h1(r).map_err(|e| {
+            let detail = format!("interim response: {e}");
+            AttemptError::Final(self.generated(ErrorReason::BadUpstreamResponse, detail))
+        })?;
+        let sent = down
+            .interim(status, h)
+            .await
+            .map_err(|e| AttemptError::Final(Failure::Cut(format!("interim response: {e}"))))?;
+        if sent {
+            self.worker.counters.http.response(status.as_u16());
+        }
+        Ok(())
+    }
+
+    /// Sends the request body while watching the upstream for an answer:
+    /// an upstream may answer before it read the whole body (a 413 or 401
+    /// to an upload, RFC 9112 §9.5) and must not be left waiting for the
+    /// rest while we wait for its answer. Returns the final head, the
+    /// interim ones before it, and whether it came early (sending then
+    /// stopped; neither connection can be kept).
+    async fn race_body_h1<D: Downstream>(
+        &self,
+        ep: usize,
+        up: super::exchange::Upstream,
+        parser: &mut ResponseParser,
+        kind: RequestKind,
+        down: &mut D,
+        out: OutBody,
+    ) -> (super::exchange::Upstream, Raced) {
+        use futures_util::{future::Either, FutureExt};
+        use monoio::io::Splitable;
+        // Taken and given back: the stream splits into a read and a write
+        // half.
+        let super::exchange::Upstream {
+            stream,
+            mut inbound,
+            token,
+        } = up;
+        let (mut reader, mut writer) = stream.into_split();
+        let raced = {
+            let heads = super::exchange::heads_while_sending(
+                &mut reader,
+                &mut inbound,
+                parser,
+                kind,
+                |_| {},
+            );
+            let body = self.send_body_h1(down, &mut writer, out);
+            let (heads, body) = (std::pin::pin!(heads), std::pin::pin!(body));
+            match futures_util::future::select(heads, body).await {
+                Either::Left((Ok((r, interims)), unsent)) => {
+                    // Both may have become ready in the same turn: give
+                    // the body one more poll before calling it early.
+                    if let Some(Ok(())) = unsent.now_or_never() {
+                        self.body_sent();
+                        Ok((r, interims, false))
+                    } else {
+                        metrics::add(&self.worker.counters.http.early_responses, 1);
+                        tracing::debug!(
+                            status = r.status,
+                            "response before the request body was sent in full"
+                        );
+                        Ok((r, interims, true))
+                    }
+                }
+                Either::Left((Err(e), _)) => {
+                    Err(head_failure(self.worker, self.cluster, ep, e, true))
+                }
+                Either::Right((Err(e), _)) => {
+                    Err(AttemptError::Final(Failure::from_request_body(e)))
+                }
+                Either::Right((Ok(()), heads)) => {
+                    self.body_sent();
+                    match monoio::time::timeout(self.left(), heads).await {
+                        Ok(Ok((r, interims))) => Ok((r, interims, false)),
+                        Ok(Err(e)) => Err(head_failure(self.worker, self.cluster, ep, e, true)),
+                        Err(_) => Err(self.timeout_failure()),
+                    }
+                }
+            }
+        };
+        let stream = reader
+            .reunite(writer)
+            .unwrap_or_else(|_| unreachable!("the two halves of one stream"));
+        let up = super::exchange::Upstream {
+            stream,
+            inbound,
+            token,
+        };
+        (up, raced)
+    }
+
+    /// Request body from any client to an HTTP/1.1 upstream, framed as
+    /// `out`.
+    async fn send_body_h1<D: Downstream, W: monoio::io::AsyncWriteRent>(
+        &self,
+        down: &mut D,
+        up: &mut W,
         out: OutBody,
     ) -> Result<(), BodyError> {
         let mut total = 0u64;
@@ -897,7 +1086,8 @@ impl Ctx<'_> {
             }
             if out == OutBody::Chunked {
                 buf.clear();
-                buf.extend_from_slice(crate::http1::chunked::LAST_CHUNK);
+                let trailers = self.request_trailers(down).await?;
+                headers::write_last_chunk(trailers.as_ref(), self.trailers, &mut buf);
                 let (r, back) = write_all_timed(up, std::mem::take(&mut buf), self.idle).await;
                 buf = back;
                 r.map_err(|e| BodyError::Io(Side::Upstream, e))?;
@@ -909,6 +1099,10 @@ impl Ctx<'_> {
         result
     }
 }
+
+/// What racing the request body against the response head came to: the
+/// final head, the interim ones before it, and whether it came early.
+type Raced = Result<(ResponseHead, Vec<ResponseHead>, bool), AttemptError>;
 
 /// Waits for `f` unless the client cancels first.
 async fn race_cancel<D: Downstream, F: std::future::Future>(
@@ -927,7 +1121,11 @@ fn upstream_stream_error(ctx: &Ctx<'_>, e: h2::Error) -> AttemptError {
     let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away();
     if refused || e.is_io() {
         AttemptError::Retryable {
-            connect: refused,
+            condition: if refused {
+                Condition::ConnectFailure
+            } else {
+                Condition::Reset
+            },
             reason: ErrorReason::UpstreamReset,
             detail: format!("HTTP/2 upstream of cluster {:?}: {e}", ctx.cluster.name),
         }
@@ -940,9 +1138,14 @@ fn upstream_stream_error(ctx: &Ctx<'_>, e: h2::Error) -> AttemptError {
     }
 }
 
-/// `uri` with its scheme replaced (the upstream's, not the client's).
-fn with_scheme(uri: &Uri, scheme: &'static str) -> Uri {
+/// `uri` with its scheme replaced (the upstream's, not the client's); one
+/// without an authority (an HTTP/1.0 request without Host) names the
+/// endpoint, as h2 needs `:scheme` and `:authority` beside `:path`.
+fn with_scheme(uri: &Uri, scheme: &'static str, endpoint: std::net::SocketAddr) -> Uri {
     let mut parts = uri.clone().into_parts();
+    if parts.authority.is_none() {
+        parts.authority = http::uri::Authority::try_from(endpoint.to_string()).ok();
+    }
     parts.scheme = Some(if scheme == "https" {
         http::uri::Scheme::HTTPS
     } else {
@@ -994,6 +1197,7 @@ pub async fn send_h2_data(
 async fn pump_h2(
     from: &mut h2::RecvStream,
     to: &mut h2::SendStream<Bytes>,
+    policy: Trailers<'_>,
     idle: Duration,
 ) -> Result<(), BodyError> {
     let mut flow = from.flow_control().clone();
@@ -1020,7 +1224,11 @@ async fn pump_h2(
             }
         }
     }
-    match from.trailers().await {
+    match from
+        .trailers()
+        .await
+        .map(|t| t.and_then(|t| headers::scrub_trailers(t, policy)))
+    {
         Ok(Some(t)) => to
             .send_trailers(t)
             .map_err(|e| BodyError::Io(Side::Upstream, io::Error::other(e.to_string()))),
@@ -1041,6 +1249,8 @@ pub struct H1Body {
     side: Side,
     total: u64,
     pace: super::body::Pace,
+    /// A chunked body's trailer section, once it ended.
+    trailers: Vec<u8>,
 }
 
 enum H1State {
@@ -1063,7 +1273,18 @@ impl H1Body {
             side,
             total: 0,
             pace: super::body::Pace::default(),
+            trailers: Vec::new(),
         }
+    }
+
+    /// The trailers of a chunked body that ended, as an h2 trailer block.
+    pub fn trailers(&self) -> Option<HeaderMap> {
+        if self.trailers.is_empty() {
+            return None;
+        }
+        // A request's are scrubbed further where they go up
+        // (`Ctx::request_trailers`).
+        headers::trailers_from_h1(&self.trailers, Trailers::Response)
     }
 
     /// The next piece; None at the body's end. `limit` bounds the total.
@@ -1124,6 +1345,7 @@ impl H1Body {
                         .map(|range| Bytes::copy_from_slice(&inbound.data()[range]));
                     inbound.consume(d.consumed);
                     if decoder.is_done() {
+                        self.trailers = decoder.take_trailers();
                         self.state = H1State::Done;
                     }
                     piece

@@ -56,7 +56,11 @@ impl Bucket {
     /// Takes a token, or says how long until one is there.
     fn take(&self, share: &Share, now: Instant) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(self.updated.get());
-        let added = (elapsed.as_nanos() * u128::from(share.per_second) / 1_000_000_000) as u64;
+        // Saturating: a high rate idle for hours would overflow u64, and a
+        // truncating cast would then leave the bucket nearly empty.
+        let added =
+            u64::try_from(elapsed.as_nanos() * u128::from(share.per_second) / 1_000_000_000)
+                .unwrap_or(u64::MAX);
         let tokens = self.tokens.get().saturating_add(added).min(share.burst);
         if added > 0 {
             self.updated.set(now);
@@ -222,6 +226,21 @@ mod tests {
         // A second later: 10 more, never more than the burst.
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!((0..20).filter(|_| l.take(None, t1).is_ok()).count(), 5);
+    }
+
+    #[test]
+    fn a_refill_past_u64_saturates_to_the_burst() {
+        let t0 = Instant::now();
+        let share = Share {
+            per_second: 1 << 63,
+            burst: 3 * SCALE,
+        };
+        let b = Bucket::full(&share, t0);
+        assert_eq!((0..5).filter(|_| b.take(&share, t0).is_ok()).count(), 3);
+        // Two seconds make exactly 2^64 micro-tokens: a truncating cast
+        // would add none.
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!((0..5).filter(|_| b.take(&share, later).is_ok()).count(), 3);
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! What must hold: a chunk size is 1 to 16 hex digits, nothing else (no
 //! sign, no `0x`, no spaces except before an extension); extensions follow
 //! the grammar and are bounded; chunk data is followed by exactly CRLF;
-//! trailers are well-formed field lines, bounded, then dropped. Data is
-//! reported as ranges of the caller's buffer: the decoder never copies.
+//! trailers are well-formed field lines, bounded, and kept (raw, at most
+//! [`HTTP1_TRAILER_BYTES_MAX`]) for the next hop, which forwards the
+//! end-to-end ones and never the connection-specific or framing ones.
+//! Data is reported as ranges of the caller's buffer: the decoder never
+//! copies it.
 
 use std::ops::Range;
 
@@ -72,6 +75,10 @@ pub struct ChunkedDecoder {
     digits: usize,
     line_bytes: usize,
     trailer_bytes: usize,
+    /// The trailer field lines as they came (`name: value\r\n` each,
+    /// validated by the state machine), without the final empty line.
+    /// Empty, and unallocated, for the usual body without trailers.
+    trailers: Vec<u8>,
 }
 
 impl Default for ChunkedDecoder {
@@ -82,6 +89,7 @@ impl Default for ChunkedDecoder {
             digits: 0,
             line_bytes: 0,
             trailer_bytes: 0,
+            trailers: Vec::new(),
         }
     }
 }
@@ -97,6 +105,17 @@ fn is_ws(b: u8) -> bool {
 impl ChunkedDecoder {
     pub fn is_done(&self) -> bool {
         self.state == State::Done
+    }
+
+    /// The trailer section read so far (complete once [`Self::is_done`]):
+    /// raw field lines, each ending in CRLF.
+    pub fn trailers(&self) -> &[u8] {
+        &self.trailers
+    }
+
+    /// Takes the trailer section (see [`Self::trailers`]).
+    pub fn take_trailers(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.trailers)
     }
 
     /// Decodes from `input` until it yields data, finishes, or runs out.
@@ -156,9 +175,13 @@ impl ChunkedDecoder {
             | Quoted
             | QuotedEscape
             | ExtAfterVal => self.line_byte()?,
-            TrailerLineStart | TrailerName | TrailerValue | TrailerLf | EndLf => {
-                self.trailer_byte()?
+            TrailerLineStart if b == b'\r' => self.trailer_byte()?,
+            TrailerLineStart | TrailerName | TrailerValue | TrailerLf => {
+                self.trailer_byte()?;
+                // Bounded by the check just made.
+                self.trailers.push(b);
             }
+            EndLf => self.trailer_byte()?,
             _ => {}
         }
         self.state = match (self.state, b) {
@@ -250,6 +273,75 @@ impl ChunkedDecoder {
 
 /// The last chunk and an empty trailer section.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// The fields of a raw trailer section (as [`ChunkedDecoder::trailers`]
+/// keeps it): name and value, the value without surrounding whitespace.
+pub fn trailer_fields(raw: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    raw.split(|&b| b == b'\n').filter_map(|line| {
+        let line = line.strip_suffix(b"\r")?;
+        let colon = line.iter().position(|&b| b == b':')?;
+        Some((&line[..colon], line[colon + 1..].trim_ascii()))
+    })
+}
+
+/// Whether a trailer field may go on to the next hop: not one about this
+/// connection or the message's framing (RFC 9110 §6.5.1, RFC 9112 §7.1.2),
+/// which would mean something else, or nothing, there.
+pub fn forwardable_trailer(name: &[u8]) -> bool {
+    const NOT: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"content-length",
+        b"host",
+    ];
+    !NOT.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Which trailer fields go on to the next hop.
+#[derive(Debug, Clone, Copy)]
+pub enum Trailers<'a> {
+    /// A response's: all but the framing and connection fields
+    /// ([`forwardable_trailer`]).
+    Response,
+    /// A request's: also not the fields this proxy writes in the header
+    /// section for the upstream to trust (the caller's verified identity
+    /// under `identity_header`, the forwarding fields). A client must not
+    /// be able to add its own in a trailer: an application that merges
+    /// trailers into headers would believe it.
+    Request { identity_header: &'a str },
+}
+
+impl Trailers<'_> {
+    pub fn allows(&self, name: &[u8]) -> bool {
+        const OURS: [&[u8]; 3] = [b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"];
+        forwardable_trailer(name)
+            && match self {
+                Trailers::Response => true,
+                Trailers::Request { identity_header } => {
+                    !name.eq_ignore_ascii_case(identity_header.as_bytes())
+                        && !OURS.iter().any(|n| n.eq_ignore_ascii_case(name))
+                }
+            }
+    }
+}
+
+/// Appends the last chunk with the fields of `raw` that `policy` allows as
+/// its trailer section (just [`LAST_CHUNK`] when there are none).
+pub fn write_last_chunk(raw: &[u8], policy: Trailers<'_>, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailer_fields(raw).filter(|(n, _)| policy.allows(n)) {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
 /// What follows each chunk's data.
 pub const CHUNK_END: &[u8] = b"\r\n";
 
@@ -392,6 +484,47 @@ mod tests {
             decode_all(&trailers).err(),
             Some(ChunkError::TrailerTooLarge)
         );
+    }
+
+    #[test]
+    fn trailers_are_kept_and_only_end_to_end_ones_go_on() {
+        let input = b"3\r\nabc\r\n0\r\nX-Sum: 9f  \r\nConnection: close\r\ngrpc-status:0\r\n\r\n";
+        // Whole, then a byte at a time: the same section either way.
+        for step in [input.len(), 1] {
+            let mut d = ChunkedDecoder::default();
+            for piece in input.chunks(step) {
+                let mut at = 0;
+                while at < piece.len() {
+                    at += d.decode(&piece[at..]).unwrap().consumed;
+                }
+            }
+            assert!(d.is_done());
+            assert_eq!(
+                d.trailers(),
+                b"X-Sum: 9f  \r\nConnection: close\r\ngrpc-status:0\r\n"
+            );
+            let mut out = Vec::new();
+            write_last_chunk(d.trailers(), Trailers::Response, &mut out);
+            assert_eq!(out, b"0\r\nX-Sum: 9f\r\ngrpc-status: 0\r\n\r\n");
+        }
+        // None: the plain last chunk, and nothing was allocated for them.
+        let input = b"1\r\na\r\n0\r\n\r\n";
+        let (mut d, mut at) = (ChunkedDecoder::default(), 0);
+        while !d.is_done() {
+            at += d.decode(&input[at..]).unwrap().consumed;
+        }
+        assert_eq!((at, d.trailers.capacity()), (input.len(), 0));
+        let mut out = Vec::new();
+        write_last_chunk(b"", Trailers::Response, &mut out);
+        assert_eq!(out, LAST_CHUNK);
+        // A request's trailers cannot carry what the proxy vouches for.
+        let raw = b"X-Caller: spiffe://forged\r\nX-Forwarded-For: 1.2.3.4\r\nX-Sum: 1\r\n";
+        let mut out = Vec::new();
+        let policy = Trailers::Request {
+            identity_header: "x-caller",
+        };
+        write_last_chunk(raw, policy, &mut out);
+        assert_eq!(out, b"0\r\nX-Sum: 1\r\n\r\n");
     }
 
     #[test]

@@ -149,6 +149,7 @@ impl H2Conns {
 pub async fn handshake(
     stream: Stream,
     settings: &crate::config::http::H2Settings,
+    token: crate::upstream::ConnToken,
 ) -> Result<(SendRequest<Bytes>, Rc<Cell<bool>>), h2::Error> {
     let io = PollIo::new(stream, Vec::new());
     let mut builder = h2::client::Builder::new();
@@ -162,6 +163,8 @@ pub async fn handshake(
     let closed = Rc::new(Cell::new(false));
     let done = Rc::clone(&closed);
     monoio::spawn(async move {
+        // Counted open in its cluster until the connection ends.
+        let _token = token;
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream h2 connection ended");
         }

@@ -15,6 +15,7 @@ use http::{
 };
 
 use crate::http1::{
+    chunked::Trailers,
     head::{RequestHead, ResponseHead},
     write::{self, is_hop_by_hop, write_field, Edits, Forwarding, OutBody},
 };
@@ -62,10 +63,14 @@ pub fn request_from_h1(
     let method = Method::from_bytes(req.method()).map_err(|_| bad("method"))?;
     let authority = req.authority().unwrap_or_default();
     let mut uri = Vec::with_capacity(scheme.len() + 3 + authority.len() + 64);
-    uri.extend_from_slice(scheme.as_bytes());
-    uri.extend_from_slice(b"://");
-    uri.extend_from_slice(authority);
-    uri.extend_from_slice(req.origin_target());
+    // No authority (an HTTP/1.0 request without Host): the target stays
+    // in origin form, and the upstream side names the endpoint.
+    if !authority.is_empty() {
+        uri.extend_from_slice(scheme.as_bytes());
+        uri.extend_from_slice(b"://");
+        uri.extend_from_slice(authority);
+    }
+    escape_target(req.origin_target(), &mut uri);
     let uri = Uri::try_from(uri).map_err(|e| bad(format!("request target: {e}")))?;
     let mut headers = HeaderMap::with_capacity(req.head.fields.len() + 4);
     if req.head.get_all("te").any(te_trailers) {
@@ -73,6 +78,22 @@ pub fn request_from_h1(
     }
     h2_fields(&req.head, &req.hop, &mut headers)?;
     Ok((method, uri, headers))
+}
+
+/// Appends an HTTP/1.1 origin-form target, percent-encoding the bytes
+/// that HTTP/1.1 parsers take in practice but a URI may not hold (`"`,
+/// `<`, `>`, `\`, `^`, `` ` ``, `{`, `|`, `}`, and non-ASCII: RFC 3986
+/// §2): `/q?a="b"` reaches an h2 upstream as `/q?a=%22b%22`, which means
+/// the same, instead of being refused. `%` itself is left alone.
+fn escape_target(target: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in target {
+        if b.is_ascii_graphic() && !b"\"<>\\^`{|}".contains(&b) {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+    }
 }
 
 /// Copies an HTTP/1.1 head's end-to-end fields into an h2 header map:
@@ -192,6 +213,13 @@ pub fn request_to_h1(
         .unwrap_or_default();
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\n");
+    if headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| te_trailers(v.as_bytes()))
+    {
+        out.extend_from_slice(b"te: trailers\r\n");
+    }
     let mut cookies: Vec<&[u8]> = Vec::new();
     for (name, value) in headers {
         if h1_only(name) || name == header::CONTENT_LENGTH {
@@ -266,6 +294,47 @@ pub fn response_to_h1(
     out.extend_from_slice(b"\r\n");
 }
 
+/// An HTTP/1.1 trailer section (raw, as the chunked decoder keeps it) as
+/// an h2 trailer block: the fields `policy` allows, names lowercased; a
+/// field h2 cannot carry is left out. None when nothing is left.
+pub fn trailers_from_h1(raw: &[u8], policy: Trailers<'_>) -> Option<HeaderMap> {
+    let mut map = HeaderMap::new();
+    for (name, value) in
+        crate::http1::chunked::trailer_fields(raw).filter(|(n, _)| policy.allows(n))
+    {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            map.append(n, v);
+        }
+    }
+    (!map.is_empty()).then_some(map)
+}
+
+/// Drops the fields of an h2 trailer block that `policy` does not allow;
+/// None when nothing is left.
+pub fn scrub_trailers(mut map: HeaderMap, policy: Trailers<'_>) -> Option<HeaderMap> {
+    let refused: Vec<HeaderName> = map
+        .keys()
+        .filter(|n| !policy.allows(n.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in refused {
+        map.remove(name);
+    }
+    (!map.is_empty()).then_some(map)
+}
+
+/// Appends the last chunk with an h2 trailer block as its trailer section
+/// (the fields `policy` allows; just the last chunk for None).
+pub fn write_last_chunk(trailers: Option<&HeaderMap>, policy: Trailers<'_>, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        if policy.allows(name.as_str().as_bytes()) {
+            write_field(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// The Content-Length of an HTTP/2 message, when it has one valid value.
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut all = headers.get_all(header::CONTENT_LENGTH).iter();
@@ -315,6 +384,17 @@ mod tests {
     }
 
     #[test]
+    fn h1_targets_a_uri_cannot_hold_are_escaped_and_a_missing_host_stays_missing() {
+        let req = parse(b"GET /q?a=\"b\"&c={x}|%41 HTTP/1.1\r\nHost: svc\r\n\r\n");
+        let (_, uri, _) = request_from_h1(&req, "http").unwrap();
+        assert_eq!(uri.to_string(), "http://svc/q?a=%22b%22&c=%7Bx%7D%7C%41");
+        // HTTP/1.0 without Host: origin form, no authority made up here.
+        let req = parse(b"GET /x HTTP/1.0\r\n\r\n");
+        let (_, uri, _) = request_from_h1(&req, "http").unwrap();
+        assert_eq!((uri.authority(), uri.path()), (None, "/x"));
+    }
+
+    #[test]
     fn h2_request_to_h1_gets_host_joined_cookies_and_our_framing() {
         let mut h = HeaderMap::new();
         h.append("cookie", HeaderValue::from_static("a=1"));
@@ -332,7 +412,9 @@ mod tests {
         );
         assert!(text.contains("cookie: a=1; b=2\r\n"), "{text}");
         assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
-        assert!(!text.contains("999") && !text.contains("te:"), "{text}");
+        assert!(!text.contains("999"), "{text}");
+        // Kept, as the HTTP/1.1 path keeps it: the client takes trailers.
+        assert!(text.contains("te: trailers\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\n"));
     }
 

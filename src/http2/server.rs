@@ -145,15 +145,25 @@ pub async fn serve(
                     closing = true;
                     continue;
                 }
+                if !closing && !worker.keep_alive_ok() {
+                    // Overload's first stage (near the connection cap or
+                    // the memory ceiling; counted by keep_alive_ok): this
+                    // stream is served, then GOAWAY turns the client over.
+                    conn.graceful_shutdown();
+                    closing = true;
+                }
                 open.set(open.get() + 1);
-                let task = stream_task(
+                // Boxed where it is made: the stream's future is several
+                // KiB (the whole request pipeline), and unboxed it was
+                // copied into the spawned block and again into the task.
+                let task = Box::pin(stream_task(
                     Rc::clone(&worker),
                     listener_index,
                     Rc::clone(&caller),
                     req,
                     respond,
                     Rc::clone(&resets),
-                );
+                ));
                 let (counters, open) = (Rc::clone(&worker.counters), Rc::clone(&open));
                 monoio::spawn(async move {
                     if AssertUnwindSafe(task).catch_unwind().await.is_err() {
@@ -264,6 +274,35 @@ impl Downstream for H2Down {
         if let Some(body) = self.body.as_mut() {
             let _ = body.flow_control().release_capacity(n);
         }
+    }
+
+    async fn request_trailers(&mut self, idle: Duration) -> Result<Option<HeaderMap>, BodyError> {
+        let Some(body) = self.body.as_mut() else {
+            return Ok(None);
+        };
+        match monoio::time::timeout(idle, body.trailers()).await {
+            Err(_) => Err(BodyError::Io(
+                Side::Downstream,
+                crate::http::inbound::timed_out(),
+            )),
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(e)) => Err(BodyError::Io(Side::Downstream, io::Error::other(e))),
+        }
+    }
+
+    async fn interim(&mut self, status: StatusCode, headers: HeaderMap) -> io::Result<bool> {
+        // A 100 answers an HTTP/1.1 `Expect`, which h2 clients do not
+        // send this way; others (103 Early Hints) are relayed.
+        if status == StatusCode::CONTINUE {
+            return Ok(false);
+        }
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        self.respond
+            .send_informational(resp)
+            .map(|()| true)
+            .map_err(io::Error::other)
     }
 
     async fn respond(
@@ -456,6 +495,7 @@ async fn stream_task(
             duration_us: took.as_micros() as u64,
             upstream: down.note.upstream,
             error: down.note.error,
+            blame: down.note.blame.map(crate::metrics::Blame::name),
             grpc_status: down.note.grpc_status,
             trace_id: down.note.trace.map(|t| crate::trace::hex(&t.trace_id)),
             span_id: down.note.trace.map(|t| crate::trace::hex(&t.span_id)),
@@ -496,6 +536,9 @@ async fn handle(
     let route_index = crate::route::select(&http.routes, &view);
     *route_out = route_index;
     let route = route_index.map(|i| &http.routes[i]);
+    if let Some(why) = worker.refuse_for_memory() {
+        return generated(worker, down, grpc, ErrorReason::Overload, why).await;
+    }
     let denied = crate::http::authorize(
         worker,
         listener,
@@ -512,26 +555,23 @@ async fn handle(
         .limits
         .check(listener_index, route_index, id, Instant::now())
     {
-        let reason = ErrorReason::RateLimited;
-        worker.counters.http.generated(reason);
         down.retry_after = Some(limited.retry_after);
         let detail = limited.to_string();
-        return answer(worker, down, grpc, reason.status(), reason.name(), &detail).await;
+        return generated(worker, down, grpc, ErrorReason::RateLimited, &detail).await;
     }
     if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
         if let Some(status) =
             crate::http::inject(worker, fault, |h| req.headers.contains_key(h)).await
         {
             metrics::add(&worker.counters.http.faults_aborted, 1);
-            return answer(
-                worker,
-                down,
-                grpc,
+            let what = Answer {
                 status,
-                "fault_injected",
-                "injected by this route's fault settings",
-            )
-            .await;
+                grpc_code: grpc::code_for_http(status),
+                name: "fault_injected",
+                blame: None,
+            };
+            let detail = "injected by this route's fault settings";
+            return answer(worker, down, grpc, what, detail).await;
         }
     }
     let cluster = match (route, caller.cluster.or(http.default_cluster)) {
@@ -556,14 +596,15 @@ async fn handle(
     };
     let idle = listener.idle_timeout;
     let forwarded = pipeline::forward(worker, http, route, cluster, &origin, req, down, idle).await;
-    match forwarded {
-        Ok(()) => {}
+    let answered = match forwarded {
+        Ok(()) => true,
         Err(Failure::Generated { reason, detail, .. }) => {
-            tracing::debug!(reason = reason.name(), %detail, "generated response");
             if down.send.is_none() {
                 generated(worker, down, grpc, reason, &detail).await;
+                true
             } else {
                 down.reset(h2::Reason::INTERNAL_ERROR);
+                false
             }
         }
         Err(Failure::Cut(why)) => {
@@ -572,6 +613,34 @@ async fn handle(
             if !down.ended {
                 down.reset(h2::Reason::INTERNAL_ERROR);
             }
+            false
+        }
+    };
+    if answered && !down.reset_by_client {
+        if let Some(body) = down.body.as_mut() {
+            linger(body).await;
+        }
+    }
+}
+
+/// After a complete response to a request whose body is still coming (an
+/// upstream, or the proxy, answered before reading it all): reads and discards the
+/// rest, for at most [`crate::http::LINGER_TIME`] and
+/// [`crate::http::LINGER_BYTES_MAX`], so the stream ends as the client
+/// expects. Dropped unread, h2 resets it (RST_STREAM NO_ERROR, which RFC
+/// 9113 §8.1 allows but curl 7.88 reports as an error): the HTTP/2 form of
+/// the lingering close HTTP/1.1 connections get.
+async fn linger(body: &mut RecvStream) {
+    let deadline = Instant::now() + crate::http::LINGER_TIME;
+    let mut left = crate::http::LINGER_BYTES_MAX;
+    while !body.is_end_stream() {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(wait, body.data()).await {
+            Ok(Some(Ok(data))) if data.len() <= left => {
+                left -= data.len();
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+            _ => return,
         }
     }
 }
@@ -661,21 +730,37 @@ async fn generated(
     reason: ErrorReason,
     detail: &str,
 ) {
-    worker.counters.http.generated(reason);
-    answer(worker, down, grpc, reason.status(), reason.name(), detail).await;
+    worker.counters.generated(reason, detail);
+    let what = Answer {
+        status: reason.status(),
+        grpc_code: reason.grpc_code(),
+        name: reason.name(),
+        blame: Some(reason.blame()),
+    };
+    answer(worker, down, grpc, what, detail).await;
+}
+
+/// What a generated answer says: the HTTP status (or, to gRPC callers,
+/// the gRPC status), the `x-pilotfish-error` name and who was to blame.
+struct Answer {
+    status: u16,
+    grpc_code: u32,
+    name: &'static str,
+    /// None for a fault the route injected on purpose.
+    blame: Option<crate::metrics::Blame>,
 }
 
 /// Writes a generated answer: for gRPC callers HTTP 200 with the status
 /// in `grpc-status` (trailers-only), else the status with a text body.
-async fn answer(
-    worker: &Worker,
-    down: &mut H2Down,
-    grpc: bool,
-    status: u16,
-    name: &'static str,
-    detail: &str,
-) {
+async fn answer(worker: &Worker, down: &mut H2Down, grpc: bool, what: Answer, detail: &str) {
+    let Answer {
+        status,
+        grpc_code,
+        name,
+        blame,
+    } = what;
     down.note.error = Some(name);
+    down.note.blame = blame;
     let mut headers = HeaderMap::new();
     headers.insert("x-pilotfish-error", HeaderValue::from_static(name));
     if let Some(secs) = down.retry_after.take() {
@@ -687,11 +772,6 @@ async fn answer(
     let code = StatusCode::from_u16(http_status).unwrap_or(StatusCode::BAD_GATEWAY);
     if grpc {
         headers.insert("content-type", HeaderValue::from_static("application/grpc"));
-        let grpc_code = match name {
-            "upstream_timeout" => grpc::DEADLINE_EXCEEDED,
-            "rate_limited" => grpc::RESOURCE_EXHAUSTED,
-            _ => grpc::code_for_http(status),
-        };
         headers.insert("grpc-status", HeaderValue::from(grpc_code));
         if let Ok(v) = HeaderValue::from_str(&grpc::encode_message(detail)) {
             headers.insert("grpc-message", v);

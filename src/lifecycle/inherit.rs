@@ -10,8 +10,9 @@
 //! from the environment so no child inherits them. A listener whose
 //! address matches inherited sockets serves on exactly those sockets (the
 //! same accept queues, so no connection queued before the handover is
-//! lost); the workers share them out, and bind more into the same
-//! SO_REUSEPORT group when there are fewer sockets than workers.
+//! lost); the workers share them out, and with fewer sockets than
+//! workers share them (see [`crate::Proxy::start_with`]), never binding
+//! their own beside them.
 
 use std::{
     net::{SocketAddr, TcpListener},

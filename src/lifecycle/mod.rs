@@ -16,6 +16,7 @@
 
 pub mod inherit;
 pub mod notify;
+pub mod overload;
 pub mod upgrade;
 pub mod watchdog;
 

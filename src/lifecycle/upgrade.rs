@@ -176,6 +176,10 @@ pub fn hand_over(
     match rx.recv_timeout(READY_TIMEOUT) {
         Ok(said) if said.starts_with(b"ready") => Ok(pid),
         Ok(_) => {
+            // The pipe closed without "ready": the successor exited, or
+            // closed it and runs on unready; either way it goes (a plain
+            // wait could block on the second).
+            let _ = child.kill();
             let status = child
                 .wait()
                 .map_or_else(|e| e.to_string(), |s| s.to_string());

@@ -46,12 +46,93 @@ pub struct Counters {
     /// Responses sent with `connection: close` because the worker was near
     /// its connection cap (the first overload stage).
     pub overload_keep_alive_off: Cell<u64>,
+    /// Times an accept loop paused at memory overload stage 3.
+    pub overload_accept_paused: Cell<u64>,
     pub http: HttpCounters,
     pub tls: crate::tls::counters::TlsCounters,
     pub intercept: crate::intercept::Counters,
     /// Requests and connections by mesh labels (not in [`Snapshot`]:
     /// reported beside it, see [`golden`]).
     pub golden: golden::Golden,
+    /// Paces the log lines of generated responses ([`log_generated`]).
+    pub generated_log: LogPace,
+}
+
+impl Counters {
+    /// A response the proxy generated: counted by reason, and logged at
+    /// the level its blame calls for ([`log_generated`]).
+    pub fn generated(&self, reason: ErrorReason, detail: &str) {
+        self.http.generated(reason);
+        log_generated(self, reason, detail);
+    }
+}
+
+/// Log lines of generated responses per reason and worker: at most one
+/// per [`LOG_PACE`]; the ones left out are counted in the next. An outage
+/// upstream at thousands of requests a second must not become thousands
+/// of log lines (the counters have every one).
+pub const LOG_PACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// See [`LOG_PACE`].
+#[derive(Debug, Default)]
+pub struct LogPace {
+    last: [Cell<Option<std::time::Instant>>; ErrorReason::ALL.len()],
+    left_out: [Cell<u64>; ErrorReason::ALL.len()],
+}
+
+/// Logs a generated response at the level its [`Blame`] calls for: a
+/// client's mistake at debug (it is the client's to see, in the answer),
+/// an upstream's failure at info, the proxy's own overload at warn;
+/// paced by [`LogPace`].
+fn log_generated(counters: &Counters, reason: ErrorReason, detail: &str) {
+    let pace = &counters.generated_log;
+    let i = reason.index();
+    let now = std::time::Instant::now();
+    if pace.last[i].get().is_some_and(|t| now - t < LOG_PACE) {
+        add(&pace.left_out[i], 1);
+        return;
+    }
+    pace.last[i].set(Some(now));
+    let left_out = pace.left_out[i].replace(0);
+    let blame = reason.blame();
+    let (reason, who) = (reason.name(), blame.name());
+    match blame {
+        Blame::Internal => {
+            tracing::warn!(reason, blame = who, detail, left_out, "generated response")
+        }
+        Blame::Upstream => {
+            tracing::info!(reason, blame = who, detail, left_out, "generated response")
+        }
+        Blame::Downstream => {
+            tracing::debug!(reason, blame = who, detail, left_out, "generated response")
+        }
+    }
+}
+
+/// Which side caused a failure. It follows from the [`ErrorReason`], as
+/// the status does, and decides what the failure comes to: only an
+/// upstream's failure may be retried, the `blame` label on the generated
+/// responses metric and in the access log, and the log level
+/// ([`log_generated`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The client sent something wrong, not allowed or not supported (4xx,
+    /// 501, 505).
+    Downstream,
+    /// An endpoint or the cluster failed, or is saturated (502, 503, 504).
+    Upstream,
+    /// The proxy's own limits (overload).
+    Internal,
+}
+
+impl Blame {
+    pub fn name(self) -> &'static str {
+        match self {
+            Blame::Downstream => "downstream",
+            Blame::Upstream => "upstream",
+            Blame::Internal => "internal",
+        }
+    }
 }
 
 /// Why the proxy generated a response itself. Each is counted, and named
@@ -80,12 +161,18 @@ pub enum ErrorReason {
     Overload,
     /// The cluster's `max_requests` circuit breaker is at its cap.
     CircuitBreakerMaxRequests,
+    /// The cluster's `max_connections` breaker: a new connection was
+    /// needed and the cluster has that many open.
+    CircuitBreakerMaxConnections,
+    /// The cluster's `max_pending` breaker: that many requests already
+    /// wait for a new connection.
+    CircuitBreakerMaxPending,
     /// A listener's or route's local rate limit has no token left.
     RateLimited,
 }
 
 impl ErrorReason {
-    pub const ALL: [ErrorReason; 18] = [
+    pub const ALL: [ErrorReason; 20] = [
         ErrorReason::BadRequest,
         ErrorReason::HeadTooLarge,
         ErrorReason::UriTooLong,
@@ -103,6 +190,8 @@ impl ErrorReason {
         ErrorReason::RequestTimeout,
         ErrorReason::Overload,
         ErrorReason::CircuitBreakerMaxRequests,
+        ErrorReason::CircuitBreakerMaxConnections,
+        ErrorReason::CircuitBreakerMaxPending,
         ErrorReason::RateLimited,
     ];
 
@@ -121,9 +210,48 @@ impl ErrorReason {
             ErrorReason::NoHealthyEndpoint
             | ErrorReason::ConnectFailed
             | ErrorReason::Overload
-            | ErrorReason::CircuitBreakerMaxRequests => 503,
+            | ErrorReason::CircuitBreakerMaxRequests
+            | ErrorReason::CircuitBreakerMaxConnections
+            | ErrorReason::CircuitBreakerMaxPending => 503,
             ErrorReason::UpstreamTimeout => 504,
             ErrorReason::UnsupportedVersion => 505,
+        }
+    }
+
+    /// Who caused it (see [`Blame`]).
+    pub fn blame(self) -> Blame {
+        match self {
+            ErrorReason::BadRequest
+            | ErrorReason::HeadTooLarge
+            | ErrorReason::UriTooLong
+            | ErrorReason::BodyTooLarge
+            | ErrorReason::NoRoute
+            | ErrorReason::UnsupportedVersion
+            | ErrorReason::NotImplemented
+            | ErrorReason::Forbidden
+            | ErrorReason::BadPath
+            | ErrorReason::RequestTimeout
+            | ErrorReason::RateLimited => Blame::Downstream,
+            ErrorReason::NoHealthyEndpoint
+            | ErrorReason::ConnectFailed
+            | ErrorReason::UpstreamReset
+            | ErrorReason::BadUpstreamResponse
+            | ErrorReason::UpstreamTimeout
+            | ErrorReason::CircuitBreakerMaxRequests
+            | ErrorReason::CircuitBreakerMaxConnections
+            | ErrorReason::CircuitBreakerMaxPending => Blame::Upstream,
+            ErrorReason::Overload => Blame::Internal,
+        }
+    }
+
+    /// The gRPC status a gRPC caller gets for it: gRPC's HTTP-to-status
+    /// table, except where the reason says more than the HTTP status.
+    pub fn grpc_code(self) -> u32 {
+        use crate::http2::grpc;
+        match self {
+            ErrorReason::UpstreamTimeout => grpc::DEADLINE_EXCEEDED,
+            ErrorReason::RateLimited => grpc::RESOURCE_EXHAUSTED,
+            other => grpc::code_for_http(other.status()),
         }
     }
 
@@ -146,6 +274,8 @@ impl ErrorReason {
             ErrorReason::RequestTimeout => "request_timeout",
             ErrorReason::Overload => "overload",
             ErrorReason::CircuitBreakerMaxRequests => "circuit_breaker_max_requests",
+            ErrorReason::CircuitBreakerMaxConnections => "circuit_breaker_max_connections",
+            ErrorReason::CircuitBreakerMaxPending => "circuit_breaker_max_pending",
             ErrorReason::RateLimited => "rate_limited",
         }
     }
@@ -339,6 +469,7 @@ pub struct Snapshot {
     pub connections_evicted_idle: u64,
     pub connections_refused_overload: u64,
     pub overload_keep_alive_off: u64,
+    pub overload_accept_paused: u64,
     pub http: HttpSnapshot,
     pub tls: crate::tls::counters::TlsSnapshot,
     pub intercept: crate::intercept::Snapshot,
@@ -371,6 +502,7 @@ impl Counters {
             connections_evicted_idle: self.connections_evicted_idle.get(),
             connections_refused_overload: self.connections_refused_overload.get(),
             overload_keep_alive_off: self.overload_keep_alive_off.get(),
+            overload_accept_paused: self.overload_accept_paused.get(),
             http: HttpSnapshot {
                 requests: self.http.requests.get(),
                 responses_by_class: std::array::from_fn(|i| self.http.responses_by_class[i].get()),
@@ -425,6 +557,7 @@ impl Snapshot {
         self.connections_evicted_idle += other.connections_evicted_idle;
         self.connections_refused_overload += other.connections_refused_overload;
         self.overload_keep_alive_off += other.overload_keep_alive_off;
+        self.overload_accept_paused += other.overload_accept_paused;
         self.http.merge(&other.http);
         self.tls.merge(&other.tls);
         self.intercept.merge(&other.intercept);
@@ -444,5 +577,53 @@ mod tests {
         total.merge(&c.snapshot());
         assert_eq!(total.connections_accepted, 6);
         assert_eq!(total.bytes_downstream_to_upstream, 20);
+    }
+
+    #[test]
+    fn blame_agrees_with_the_status_and_the_grpc_code() {
+        use crate::http2::grpc;
+        for r in ErrorReason::ALL {
+            // A 4xx is the client's, and so are 501 and 505 (it asked
+            // for what is not supported); 502, 503 and 504 are the
+            // upstream's or ours.
+            let clients = r.status() < 500 || matches!(r.status(), 501 | 505);
+            assert_eq!(clients, r.blame() == Blame::Downstream, "{}", r.name());
+        }
+        assert_eq!(ErrorReason::Overload.blame(), Blame::Internal);
+        assert_eq!(
+            ErrorReason::UpstreamTimeout.grpc_code(),
+            grpc::DEADLINE_EXCEEDED
+        );
+        assert_eq!(
+            ErrorReason::RateLimited.grpc_code(),
+            grpc::RESOURCE_EXHAUSTED
+        );
+        assert_eq!(ErrorReason::ConnectFailed.grpc_code(), grpc::UNAVAILABLE);
+    }
+
+    #[test]
+    fn generated_logs_are_paced_per_reason_and_count_what_they_left_out() {
+        let c = Counters::default();
+        for _ in 0..5 {
+            c.generated(ErrorReason::ConnectFailed, "x");
+        }
+        c.generated(ErrorReason::NoRoute, "y");
+        assert_eq!(c.snapshot().http.generated(ErrorReason::ConnectFailed), 5);
+        let i = ErrorReason::ConnectFailed.index();
+        assert_eq!(
+            c.generated_log.left_out[i].get(),
+            4,
+            "one line, four left out"
+        );
+        let j = ErrorReason::NoRoute.index();
+        assert_eq!(
+            c.generated_log.left_out[j].get(),
+            0,
+            "another reason has its own pace"
+        );
+        // A pace later, the next line goes out and says how many it skipped.
+        c.generated_log.last[i].set(Some(std::time::Instant::now() - LOG_PACE));
+        c.generated(ErrorReason::ConnectFailed, "x");
+        assert_eq!(c.generated_log.left_out[i].get(), 0);
     }
 }

@@ -12,6 +12,7 @@ pub mod pool;
 use std::{
     cell::Cell,
     net::SocketAddr,
+    rc::Rc,
     time::{Duration, Instant},
 };
 
@@ -85,12 +86,40 @@ pub struct ClusterState {
     round_robin: RoundRobin,
     pub active_requests: Cell<u64>,
     pub active_retries: Cell<u64>,
+    /// Open upstream connections (each holds a [`ConnToken`]); shared
+    /// with the tokens, so a connection that outlives a config swap still
+    /// counts down here when it closes.
+    pub open_connections: Rc<Cell<u64>>,
+    /// Requests waiting for a new connection.
+    pub pending: Cell<u64>,
     /// This worker's share of the circuit-breaker caps (None: no cap).
     pub max_requests: Option<u64>,
     pub max_retries: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub max_pending: Option<u64>,
     /// `protocol = "auto"` over TLS: an endpoint chose HTTP/1.1 in ALPN,
     /// so this cluster is spoken to in HTTP/1.1 from now on.
     pub h1_only: Cell<bool>,
+}
+
+/// One open upstream connection, counted in its cluster's
+/// `open_connections` from the connect until the connection is dropped
+/// (it travels with the connection: in the pool, in an exchange, in an
+/// HTTP/2 connection's task).
+#[derive(Debug)]
+pub struct ConnToken(Rc<Cell<u64>>);
+
+impl ConnToken {
+    pub fn new(count: &Rc<Cell<u64>>) -> Self {
+        count.set(count.get() + 1);
+        ConnToken(Rc::clone(count))
+    }
+}
+
+impl Drop for ConnToken {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
 }
 
 /// One worker's view of a cluster (`GET /clusters`).
@@ -99,6 +128,8 @@ pub struct ClusterReport {
     pub name: String,
     pub active_requests: u64,
     pub active_retries: u64,
+    pub open_connections: u64,
+    pub pending: u64,
     pub endpoints: Vec<EndpointReport>,
 }
 
@@ -138,6 +169,10 @@ impl ClusterState {
         Self {
             max_requests: Breakers::per_worker(breakers.max_requests, workers),
             max_retries: Breakers::per_worker(breakers.max_retries, workers),
+            max_connections: Breakers::per_worker(breakers.max_connections, workers),
+            max_pending: Breakers::per_worker(breakers.max_pending, workers),
+            open_connections: Rc::new(Cell::new(0)),
+            pending: Cell::new(0),
             name: c.name.clone(),
             connect_histogram,
             first_byte_histogram,
@@ -265,8 +300,56 @@ impl ClusterState {
         }
     }
 
-    /// Whether one more retry fits the budget: retries in flight may be at
-    /// most `retry_budget_percent` of active requests, or the minimum.
+    /// Whether one more request may wait for a new connection, under the
+    /// `max_pending` breaker: None, or the refusal with what it saw.
+    pub fn pending_refused(&self) -> Option<(crate::metrics::ErrorReason, String)> {
+        self.breaker_refusal(
+            self.max_pending,
+            self.pending.get(),
+            crate::metrics::ErrorReason::CircuitBreakerMaxPending,
+            "requests waiting for a connection",
+            "max_pending",
+        )
+    }
+
+    /// Whether a new connection may be opened now, under the
+    /// `max_connections` breaker (asked once no pooled or multiplexed
+    /// connection can take the request): None, or the refusal.
+    pub fn connections_refused(&self) -> Option<(crate::metrics::ErrorReason, String)> {
+        self.breaker_refusal(
+            self.max_connections,
+            self.open_connections.get(),
+            crate::metrics::ErrorReason::CircuitBreakerMaxConnections,
+            "connections open",
+            "max_connections",
+        )
+    }
+
+    /// A breaker at `max` (this worker's share) with `now` in use: None
+    /// below it, else the refusal (built only then).
+    fn breaker_refusal(
+        &self,
+        max: Option<u64>,
+        now: u64,
+        reason: crate::metrics::ErrorReason,
+        what: &str,
+        setting: &str,
+    ) -> Option<(crate::metrics::ErrorReason, String)> {
+        let max = max?;
+        (now >= max).then(|| {
+            let detail = format!(
+                "cluster {:?} has {now} {what} on this worker, its {setting} share",
+                self.name
+            );
+            (reason, detail)
+        })
+    }
+
+    /// Counts a new connection until the token is dropped with it.
+    pub fn connection_token(&self) -> ConnToken {
+        ConnToken::new(&self.open_connections)
+    }
+
     /// Whether one more request fits the `max_requests` breaker.
     pub fn request_allowed(&self) -> bool {
         self.max_requests
@@ -279,6 +362,8 @@ impl ClusterState {
             .is_none_or(|max| self.active_retries.get() < max)
     }
 
+    /// Whether one more retry fits the budget: retries in flight may be at
+    /// most `retry_budget_percent` of active requests, or the minimum.
     pub fn retry_allowed(&self) -> bool {
         let budget = (self.active_requests.get() * u64::from(self.config.retry_budget_percent)
             / 100)
@@ -308,6 +393,8 @@ impl ClusterState {
             name: self.name.clone(),
             active_requests: self.active_requests.get(),
             active_retries: self.active_retries.get(),
+            open_connections: self.open_connections.get(),
+            pending: self.pending.get(),
             endpoints: self
                 .endpoints
                 .iter()

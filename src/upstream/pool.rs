@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::ConnToken;
 use crate::tls::stream::Stream;
 
 /// Connections idle for less than this are handed out without the
@@ -29,6 +30,7 @@ const PEEK_AFTER: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 struct Idle {
     stream: Stream,
+    token: ConnToken,
     since: Instant,
 }
 
@@ -39,19 +41,20 @@ pub struct Pool {
 
 impl Pool {
     /// A connection idle for less than `timeout` and still open, if any.
-    pub fn checkout(&self, now: Instant, timeout: Duration) -> Option<Stream> {
+    /// It comes with the token that counts it as open in its cluster.
+    pub fn checkout(&self, now: Instant, timeout: Duration) -> Option<(Stream, ConnToken)> {
         let mut idle = self.idle.borrow_mut();
         while let Some(c) = idle.pop_back() {
             let age = now.saturating_duration_since(c.since);
             if age < timeout && (age < PEEK_AFTER || still_open(&c.stream)) {
-                return Some(c.stream);
+                return Some((c.stream, c.token));
             }
         }
         None
     }
 
     /// Keeps `stream` for reuse; drops the oldest when `max_idle` is reached.
-    pub fn checkin(&self, stream: Stream, now: Instant, max_idle: usize) {
+    pub fn checkin(&self, stream: Stream, token: ConnToken, now: Instant, max_idle: usize) {
         if max_idle == 0 {
             return;
         }
@@ -59,7 +62,11 @@ impl Pool {
         while idle.len() >= max_idle {
             idle.pop_front();
         }
-        idle.push_back(Idle { stream, since: now });
+        idle.push_back(Idle {
+            stream,
+            token,
+            since: now,
+        });
     }
 
     /// Drops connections idle for `timeout` or more.
@@ -115,30 +122,40 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
             let pool = Pool::default();
+            // Open connections as their cluster counts them.
+            let open = std::rc::Rc::new(std::cell::Cell::new(0));
+            let token = || ConnToken::new(&open);
             let now = Instant::now();
             let minute = Duration::from_secs(60);
             let a = Stream::Plain(TcpStream::connect_addr(addr).await.unwrap());
             let (peer_a, _) = listener.accept().unwrap();
             let b = Stream::Plain(TcpStream::connect_addr(addr).await.unwrap());
             let (_peer_b, _) = listener.accept().unwrap();
-            pool.checkin(a, now, 4);
-            pool.checkin(b, now, 4);
+            pool.checkin(a, token(), now, 4);
+            pool.checkin(b, token(), now, 4);
             drop(peer_a); // the upstream closes the older one
                           // Past PEEK_AFTER the liveness peek runs.
             let later = now + PEEK_AFTER;
-            let got = pool.checkout(later, minute).expect("b is still open");
+            let (got, t) = pool.checkout(later, minute).expect("b is still open");
             assert_eq!(pool.len(), 1);
-            pool.checkin(got, now, 4);
+            assert_eq!(open.get(), 2, "a checked-out connection still counts");
+            pool.checkin(got, t, now, 4);
             // b is handed out; a (closed) is then skipped and dropped.
-            assert!(pool.checkout(later, minute).is_some());
+            let b = pool.checkout(later, minute);
+            assert!(b.is_some());
+            assert_eq!(open.get(), 2, "a is still pooled");
             assert!(pool.checkout(later, minute).is_none());
+            assert_eq!(open.get(), 1, "a, dropped as closed, no longer counts");
+            drop(b);
+            assert_eq!(open.get(), 0);
             // Expiry and the bound.
             for _ in 0..3 {
                 let s = Stream::Plain(TcpStream::connect_addr(addr).await.unwrap());
                 let _ = listener.accept().unwrap();
-                pool.checkin(s, now, 2);
+                pool.checkin(s, token(), now, 2);
             }
             assert_eq!(pool.len(), 2);
+            assert_eq!(open.get(), 2, "the one pushed out by the bound was closed");
             assert!(pool.checkout(now + minute, minute).is_none(), "expired");
         });
     }

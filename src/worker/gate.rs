@@ -95,6 +95,8 @@ pub struct Slots {
     idle: RefCell<slab::Slab<IdleState>>,
     /// Orders registrations: the smallest `since` is the longest idle.
     next_idle: Cell<u64>,
+    /// The process's memory overload stage, as last told (0 to 3).
+    pressure: Cell<u8>,
 }
 
 #[derive(Debug)]
@@ -168,6 +170,7 @@ impl Slots {
             waiters: Waiters::default(),
             idle: RefCell::default(),
             next_idle: Cell::new(0),
+            pressure: Cell::new(0),
         })
     }
 
@@ -233,6 +236,29 @@ impl Slots {
         let max = self.max.get();
         let headroom = max * (100 - KEEP_ALIVE_OFF_PERCENT) / 100;
         headroom > 0 && self.used.get() + headroom >= max
+    }
+
+    /// The memory overload stage (see [`crate::lifecycle::overload`]).
+    pub fn pressure(&self) -> u8 {
+        self.pressure.get()
+    }
+
+    pub fn set_pressure(&self, stage: u8) {
+        if self.pressure.replace(stage) != stage {
+            self.waiters.wake_all();
+        }
+    }
+
+    /// Completes once the memory stage is below the one that stops accepting.
+    pub async fn accepting(&self) {
+        self.until(|s| s.pressure.get() < crate::lifecycle::overload::STAGE_STOP_ACCEPT)
+            .await;
+    }
+
+    /// Completes once the memory stage stops accepting.
+    pub async fn overloaded(&self) {
+        self.until(|s| s.pressure.get() >= crate::lifecycle::overload::STAGE_STOP_ACCEPT)
+            .await;
     }
 
     /// Changes the limit (a config swap); connections over a lowered limit

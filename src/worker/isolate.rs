@@ -16,6 +16,10 @@ pub fn spawn_connection<F>(counters: Rc<Counters>, conn_id: u64, conn: F)
 where
     F: Future<Output = ()> + 'static,
 {
+    // Boxed before it is wrapped: a connection's future is several KiB,
+    // and moving it into the wrapper and then into the task copied all of
+    // it twice per connection.
+    let conn = Box::pin(conn);
     monoio::spawn(async move {
         // AssertUnwindSafe: after a panic we only drop the future (closing
         // its sockets) and bump a counter; no state it touched is reused

@@ -42,6 +42,7 @@ use crate::{
         Config, ListenerKind,
     },
     http, l4,
+    lifecycle::overload,
     metrics::{
         self,
         histograms::{self, Histograms, Key},
@@ -104,6 +105,9 @@ pub enum Command {
     },
     /// Detach tap `id`.
     Untap(u64),
+    /// The process's memory overload stage changed (see
+    /// [`crate::lifecycle::overload`]).
+    Overload(u8),
     /// Send a duplicate of every socket this worker accepts on (an
     /// in-place upgrade hands them to the new process).
     Sockets(Sender<Vec<(SocketAddr, std::net::TcpListener)>>),
@@ -259,9 +263,20 @@ pub struct Worker {
     pub spans: Rc<crate::trace::export::Buffers>,
     /// This generation's rate-limit buckets (a swap starts them full).
     pub limits: Rc<crate::http::ratelimit::Limits>,
+    /// HTTP/1.1-to-HTTP/1.1 exchanges go through the shared pipeline
+    /// instead of the direct byte path: a test and diagnostic seam
+    /// ([`HTTP1_VIA_PIPELINE_ENV`]), read once at start.
+    pub http1_via_pipeline: bool,
     store: Rc<histograms::Store>,
     next_conn_id: Rc<Cell<u64>>,
 }
+
+/// Set (to anything) in the environment, it sends HTTP/1.1-to-HTTP/1.1
+/// exchanges through the version-independent pipeline, as HTTP/2 ones
+/// go. CI runs the HTTP/1.1 suites that way too, so both paths keep the
+/// same behaviour; the direct path stays the default because it costs
+/// less (see `http::pipeline`).
+pub const HTTP1_VIA_PIPELINE_ENV: &str = "PILOTFISH_HTTP1_VIA_PIPELINE";
 
 impl Worker {
     fn first(
@@ -306,6 +321,7 @@ impl Worker {
             draining: Trigger::default(),
             retired: Trigger::default(),
             next_conn_id: Rc::new(Cell::new(0)),
+            http1_via_pipeline: std::env::var_os(HTTP1_VIA_PIPELINE_ENV).is_some(),
         }
     }
 
@@ -355,21 +371,30 @@ impl Worker {
             draining: self.draining.clone(),
             retired: Trigger::default(),
             next_conn_id: Rc::clone(&self.next_conn_id),
+            http1_via_pipeline: self.http1_via_pipeline,
         }
     }
 
     /// Whether a response may keep its client connection alive, as far as
     /// the worker is concerned: not when this generation retired (a swap,
-    /// a drain), nor near the connection cap (counted).
+    /// a drain), nor near the connection cap or in a memory overload stage
+    /// (those two counted).
     pub fn keep_alive_ok(&self) -> bool {
         if self.retired.is_fired() {
             return false;
         }
-        if self.slots.crowded() {
+        if self.slots.crowded() || self.slots.pressure() >= overload::STAGE_KEEP_ALIVE_OFF {
             metrics::add(&self.counters.overload_keep_alive_off, 1);
             return false;
         }
         true
+    }
+
+    /// Under memory overload stage 2 and above, new requests are refused
+    /// (503 `overload`): Some(why).
+    pub fn refuse_for_memory(&self) -> Option<&'static str> {
+        (self.slots.pressure() >= overload::STAGE_REFUSE_REQUESTS)
+            .then_some("the proxy is near its memory ceiling ([overload] memory_max_mib)")
     }
 
     /// A connection id unique within the process: worker id in the top bits.
@@ -784,6 +809,7 @@ async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>, lifelin
                     let _ = reply.try_send(worker.id);
                 }
                 Ok(Command::Untap(id)) => worker.taps.detach(id),
+                Ok(Command::Overload(stage)) => worker.slots.set_pressure(stage),
                 Ok(Command::Sockets(reply)) => {
                     let dups = control
                         .listening
@@ -889,8 +915,25 @@ async fn accept_loop(
     };
     let refusing = Rc::new(Cell::new(0usize));
     loop {
+        if slots.pressure() >= overload::STAGE_STOP_ACCEPT {
+            // Memory overload, last stage: leave new connections in the
+            // kernel's backlog until the pressure eases (counted).
+            metrics::add(&current.borrow().counters.overload_accept_paused, 1);
+            monoio::select! {
+                _ = slots.accepting() => {},
+                _ = draining.wait() => return,
+                _ = stop.wait() => return,
+            }
+            continue;
+        }
+        // With a memory ceiling, a waiting accept gives way as soon as
+        // the last stage is reached (the accept is a readiness poll:
+        // dropping it takes no connection); without one, no waiter is
+        // registered on the accept path.
+        let ceiling = current.borrow().config.overload.memory_max_mib.is_some();
         let accepted = monoio::select! {
             accepted = listener::accept(&sock, nonblocking) => accepted,
+            _ = slots.overloaded(), if ceiling => continue,
             _ = draining.wait() => return,
             _ = stop.wait() => return,
         };
@@ -969,15 +1012,11 @@ async fn refuse_overloaded(
 ) {
     use monoio::io::AsyncWriteRentExt;
     let reason = metrics::ErrorReason::Overload;
-    counters.http.generated(reason);
+    let detail = "this proxy is at its connection limit; retry later";
+    counters.generated(reason, detail);
     counters.http.response(reason.status());
     let mut out = Vec::with_capacity(256);
-    http::respond::generated(
-        reason,
-        "this proxy is at its connection limit; retry later",
-        true,
-        &mut out,
-    );
+    http::respond::generated(reason, detail, true, &mut out);
     let written = monoio::time::timeout(REFUSAL_LINGER, stream.write_all(out)).await;
     if !matches!(written, Ok((Ok(_), _))) {
         return;

@@ -14,6 +14,8 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// A chunked body's trailer fields (names lowercased).
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Response {
@@ -76,6 +78,7 @@ impl Conn {
             })
             .collect();
         let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let mut trailers = Vec::new();
         let body = if head_request || status < 200 || status == 204 || status == 304 {
             Vec::new()
         } else if get("transfer-encoding").is_some_and(|v| v.ends_with("chunked")) {
@@ -84,11 +87,22 @@ impl Conn {
                 let mut line = String::new();
                 self.reader.read_line(&mut line).ok()?;
                 let size = usize::from_str_radix(line.trim_end(), 16).ok()?;
-                let mut chunk = vec![0u8; size + 2];
-                self.reader.read_exact(&mut chunk).ok()?;
                 if size == 0 {
+                    // The trailer section, up to its empty line.
+                    loop {
+                        let mut field = String::new();
+                        self.reader.read_line(&mut field).ok()?;
+                        let field = field.trim_end();
+                        if field.is_empty() {
+                            break;
+                        }
+                        let (name, value) = field.split_once(':')?;
+                        trailers.push((name.to_ascii_lowercase(), value.trim().to_string()));
+                    }
                     break;
                 }
+                let mut chunk = vec![0u8; size + 2];
+                self.reader.read_exact(&mut chunk).ok()?;
                 body.extend_from_slice(&chunk[..size]);
             }
             body
@@ -105,13 +119,20 @@ impl Conn {
             status,
             headers,
             body,
+            trailers,
         })
     }
 
     /// Whether the server closed the connection (EOF on the next read).
     pub fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.reader.read(&mut b), Ok(0) | Err(_))
+        loop {
+            match self.reader.read(&mut b) {
+                // Not an answer from the peer: ask again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return matches!(r, Ok(0) | Err(_)),
+            }
+        }
     }
 }
 

@@ -70,6 +70,51 @@ pub fn serve(handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> Soc
     addr
 }
 
+/// Reads up to and including the first blank line (a head, or a chunked
+/// body with its trailer section) from a raw socket, a byte at a time so
+/// nothing after it is taken; less if the peer closes first.
+pub fn read_head_raw(s: &mut TcpStream) -> String {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(0) => break,
+            Ok(_) => head.push(b[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// An address whose accept queue is full and never drained: connects to
+/// it hang (the kernel drops further SYNs) until the caller's timeout.
+/// Keep what it returns alive for as long as the address must stay so.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fill: Vec<TcpStream>,
+}
+
+pub fn blackhole() -> Blackhole {
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&any.into()).unwrap();
+    // Backlog 0 holds one connection; a few more make sure it is full.
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let _fill = (0..4)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+        .collect();
+    Blackhole {
+        addr,
+        _listener: listener,
+        _fill,
+    }
+}
+
 /// A port on which nothing listens (bound once by the OS, then released).
 pub fn closed_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -345,6 +390,13 @@ pub fn start_toml(toml: &str, listener: &str) -> (Proxy, SocketAddr) {
     let proxy = Proxy::start(config).expect("proxy starts");
     let addr = proxy.listener_addr(listener).unwrap();
     (proxy, addr)
+}
+
+/// An in-process proxy on `driver` whose HTTP listener `web` sends
+/// everything to one cluster `app` of one endpoint.
+pub fn start_to(driver: &str, endpoint: SocketAddr) -> (Proxy, SocketAddr) {
+    let clusters = cluster("app", &[endpoint], "");
+    start_toml(&http_config(driver, "cluster = \"app\"", &clusters), "web")
 }
 
 /// A one-listener HTTP config: `extra_listener` goes into the listener
