@@ -393,9 +393,15 @@ fn memory_overload_stages_are_reached_in_order() {
             let (_, body) = pilotfish::admin::client::request(&socket, "GET", "/stats").unwrap();
             serde_json::from_str::<serde_json::Value>(&body).unwrap()
         };
+        // The process-wide stage, and every worker acting on it (a worker
+        // learns the stage by message, after the sampler decided it).
         let stage_is = |want: u64| {
             eventually(&format!("{driver}: overload stage {want}"), || {
-                stats()["overload"]["stage"].as_u64() == Some(want)
+                let s = stats();
+                s["overload"]["stage"].as_u64() == Some(want)
+                    && s["workers"].as_array().is_some_and(|w| {
+                        w.iter().all(|w| w["overload_stage"].as_u64() == Some(want))
+                    })
             })
         };
         let request = |c: &mut Conn| {

@@ -143,6 +143,11 @@ pub struct WorkerReport {
     pub draining: bool,
     /// The config generation new connections get.
     pub generation: u64,
+    /// The memory overload stage this worker acts on: it lags the
+    /// process-wide `overload.stage` until the worker has read the message
+    /// that told it (reports answer in mailbox order, so a report showing
+    /// a stage means later connections on this worker see it).
+    pub overload_stage: u8,
     pub counters: Snapshot,
     /// The golden metrics (served by /metrics, summed over cores).
     #[serde(skip)]
@@ -412,6 +417,7 @@ impl Worker {
             driver: self.driver,
             draining: self.draining.is_fired(),
             generation: self.generation,
+            overload_stage: self.slots.pressure(),
             counters,
             golden: self.counters.golden.snapshot(),
         }
