@@ -115,7 +115,7 @@ impl Proxy {
                 binds.push(l.bind);
                 continue;
             }
-            listener::ensure_free(l.bind).map_err(bind_error)?;
+            listener::ensure_free_within(l.bind, listener::START_FREE_WAIT).map_err(bind_error)?;
             let (addr, held) = listener::reserve(l.bind).map_err(bind_error)?;
             binds.push(addr);
             reservations.push(held);

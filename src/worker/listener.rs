@@ -10,7 +10,11 @@
 //! traffic in silence. So before binding an address this process does not
 //! hold yet, [`ensure_free`] checks that no one else does.
 
-use std::{io, net::SocketAddr};
+use std::{
+    io,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -23,6 +27,32 @@ fn socket_for(addr: SocketAddr) -> io::Result<Socket> {
     socket.set_nonblocking(true)?;
     socket.set_cloexec(true)?;
     Ok(socket)
+}
+
+/// How long start-up waits for an address that is in use to come free
+/// before it gives up. A process that used io_uring and just exited can
+/// hold its listening sockets a little past its exit: the kernel tears
+/// the ring down in a worker thread after the process is reaped, and
+/// only then drops the files that requests in flight (a readiness poll
+/// on the listener) still referenced. A restart right after an exit (a
+/// crash restart, a test) met that as "address in use".
+pub const START_FREE_WAIT: Duration = Duration::from_secs(2);
+/// How often the address is tried again meanwhile.
+const FREE_POLL: Duration = Duration::from_millis(20);
+
+/// [`ensure_free`], trying again for up to `wait` while the address is in
+/// use. Blocks the calling thread: for start-up, not for workers.
+pub fn ensure_free_within(addr: SocketAddr, wait: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match ensure_free(addr) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                #[allow(clippy::disallowed_methods)] // not a worker thread
+                std::thread::sleep(FREE_POLL);
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Fails with `AddrInUse` if another socket (another process, or anything
