@@ -70,8 +70,15 @@ fn run_for(cmd: &mut Command, limit: Duration) -> Output {
 }
 
 /// A minimal Debian with systemd, made once and reused (the container
-/// runs it with a volatile overlay, so boots never change it).
+/// runs it with a volatile overlay, so boots never change it). The tests
+/// of this file run in parallel threads: the first makes it while the
+/// others wait (two debootstraps into one directory break each other).
 fn rootfs() -> PathBuf {
+    static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MADE.get_or_init(make_rootfs).clone()
+}
+
+fn make_rootfs() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nspawn-bookworm");
     if dir.join(".complete").exists() {
         return dir;
