@@ -58,7 +58,7 @@ fn ten_megabytes_each_way_intact_with_buffered_copy_and_splice() {
     let data = pattern(42, 10 * 1024 * 1024);
     let sum = checksum(&data);
     for driver in drivers() {
-        for copy in ["buffered", "splice", "auto"] {
+        for copy in ["buffered", "splice", "splice_io_uring", "auto"] {
             let mut cfg = L4Config::new(driver, vec![upstream]);
             cfg.copy = copy;
             let (proxy, addr) = cfg.start();
@@ -86,7 +86,7 @@ fn half_close_from_the_client_side_keeps_the_reply_flowing() {
         s.write_all(reply.as_bytes()).unwrap();
     });
     for driver in drivers() {
-        for copy in ["buffered", "splice"] {
+        for copy in ["buffered", "splice", "splice_io_uring"] {
             let (proxy, addr) = L4Config {
                 copy,
                 ..L4Config::new(driver, vec![upstream])
@@ -116,7 +116,7 @@ fn half_close_from_the_upstream_side_keeps_the_request_flowing() {
         seen_tx.send(got).unwrap();
     });
     for driver in drivers() {
-        for copy in ["buffered", "splice"] {
+        for copy in ["buffered", "splice", "splice_io_uring"] {
             let (proxy, addr) = L4Config {
                 copy,
                 ..L4Config::new(driver, vec![upstream])

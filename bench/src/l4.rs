@@ -24,7 +24,7 @@ struct Mode {
     proxy: Option<(&'static str, &'static str)>, // (driver, copy)
 }
 
-const MODES: [Mode; 5] = [
+const MODES: [Mode; 6] = [
     Mode {
         name: "direct",
         proxy: None,
@@ -36,6 +36,10 @@ const MODES: [Mode; 5] = [
     Mode {
         name: "io_uring splice",
         proxy: Some(("io_uring", "splice")),
+    },
+    Mode {
+        name: "io_uring splice (ops)",
+        proxy: Some(("io_uring", "splice_io_uring")),
     },
     Mode {
         name: "epoll buffered",

@@ -201,16 +201,18 @@ pub enum Protocol {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CopyMode {
-    /// The path measured best for the driver the worker runs (see
-    /// `pilotfish-bench l4`): splice on epoll, where it is a non-blocking
-    /// syscall on the worker and cost ~0.4x the CPU per GiB of buffered;
-    /// buffered on io_uring, where socket splice is punted to kernel worker
-    /// threads and was no faster.
+    /// The path measured best (see `pilotfish-bench l4`): splice on both
+    /// drivers.
     Auto,
     /// read into a pooled buffer, write that same buffer out.
     Buffered,
-    /// splice(2) socket → pipe → socket; no user-space copy.
+    /// splice(2) socket → pipe → socket on the worker thread, non-blocking,
+    /// waiting for readiness when a call would block; no user-space copy.
     Splice,
+    /// splice as io_uring operations (io_uring workers only; epoll workers
+    /// take `splice`): the kernel hands socket splices to its io-wq
+    /// threads. Kept for comparison; measured slower (bench/README.md).
+    SpliceIoUring,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
