@@ -356,6 +356,83 @@ fn near_the_connection_cap_responses_stop_keeping_connections_alive() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A keep-alive connection quiet for longer than the park delay (100 ms)
+/// gives back its read buffer and request state and waits for readiness
+/// alone. Its next request is served as before: one that wakes it, a head
+/// split across a park, two pipelined requests, and requests from many
+/// connections timed around the moment they park (the read in flight is
+/// cancelled and then awaited, so bytes that raced the cancel are kept).
+/// Both drivers.
+#[test]
+fn quiet_keep_alive_connections_park_and_wake_without_losing_bytes() {
+    let up = HttpUpstream::start();
+    for driver in drivers() {
+        let dir = temp_dir("park");
+        let socket = dir.join("admin.sock");
+        let config = app_out(
+            up.addr,
+            &format!(
+                "[runtime]\ndriver = \"{driver}\"\n[admin]\nsocket = \"{}\"",
+                socket.display()
+            ),
+            "",
+        );
+        let mut proxy = ChildProxy::spawn(&config);
+        let addr = proxy.wait_ready();
+        const GET: &[u8] = b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n";
+        let answered = |c: &mut Conn| c.read(false).map(|r| r.status);
+        let parked = |more_than: u64| {
+            eventually(&format!("{driver}: a park"), || {
+                counter(&socket, "connections_parked") > more_than
+            })
+        };
+        let mut c = Conn::open(addr);
+        c.send(GET);
+        assert_eq!(answered(&mut c), Some(200), "{driver}");
+        parked(0);
+        c.send(GET);
+        assert_eq!(answered(&mut c), Some(200), "{driver}: woken by a request");
+
+        let before = counter(&socket, "connections_parked");
+        parked(before);
+        c.send(b"GET /echo HTTP/1.1\r\n");
+        std::thread::sleep(Duration::from_millis(250));
+        c.send(b"Host: a\r\n\r\n");
+        assert_eq!(
+            answered(&mut c),
+            Some(200),
+            "{driver}: head split by a park"
+        );
+
+        let before = counter(&socket, "connections_parked");
+        parked(before);
+        c.send(&[GET, GET].concat());
+        assert_eq!(answered(&mut c), Some(200), "{driver}: first pipelined");
+        assert_eq!(answered(&mut c), Some(200), "{driver}: second pipelined");
+
+        // 40 connections, each sending its second request 90 to 110 ms
+        // after its first was answered: around the park, on both sides.
+        let waiters: Vec<_> = (0..40u64)
+            .map(|i| {
+                let mut c = Conn::open(addr);
+                std::thread::spawn(move || {
+                    c.send(GET);
+                    let first = answered(&mut c);
+                    std::thread::sleep(Duration::from_micros(90_000 + i * 500));
+                    c.send(GET);
+                    (first, answered(&mut c))
+                })
+            })
+            .collect();
+        for w in waiters {
+            assert_eq!(w.join().unwrap(), (Some(200), Some(200)), "{driver}");
+        }
+        proxy.signal(15);
+        assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// The memory overload stages, walked in order through the real binary
 /// (the resident size read from a file: the documented test seam): below
 /// 80% of `memory_max_mib` nothing changes; from 80% responses close their

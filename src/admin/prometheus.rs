@@ -189,6 +189,11 @@ const COUNTERS: &[Field] = &[
         |s| s.connections_evicted_idle,
     ),
     (
+        "connections_parked_total",
+        "Times a quiet keep-alive connection gave back its buffers to wait for readiness alone.",
+        |s| s.connections_parked,
+    ),
+    (
         "connections_refused_overload_total",
         "Connections refused at the connection cap (no idle connection to close).",
         |s| s.connections_refused_overload,

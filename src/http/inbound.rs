@@ -9,7 +9,8 @@ use std::{io, time::Duration};
 
 use monoio::{
     buf::{IoBuf, IoBufMut},
-    io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt},
+    io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller},
+    net::TcpStream,
 };
 
 #[derive(Debug)]
@@ -19,6 +20,11 @@ pub struct Inbound {
     /// The last read filled all the space it had: more is likely waiting
     /// (a streamed body), so a larger buffer would save reads.
     saturated: bool,
+}
+
+/// The error a cancelled monoio operation ends with.
+fn libc_ecanceled() -> i32 {
+    rustix::io::Errno::CANCELED.raw_os_error()
 }
 
 /// Errors of a timed read or write.
@@ -83,6 +89,20 @@ impl Inbound {
         max: usize,
         idle: Duration,
     ) -> io::Result<usize> {
+        self.make_room(max)?;
+        let len = self.buf.len();
+        let space = self.buf.capacity() - len;
+        let buf = std::mem::take(&mut self.buf);
+        let (read, slice) = monoio::time::timeout(idle, r.read(buf.slice_mut(len..)))
+            .await
+            .map_err(|_| timed_out())?;
+        self.buf = slice.into_inner();
+        self.saturated = matches!(read, Ok(n) if n == space);
+        read
+    }
+
+    /// Makes room to read into, growing the buffer up to `max` in all.
+    fn make_room(&mut self, max: usize) -> io::Result<()> {
         if self.start > 0 && self.buf.len() == self.buf.capacity() {
             // Move the unconsumed tail to the front: usually a few bytes
             // of a pipelined request.
@@ -96,15 +116,56 @@ impl Inbound {
             let grow = self.buf.capacity().max(1024).min(max - self.buf.capacity());
             self.buf.reserve_exact(grow);
         }
+        Ok(())
+    }
+
+    /// Like [`Inbound::fill`], but gives up once `park_after` passes with
+    /// nothing read: Ok(None), and the buffer is gone (the caller parks).
+    /// On io_uring (`canceller` given) the read is cancelled and then
+    /// awaited, so bytes that arrived as it was cancelled are kept, never
+    /// dropped (dropping an io_uring read in flight would lose them). On
+    /// epoll a read happens only when its future is polled, so a dropped
+    /// one took nothing, and it needs no canceller. The caller bounds the
+    /// wait as a whole.
+    pub async fn fill_or_park(
+        &mut self,
+        tcp: &mut TcpStream,
+        max: usize,
+        park_after: Duration,
+        canceller: Option<&mut Canceller>,
+    ) -> io::Result<Option<usize>> {
+        self.make_room(max)?;
         let len = self.buf.len();
         let space = self.buf.capacity() - len;
         let buf = std::mem::take(&mut self.buf);
-        let (read, slice) = monoio::time::timeout(idle, r.read(buf.slice_mut(len..)))
-            .await
-            .map_err(|_| timed_out())?;
+        let Some(canceller) = canceller else {
+            let Ok((read, slice)) =
+                monoio::time::timeout(park_after, tcp.read(buf.slice_mut(len..))).await
+            else {
+                return Ok(None);
+            };
+            self.buf = slice.into_inner();
+            self.saturated = matches!(read, Ok(n) if n == space);
+            return read.map(Some);
+        };
+        let read = tcp.cancelable_read(buf.slice_mut(len..), canceller.handle());
+        let mut read = std::pin::pin!(read);
+        let (read, slice) = match monoio::time::timeout(park_after, read.as_mut()).await {
+            Ok(done) => done,
+            Err(_) => {
+                // A canceller serves once; the next burst makes a new one.
+                std::mem::take(canceller).cancel();
+                read.await
+            }
+        };
         self.buf = slice.into_inner();
-        self.saturated = matches!(read, Ok(n) if n == space);
-        read
+        match read {
+            Err(e) if e.raw_os_error() == Some(libc_ecanceled()) => Ok(None),
+            read => {
+                self.saturated = matches!(read, Ok(n) if n == space);
+                read.map(Some)
+            }
+        }
     }
 
     /// Writes the first `n` unconsumed bytes to `w` straight from this

@@ -53,6 +53,16 @@ pub(crate) const LINGER_BYTES_MAX: usize = 1024 * 1024;
 /// e.g. during an in-place upgrade); a really idle one goes soon.
 const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 
+/// A plaintext keep-alive connection that has waited this long for its
+/// next request parks: it gives back its read buffer and the state of a
+/// request in progress (8.5 KiB), and waits for readiness alone, so an
+/// idle connection holds about 3.3 KiB instead of 10.1 (idle-rss.sh with
+/// paced connects, 2026-12-03). Long enough that a connection in use (more
+/// than a few requests a second) never parks, since waking a parked one
+/// costs an allocation and a readiness wait. TLS connections do not park:
+/// their reads go through rustls, which cannot cancel one midway.
+pub(crate) const PARK_AFTER: Duration = Duration::from_millis(100);
+
 /// Bytes a client connection's read buffer starts with; it grows (up to
 /// the head limit) only for a head that does not fit, and (up to
 /// [`body::STREAM_BUFFER_BYTES_MAX`]) for a streamed body that keeps
@@ -153,17 +163,18 @@ pub async fn serve(
             cluster: None,
         },
         Some(settings) => {
-            let accepted = worker
-                .tls
-                .accept(
-                    &worker.counters.tls,
-                    settings,
-                    true,
-                    stream,
-                    &listener.name,
-                    conn_id,
-                )
-                .await;
+            // Boxed: the handshake's state (over 1 KiB with its timer)
+            // would otherwise stay in this future, as room, for the whole
+            // life of every connection, plaintext and idle ones included.
+            let accepted = Box::pin(worker.tls.accept(
+                &worker.counters.tls,
+                settings,
+                true,
+                stream,
+                &listener.name,
+                conn_id,
+            ))
+            .await;
             let Some((stream, caller)) = accepted else {
                 return;
             };
@@ -200,9 +211,6 @@ pub async fn serve_accepted(
     conn_id: u64,
 ) {
     let listener = &worker.config.listeners[listener_index];
-    let ListenerKind::Http(http) = &listener.kind else {
-        unreachable!("only http and intercept listeners come here");
-    };
     if conn.h2 {
         let caller = crate::http2::server::Caller {
             ip: peer.ip().to_string(),
@@ -211,15 +219,17 @@ pub async fn serve_accepted(
             decisions: Default::default(),
             cluster: conn.cluster,
         };
-        let served = crate::http2::server::serve(
+        // Boxed where it is made: a future held in a local (even one
+        // moved from) keeps its room in this future's state.
+        Box::pin(crate::http2::server::serve(
             Rc::clone(&worker),
             listener_index,
             conn.stream,
             Vec::new(),
             caller,
             conn_id,
-        );
-        Box::pin(served).await;
+        ))
+        .await;
         return;
     }
     let mut client = Client {
@@ -232,15 +242,77 @@ pub async fn serve_accepted(
         cluster: conn.cluster,
     };
     let idle = listener.idle_timeout;
-    let mut parser = RequestParser::new(http.limits);
     let mut first = true;
     loop {
-        let head = read_head(&mut client, &mut parser, http, idle, &worker).await;
+        // Boxed (where it is made: see above): a request in progress
+        // holds 8.5 KiB of state, most of it the exchange, which a parked
+        // connection gives back; a busy connection allocates it once per
+        // burst, not per request.
+        let served = Box::pin(burst(
+            &worker,
+            listener_index,
+            client,
+            &mut first,
+            conn_id,
+            peer,
+        ));
+        let Some(parked) = served.await else {
+            return;
+        };
+        client = parked;
+        metrics::add(&worker.counters.connections_parked, 1);
+        // Nothing is buffered (a burst parks only between requests) and
+        // no read is in flight: the read buffer goes back too, and the
+        // next read allocates one.
+        client.inbound = Inbound::new(Vec::new());
+        if !park(&worker, &client.stream, idle.saturating_sub(PARK_AFTER)).await {
+            return;
+        }
+    }
+}
+
+/// Serves requests on `client` while they keep coming. None: the
+/// connection is done (closed, handed to HTTP/2 or a tunnel). Some: it
+/// parked, having waited [`PARK_AFTER`] between requests with nothing
+/// read (plaintext only), and the caller waits for its next bytes
+/// without holding a buffer.
+async fn burst(
+    worker: &Rc<Worker>,
+    listener_index: usize,
+    mut client: Client,
+    first: &mut bool,
+    conn_id: u64,
+    peer: SocketAddr,
+) -> Option<Client> {
+    let listener = &worker.config.listeners[listener_index];
+    let ListenerKind::Http(http) = &listener.kind else {
+        unreachable!("only http and intercept listeners come here");
+    };
+    let idle = listener.idle_timeout;
+    let mut parser = RequestParser::new(http.limits);
+    // Made at the first wait that may park (one per burst). A burst's
+    // first read does not park: on a new connection the request is
+    // usually there already, and after a park the socket just became
+    // readable; so a connection per request pays for no canceller.
+    let mut canceller = None;
+    let mut may_park = false;
+    loop {
+        let head = read_head(
+            &mut client,
+            &mut parser,
+            http,
+            idle,
+            worker,
+            may_park.then_some(&mut canceller),
+        )
+        .await;
+        may_park = true;
         let req = match head {
-            Ok(Some(req)) => req,
-            Ok(None) => return,
+            Ok(Head::Request(req)) => req,
+            Ok(Head::Closed) => return None,
+            Ok(Head::Parked) => return Some(client),
             Err(_)
-                if first
+                if *first
                     && client
                         .inbound
                         .data()
@@ -265,16 +337,16 @@ pub async fn serve_accepted(
                     cluster,
                 };
                 let already = inbound.data().to_vec();
-                let served = crate::http2::server::serve(
-                    Rc::clone(&worker),
+                Box::pin(crate::http2::server::serve(
+                    Rc::clone(worker),
                     listener_index,
                     stream,
                     already,
                     caller,
                     conn_id,
-                );
-                Box::pin(served).await;
-                return;
+                ))
+                .await;
+                return None;
             }
             Err(e) => {
                 metrics::add(&worker.counters.http.requests, 1);
@@ -288,7 +360,7 @@ pub async fn serve_accepted(
                 };
                 tracing::debug!(conn_id, %peer, error = %e, "bad request head");
                 Box::pin(send_generated(
-                    &worker,
+                    worker,
                     &mut client,
                     reason,
                     &e.to_string(),
@@ -296,10 +368,10 @@ pub async fn serve_accepted(
                     idle,
                 ))
                 .await;
-                return;
+                return None;
             }
         };
-        first = false;
+        *first = false;
         metrics::add(&worker.counters.http.requests, 1);
         let started = Instant::now();
         let mut route = None;
@@ -341,7 +413,7 @@ pub async fn serve_accepted(
         // Whether a Close after this request may leave body bytes unread.
         let body_unread = !matches!(req.body, RequestBody::Empty | RequestBody::Length(0));
         let next = handle(
-            &worker,
+            worker,
             listener_index,
             http,
             &mut client,
@@ -367,7 +439,7 @@ pub async fn serve_accepted(
             client.identity.as_ref().map(|i| i.as_str()),
         );
         if let Some(copy) = copied {
-            copy.finish(&worker, &client, labels, (started, ended), tapped);
+            copy.finish(worker, &client, labels, (started, ended), tapped);
         }
         if let Some((log, method, target, version)) = logged {
             let line = crate::access_log::Line {
@@ -406,12 +478,12 @@ pub async fn serve_accepted(
                 let buf =
                     inbound::linger(&mut client.stream, buf, LINGER_TIME, LINGER_BYTES_MAX).await;
                 worker.buffers.give(buf);
-                return;
+                return None;
             }
-            Next::Close => return,
+            Next::Close => return None,
             Next::Tunnel(up) => {
-                Box::pin(tunnel(&worker, client, up, idle)).await;
-                return;
+                Box::pin(tunnel(worker, client, up, idle)).await;
+                return None;
             }
         }
     }
@@ -491,21 +563,35 @@ pub(crate) fn finished(worker: &Worker, tapped: bool, r: &crate::metrics::tap::R
     }
 }
 
-/// Reads the next request head. Ok(None): the client closed or idled out
-/// between requests (not an error).
+/// What waiting for a request head came to, short of an error.
+// Returned by value once per request, as the Option it replaces was;
+// boxing the head would allocate per request.
+#[allow(clippy::large_enum_variant)]
+enum Head {
+    Request(RequestHead),
+    /// The client closed or idled out between requests (not an error).
+    Closed,
+    /// [`PARK_AFTER`] passed between requests with nothing read: the
+    /// burst ends and the connection waits without a buffer.
+    Parked,
+}
+
+/// Reads the next request head. With a `canceller` (a place to make
+/// one), a plaintext connection may park between requests.
 async fn read_head(
     client: &mut Client,
     parser: &mut RequestParser,
     http: &HttpListener,
     idle: Duration,
     worker: &Worker,
-) -> Result<Option<RequestHead>, HeadError> {
+    mut canceller: Option<&mut Option<monoio::io::Canceller>>,
+) -> Result<Head, HeadError> {
     let mut deadline: Option<Instant> = None;
     loop {
         if !client.inbound.is_empty() {
             if let Some((head, used)) = parser.parse(client.inbound.data())? {
                 client.inbound.consume(used);
-                return Ok(Some(head));
+                return Ok(Head::Request(head));
             }
             deadline.get_or_insert_with(|| Instant::now() + http.head_timeout);
         }
@@ -530,10 +616,30 @@ async fn read_head(
                 worker.draining.wait().await;
                 monoio::time::sleep(DRAIN_IDLE_GRACE).await;
             };
+            let Client {
+                stream, inbound, ..
+            } = client;
+            let read = async {
+                match stream {
+                    // A plaintext read can be cancelled without losing
+                    // what it read, so a quiet connection parks.
+                    Stream::Plain(tcp) if PARK_AFTER < wait && canceller.is_some() => {
+                        let slot = canceller.take().expect("checked");
+                        let canceller = (worker.driver == crate::worker::Driver::IoUring)
+                            .then(|| slot.get_or_insert_with(Default::default));
+                        inbound.fill_or_park(tcp, max, PARK_AFTER, canceller).await
+                    }
+                    stream => inbound.fill(stream, max, wait).await.map(Some),
+                }
+            };
             monoio::select! {
-                r = client.inbound.fill(&mut client.stream, max, wait) => r,
-                _ = drained => return Ok(None),
-                _ = idle_here.evicted() => return Ok(None),
+                r = read => match r {
+                    Ok(Some(n)) => Ok(n),
+                    Ok(None) => return Ok(Head::Parked),
+                    Err(e) => Err(e),
+                },
+                _ = drained => return Ok(Head::Closed),
+                _ = idle_here.evicted() => return Ok(Head::Closed),
             }
         } else {
             client.inbound.fill(&mut client.stream, max, wait).await
@@ -544,14 +650,37 @@ async fn read_head(
                 return if line_seen {
                     Err(HeadError::TimedOut)
                 } else {
-                    Ok(None)
+                    Ok(Head::Closed)
                 };
             }
-            Ok(0) | Err(_) if client.inbound.is_empty() => return Ok(None),
+            Ok(0) | Err(_) if client.inbound.is_empty() => return Ok(Head::Closed),
             Ok(0) => return Err(HeadError::Syntax("connection closed inside a request head")),
             Ok(_) => {}
             Err(_) => return Err(HeadError::HeadTooLarge),
         }
+    }
+}
+
+/// Waits, holding no buffer, until a parked connection's client sends
+/// again (true), or closes it: the keep-alive time `left` ran out, the
+/// process drains, or a new connection needs its slot (false).
+async fn park(worker: &Worker, stream: &Stream, left: Duration) -> bool {
+    let Stream::Plain(tcp) = stream else {
+        // Only plaintext connections park (see `read_head`).
+        return true;
+    };
+    let idle_here = worker.slots.register_idle();
+    // One timer at a time (a monoio timer is 640 bytes of this future):
+    // the keep-alive wait, then, if the process drains, the grace.
+    let draining = monoio::select! {
+        ready = monoio::time::timeout(left, tcp.readable(false)) => return matches!(ready, Ok(Ok(()))),
+        _ = idle_here.evicted() => return false,
+        _ = worker.draining.wait() => true,
+    };
+    debug_assert!(draining);
+    monoio::select! {
+        ready = monoio::time::timeout(DRAIN_IDLE_GRACE, tcp.readable(false)) => matches!(ready, Ok(Ok(()))),
+        _ = idle_here.evicted() => false,
     }
 }
 

@@ -41,6 +41,9 @@ pub struct Counters {
     pub trace_spans_dropped: Cell<u64>,
     /// Idle keep-alive connections closed at the connection cap to admit a new one.
     pub connections_evicted_idle: Cell<u64>,
+    /// Times a quiet keep-alive connection parked: gave back its buffer
+    /// and request state to wait for readiness alone.
+    pub connections_parked: Cell<u64>,
     /// Connections refused at the cap with no idle connection to close (503 or closed at once).
     pub connections_refused_overload: Cell<u64>,
     /// Responses sent with `connection: close` because the worker was near
@@ -467,6 +470,7 @@ pub struct Snapshot {
     pub trace_spans: u64,
     pub trace_spans_dropped: u64,
     pub connections_evicted_idle: u64,
+    pub connections_parked: u64,
     pub connections_refused_overload: u64,
     pub overload_keep_alive_off: u64,
     pub overload_accept_paused: u64,
@@ -500,6 +504,7 @@ impl Counters {
             trace_spans: self.trace_spans.get(),
             trace_spans_dropped: self.trace_spans_dropped.get(),
             connections_evicted_idle: self.connections_evicted_idle.get(),
+            connections_parked: self.connections_parked.get(),
             connections_refused_overload: self.connections_refused_overload.get(),
             overload_keep_alive_off: self.overload_keep_alive_off.get(),
             overload_accept_paused: self.overload_accept_paused.get(),
@@ -555,6 +560,7 @@ impl Snapshot {
         self.trace_spans += other.trace_spans;
         self.trace_spans_dropped += other.trace_spans_dropped;
         self.connections_evicted_idle += other.connections_evicted_idle;
+        self.connections_parked += other.connections_parked;
         self.connections_refused_overload += other.connections_refused_overload;
         self.overload_keep_alive_off += other.overload_keep_alive_off;
         self.overload_accept_paused += other.overload_accept_paused;
