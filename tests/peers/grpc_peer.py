@@ -54,12 +54,18 @@ def fail(req, ctx):
 
 
 def endless(req, ctx):
+    # Ends only when the call does: the client's cancel reached this
+    # server (its 30 s deadline is far past the 5 s the check waits).
+    # grpcio may close the generator at a `yield` instead of letting
+    # is_active() turn false, so the signal is set in `finally`.
     i = 0
-    while ctx.is_active():
-        yield b"tick-%d" % i
-        i += 1
-        time.sleep(0.05)
-    cancelled.set()
+    try:
+        while ctx.is_active():
+            yield b"tick-%d" % i
+            i += 1
+            time.sleep(0.05)
+    finally:
+        cancelled.set()
 
 
 def was_cancelled(req, ctx):
