@@ -677,6 +677,7 @@ max_ejected_percent = 50
             "empty_data",
             "ping",
             "settings",
+            "window_update",
         ];
         'rounds: loop {
             for kind in kinds {
