@@ -11,13 +11,22 @@
 //! admin socket, the admin TCP listener and SIGHUP may race, and each waits
 //! its turn.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use crate::{
-    config::{tls::TlsFiles, Config, ConfigError},
+    config::{
+        compose::{compose, Dynamic},
+        tls::TlsFiles,
+        Config, ConfigError,
+    },
     tls::material::{MaterialError, Workload},
     worker::{ask_all, listener, Command},
 };
@@ -197,6 +206,19 @@ pub struct Controller {
     spans: Arc<crate::trace::export::ExportStats>,
     /// The memory overload monitor's last sample.
     overload: Arc<crate::lifecycle::overload::Status>,
+    /// The file below and the control plane's resources above; taken
+    /// before `running` whenever both are.
+    layers: Lock<Layers>,
+    /// The control-plane client's state, for the admin socket.
+    xds: Arc<crate::xds::Status>,
+}
+
+/// What the running config was composed from (see [`compose`]).
+#[derive(Debug, Default)]
+struct Layers {
+    /// The file or `POST /config` body: its name for errors, and its text.
+    base: Option<(PathBuf, String)>,
+    dynamic: Dynamic,
 }
 
 impl Controller {
@@ -216,6 +238,8 @@ impl Controller {
             lifelines,
             spans,
             overload: Arc::default(),
+            layers: Lock::default(),
+            xds: Arc::default(),
             running: Lock::new(Running {
                 config,
                 binds,
@@ -423,6 +447,59 @@ impl Controller {
             .collect()
     }
 
+    /// Records the text the running config was parsed from, so that a
+    /// control plane's resources can be composed with it.
+    pub fn set_base(&self, file: &Path, text: &str) {
+        self.layers().base = Some((file.to_path_buf(), text.to_string()));
+    }
+
+    /// Swaps to the config in `text` (a file's or a `POST /config` body)
+    /// with the control plane's resources, as they are, on top.
+    pub fn apply_text(&self, file: &Path, text: &str) -> Result<Changes, ApplyError> {
+        let mut layers = self.layers();
+        let config = compose(file, text, &layers.dynamic)?;
+        let changes = self.apply(config)?;
+        layers.base = Some((file.to_path_buf(), text.to_string()));
+        Ok(changes)
+    }
+
+    /// Swaps to the last file or body with `dynamic` on top (the control
+    /// plane's whole state). An unchanged result changes nothing.
+    pub fn apply_dynamic(&self, dynamic: Dynamic) -> Result<Changes, ApplyError> {
+        let mut layers = self.layers();
+        let Some((file, text)) = &layers.base else {
+            return Err(ApplyError::Invalid(ConfigError::whole_file(
+                "control plane",
+                "no base config to compose with",
+            )));
+        };
+        let config = compose(file, text, &dynamic)?;
+        let changes = if *self.config() == config {
+            Changes {
+                generation: self.running().generation,
+                ..Changes::default()
+            }
+        } else {
+            self.apply(config)?
+        };
+        layers.dynamic = dynamic;
+        Ok(changes)
+    }
+
+    /// The control-plane client's state.
+    pub fn xds_status(&self) -> Arc<crate::xds::Status> {
+        Arc::clone(&self.xds)
+    }
+
+    /// The control plane's resources in the running config.
+    pub fn dynamic(&self) -> Dynamic {
+        self.layers().dynamic.clone()
+    }
+
+    fn layers(&self) -> std::sync::MutexGuard<'_, Layers> {
+        self.layers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Swaps every worker to `config`, or none. See the module header.
     pub fn apply(&self, config: Config) -> Result<Changes, ApplyError> {
         let mut running = self.running();
@@ -560,6 +637,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.admin != new.admin {
         out.push("admin");
+    }
+    if old.xds != new.xds {
+        out.push("xds");
     }
     out
 }

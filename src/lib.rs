@@ -34,6 +34,7 @@ pub mod tls;
 pub mod trace;
 pub mod upstream;
 pub mod worker;
+pub mod xds;
 
 pub use config::Config;
 pub use proxy::Proxy;

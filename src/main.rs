@@ -569,7 +569,8 @@ fn run(path: &std::path::Path) -> ExitCode {
     let ready_fd = lifecycle::upgrade::take_ready_fd();
     let invocation = lifecycle::upgrade::Invocation::current();
     let log_handle = init_logging();
-    let config = match Config::load(path) {
+    let loaded = Config::read(path).and_then(|text| Ok((Config::parse(path, &text)?, text)));
+    let (config, text) = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -589,6 +590,20 @@ fn run(path: &std::path::Path) -> ExitCode {
             notifier.send(&format!("STATUS=start-up failed: {e}"));
             return ExitCode::FAILURE;
         }
+    };
+    proxy.controller().set_base(path, &text);
+    // The control-plane client runs until this function returns (after the
+    // drain): a draining proxy still takes endpoint updates.
+    let _xds_client = match proxy.config().xds.clone() {
+        None => None,
+        Some(xds) => match start_xds(xds, proxy.controller()) {
+            Ok(client) => Some(client),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the control-plane client");
+                proxy.shutdown();
+                return ExitCode::FAILURE;
+            }
+        },
     };
     let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin_config = proxy.config().admin.clone();
@@ -672,6 +687,25 @@ fn run(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The xDS client's thread; it lives as long as the process.
+#[cfg(feature = "xds")]
+fn start_xds(
+    xds: pilotfish::config::xds::Xds,
+    controller: std::sync::Arc<pilotfish::control::Controller>,
+) -> std::io::Result<pilotfish::xds::ads::Client> {
+    pilotfish::xds::ads::spawn(xds, controller)
+}
+
+#[cfg(not(feature = "xds"))]
+fn start_xds(
+    _: pilotfish::config::xds::Xds,
+    _: std::sync::Arc<pilotfish::control::Controller>,
+) -> std::io::Result<std::convert::Infallible> {
+    Err(std::io::Error::other(
+        "this build has no xDS client (built without the `xds` feature)",
+    ))
 }
 
 type LogHandle =

@@ -180,6 +180,27 @@ fn all_endpoints_refusing_closes_the_client_promptly() {
     }
 }
 
+/// A cluster with no endpoints (a control plane scaled it to zero): each
+/// client is closed at once, counted, and the worker goes on serving.
+#[test]
+fn a_cluster_without_endpoints_closes_each_client() {
+    for driver in drivers() {
+        let (proxy, addr) = L4Config::new(driver, Vec::new()).start();
+        for _ in 0..3 {
+            let mut c = connect(addr);
+            let mut buf = [0u8; 16];
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => {}
+                Ok(n) => panic!("{driver}: got {n} bytes from nowhere"),
+            }
+        }
+        let t = proxy.stats().total;
+        assert_eq!(t.connect_failures, 3, "{driver}: one per client");
+        assert_eq!(t.connections_unrouted, 3, "{driver}");
+        proxy.shutdown();
+    }
+}
+
 /// An endpoint whose accept queue is full drops SYNs: connects time out.
 #[test]
 fn connect_timeout_closes_the_client_within_the_attempts_budget() {

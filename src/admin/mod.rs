@@ -53,10 +53,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    config::{
-        limits::{ACCEPT_ERROR_BACKOFF, CONFIG_FILE_BYTES_MAX},
-        Config,
-    },
+    config::limits::{ACCEPT_ERROR_BACKOFF, CONFIG_FILE_BYTES_MAX},
     control::Controller,
     http1::{HeadLimits, RequestParser},
     metrics::{
@@ -673,6 +670,7 @@ fn route(method: &[u8], path: &str, query: &Query, body: &[u8], shared: &Shared)
                 admin_refusals: Some(&shared.refusals),
                 per_core: query.get("per_core") == Some("true"),
                 overload: state.control.overload(),
+                xds: Some(state.control.xds_status().report()).filter(|r| r.configured),
             };
             let out = prometheus::render(&reports, &hist, &extra);
             (200, "text/plain; version=0.0.4", out.into_bytes())
@@ -690,7 +688,7 @@ fn route(method: &[u8], path: &str, query: &Query, body: &[u8], shared: &Shared)
         ),
         (b"GET", "/histograms") => histograms(query, false, state),
         (b"POST", "/histograms") if reset => histograms(query, true, state),
-        (b"GET", "/config") => json(&*state.control.config()),
+        (b"GET", "/config") => config_json(state),
         (b"POST", "/config") => apply(query, body, state),
         (b"GET", "/clusters") => json(&worker::collect_clusters(state.mailboxes())),
         (b"POST", "/log-level") => log_level(query, state),
@@ -720,11 +718,12 @@ fn apply(query: &Query, body: &[u8], state: &State) -> Reply {
     if text_body.trim().is_empty() {
         return text(400, "empty body: send a whole config (TOML)\n");
     }
-    let config = match Config::parse("POST /config", text_body) {
-        Ok(c) => c,
-        Err(e) => return text(400, format!("{e}\n")),
-    };
-    match state.control.apply(config) {
+    // The body replaces the file's layer; a control plane's resources
+    // stay on top of it.
+    match state
+        .control
+        .apply_text(std::path::Path::new("POST /config"), text_body)
+    {
         Ok(changes) if query.get("format") == Some("json") => json(&changes),
         Ok(changes) => text(200, format!("{}\n", changes.summary())),
         Err(e) => {
@@ -732,6 +731,35 @@ fn apply(query: &Query, body: &[u8], state: &State) -> Reply {
             text(e.status(), format!("{e}\n"))
         }
     }
+}
+
+/// The running config; under a control plane, also `dynamic`: the
+/// resources it pushed (as config tables), with the client's state and
+/// each type's version.
+fn config_json(state: &State) -> Reply {
+    let config = state.control.config();
+    let report = state.control.xds_status().report();
+    if !report.configured {
+        return json(&*config);
+    }
+    #[derive(Serialize)]
+    struct WithDynamic<'a> {
+        #[serde(flatten)]
+        config: &'a crate::Config,
+        dynamic: Dynamic,
+    }
+    #[derive(Serialize)]
+    struct Dynamic {
+        control_plane: crate::xds::Report,
+        resources: crate::config::compose::Dynamic,
+    }
+    json(&WithDynamic {
+        config: &config,
+        dynamic: Dynamic {
+            control_plane: report,
+            resources: state.control.dynamic(),
+        },
+    })
 }
 
 fn log_level(query: &Query, state: &State) -> Reply {

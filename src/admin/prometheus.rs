@@ -228,6 +228,65 @@ pub struct Extra<'a> {
     pub per_core: bool,
     /// The memory overload stage and the figures behind it.
     pub overload: crate::lifecycle::overload::Report,
+    /// The control-plane client, when `[xds]` configures one.
+    pub xds: Option<crate::xds::Report>,
+}
+
+fn xds_families(out: &mut String, x: &crate::xds::Report) {
+    family(
+        out,
+        "xds_connected",
+        "gauge",
+        "1 while the ADS stream to the management server is open.",
+    );
+    let _ = writeln!(out, "pilotfish_xds_connected {}", u8::from(x.connected));
+    family(
+        out,
+        "xds_connects_total",
+        "counter",
+        "ADS streams opened since start.",
+    );
+    let _ = writeln!(out, "pilotfish_xds_connects_total {}", x.connects);
+    family(
+        out,
+        "xds_updates_total",
+        "counter",
+        "Pushes from the control plane by resource type, accepted (ACK) or rejected (NACK).",
+    );
+    for (kind, t) in &x.types {
+        let _ = writeln!(
+            out,
+            "pilotfish_xds_updates_total{{type=\"{kind}\",result=\"accepted\"}} {}",
+            t.accepted
+        );
+        let _ = writeln!(
+            out,
+            "pilotfish_xds_updates_total{{type=\"{kind}\",result=\"rejected\"}} {}",
+            t.rejected
+        );
+    }
+    family(
+        out,
+        "xds_resources",
+        "gauge",
+        "Resources of each type from the control plane in the running config.",
+    );
+    for (kind, t) in &x.types {
+        let _ = writeln!(
+            out,
+            "pilotfish_xds_resources{{type=\"{kind}\"}} {}",
+            t.resources
+        );
+    }
+    if let Some(s) = x.seconds_since_update {
+        family(
+            out,
+            "xds_seconds_since_update",
+            "gauge",
+            "Seconds since the control plane's last accepted push.",
+        );
+        let _ = writeln!(out, "pilotfish_xds_seconds_since_update {s:.3}");
+    }
 }
 
 fn admin_refusals(out: &mut String, refusals: &super::Refusals) {
@@ -415,6 +474,9 @@ pub fn render(reports: &[WorkerReport], hist: &[HistogramReport], extra: &Extra<
         }
     }
     tls_families(&mut out, reports, tls);
+    if let Some(x) = &extra.xds {
+        xds_families(&mut out, x);
+    }
     golden_families(&mut out, reports, extra.per_core);
     latency(&mut out, hist);
     out

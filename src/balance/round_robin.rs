@@ -12,9 +12,12 @@ pub struct RoundRobin {
 }
 
 impl RoundRobin {
-    /// A picker over `len` endpoints (at least one), starting at `offset`.
+    /// A picker over `len` endpoints, starting at `offset`. A cluster with
+    /// no endpoints (an xDS cluster scaled to zero, or one whose endpoints
+    /// have not arrived yet) gets a picker over one slot that its callers
+    /// never use: they check for endpoints first.
     pub fn new(len: usize, offset: usize) -> Self {
-        assert!(len > 0, "config validation guarantees non-empty clusters");
+        let len = len.max(1);
         Self {
             next: Cell::new(offset % len),
             len,

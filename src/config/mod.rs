@@ -6,12 +6,14 @@
 //! are unique, clusters have endpoints) are checked here so the rest of the
 //! proxy never sees an inconsistent config.
 
+pub mod compose;
 pub mod duration;
 pub mod error;
 pub mod http;
 pub mod intercept;
 pub mod limits;
 pub mod tls;
+pub mod xds;
 
 use std::{
     collections::HashSet,
@@ -57,6 +59,8 @@ pub struct Config {
     /// `[overload]`: the memory ceiling the overload stages are measured
     /// against (see [`crate::lifecycle::overload`]).
     pub overload: Overload,
+    /// The control plane, when listeners and clusters come over xDS too.
+    pub xds: Option<xds::Xds>,
 }
 
 /// `[overload]`.
@@ -258,6 +262,7 @@ mod raw {
         pub tracing: Option<Spanned<Tracing>>,
         #[serde(default)]
         pub overload: Overload,
+        pub xds: Option<Spanned<super::xds::raw::Xds>>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -370,6 +375,11 @@ mod raw {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::parse(path, &Self::read(path)?)
+    }
+
+    /// Reads a config file's text, within the size limit.
+    pub fn read(path: &Path) -> Result<String, ConfigError> {
         let meta = std::fs::metadata(path)
             .map_err(|e| ConfigError::whole_file(path, format!("cannot read: {e}")))?;
         if meta.len() > limits::CONFIG_FILE_BYTES_MAX {
@@ -382,9 +392,8 @@ impl Config {
                 ),
             ));
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::whole_file(path, format!("cannot read: {e}")))?;
-        Self::parse(path, &text)
+        std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::whole_file(path, format!("cannot read: {e}")))
     }
 
     /// Parses and validates config text; `file` is used in error messages.
@@ -497,10 +506,14 @@ impl Validator<'_> {
         // serves nothing: almost surely a mistake (the wrong file, a bad
         // template). Without listeners a config is taken only where an
         // admin endpoint can swap a real one in later.
-        if raw.listeners.is_empty() && raw.admin.socket.is_none() && raw.admin.bind.is_none() {
+        if raw.listeners.is_empty()
+            && raw.admin.socket.is_none()
+            && raw.admin.bind.is_none()
+            && raw.xds.is_none()
+        {
             return Err(ConfigError::whole_file(
                 &self.file,
-                "no [[listeners]]: this config would serve nothing (add a listener, or an [admin] socket to apply one later)",
+                "no [[listeners]]: this config would serve nothing (add a listener, an [xds] management server, or an [admin] socket to apply one later)",
             ));
         }
         let tls = self.tls_files(raw.tls.as_ref())?;
@@ -594,6 +607,7 @@ impl Validator<'_> {
             clusters,
             intercept,
             tracing: self.tracing(raw.tracing.as_ref())?,
+            xds: self.xds(raw.xds.as_ref())?,
         })
     }
 
@@ -713,12 +727,14 @@ impl Validator<'_> {
                 ));
             }
             let list = c.endpoints.get_ref();
-            if list.is_empty() || list.len() > limits::ENDPOINTS_PER_CLUSTER_MAX {
+            // Empty is allowed: such a cluster answers 503 (HTTP) or closes
+            // (L4), as Envoy does for a cluster scaled to zero.
+            if list.len() > limits::ENDPOINTS_PER_CLUSTER_MAX {
                 return Err(self.error(
                     &c.endpoints,
                     key("endpoints"),
                     format!(
-                        "needs between 1 and {} endpoints, found {}",
+                        "needs at most {} endpoints, found {}",
                         limits::ENDPOINTS_PER_CLUSTER_MAX,
                         list.len()
                     ),
@@ -1045,12 +1061,6 @@ direction = "inbound"
                 "\"127.0.0.1:8081\"]",
                 "\"localhost\"]",
                 "clusters[0].endpoints[1]",
-                12,
-            ),
-            (
-                "endpoints = [\"127.0.0.1:8080\", \"127.0.0.1:8081\"]",
-                "endpoints = []",
-                "clusters[0].endpoints",
                 12,
             ),
             ("protocol = \"tcp\"", "protocol = \"udp\"", "protocol", 8),

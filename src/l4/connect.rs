@@ -16,6 +16,13 @@ use crate::{
 /// failure, at most `connect_attempts` times in all.
 pub async fn connect(worker: &Worker, cluster: usize) -> Option<(Stream, SocketAddr)> {
     let config = &worker.config.clusters[cluster];
+    if config.endpoints.is_empty() {
+        // Scaled to zero, or its endpoints have not arrived (xDS): nothing
+        // to try, and the caller closes the client's connection.
+        metrics::add(&worker.counters.connect_failures, 1);
+        tracing::debug!(cluster = %config.name, "no endpoints");
+        return None;
+    }
     for attempt in 1..=config.connect_attempts {
         let endpoint = config.endpoints[worker.clusters[cluster].next_round_robin()];
         let started = std::time::Instant::now();

@@ -271,9 +271,10 @@ fn reload(proxy: &Proxy, path: Option<&Path>, notifier: &Notifier) {
         notifier.send("READY=1\nSTATUS=reload ignored: no config file");
         return;
     };
-    let outcome = crate::Config::load(path)
+    // The file is the base layer: a control plane's resources stay on top.
+    let outcome = crate::Config::read(path)
         .map_err(crate::control::ApplyError::from)
-        .and_then(|c| proxy.controller().apply(c));
+        .and_then(|text| proxy.controller().apply_text(path, &text));
     let status = match outcome {
         Ok(changes) => {
             tracing::info!(file = %path.display(), changes = %changes.summary(), "reloaded on SIGHUP");

@@ -233,6 +233,9 @@ impl ClusterState {
         eligible: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         let n = self.endpoints.len();
+        if n == 0 {
+            return None;
+        }
         match &self.config.lb {
             LbPolicy::RoundRobin => (0..n)
                 .map(|_| self.round_robin.pick())

@@ -1,0 +1,122 @@
+//! The `[xds]` table: where the control plane is and who this node is.
+//!
+//! What must hold: a config with only `workers` and `[xds]` is a complete
+//! bootstrap (the listeners and clusters come from the management server);
+//! `server` is `host:port`; `node_id` is not empty; every subscribed type
+//! is one the client knows. Changing `[xds]` takes a restart: the stream's
+//! identity is the node's.
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use super::{ConfigError, Validator};
+
+/// What the ADS stream asks for. Endpoints come with clusters, routes with
+/// listeners: subscribing to one without the other is allowed (a static
+/// listener can route to dynamic clusters), but an EDS cluster without
+/// `endpoints` never gets any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceType {
+    Listeners,
+    Routes,
+    Clusters,
+    Endpoints,
+}
+
+impl ResourceType {
+    pub const ALL: [ResourceType; 4] = [
+        ResourceType::Clusters,
+        ResourceType::Endpoints,
+        ResourceType::Listeners,
+        ResourceType::Routes,
+    ];
+}
+
+/// The control-plane bootstrap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Xds {
+    /// The management server, `host:port` (plaintext gRPC: for a
+    /// management server on the node or in development).
+    pub server: String,
+    /// This node's id, as the management server knows it (Istio:
+    /// `sidecar~10.0.0.1~pod.namespace~namespace.svc.cluster.local`).
+    pub node_id: String,
+    /// The node's cluster (the service it fronts).
+    pub cluster: String,
+    /// The resource types subscribed to.
+    pub resources: Vec<ResourceType>,
+}
+
+pub(super) mod raw {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Xds {
+        pub server: Spanned<String>,
+        pub node_id: Spanned<String>,
+        pub cluster: Option<Spanned<String>>,
+        pub resources: Option<Spanned<Vec<ResourceType>>>,
+    }
+}
+
+impl Validator<'_> {
+    pub(super) fn xds(&self, raw: Option<&Spanned<raw::Xds>>) -> Result<Option<Xds>, ConfigError> {
+        let Some(x) = raw.map(Spanned::get_ref) else {
+            return Ok(None);
+        };
+        let server = x.server.get_ref();
+        let port_ok = server.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok || server.contains("://") {
+            return Err(self.error(
+                &x.server,
+                "xds.server".into(),
+                format!("expected host:port of an ADS management server, found {server:?}"),
+            ));
+        }
+        let printable = |s: &str| !s.is_empty() && !s.bytes().any(|b| b.is_ascii_control());
+        if !printable(x.node_id.get_ref()) {
+            return Err(self.error(
+                &x.node_id,
+                "xds.node_id".into(),
+                "must be a non-empty string without control characters".into(),
+            ));
+        }
+        let cluster = match &x.cluster {
+            None => String::new(),
+            Some(c) if c.get_ref().bytes().any(|b| b.is_ascii_control()) => {
+                return Err(self.error(
+                    c,
+                    "xds.cluster".into(),
+                    "must not contain control characters".into(),
+                ))
+            }
+            Some(c) => c.get_ref().clone(),
+        };
+        let resources = match &x.resources {
+            None => ResourceType::ALL.to_vec(),
+            Some(r) if r.get_ref().is_empty() => {
+                return Err(self.error(
+                    r,
+                    "xds.resources".into(),
+                    "subscribes to nothing: leave it out for every type".into(),
+                ))
+            }
+            Some(r) => {
+                let mut v = r.get_ref().clone();
+                v.sort();
+                v.dedup();
+                v
+            }
+        };
+        Ok(Some(Xds {
+            server: server.clone(),
+            node_id: x.node_id.get_ref().clone(),
+            cluster,
+            resources,
+        }))
+    }
+}

@@ -1,0 +1,461 @@
+//! The control plane: a real management server (Python grpcio with the
+//! official Envoy protos from PyPI, tests/peers/xds_server.py) pushes
+//! clusters, endpoints, listeners and routes over ADS; traffic through the
+//! proxy follows each push; a bad push is NACKed with the field named and
+//! the last good config keeps serving; a restarted server is resumed; a
+//! hundred pushes under load fail no request. `.ci/run` installs grpcio
+//! and xds-protos; outside CI a missing one skips (it says so).
+
+#![cfg(feature = "xds")]
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc, Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use pilotfish::Proxy;
+use serde_json::{json, Value};
+use support::{http_client, http_upstream::HttpUpstream};
+
+const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/xds_server.py");
+/// How long a push may take to be applied and acknowledged.
+const EVENT_DEADLINE: Duration = Duration::from_secs(20);
+
+fn have_peers() -> bool {
+    support::have_py("grpc") && support::have_py("envoy.service.discovery.v3.ads_pb2_grpc")
+}
+
+/// The management server, killed on drop.
+struct Mgmt {
+    child: Child,
+    stdin: ChildStdin,
+    events: mpsc::Receiver<Value>,
+    /// Events received and not yet taken by a wait.
+    log: std::cell::RefCell<Vec<Value>>,
+    port: u16,
+}
+
+impl Mgmt {
+    fn start(port: u16) -> Self {
+        let mut child = Command::new("python3")
+            .args([PEER, "--port", &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the management server");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = events.recv_timeout(EVENT_DEADLINE).expect("the port line");
+        let port = first["port"].as_u64().expect("a port event") as u16;
+        Mgmt {
+            child,
+            stdin,
+            events,
+            log: Default::default(),
+            port,
+        }
+    }
+
+    fn set(&mut self, kind: &str, version: &str, resources: Vec<Value>) {
+        let line = json!({"op": "set", "type": kind, "version": version, "resources": resources});
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Takes the first event, received before or after this call, that
+    /// `pred` accepts and no earlier wait took (the client answers types
+    /// in its own order); fails on a script error.
+    fn wait(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut log = self.log.borrow_mut();
+        if let Some(i) = log.iter().position(&pred) {
+            return log.remove(i);
+        }
+        let deadline = Instant::now() + EVENT_DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = self.events.recv_timeout(left).unwrap_or_else(|_| {
+                let nacks: Vec<_> = log.iter().filter(|e| e["event"] == "nack").collect();
+                panic!("timed out waiting for {what}; NACKs meanwhile: {nacks:#?}")
+            });
+            assert_ne!(e["event"], "script_error", "{e}");
+            if pred(&e) {
+                return e;
+            }
+            log.push(e);
+        }
+    }
+
+    fn ack(&self, kind: &str, version: &str) -> Value {
+        self.wait(&format!("ACK of {kind} {version}"), |e| {
+            e["event"] == "ack" && e["type"] == kind && e["version"] == version
+        })
+    }
+
+    fn nack(&self, kind: &str) -> Value {
+        self.wait(&format!("NACK of {kind}"), |e| {
+            e["event"] == "nack" && e["type"] == kind
+        })
+    }
+}
+
+impl Drop for Mgmt {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn socket(addr: SocketAddr) -> Value {
+    json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}})
+}
+
+fn eds_cluster(name: &str) -> Value {
+    json!({
+        "name": name,
+        "type": "EDS",
+        "eds_cluster_config": {"eds_config": {"ads": {}}},
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+    })
+}
+
+fn static_cluster(name: &str, endpoint: SocketAddr) -> Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(endpoint)}}]}],
+        },
+    })
+}
+
+fn assignment(cluster: &str, endpoints: &[SocketAddr]) -> Value {
+    let lb: Vec<Value> = endpoints
+        .iter()
+        .map(|a| json!({"endpoint": {"address": socket(*a)}}))
+        .collect();
+    json!({"cluster_name": cluster, "endpoints": [{"lb_endpoints": lb}]})
+}
+
+fn http_listener(name: &str, route_config: &str) -> Value {
+    json!({
+        "name": name,
+        "address": socket("127.0.0.1:0".parse().unwrap()),
+        "traffic_direction": "INBOUND",
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "rds": {"route_config_name": route_config, "config_source": {"ads": {}}},
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                }],
+            },
+        }]}],
+    })
+}
+
+fn route_config(name: &str, routes: Vec<Value>) -> Value {
+    json!({"name": name, "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]})
+}
+
+fn prefix_route(prefix: &str, cluster: &str) -> Value {
+    json!({"match": {"prefix": prefix}, "route": {"cluster": cluster, "timeout": "5s"}})
+}
+
+/// An in-process sidecar whose config is `[xds]` and nothing else, with
+/// its control-plane client.
+fn sidecar(server: u16) -> (Proxy, pilotfish::xds::ads::Client) {
+    let text = format!(
+        r#"workers = 1
+[xds]
+server = "127.0.0.1:{server}"
+node_id = "sidecar~127.0.0.1~test.default~default.svc.cluster.local"
+cluster = "frontend"
+"#
+    );
+    let config = pilotfish::Config::parse("bootstrap.toml", &text).unwrap();
+    let xds = config.xds.clone().unwrap();
+    let proxy = Proxy::start(config).unwrap();
+    let controller = proxy.controller();
+    controller.set_base(Path::new("bootstrap.toml"), &text);
+    let client = pilotfish::xds::ads::spawn(xds, controller).unwrap();
+    (proxy, client)
+}
+
+fn listener_addr(proxy: &Proxy, name: &str) -> Option<SocketAddr> {
+    proxy
+        .listeners()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, a)| a)
+}
+
+/// The first push of every type, acknowledged; returns the listener.
+fn initial_push(m: &mut Mgmt, proxy: &Proxy, endpoint: SocketAddr) -> SocketAddr {
+    m.set("clusters", "c1", vec![eds_cluster("orders")]);
+    m.set("endpoints", "e1", vec![assignment("orders", &[endpoint])]);
+    m.set("listeners", "l1", vec![http_listener("inbound", "r1")]);
+    m.set(
+        "routes",
+        "r1",
+        vec![route_config("r1", vec![prefix_route("/", "orders")])],
+    );
+    m.ack("clusters", "c1");
+    m.ack("endpoints", "e1");
+    m.ack("listeners", "l1");
+    m.ack("routes", "r1");
+    listener_addr(proxy, "inbound").expect("the pushed listener serves")
+}
+
+#[test]
+fn pushes_drive_traffic_and_a_bad_push_is_refused() {
+    if !have_peers() {
+        return;
+    }
+    let a = HttpUpstream::start();
+    let b = HttpUpstream::start();
+    let mut m = Mgmt::start(0);
+    let (proxy, _client) = sidecar(m.port);
+    let first = m.wait("the first request", |e| e["event"] == "request");
+    assert_eq!(
+        first["node"],
+        "sidecar~127.0.0.1~test.default~default.svc.cluster.local"
+    );
+    assert_eq!(first["cluster"], "frontend");
+    let addr = initial_push(&mut m, &proxy, a.addr);
+    let r = http_client::get(addr, "/hello");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "ok /hello");
+    assert_eq!((a.requests(), b.requests()), (1, 0));
+
+    // Endpoints move: traffic follows.
+    m.set("endpoints", "e2", vec![assignment("orders", &[b.addr])]);
+    m.ack("endpoints", "e2");
+    assert_eq!(http_client::get(addr, "/moved").status, 200);
+    assert_eq!((a.requests(), b.requests()), (1, 1));
+
+    // A route to a second (static) cluster.
+    m.set(
+        "clusters",
+        "c2",
+        vec![eds_cluster("orders"), static_cluster("billing", a.addr)],
+    );
+    m.ack("clusters", "c2");
+    m.set(
+        "routes",
+        "r2",
+        vec![route_config(
+            "r1",
+            vec![
+                prefix_route("/billing", "billing"),
+                prefix_route("/", "orders"),
+            ],
+        )],
+    );
+    m.ack("routes", "r2");
+    assert_eq!(http_client::get(addr, "/billing/x").status, 200);
+    assert_eq!((a.requests(), b.requests()), (2, 1));
+    assert_eq!(http_client::get(addr, "/other").status, 200);
+    assert_eq!((a.requests(), b.requests()), (2, 2));
+
+    // What Pilotfish cannot honour is refused, naming the field; the
+    // last good config keeps serving.
+    let mut maglev = eds_cluster("orders");
+    maglev["lb_policy"] = json!("MAGLEV");
+    m.set(
+        "clusters",
+        "c3",
+        vec![maglev, static_cluster("billing", a.addr)],
+    );
+    let nack = m.nack("clusters");
+    let detail = nack["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("\"orders\"") && detail.contains("lb_policy"),
+        "{detail}"
+    );
+    assert_eq!(
+        nack["version"], "c2",
+        "a NACK carries the last good version"
+    );
+    let mut tls = static_cluster("billing", a.addr);
+    tls["transport_socket"] = json!({"name": "envoy.transport_sockets.tls"});
+    m.set("clusters", "c4", vec![eds_cluster("orders"), tls]);
+    let detail = m.nack("clusters")["detail"].as_str().unwrap().to_string();
+    assert!(detail.contains("transport_socket"), "{detail}");
+    // A route to a cluster that does not exist fails validation.
+    m.set(
+        "routes",
+        "r3",
+        vec![route_config("r1", vec![prefix_route("/", "nowhere")])],
+    );
+    let detail = m.nack("routes")["detail"].as_str().unwrap().to_string();
+    assert!(detail.contains("nowhere"), "{detail}");
+    assert_eq!(http_client::get(addr, "/still").status, 200);
+    assert_eq!((a.requests(), b.requests()), (2, 3));
+
+    let report = proxy.controller().xds_status().report();
+    assert!(report.connected);
+    assert_eq!(report.types["clusters"].version, "c2");
+    assert_eq!(report.types["clusters"].rejected, 2);
+    assert_eq!(report.types["routes"].rejected, 1);
+    assert_eq!(report.types["endpoints"].version, "e2");
+
+    // A listener removed stops serving; clusters scaled to zero answer 503.
+    m.set("endpoints", "e3", vec![assignment("orders", &[])]);
+    m.ack("endpoints", "e3");
+    let r = http_client::get(addr, "/empty");
+    assert_eq!(r.status, 503, "{}", r.text());
+    m.set("listeners", "l2", vec![]);
+    m.ack("listeners", "l2");
+    assert!(listener_addr(&proxy, "inbound").is_none());
+    assert!(std::net::TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn a_restarted_server_is_resumed_and_traffic_is_unaffected_meanwhile() {
+    if !have_peers() {
+        return;
+    }
+    let a = HttpUpstream::start();
+    let mut m = Mgmt::start(0);
+    let port = m.port;
+    let (proxy, _client) = sidecar(port);
+    let addr = initial_push(&mut m, &proxy, a.addr);
+    assert_eq!(http_client::get(addr, "/before").status, 200);
+    drop(m);
+    // The server is gone: the last good config keeps serving.
+    support::eventually("the client to notice", || {
+        !proxy.controller().xds_status().report().connected
+    });
+    for i in 0..20 {
+        assert_eq!(http_client::get(addr, &format!("/gone/{i}")).status, 200);
+    }
+    // Back on the same port: the client reconnects and says what it holds.
+    let mut m = Mgmt::start(port);
+    let resumed = m.wait("a resuming CDS request", |e| {
+        e["event"] == "request" && e["type"] == "clusters" && e["nonce"] == ""
+    });
+    assert_eq!(resumed["version"], "c1", "{resumed}");
+    let eds = m.wait("a resuming EDS request", |e| {
+        e["event"] == "request" && e["type"] == "endpoints" && e["nonce"] == ""
+    });
+    assert_eq!(eds["names"], json!(["orders"]));
+    assert_eq!(eds["version"], "e1");
+    // The new server's state is what it is told: a fresh push applies.
+    let b = HttpUpstream::start();
+    m.set("clusters", "c1", vec![eds_cluster("orders")]);
+    m.set("endpoints", "e9", vec![assignment("orders", &[b.addr])]);
+    m.ack("endpoints", "e9");
+    assert_eq!(http_client::get(addr, "/after").status, 200);
+    assert_eq!(b.requests(), 1);
+    assert!(proxy.controller().xds_status().report().connects >= 2);
+}
+
+#[test]
+fn a_hundred_pushes_under_load_fail_no_request() {
+    if !have_peers() {
+        return;
+    }
+    let a = HttpUpstream::start();
+    let b = HttpUpstream::start();
+    let mut m = Mgmt::start(0);
+    let (proxy, _client) = sidecar(m.port);
+    let addr = initial_push(&mut m, &proxy, a.addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load: Vec<_> = (0..2)
+        .map(|c| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            thread::spawn(move || {
+                // Keep-alive on one connection, a new connection every 50
+                // and whenever the proxy says `Connection: close` (it does
+                // on connections of a config generation a push retired).
+                let mut conn = http_client::Conn::open(addr);
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    if n.is_multiple_of(50) {
+                        conn = http_client::Conn::open(addr);
+                    }
+                    conn.send(format!("GET /load/{c}/{n} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+                    match conn.read(false) {
+                        Some(r) if r.status == 200 => {
+                            if r.header("connection") == Some("close") {
+                                conn = http_client::Conn::open(addr);
+                            }
+                            ok.fetch_add(1, Ordering::SeqCst)
+                        }
+                        other => {
+                            eprintln!("failed: {:?}", other.map(|r| (r.status, r.text())));
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            conn = http_client::Conn::open(addr);
+                            0
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    for i in 0..100 {
+        let version = format!("p{i}");
+        match i % 4 {
+            // Endpoints churn between one, the other and both.
+            0 => m.set("endpoints", &version, vec![assignment("orders", &[b.addr])]),
+            1 => m.set(
+                "endpoints",
+                &version,
+                vec![assignment("orders", &[a.addr, b.addr])],
+            ),
+            2 => m.set(
+                "routes",
+                &version,
+                vec![route_config(
+                    "r1",
+                    vec![
+                        prefix_route("/load/0", "orders"),
+                        prefix_route("/", "orders"),
+                    ],
+                )],
+            ),
+            _ => m.set("endpoints", &version, vec![assignment("orders", &[a.addr])]),
+        }
+        let kind = if i % 4 == 2 { "routes" } else { "endpoints" };
+        m.ack(kind, &version);
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.join().unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    eprintln!("{ok} requests across 100 pushes, {failed} failed");
+    assert!(ok > 100, "the load ran ({ok} requests)");
+    assert_eq!(failed, 0);
+    assert!(a.requests() > 0 && b.requests() > 0);
+}
