@@ -6,7 +6,8 @@
 //! cannot bind a new listener, aborts the swap for all); listeners whose
 //! address stays keep their sockets, so no connection is refused during a
 //! swap; connections accepted before the commit finish on the config they
-//! started with; [`Controller::apply`] returns only once every worker
+//! started with (HTTP/1.1 keep-alive connections on a listener the swap
+//! left unchanged go on with the new one between requests); [`Controller::apply`] returns only once every worker
 //! serves new connections on the new config. Swaps are serialised: the
 //! admin socket, the admin TCP listener and SIGHUP may race, and each waits
 //! its turn.

@@ -471,3 +471,66 @@ fn a_swap_keeps_the_pools_of_clusters_it_did_not_change() {
     assert_eq!(up.connections(), 2);
     proxy.shutdown();
 }
+
+/// A swap that changes only a cluster's endpoints keeps the state of the
+/// endpoints that stay (their pooled connection is reused) and keeps
+/// keep-alive clients connected (their next response does not say
+/// `connection: close`); a swap that changes the listener closes them.
+#[test]
+fn an_endpoint_only_swap_keeps_pools_and_keep_alive_connections() {
+    let (a, b) = (HttpUpstream::start(), HttpUpstream::start());
+    let dir = temp_dir("swap-endpoints");
+    let one_worker = |toml: String| toml.replace("workers = 2", "workers = 1");
+    let first = one_worker(tagged_config(
+        "127.0.0.1:0".parse().unwrap(),
+        "one",
+        a.addr,
+        "",
+    ));
+    let (proxy, _server, socket, addr) = start(&first, &dir);
+    let mut conn = Conn::open(addr);
+    let ask = |conn: &mut Conn| {
+        conn.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n");
+        conn.read(false).expect("a response")
+    };
+    let r = ask(&mut conn);
+    assert_eq!((r.status, r.header("connection")), (200, None));
+    assert_eq!(a.connections(), 1);
+
+    // The endpoint list grows: endpoint a keeps its pooled connection.
+    let both = one_worker(tagged_config(addr, "one", a.addr, "")).replace(
+        &format!("endpoints = [\"{}\"]", a.addr),
+        &format!("endpoints = [\"{}\", \"{}\"]", a.addr, b.addr),
+    );
+    assert!(both.contains(&b.addr.to_string()), "{both}");
+    let (status, body) = post_config(&socket, &both);
+    assert_eq!(status, 200, "{body}");
+    for _ in 0..4 {
+        let r = ask(&mut conn);
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("connection"),
+            None,
+            "an endpoint push closed a client"
+        );
+    }
+    assert_eq!(a.connections(), 1, "endpoint a kept its pool");
+    assert_eq!(b.connections(), 1, "round robin reached the new endpoint");
+    assert!(proxy.stats().total.connections_carried >= 1);
+
+    // The listener's route changes: this connection is told to close.
+    let (status, body) = post_config(
+        &socket,
+        &both.replace("\"x-config\" = \"one\"", "\"x-config\" = \"two\""),
+    );
+    assert_eq!(status, 200, "{body}");
+    let r = ask(&mut conn);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(
+        tag_of(&r).as_deref(),
+        Some("one"),
+        "served on its generation"
+    );
+    assert_eq!(tag_of(&get(addr, "/echo")).as_deref(), Some("two"));
+    proxy.shutdown();
+}

@@ -194,6 +194,11 @@ const COUNTERS: &[Field] = &[
         |s| s.connections_parked,
     ),
     (
+        "connections_carried_total",
+        "Keep-alive connections moved to a newer config generation that kept their listener (not closed).",
+        |s| s.connections_carried,
+    ),
+    (
         "connections_refused_overload_total",
         "Connections refused at the connection cap (no idle connection to close).",
         |s| s.connections_refused_overload,

@@ -204,13 +204,12 @@ pub struct Accepted {
 /// Serves HTTP/1.x (or HTTP/2, by ALPN or the h2c preface) on a
 /// connection whose TLS is already settled.
 pub async fn serve_accepted(
-    worker: Rc<Worker>,
-    listener_index: usize,
+    mut worker: Rc<Worker>,
+    mut listener_index: usize,
     conn: Accepted,
     peer: SocketAddr,
     conn_id: u64,
 ) {
-    let listener = &worker.config.listeners[listener_index];
     if conn.h2 {
         let caller = crate::http2::server::Caller {
             ip: peer.ip().to_string(),
@@ -241,7 +240,6 @@ pub async fn serve_accepted(
         note: Note::default(),
         cluster: conn.cluster,
     };
-    let idle = listener.idle_timeout;
     let mut first = true;
     loop {
         // Boxed (where it is made: see above): a request in progress
@@ -256,10 +254,19 @@ pub async fn serve_accepted(
             conn_id,
             peer,
         ));
-        let Some(parked) = served.await else {
+        let Some((parked, moved)) = served.await else {
             return;
         };
         client = parked;
+        if let Some((next, index)) = moved {
+            // A newer config generation keeps this listener as it was:
+            // the connection goes on there, with what it has read.
+            metrics::add(&worker.counters.connections_carried, 1);
+            worker = next;
+            listener_index = index;
+            continue;
+        }
+        let idle = worker.config.listeners[listener_index].idle_timeout;
         metrics::add(&worker.counters.connections_parked, 1);
         // Nothing is buffered (a burst parks only between requests) and
         // no read is in flight: the read buffer goes back too, and the
@@ -272,10 +279,13 @@ pub async fn serve_accepted(
 }
 
 /// Serves requests on `client` while they keep coming. None: the
-/// connection is done (closed, handed to HTTP/2 or a tunnel). Some: it
-/// parked, having waited [`PARK_AFTER`] between requests with nothing
-/// read (plaintext only), and the caller waits for its next bytes
-/// without holding a buffer.
+/// connection is done (closed, handed to HTTP/2 or a tunnel). Some with
+/// no move: it parked, having waited [`PARK_AFTER`] between requests with
+/// nothing read (plaintext only), and the caller waits for its next bytes
+/// without holding a buffer. Some with a move: a newer config generation
+/// keeps this listener unchanged, and the connection goes on there
+/// ([`Worker::carried`]).
+#[allow(clippy::type_complexity)]
 async fn burst(
     worker: &Rc<Worker>,
     listener_index: usize,
@@ -283,7 +293,7 @@ async fn burst(
     first: &mut bool,
     conn_id: u64,
     peer: SocketAddr,
-) -> Option<Client> {
+) -> Option<(Client, Option<(Rc<Worker>, usize)>)> {
     let listener = &worker.config.listeners[listener_index];
     let ListenerKind::Http(http) = &listener.kind else {
         unreachable!("only http and intercept listeners come here");
@@ -297,6 +307,12 @@ async fn burst(
     let mut canceller = None;
     let mut may_park = false;
     loop {
+        // Between requests: after a swap, go on in the new generation.
+        if !*first && worker.retired.is_fired() {
+            if let Some(next) = worker.carried(listener_index) {
+                return Some((client, Some(next)));
+            }
+        }
         let head = read_head(
             &mut client,
             &mut parser,
@@ -310,7 +326,7 @@ async fn burst(
         let req = match head {
             Ok(Head::Request(req)) => req,
             Ok(Head::Closed) => return None,
-            Ok(Head::Parked) => return Some(client),
+            Ok(Head::Parked) => return Some((client, None)),
             Err(_)
                 if *first
                     && client

@@ -44,6 +44,9 @@ pub struct Counters {
     /// Times a quiet keep-alive connection parked: gave back its buffer
     /// and request state to wait for readiness alone.
     pub connections_parked: Cell<u64>,
+    /// HTTP/1.1 keep-alive connections moved to a newer config generation
+    /// that kept their listener unchanged (instead of being closed).
+    pub connections_carried: Cell<u64>,
     /// Connections refused at the cap with no idle connection to close (503 or closed at once).
     pub connections_refused_overload: Cell<u64>,
     /// Responses sent with `connection: close` because the worker was near
@@ -471,6 +474,7 @@ pub struct Snapshot {
     pub trace_spans_dropped: u64,
     pub connections_evicted_idle: u64,
     pub connections_parked: u64,
+    pub connections_carried: u64,
     pub connections_refused_overload: u64,
     pub overload_keep_alive_off: u64,
     pub overload_accept_paused: u64,
@@ -505,6 +509,7 @@ impl Counters {
             trace_spans_dropped: self.trace_spans_dropped.get(),
             connections_evicted_idle: self.connections_evicted_idle.get(),
             connections_parked: self.connections_parked.get(),
+            connections_carried: self.connections_carried.get(),
             connections_refused_overload: self.connections_refused_overload.get(),
             overload_keep_alive_off: self.overload_keep_alive_off.get(),
             overload_accept_paused: self.overload_accept_paused.get(),
@@ -561,6 +566,7 @@ impl Snapshot {
         self.trace_spans_dropped += other.trace_spans_dropped;
         self.connections_evicted_idle += other.connections_evicted_idle;
         self.connections_parked += other.connections_parked;
+        self.connections_carried += other.connections_carried;
         self.connections_refused_overload += other.connections_refused_overload;
         self.overload_keep_alive_off += other.overload_keep_alive_off;
         self.overload_accept_paused += other.overload_accept_paused;

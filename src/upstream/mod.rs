@@ -80,7 +80,10 @@ pub struct ClusterState {
     /// The config this state was built from; a config swap keeps the state
     /// (pools, ejections, health) of a cluster whose config is unchanged.
     pub source: Cluster,
-    pub endpoints: Vec<Endpoint>,
+    /// Shared with the next config generation's state for this cluster
+    /// when only the endpoint list changed: an endpoint that stays keeps
+    /// its pool, load, ejection and health ([`ClusterState::carry`]).
+    pub endpoints: Vec<Rc<Endpoint>>,
     pub config: HttpCluster,
     pub connect_timeout: Duration,
     round_robin: RoundRobin,
@@ -177,7 +180,11 @@ impl ClusterState {
             connect_histogram,
             first_byte_histogram,
             source: c.clone(),
-            endpoints: c.endpoints.iter().map(|a| Endpoint::new(*a, now)).collect(),
+            endpoints: c
+                .endpoints
+                .iter()
+                .map(|a| Rc::new(Endpoint::new(*a, now)))
+                .collect(),
             config: c.http.clone(),
             connect_timeout: c.connect_timeout,
             round_robin: RoundRobin::new(c.endpoints.len(), worker),
@@ -185,6 +192,38 @@ impl ClusterState {
             active_retries: Cell::new(0),
             h1_only: Cell::new(false),
         }
+    }
+
+    /// The state for `c`, a new config of this cluster, when `c` differs
+    /// from this state's only in its endpoint list (an EDS update): the
+    /// endpoints that stay keep their state, the open-connection count
+    /// and the protocol choice carry over; None if anything else changed
+    /// (then the cluster starts afresh, as its connections may no longer
+    /// fit it).
+    pub fn carry(
+        &self,
+        c: &Cluster,
+        worker: usize,
+        workers: usize,
+        now: Instant,
+        store: &histograms::Store,
+    ) -> Option<Self> {
+        let same_but_endpoints = Cluster {
+            endpoints: c.endpoints.clone(),
+            ..self.source.clone()
+        };
+        if same_but_endpoints != *c {
+            return None;
+        }
+        let mut next = Self::new(c, worker, workers, now, store);
+        for slot in &mut next.endpoints {
+            if let Some(kept) = self.endpoints.iter().find(|e| e.addr == slot.addr) {
+                *slot = Rc::clone(kept);
+            }
+        }
+        next.open_connections = Rc::clone(&self.open_connections);
+        next.h1_only.set(self.h1_only.get());
+        Some(next)
     }
 
     /// Whether requests to this cluster go out over HTTP/2: `h2`, or
@@ -449,6 +488,39 @@ mod tests {
             Instant::now(),
             &histograms::Store::default(),
         )
+    }
+
+    #[test]
+    fn an_endpoint_only_change_keeps_the_state_of_endpoints_that_stay() {
+        let old = cluster(2, "round_robin");
+        let now = Instant::now();
+        old.endpoints[0]
+            .ejected_until
+            .set(Some(now + Duration::from_secs(60)));
+        old.endpoints[1].healthy.set(false);
+        old.open_connections.set(3);
+        let store = histograms::Store::default();
+        let mut moved = old.source.clone();
+        moved.endpoints = vec![
+            "127.0.0.1:9000".parse().unwrap(),
+            "127.0.0.1:9005".parse().unwrap(),
+        ];
+        let next = old
+            .carry(&moved, 0, 1, now, &store)
+            .expect("only endpoints changed");
+        assert!(Rc::ptr_eq(&next.endpoints[0], &old.endpoints[0]), "kept");
+        assert!(next.endpoints[0].is_ejected(now), "its ejection too");
+        assert!(
+            next.endpoints[1].healthy.get(),
+            "a new endpoint starts healthy"
+        );
+        assert_eq!(next.open_connections.get(), 3, "connection count shared");
+        let mut other = moved.clone();
+        other.connect_timeout = Duration::from_millis(1);
+        assert!(
+            old.carry(&other, 0, 1, now, &store).is_none(),
+            "anything else changed: start afresh"
+        );
     }
 
     #[test]

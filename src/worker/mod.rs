@@ -8,13 +8,17 @@
 //!
 //! Config generations: a [`Worker`] value is one config generation. Each
 //! connection holds the generation it was accepted under and finishes on
-//! it; the accept loops (one per listening socket, not per generation) hand
-//! new connections to the current one. A swap is two-phase
+//! it, except an HTTP/1.1 keep-alive connection whose listener the new
+//! generation keeps unchanged: that one moves on between requests
+//! ([`Worker::carried`]), so pushes that change only clusters close no
+//! connection. The accept loops (one per listening socket, not per
+//! generation) hand new connections to the current one. A swap is two-phase
 //! ([`Command::Prepare`] binds the new sockets and builds the generation,
 //! [`Command::Commit`] installs it), so either every worker switches or none
 //! does. Listening sockets whose address stays in the config are kept, so
 //! a swap refuses no connection. Clusters whose config did not change keep
-//! their state (pools, ejections, health) across generations.
+//! their state (pools, ejections, health) across generations; so do the
+//! endpoints that stay in a cluster whose endpoint list alone changed.
 
 pub mod buffers;
 pub mod gate;
@@ -274,6 +278,10 @@ pub struct Worker {
     pub http1_via_pipeline: bool,
     store: Rc<histograms::Store>,
     next_conn_id: Rc<Cell<u64>>,
+    /// The worker's current generation, for connections of a retired one
+    /// to move on to ([`Worker::carried`]). Weak: a generation must not
+    /// keep later ones alive (a long-lived connection would pin them all).
+    latest: std::cell::OnceCell<std::rc::Weak<RefCell<Rc<Worker>>>>,
 }
 
 /// Set (to anything) in the environment, it sends HTTP/1.1-to-HTTP/1.1
@@ -327,21 +335,29 @@ impl Worker {
             retired: Trigger::default(),
             next_conn_id: Rc::new(Cell::new(0)),
             http1_via_pipeline: std::env::var_os(HTTP1_VIA_PIPELINE_ENV).is_some(),
+            latest: std::cell::OnceCell::new(),
         }
     }
 
     /// The generation after this one: shares what outlives generations and
-    /// keeps the state of every cluster whose config did not change.
+    /// keeps the state of every cluster whose config did not change, and of
+    /// every endpoint that stays in a cluster whose endpoints alone changed.
     fn next(&self, generation: u64, config: Arc<Config>, binds: Arc<Vec<SocketAddr>>) -> Self {
         let now = Instant::now();
         let clusters = config
             .clusters
             .iter()
             .map(|c| {
+                let same_name = || self.clusters.iter().find(|old| old.name == c.name);
                 self.clusters
                     .iter()
                     .find(|old| old.source == *c)
                     .map(Rc::clone)
+                    .or_else(|| {
+                        let carried =
+                            same_name()?.carry(c, self.id, config.workers, now, &self.store)?;
+                        Some(Rc::new(carried))
+                    })
                     .unwrap_or_else(|| {
                         Rc::new(ClusterState::new(
                             c,
@@ -377,6 +393,7 @@ impl Worker {
             retired: Trigger::default(),
             next_conn_id: Rc::clone(&self.next_conn_id),
             http1_via_pipeline: self.http1_via_pipeline,
+            latest: self.latest.clone(),
         }
     }
 
@@ -385,7 +402,7 @@ impl Worker {
     /// a drain), nor near the connection cap or in a memory overload stage
     /// (those two counted).
     pub fn keep_alive_ok(&self) -> bool {
-        if self.retired.is_fired() {
+        if self.retired.is_fired() && !self.carries_every_listener() {
             return false;
         }
         if self.slots.crowded() || self.slots.pressure() >= overload::STAGE_KEEP_ALIVE_OFF {
@@ -393,6 +410,60 @@ impl Worker {
             return false;
         }
         true
+    }
+
+    /// The current generation, when this one is retired and the process
+    /// is not draining.
+    fn successor(&self) -> Option<Rc<Worker>> {
+        if !self.retired.is_fired() || self.draining.is_fired() {
+            return None;
+        }
+        let cell = self.latest.get()?.upgrade()?;
+        let current = Rc::clone(&cell.borrow());
+        (current.generation != self.generation).then_some(current)
+    }
+
+    /// Where `listener` of this generation is in `other`: the same bound
+    /// socket, and the same config but for how its address was written
+    /// (`127.0.0.1:0` then the port it got).
+    fn same_listener(&self, listener: usize, other: &Worker) -> Option<usize> {
+        let (l, addr) = (
+            self.config.listeners.get(listener)?,
+            self.binds.get(listener)?,
+        );
+        other
+            .config
+            .listeners
+            .iter()
+            .zip(other.binds.iter())
+            .position(|(n, a)| {
+                a == addr
+                    && n.name == l.name
+                    && crate::config::Listener {
+                        bind: l.bind,
+                        ..n.clone()
+                    } == *l
+            })
+    }
+
+    /// Whether every listener of this retired generation lives on unchanged
+    /// in the current one: then its keep-alive connections go on there
+    /// ([`Worker::carried`]) and are not asked to close. A swap that
+    /// changes only clusters (an EDS push) then closes no connection.
+    fn carries_every_listener(&self) -> bool {
+        let Some(current) = self.successor() else {
+            return false;
+        };
+        (0..self.config.listeners.len()).all(|i| self.same_listener(i, &current).is_some())
+    }
+
+    /// Where a keep-alive connection on `listener` of this retired
+    /// generation goes on between requests: the current generation and the
+    /// listener's index there, if it is unchanged there.
+    pub fn carried(&self, listener: usize) -> Option<(Rc<Worker>, usize)> {
+        let current = self.successor()?;
+        let index = self.same_listener(listener, &current)?;
+        Some((current, index))
     }
 
     /// Under memory overload stage 2 and above, new requests are refused
@@ -539,8 +610,11 @@ async fn worker_main(
     ));
     spawn_upstream_upkeep(&worker);
     spawn_access_log_flusher(&worker);
+    let current = Rc::new(RefCell::new(Rc::clone(&worker)));
+    let _ = worker.latest.set(Rc::downgrade(&current));
+    drop(worker);
     let mut control = Control {
-        current: Rc::new(RefCell::new(worker)),
+        current,
         listening: Vec::with_capacity(sockets.len()),
         pending: None,
     };
