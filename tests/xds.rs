@@ -348,12 +348,44 @@ fn pushes_drive_traffic_and_a_bad_push_is_refused() {
     assert_eq!(http_client::get(addr, "/still").status, 200);
     assert_eq!((a.requests(), b.requests()), (2, 3));
 
-    let report = proxy.controller().xds_status().report();
-    assert!(report.connected);
-    assert_eq!(report.types["clusters"].version, "c2");
-    assert_eq!(report.types["clusters"].rejected, 2);
-    assert_eq!(report.types["routes"].rejected, 1);
-    assert_eq!(report.types["endpoints"].version, "e2");
+    // The admin socket shows the pushed resources, the versions, and the
+    // counts of accepted and refused pushes.
+    let dir = support::temp_dir("xds-admin");
+    let sock = dir.join("admin.sock");
+    let _admin = support::admin_server(&proxy, Some(sock.clone()), None);
+    let (status, body) = pilotfish::admin::client::request(&sock, "GET", "/config").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let config: Value = serde_json::from_str(&body).unwrap();
+    let plane = &config["dynamic"]["control_plane"];
+    assert_eq!(plane["connected"], true, "{plane}");
+    assert_eq!(plane["types"]["clusters"]["version"], "c2");
+    assert_eq!(plane["types"]["clusters"]["rejected"], 2);
+    assert_eq!(plane["types"]["routes"]["rejected"], 1);
+    assert_eq!(plane["types"]["endpoints"]["version"], "e2");
+    let names: Vec<&str> = config["dynamic"]["resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["billing", "orders"]);
+    assert!(
+        config["clusters"].as_array().unwrap().len() == 2,
+        "running config too"
+    );
+    let (_, metrics) = pilotfish::admin::client::request(&sock, "GET", "/metrics").unwrap();
+    for line in [
+        "pilotfish_xds_connected 1",
+        "pilotfish_xds_updates_total{type=\"clusters\",result=\"accepted\"} 2",
+        "pilotfish_xds_updates_total{type=\"clusters\",result=\"rejected\"} 2",
+        "pilotfish_xds_resources{type=\"clusters\"} 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in /metrics"
+        );
+    }
+    assert!(metrics.contains("pilotfish_xds_seconds_since_update "));
 
     // A listener removed stops serving; clusters scaled to zero answer 503.
     m.set("endpoints", "e3", vec![assignment("orders", &[])]);
@@ -504,4 +536,157 @@ fn a_hundred_pushes_under_load_fail_no_request() {
         carried > 0,
         "no connection was carried to a newer generation"
     );
+}
+
+const GRPC_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/grpc_peer.py");
+const SIDECAR_NODE: &str = "sidecar~127.0.0.1~test.default~default.svc.cluster.local";
+
+/// Runs `grpc_peer.py xds-unary TARGET` with `env`; returns its JSON line.
+fn grpc_unary(target: &str, env: &[(&str, &str)]) -> Value {
+    let out = Command::new("python3")
+        .args([GRPC_PEER, "xds-unary", target])
+        .env("PYTHONPATH", py_path())
+        .envs(env.iter().copied())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the gRPC client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|_| json!({"raw": text}))
+}
+
+/// Keeps the test server honest: gRPC's own xDS client (grpcio's, which
+/// nobody here wrote) consumes the same cluster and endpoint snapshot as
+/// Pilotfish does, each with its node's own listener and routes, and both
+/// reach the same gRPC server.
+#[test]
+fn grpcs_own_xds_client_consumes_the_same_snapshots() {
+    if !have_peers() {
+        return;
+    }
+    let mut server = Command::new("python3")
+        .args([GRPC_PEER, "server"])
+        .env("PYTHONPATH", py_path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the gRPC server");
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let grpc_addr: SocketAddr = format!("127.0.0.1:{}", line.trim()).parse().unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(server);
+
+    let mut m = Mgmt::start(0);
+    let (proxy, _client) = sidecar(m.port);
+    let mut cluster = eds_cluster("orders-cluster");
+    cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    });
+    m.set("clusters", "c1", vec![cluster]);
+    m.set(
+        "endpoints",
+        "e1",
+        vec![json!({"cluster_name": "orders-cluster", "endpoints": [{
+            "locality": {"region": "r1", "zone": "z1"},
+            "load_balancing_weight": 1,
+            "lb_endpoints": [{"endpoint": {"address": socket(grpc_addr)}}],
+        }]})],
+    );
+    // Each node's own front: a sidecar listener for Pilotfish, an API
+    // listener (a client-side HttpConnectionManager) for gRPC.
+    let set_for = |m: &mut Mgmt, node: &str, kind: &str, version: &str, resources: Vec<Value>| {
+        let line = json!({"op": "set", "node": node, "type": kind, "version": version, "resources": resources});
+        writeln!(m.stdin, "{line}").unwrap();
+        m.stdin.flush().unwrap();
+    };
+    set_for(
+        &mut m,
+        SIDECAR_NODE,
+        "listeners",
+        "pf-l1",
+        vec![http_listener("inbound", "pf-routes")],
+    );
+    set_for(
+        &mut m,
+        SIDECAR_NODE,
+        "routes",
+        "pf-r1",
+        vec![route_config(
+            "pf-routes",
+            vec![prefix_route("/", "orders-cluster")],
+        )],
+    );
+    let router = json!({"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}});
+    set_for(
+        &mut m,
+        "grpc-client",
+        "listeners",
+        "g-l1",
+        vec![json!({"name": "orders", "api_listener": {"api_listener": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "rds": {"route_config_name": "grpc-routes", "config_source": {"ads": {}}},
+            "http_filters": [router],
+        }}})],
+    );
+    set_for(
+        &mut m,
+        "grpc-client",
+        "routes",
+        "g-r1",
+        vec![
+            json!({"name": "grpc-routes", "virtual_hosts": [{"name": "v", "domains": ["orders"],
+            "routes": [{"match": {"prefix": ""}, "route": {"cluster": "orders-cluster"}}]}]}),
+        ],
+    );
+    m.ack("clusters", "c1");
+    m.ack("endpoints", "e1");
+    m.ack("listeners", "pf-l1");
+    m.ack("routes", "pf-r1");
+    let through_pilotfish = listener_addr(&proxy, "inbound").unwrap();
+    let r = grpc_unary(&through_pilotfish.to_string(), &[]);
+    assert_eq!(r["unary"], "via-xds", "through Pilotfish: {r}");
+
+    let dir = support::temp_dir("grpc-xds");
+    let bootstrap = dir.join("bootstrap.json");
+    std::fs::write(
+        &bootstrap,
+        json!({
+            "xds_servers": [{"server_uri": format!("127.0.0.1:{}", m.port),
+                             "channel_creds": [{"type": "insecure"}],
+                             "server_features": ["xds_v3"]}],
+            "node": {"id": "grpc-client", "cluster": "grpc", "locality": {"region": "r1", "zone": "z1"}},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let r = grpc_unary(
+        "xds:///orders",
+        &[("GRPC_XDS_BOOTSTRAP", bootstrap.to_str().unwrap())],
+    );
+    assert_eq!(r["unary"], "via-xds", "gRPC's own xDS client: {r}");
+    // It asked for and acknowledged the very snapshot Pilotfish runs on.
+    for (kind, version) in [
+        ("listeners", "g-l1"),
+        ("routes", "g-r1"),
+        ("clusters", "c1"),
+        ("endpoints", "e1"),
+    ] {
+        m.wait(&format!("gRPC's ACK of {kind} {version}"), |e| {
+            e["event"] == "ack"
+                && e["node"] == "grpc-client"
+                && e["type"] == kind
+                && e["version"] == version
+        });
+    }
 }

@@ -397,12 +397,22 @@ pub fn endpoints(la: &ClusterLoadAssignment, prefix: &str) -> Result<Vec<Value>>
     use envoy_types::pb::envoy::config::{core::v3::HealthStatus, endpoint::v3::lb_endpoint};
     let mut out = Vec::new();
     let mut weight = None;
+    let mut locality_weight = None;
     for (i, locality) in la.endpoints.iter().enumerate() {
         let lf = format!("{prefix}endpoints[{i}]");
         if locality.priority != 0 {
             return refuse(
                 format!("{lf}.priority"),
                 "only priority 0 is supported (no priority failover)",
+            );
+        }
+        // Locality weights share traffic between localities; equal ones
+        // (or one locality, as gRPC's xDS client needs) change nothing.
+        let lw = locality.load_balancing_weight.map_or(1, |w| w.value);
+        if *locality_weight.get_or_insert(lw) != lw {
+            return refuse(
+                format!("{lf}.load_balancing_weight"),
+                "unequal locality weights are not supported yet",
             );
         }
         for (j, lb) in locality.lb_endpoints.iter().enumerate() {

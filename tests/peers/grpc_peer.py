@@ -3,6 +3,7 @@ code) for the gRPC end-to-end test.
 
     grpc_peer.py server            prints the port it listens on, serves until killed
     grpc_peer.py client ADDR       runs every case through ADDR, prints one JSON object
+    grpc_peer.py xds-unary TARGET  one call to an xds:/// target, prints one JSON object
 """
 import json
 import sys
@@ -146,8 +147,23 @@ def client(addr):
     print(json.dumps(out), flush=True)
 
 
+def xds_unary(target):
+    """One unary call through gRPC's own xDS client (GRPC_XDS_BOOTSTRAP
+    names the management server): a client nobody here wrote, to check
+    that the test management server's snapshots mean what Envoy's API says."""
+    ch = grpc.insecure_channel(target, options=OPTIONS)
+    out = {}
+    try:
+        out["unary"] = ch.unary_unary("/t.T/Unary", ident, ident)(b"via-xds", timeout=20).decode()
+    except grpc.RpcError as e:
+        out["error"] = [e.code().name, e.details() or ""]
+    print(json.dumps(out), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve()
+    elif sys.argv[1] == "xds-unary":
+        xds_unary(sys.argv[2])
     else:
         client(sys.argv[2])

@@ -12,6 +12,8 @@ where each resource is the proto3 JSON form of the type's message
 "endpoints", Listener for "listeners", RouteConfiguration for "routes").
 A set replaces the type's snapshot and pushes it to every stream
 subscribed to it (EDS and RDS: only the names the stream asked for).
+With "node": ID, the snapshot is that node's alone (as control planes
+keep one per proxy); a node without its own gets the shared one.
 
 Events are printed to stdout, one JSON object a line: {"event": "port"},
 "request" (every DiscoveryRequest: type, version, nonce, names, node),
@@ -60,7 +62,8 @@ TYPES = {
     ),
 }
 KIND_OF_URL = {url: kind for kind, (url, _, _) in TYPES.items()}
-# Wildcard types: a stream gets every resource of these.
+# Wildcard types: a stream that names none (or "*") gets every resource of
+# these; one that names some (gRPC's xDS client does) gets those.
 WILDCARD = {"clusters", "listeners"}
 
 out_lock = threading.Lock()
@@ -85,7 +88,11 @@ class Snapshots:
             self.nonce += 1
             return str(self.nonce)
 
-    def set(self, kind, version, resources):
+    def get(self, node, kind):
+        with self.lock:
+            return self.by_kind.get((node, kind)) or self.by_kind.get(("", kind))
+
+    def set(self, kind, version, resources, node=""):
         url, cls, key = TYPES[kind]
         packed = {}
         for r in resources:
@@ -94,10 +101,11 @@ class Snapshots:
             a.Pack(msg)
             packed[getattr(msg, key)] = a
         with self.lock:
-            self.by_kind[kind] = (version, packed)
+            self.by_kind[(node, kind)] = (version, packed)
             streams = list(self.streams)
         for s in streams:
-            s.push(kind)
+            if not node or s.node == node:
+                s.push(kind)
 
 
 class Stream:
@@ -108,16 +116,17 @@ class Stream:
         self.subscribed = set()
         self.sent_nonce = {}
         self.closed = False
+        self.node = ""
 
     def push(self, kind):
         if kind not in self.subscribed:
             return
-        with self.snaps.lock:
-            snap = self.snaps.by_kind.get(kind)
+        snap = self.snaps.get(self.node, kind)
         if snap is None:
             return
         version, packed = snap
-        if kind in WILDCARD:
+        asked = self.names.get(kind, set()) - {"*"}
+        if kind in WILDCARD and not asked:
             chosen = list(packed.values())
         else:
             chosen = [packed[n] for n in sorted(self.names.get(kind, ())) if n in packed]
@@ -130,6 +139,8 @@ class Stream:
         self.out.put(resp)
 
     def on_request(self, req):
+        if req.HasField("node") and req.node.id:
+            self.node = req.node.id
         kind = KIND_OF_URL.get(req.type_url)
         names = sorted(req.resource_names)
         emit(
@@ -146,13 +157,14 @@ class Stream:
         if req.HasField("error_detail"):
             emit(
                 event="nack",
+                node=self.node,
                 type=kind,
                 version=req.version_info,
                 nonce=req.response_nonce,
                 detail=req.error_detail.message,
             )
         elif req.response_nonce and req.response_nonce == self.sent_nonce.get(kind):
-            emit(event="ack", type=kind, version=req.version_info, nonce=req.response_nonce)
+            emit(event="ack", node=self.node, type=kind, version=req.version_info, nonce=req.response_nonce)
         first = kind not in self.subscribed
         changed = set(names) != self.names.get(kind, set())
         self.subscribed.add(kind)
@@ -160,7 +172,7 @@ class Stream:
         # A new subscription, or new names: send what there is. A
         # reconnecting client that already holds the version gets it again
         # only if the names say so (first is per stream).
-        if first or (changed and kind not in WILDCARD):
+        if first or changed:
             self.push(kind)
 
 
@@ -214,7 +226,7 @@ def main():
         try:
             cmd = json.loads(line)
             if cmd["op"] == "set":
-                snaps.set(cmd["type"], cmd["version"], cmd["resources"])
+                snaps.set(cmd["type"], cmd["version"], cmd["resources"], cmd.get("node", ""))
                 emit(event="set", type=cmd["type"], version=cmd["version"])
         except Exception as e:
             emit(event="script_error", error=str(e), line=line)
