@@ -218,14 +218,15 @@ fn prefix_route(prefix: &str, cluster: &str) -> Value {
 }
 
 /// An in-process sidecar whose config is `[xds]` and nothing else, with
-/// its control-plane client.
-fn sidecar(server: u16) -> (Proxy, pilotfish::xds::ads::Client) {
+/// its control-plane client; `delta`: the incremental protocol.
+fn sidecar(server: u16, delta: bool) -> (Proxy, pilotfish::xds::ads::Client) {
     let text = format!(
         r#"workers = 1
 [xds]
 server = "127.0.0.1:{server}"
 node_id = "sidecar~127.0.0.1~test.default~default.svc.cluster.local"
 cluster = "frontend"
+delta = {delta}
 "#
     );
     let config = pilotfish::Config::parse("bootstrap.toml", &text).unwrap();
@@ -264,13 +265,22 @@ fn initial_push(m: &mut Mgmt, proxy: &Proxy, endpoint: SocketAddr) -> SocketAddr
 
 #[test]
 fn pushes_drive_traffic_and_a_bad_push_is_refused() {
+    pushes_drive_traffic(false);
+}
+
+#[test]
+fn delta_pushes_drive_traffic_and_a_bad_push_is_refused() {
+    pushes_drive_traffic(true);
+}
+
+fn pushes_drive_traffic(delta: bool) {
     if !have_peers() {
         return;
     }
     let a = HttpUpstream::start();
     let b = HttpUpstream::start();
     let mut m = Mgmt::start(0);
-    let (proxy, _client) = sidecar(m.port);
+    let (proxy, _client) = sidecar(m.port, delta);
     let first = m.wait("the first request", |e| e["event"] == "request");
     assert_eq!(
         first["node"],
@@ -328,10 +338,12 @@ fn pushes_drive_traffic_and_a_bad_push_is_refused() {
         detail.contains("\"orders\"") && detail.contains("lb_policy"),
         "{detail}"
     );
-    assert_eq!(
-        nack["version"], "c2",
-        "a NACK carries the last good version"
-    );
+    if !delta {
+        assert_eq!(
+            nack["version"], "c2",
+            "a NACK carries the last good version"
+        );
+    }
     let mut tls = static_cluster("billing", a.addr);
     tls["transport_socket"] = json!({"name": "envoy.transport_sockets.tls"});
     m.set("clusters", "c4", vec![eds_cluster("orders"), tls]);
@@ -400,13 +412,22 @@ fn pushes_drive_traffic_and_a_bad_push_is_refused() {
 
 #[test]
 fn a_restarted_server_is_resumed_and_traffic_is_unaffected_meanwhile() {
+    restarted_server(false);
+}
+
+#[test]
+fn a_restarted_delta_server_is_resumed_from_the_versions_held() {
+    restarted_server(true);
+}
+
+fn restarted_server(delta: bool) {
     if !have_peers() {
         return;
     }
     let a = HttpUpstream::start();
     let mut m = Mgmt::start(0);
     let port = m.port;
-    let (proxy, _client) = sidecar(port);
+    let (proxy, _client) = sidecar(port, delta);
     let addr = initial_push(&mut m, &proxy, a.addr);
     assert_eq!(http_client::get(addr, "/before").status, 200);
     drop(m);
@@ -422,12 +443,19 @@ fn a_restarted_server_is_resumed_and_traffic_is_unaffected_meanwhile() {
     let resumed = m.wait("a resuming CDS request", |e| {
         e["event"] == "request" && e["type"] == "clusters" && e["nonce"] == ""
     });
-    assert_eq!(resumed["version"], "c1", "{resumed}");
     let eds = m.wait("a resuming EDS request", |e| {
         e["event"] == "request" && e["type"] == "endpoints" && e["nonce"] == ""
     });
     assert_eq!(eds["names"], json!(["orders"]));
-    assert_eq!(eds["version"], "e1");
+    if delta {
+        // Every resource held, by name, with the version it came with.
+        let held = resumed["initial"].as_object().unwrap();
+        assert_eq!(held.keys().collect::<Vec<_>>(), ["orders"], "{resumed}");
+        assert!(eds["initial"]["orders"].is_string(), "{eds}");
+    } else {
+        assert_eq!(resumed["version"], "c1", "{resumed}");
+        assert_eq!(eds["version"], "e1");
+    }
     // The new server's state is what it is told: a fresh push applies.
     let b = HttpUpstream::start();
     m.set("clusters", "c1", vec![eds_cluster("orders")]);
@@ -440,13 +468,22 @@ fn a_restarted_server_is_resumed_and_traffic_is_unaffected_meanwhile() {
 
 #[test]
 fn a_hundred_pushes_under_load_fail_no_request() {
+    hundred_pushes_under_load(false);
+}
+
+#[test]
+fn a_hundred_delta_pushes_under_load_fail_no_request() {
+    hundred_pushes_under_load(true);
+}
+
+fn hundred_pushes_under_load(delta: bool) {
     if !have_peers() {
         return;
     }
     let a = HttpUpstream::start();
     let b = HttpUpstream::start();
     let mut m = Mgmt::start(0);
-    let (proxy, _client) = sidecar(m.port);
+    let (proxy, _client) = sidecar(m.port, delta);
     let addr = initial_push(&mut m, &proxy, a.addr);
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -496,13 +533,14 @@ fn a_hundred_pushes_under_load_fail_no_request() {
                 &version,
                 vec![assignment("orders", &[a.addr, b.addr])],
             ),
+            // Each route push differs (a delta server sends only changes).
             2 => m.set(
                 "routes",
                 &version,
                 vec![route_config(
                     "r1",
                     vec![
-                        prefix_route("/load/0", "orders"),
+                        prefix_route(&format!("/load/{i}/"), "orders"),
                         prefix_route("/", "orders"),
                     ],
                 )],
@@ -585,7 +623,7 @@ fn grpcs_own_xds_client_consumes_the_same_snapshots() {
     let _server = Kill(server);
 
     let mut m = Mgmt::start(0);
-    let (proxy, _client) = sidecar(m.port);
+    let (proxy, _client) = sidecar(m.port, false);
     let mut cluster = eds_cluster("orders-cluster");
     cluster["typed_extension_protocol_options"] = json!({
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

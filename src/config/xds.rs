@@ -46,6 +46,9 @@ pub struct Xds {
     pub cluster: String,
     /// The resource types subscribed to.
     pub resources: Vec<ResourceType>,
+    /// The incremental (delta) protocol instead of state of the world:
+    /// the server sends what changed, not every resource of a type.
+    pub delta: bool,
 }
 
 pub(super) mod raw {
@@ -58,6 +61,7 @@ pub(super) mod raw {
         pub node_id: Spanned<String>,
         pub cluster: Option<Spanned<String>>,
         pub resources: Option<Spanned<Vec<ResourceType>>>,
+        pub delta: Option<bool>,
     }
 }
 
@@ -117,6 +121,7 @@ impl Validator<'_> {
             node_id: x.node_id.get_ref().clone(),
             cluster,
             resources,
+            delta: x.delta.unwrap_or(false),
         }))
     }
 }

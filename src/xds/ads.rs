@@ -58,11 +58,11 @@ pub const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfigurat
 /// 1 MiB; past this a server is broken or hostile, and the stream fails.
 const RESPONSE_BYTES_MAX: usize = 16 << 20;
 /// Resources in one response (the config's own caps are lower per type).
-const RESOURCES_PER_RESPONSE_MAX: usize = 10_000;
+pub(super) const RESOURCES_PER_RESPONSE_MAX: usize = 10_000;
 /// Requests waiting for the stream: at most one per type is ever useful.
-const OUTBOUND_QUEUE: usize = 16;
+pub(super) const OUTBOUND_QUEUE: usize = 16;
 /// Responses taken together when they arrived during a swap.
-const COALESCE_MAX: usize = 64;
+pub(super) const COALESCE_MAX: usize = 64;
 /// Reconnect back-off: the first wait, and the longest.
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -116,7 +116,7 @@ pub fn spawn(config: Xds, controller: Arc<Controller>) -> std::io::Result<Client
     })
 }
 
-fn kind_name(type_url: &str) -> &'static str {
+pub(super) fn kind_name(type_url: &str) -> &'static str {
     match type_url {
         CDS => "clusters",
         EDS => "endpoints",
@@ -128,27 +128,30 @@ fn kind_name(type_url: &str) -> &'static str {
 
 /// What one type's subscription has said and been told.
 #[derive(Debug, Default, Clone)]
-struct Sub {
-    version: String,
-    nonce: String,
-    names: BTreeSet<String>,
+pub(super) struct Sub {
+    pub(super) version: String,
+    pub(super) nonce: String,
+    pub(super) names: BTreeSet<String>,
 }
 
 /// Everything accepted so far, by resource name.
 #[derive(Debug, Default, Clone)]
-struct State {
+pub(super) struct State {
     clusters: BTreeMap<String, ClusterOut>,
     endpoints: BTreeMap<String, Vec<Value>>,
     listeners: BTreeMap<String, ListenerOut>,
     routes: BTreeMap<String, Vec<Value>>,
-    subs: BTreeMap<&'static str, Sub>,
+    pub(super) subs: BTreeMap<&'static str, Sub>,
+    /// Delta only: each resource's version, by type and name (sent back
+    /// as `initial_resource_versions` when a stream resumes).
+    pub(super) versions: BTreeMap<&'static str, BTreeMap<String, String>>,
 }
 
 impl State {
     /// The config layer this state makes. An EDS cluster whose endpoints
     /// have not arrived has none (it answers 503); a listener whose routes
     /// have not arrived is left out until they do (Envoy's warming).
-    fn dynamic(&self) -> Dynamic {
+    pub(super) fn dynamic(&self) -> Dynamic {
         let clusters = self
             .clusters
             .values()
@@ -178,14 +181,14 @@ impl State {
         }
     }
 
-    fn wanted_eds(&self) -> BTreeSet<String> {
+    pub(super) fn wanted_eds(&self) -> BTreeSet<String> {
         self.clusters
             .values()
             .filter_map(|c| c.eds_name.clone())
             .collect()
     }
 
-    fn wanted_rds(&self) -> BTreeSet<String> {
+    pub(super) fn wanted_rds(&self) -> BTreeSet<String> {
         self.listeners
             .values()
             .filter_map(|l| l.rds_name.clone())
@@ -198,7 +201,12 @@ async fn run(config: Xds, controller: Arc<Controller>, status: Arc<Status>) {
     let mut failures: u32 = 0;
     let mut rng = Jitter::seeded();
     loop {
-        match session(&config, &controller, &status, &mut state).await {
+        let ran = if config.delta {
+            super::delta::session(&config, &controller, &status, &mut state).await
+        } else {
+            session(&config, &controller, &status, &mut state).await
+        };
+        match ran {
             Ok(got_any) | Err((got_any, _)) if got_any => failures = 0,
             _ => {}
         }
@@ -212,31 +220,34 @@ async fn run(config: Xds, controller: Arc<Controller>, status: Arc<Status>) {
     }
 }
 
-/// One stream, until it ends. The bool: whether any response arrived (a
-/// stream that worked resets the back-off).
-async fn session(
+/// A stream that failed: logged, shown, and whether it had worked.
+pub(super) fn failed(config: &Xds, status: &Status, got: bool, what: String) -> (bool, ()) {
+    tracing::warn!(server = %config.server, error = %what, "xds: stream failed");
+    status.connected(false, Some(what));
+    (got, ())
+}
+
+/// A client on a new connection to the management server.
+pub(super) async fn connect(
     config: &Xds,
-    controller: &Controller,
-    status: &Status,
-    state: &mut State,
-) -> Result<bool, (bool, ())> {
-    let fail = |got: bool, what: String| {
-        tracing::warn!(server = %config.server, error = %what, "xds: stream failed");
-        status.connected(false, Some(what));
-        (got, ())
-    };
+) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", config.server))
-        .map_err(|e| fail(false, format!("bad server address: {e}")))?
+        .map_err(|e| format!("bad server address: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| fail(false, format!("connect: {e}")))?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(RESPONSE_BYTES_MAX);
-    let (tx, rx) = tokio::sync::mpsc::channel(OUTBOUND_QUEUE);
-    let node = Node {
+        .map_err(|e| format!("connect: {e}"))?;
+    Ok(
+        AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(RESPONSE_BYTES_MAX),
+    )
+}
+
+/// Who this sidecar is, in every first request.
+pub(super) fn node(config: &Xds) -> Node {
+    Node {
         id: config.node_id.clone(),
         cluster: config.cluster.clone(),
         user_agent_name: "pilotfish".into(),
@@ -246,7 +257,21 @@ async fn session(
             ),
         ),
         ..Node::default()
-    };
+    }
+}
+
+/// One stream, until it ends. The bool: whether any response arrived (a
+/// stream that worked resets the back-off).
+async fn session(
+    config: &Xds,
+    controller: &Controller,
+    status: &Status,
+    state: &mut State,
+) -> Result<bool, (bool, ())> {
+    let fail = |got: bool, what: String| failed(config, status, got, what);
+    let mut client = connect(config).await.map_err(|e| fail(false, e))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(OUTBOUND_QUEUE);
+    let node = node(config);
     // The first requests: wildcards, and the names already waited for,
     // with the versions held (a reconnect resumes).
     let subscribed = |t: ResourceType| config.resources.contains(&t);
@@ -328,7 +353,7 @@ async fn session(
     }
 }
 
-fn subscribed_url(config: &Xds, type_url: &str) -> bool {
+pub(super) fn subscribed_url(config: &Xds, type_url: &str) -> bool {
     let t = match type_url {
         CDS => ResourceType::Clusters,
         EDS => ResourceType::Endpoints,
@@ -388,35 +413,21 @@ fn handle(
             state.subs = subs;
             let sub = state.subs.entry(type_url).or_default();
             sub.version = resp.version_info.clone();
-            let count = match type_url {
-                CDS => state.clusters.len(),
-                EDS => state.endpoints.len(),
-                LDS => state.listeners.len(),
-                _ => state.routes.len(),
-            };
+            let count = state.count(type_url);
             status.accepted(kind, &resp.version_info, count);
             tracing::info!(kind, version = %resp.version_info, resources = count, "xds: push applied");
             let mut out = vec![request(node, type_url, &state.subs[type_url], None)];
-            // Names the accepted clusters and listeners now wait for.
-            for (url, wanted) in [(EDS, state.wanted_eds()), (RDS, state.wanted_rds())] {
-                let sub = state.subs.entry(url).or_default();
-                if sub.names != wanted {
-                    sub.names = wanted;
-                    if url == EDS {
-                        state.endpoints.retain(|k, _| sub.names.contains(k));
-                    } else {
-                        state.routes.retain(|k, _| sub.names.contains(k));
-                    }
-                    out.push(request(node, url, sub, None));
-                }
+            for (url, _, _) in state.resubscribe() {
+                out.push(request(node, url, &state.subs[url], None));
             }
             out
         }
     }
 }
 
-/// Folds a response into `state`, or says which resource and field it
-/// refuses.
+/// Folds a state-of-the-world response into `state`, or says which
+/// resource and field it refuses. CDS and LDS responses hold every
+/// resource; EDS and RDS ones those named (others are left as they are).
 fn take(type_url: &str, resp: &DiscoveryResponse, state: &mut State) -> Result<(), String> {
     if resp.resources.len() > RESOURCES_PER_RESPONSE_MAX {
         return Err(format!(
@@ -424,64 +435,112 @@ fn take(type_url: &str, resp: &DiscoveryResponse, state: &mut State) -> Result<(
             resp.resources.len()
         ));
     }
-    fn decode<M: Message + Default>(
-        any: &envoy_types::pb::google::protobuf::Any,
-        url: &str,
-        i: usize,
-    ) -> Result<M, String> {
-        translate::unpack(any, url, &format!("resources[{i}]")).map_err(|r| r.to_string())
-    }
-    let named = |what: &str, name: &str, r: Refusal| format!("{what} {name:?}: {r}");
-    let mut seen = BTreeSet::new();
-    let mut unique = |name: &str| {
-        if seen.insert(name.to_string()) {
-            Ok(())
-        } else {
-            Err(format!("resource {name:?} appears twice"))
-        }
-    };
     match type_url {
-        CDS => {
-            let mut out = BTreeMap::new();
-            for (i, any) in resp.resources.iter().enumerate() {
-                let c: Cluster = decode(any, CDS, i)?;
-                unique(&c.name)?;
-                let t = translate::cluster(&c).map_err(|r| named("Cluster", &c.name, r))?;
-                out.insert(c.name.clone(), t);
-            }
-            state.clusters = out;
+        CDS => state.clusters.clear(),
+        LDS => state.listeners.clear(),
+        _ => {}
+    }
+    let mut seen = BTreeSet::new();
+    for (i, any) in resp.resources.iter().enumerate() {
+        let name = state.upsert(type_url, any, &format!("resources[{i}]"))?;
+        if !seen.insert(name.clone()) {
+            return Err(format!("resource {name:?} appears twice"));
         }
-        LDS => {
-            let mut out = BTreeMap::new();
-            for (i, any) in resp.resources.iter().enumerate() {
-                let l: Listener = decode(any, LDS, i)?;
-                unique(&l.name)?;
-                let t = translate::listener(&l).map_err(|r| named("Listener", &l.name, r))?;
-                out.insert(l.name.clone(), t);
-            }
-            state.listeners = out;
-        }
-        EDS => {
-            for (i, any) in resp.resources.iter().enumerate() {
-                let la: ClusterLoadAssignment = decode(any, EDS, i)?;
-                unique(&la.cluster_name)?;
-                let list = translate::endpoints(&la, "")
-                    .map_err(|r| named("ClusterLoadAssignment", &la.cluster_name, r))?;
-                state.endpoints.insert(la.cluster_name.clone(), list);
-            }
-        }
-        RDS => {
-            for (i, any) in resp.resources.iter().enumerate() {
-                let rc: RouteConfiguration = decode(any, RDS, i)?;
-                unique(&rc.name)?;
-                let list = translate::routes(&rc, "")
-                    .map_err(|r| named("RouteConfiguration", &rc.name, r))?;
-                state.routes.insert(rc.name.clone(), list);
-            }
-        }
-        _ => return Err(format!("type {type_url} is not supported")),
     }
     Ok(())
+}
+
+impl State {
+    /// Translates one resource and puts it in by its name; returns the name.
+    pub(super) fn upsert(
+        &mut self,
+        type_url: &str,
+        any: &envoy_types::pb::google::protobuf::Any,
+        field: &str,
+    ) -> Result<String, String> {
+        fn decode<M: Message + Default>(
+            any: &envoy_types::pb::google::protobuf::Any,
+            url: &str,
+            field: &str,
+        ) -> Result<M, String> {
+            translate::unpack(any, url, field).map_err(|r| r.to_string())
+        }
+        let named = |what: &str, name: &str, r: Refusal| format!("{what} {name:?}: {r}");
+        Ok(match type_url {
+            CDS => {
+                let c: Cluster = decode(any, CDS, field)?;
+                let t = translate::cluster(&c).map_err(|r| named("Cluster", &c.name, r))?;
+                self.clusters.insert(c.name.clone(), t);
+                c.name
+            }
+            LDS => {
+                let l: Listener = decode(any, LDS, field)?;
+                let t = translate::listener(&l).map_err(|r| named("Listener", &l.name, r))?;
+                self.listeners.insert(l.name.clone(), t);
+                l.name
+            }
+            EDS => {
+                let la: ClusterLoadAssignment = decode(any, EDS, field)?;
+                let list = translate::endpoints(&la, "")
+                    .map_err(|r| named("ClusterLoadAssignment", &la.cluster_name, r))?;
+                self.endpoints.insert(la.cluster_name.clone(), list);
+                la.cluster_name
+            }
+            RDS => {
+                let rc: RouteConfiguration = decode(any, RDS, field)?;
+                let list = translate::routes(&rc, "")
+                    .map_err(|r| named("RouteConfiguration", &rc.name, r))?;
+                self.routes.insert(rc.name.clone(), list);
+                rc.name
+            }
+            _ => return Err(format!("type {type_url} is not supported")),
+        })
+    }
+
+    /// Takes a resource out by name (delta's `removed_resources`).
+    pub(super) fn remove(&mut self, type_url: &str, name: &str) {
+        match type_url {
+            CDS => drop(self.clusters.remove(name)),
+            LDS => drop(self.listeners.remove(name)),
+            EDS => drop(self.endpoints.remove(name)),
+            RDS => drop(self.routes.remove(name)),
+            _ => {}
+        }
+    }
+
+    /// Resources of a type held now.
+    pub(super) fn count(&self, type_url: &str) -> usize {
+        match type_url {
+            CDS => self.clusters.len(),
+            EDS => self.endpoints.len(),
+            LDS => self.listeners.len(),
+            _ => self.routes.len(),
+        }
+    }
+
+    /// After an accepted push: the EDS and RDS names the accepted clusters
+    /// and listeners now wait for, where they changed, as (type, names
+    /// added, names removed); what is no longer waited for is dropped.
+    pub(super) fn resubscribe(&mut self) -> Vec<(&'static str, Vec<String>, Vec<String>)> {
+        let mut out = Vec::new();
+        for (url, wanted) in [(EDS, self.wanted_eds()), (RDS, self.wanted_rds())] {
+            let sub = self.subs.entry(url).or_default();
+            if sub.names == wanted {
+                continue;
+            }
+            let added = wanted.difference(&sub.names).cloned().collect();
+            let removed: Vec<String> = sub.names.difference(&wanted).cloned().collect();
+            sub.names = wanted;
+            for name in &removed {
+                self.remove(url, name);
+                if let Some(v) = self.versions.get_mut(url) {
+                    v.remove(name);
+                }
+            }
+            out.push((url, added, removed));
+        }
+        out
+    }
 }
 
 /// xorshift64*, seeded from the clock: spreads reconnects of many sidecars.

@@ -1,8 +1,9 @@
 //! The control plane: listeners, routes, clusters and endpoints pushed over
 //! Envoy's aggregated discovery service (ADS), beside the static TOML.
 //!
-//! Layout: [`ads`] owns the stream (its thread, reconnects, versions and
-//! nonces, ACK and NACK); [`translate`] turns Envoy's resources into the
+//! Layout: [`ads`] owns the client (its thread, reconnects, the state of
+//! the world protocol: versions and nonces, ACK and NACK), `delta` the
+//! incremental protocol over the same state; [`translate`] turns Envoy's resources into the
 //! config file's tables; [`residue`] names a field Pilotfish did not take.
 //! [`Status`] is what the admin socket shows, and is compiled without the
 //! `xds` feature too (it then stays "not configured").
@@ -17,6 +18,8 @@
 
 #[cfg(feature = "xds")]
 pub mod ads;
+#[cfg(feature = "xds")]
+mod delta;
 #[cfg(feature = "xds")]
 pub mod residue;
 #[cfg(feature = "xds")]

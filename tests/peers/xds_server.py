@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A scripted xDS management server (ADS, state of the world) for tests.
+"""A scripted xDS management server (ADS: state of the world and delta)
+for tests.
 
 Serves Envoy's AggregatedDiscoveryService with grpcio and the official
 Envoy API protos from PyPI (xds-protos). Snapshots are scripted over stdin,
@@ -22,6 +23,7 @@ port. `--port N` serves on a given port (a restart keeps the address).
 """
 
 import argparse
+import hashlib
 import json
 import queue
 import sys
@@ -176,12 +178,101 @@ class Stream:
             self.push(kind)
 
 
+class DeltaStream(Stream):
+    """A delta stream: per type, what the client holds (name -> version);
+    each push sends what differs and the names gone."""
+
+    def __init__(self, snaps):
+        super().__init__(snaps)
+        self.has = {}  # kind -> {name: version}
+        self.wildcard = set()
+        self.nonce_version = {}
+
+    def push(self, kind, force=False):
+        if kind not in self.subscribed:
+            return
+        snap = self.snaps.get(self.node, kind)
+        if snap is None:
+            return
+        version, packed = snap
+        if kind in self.wildcard:
+            wanted = dict(packed)
+        else:
+            wanted = {n: a for n, a in packed.items() if n in self.names.get(kind, set())}
+        has = self.has.setdefault(kind, {})
+        changed = []
+        for name, a in sorted(wanted.items()):
+            v = hashlib.sha256(a.value).hexdigest()[:12]
+            if has.get(name) != v:
+                changed.append(discovery_pb2.Resource(name=name, version=v, resource=a))
+                has[name] = v
+        removed = sorted(n for n in has if n not in wanted)
+        for n in removed:
+            del has[n]
+        if not changed and not removed and not force:
+            return
+        nonce = self.snaps.next_nonce()
+        self.sent_nonce[kind] = nonce
+        self.nonce_version[nonce] = version
+        resp = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version,
+            resources=changed,
+            removed_resources=removed,
+            type_url=TYPES[kind][0],
+            nonce=nonce,
+        )
+        emit(event="response", type=kind, version=version, nonce=nonce,
+             count=len(changed), removed=removed)
+        self.out.put(resp)
+
+    def on_request(self, req):
+        if req.HasField("node") and req.node.id:
+            self.node = req.node.id
+        kind = KIND_OF_URL.get(req.type_url)
+        emit(
+            event="request",
+            delta=True,
+            type=kind or req.type_url,
+            nonce=req.response_nonce,
+            names=sorted(req.resource_names_subscribe),
+            unsubscribe=sorted(req.resource_names_unsubscribe),
+            initial=dict(req.initial_resource_versions),
+            node=self.node,
+            cluster=req.node.cluster if req.HasField("node") else "",
+        )
+        if kind is None:
+            return
+        version = self.nonce_version.get(req.response_nonce, "")
+        if req.HasField("error_detail"):
+            emit(event="nack", node=self.node, type=kind, version=version,
+                 nonce=req.response_nonce, detail=req.error_detail.message)
+        elif req.response_nonce and req.response_nonce == self.sent_nonce.get(kind):
+            emit(event="ack", node=self.node, type=kind, version=version, nonce=req.response_nonce)
+        first = kind not in self.subscribed
+        if first:
+            self.subscribed.add(kind)
+            self.has[kind] = dict(req.initial_resource_versions)
+            if kind in WILDCARD and (not req.resource_names_subscribe or "*" in req.resource_names_subscribe):
+                self.wildcard.add(kind)
+        names = self.names.setdefault(kind, set())
+        before = set(names)
+        names |= set(req.resource_names_subscribe) - {"*"}
+        names -= set(req.resource_names_unsubscribe)
+        if first or names != before:
+            self.push(kind)
+
+
 class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, snaps):
         self.snaps = snaps
 
+    def DeltaAggregatedResources(self, request_iterator, context):
+        return self.serve(DeltaStream(self.snaps), request_iterator)
+
     def StreamAggregatedResources(self, request_iterator, context):
-        stream = Stream(self.snaps)
+        return self.serve(Stream(self.snaps), request_iterator)
+
+    def serve(self, stream, request_iterator):
         with self.snaps.lock:
             self.snaps.streams.add(stream)
         emit(event="stream", open=True)
