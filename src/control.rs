@@ -212,6 +212,7 @@ pub struct Controller {
     layers: Lock<Layers>,
     /// The control-plane client's state, for the admin socket.
     xds: Arc<crate::xds::Status>,
+    dns: Arc<crate::dns::Counters>,
 }
 
 /// What the running config was composed from (see [`compose`]).
@@ -220,6 +221,8 @@ struct Layers {
     /// The file or `POST /config` body: its name for errors, and its text.
     base: Option<(PathBuf, String)>,
     dynamic: Dynamic,
+    /// What endpoint host names resolved to ([`crate::dns`]).
+    resolved: crate::dns::Resolved,
 }
 
 impl Controller {
@@ -241,6 +244,7 @@ impl Controller {
             overload: Arc::default(),
             layers: Lock::default(),
             xds: Arc::default(),
+            dns: Arc::default(),
             running: Lock::new(Running {
                 config,
                 binds,
@@ -458,7 +462,8 @@ impl Controller {
     /// with the control plane's resources, as they are, on top.
     pub fn apply_text(&self, file: &Path, text: &str) -> Result<Changes, ApplyError> {
         let mut layers = self.layers();
-        let config = compose(file, text, &layers.dynamic)?;
+        let mut config = compose(file, text, &layers.dynamic)?;
+        crate::dns::fill(&mut config, &layers.resolved);
         let changes = self.apply(config)?;
         layers.base = Some((file.to_path_buf(), text.to_string()));
         Ok(changes)
@@ -474,17 +479,52 @@ impl Controller {
                 "no base config to compose with",
             )));
         };
-        let config = compose(file, text, &dynamic)?;
-        let changes = if *self.config() == config {
-            Changes {
-                generation: self.running().generation,
-                ..Changes::default()
-            }
-        } else {
-            self.apply(config)?
-        };
+        let mut config = compose(file, text, &dynamic)?;
+        crate::dns::fill(&mut config, &layers.resolved);
+        let changes = self.apply_if_changed(config)?;
         layers.dynamic = dynamic;
         Ok(changes)
+    }
+
+    /// Swaps to the running layers with endpoint host names resolved as in
+    /// `resolved` (the DNS thread's answers).
+    pub fn apply_resolved(&self, resolved: crate::dns::Resolved) -> Result<Changes, ApplyError> {
+        let mut layers = self.layers();
+        let Some((file, text)) = &layers.base else {
+            return Err(ApplyError::Invalid(ConfigError::whole_file(
+                "dns",
+                "no base config to compose with",
+            )));
+        };
+        let mut config = compose(file, text, &layers.dynamic)?;
+        crate::dns::fill(&mut config, &resolved);
+        let changes = self.apply_if_changed(config)?;
+        layers.resolved = resolved;
+        Ok(changes)
+    }
+
+    /// What endpoint host names resolved to last.
+    pub fn resolved(&self) -> crate::dns::Resolved {
+        self.layers().resolved.clone()
+    }
+
+    /// Records answers already filled into the running config (at start).
+    pub fn set_resolved(&self, resolved: crate::dns::Resolved) {
+        self.layers().resolved = resolved;
+    }
+
+    pub fn dns_counters(&self) -> Arc<crate::dns::Counters> {
+        Arc::clone(&self.dns)
+    }
+
+    fn apply_if_changed(&self, config: Config) -> Result<Changes, ApplyError> {
+        if *self.config() == config {
+            return Ok(Changes {
+                generation: self.running().generation,
+                ..Changes::default()
+            });
+        }
+        self.apply(config)
     }
 
     /// The control-plane client's state.

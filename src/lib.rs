@@ -21,6 +21,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod http;
 pub mod http1;
 pub mod http2;

@@ -570,13 +570,17 @@ fn run(path: &std::path::Path) -> ExitCode {
     let invocation = lifecycle::upgrade::Invocation::current();
     let log_handle = init_logging();
     let loaded = Config::read(path).and_then(|text| Ok((Config::parse(path, &text)?, text)));
-    let (config, text) = match loaded {
+    let (mut config, text) = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
+    // Endpoints named by host name: a first answer before serving (a
+    // failed name starts empty and is asked again on the DNS thread).
+    let resolved = pilotfish::dns::round(&config, &Default::default()).0;
+    pilotfish::dns::fill(&mut config, &resolved);
     let notifier = Notifier::from_env();
     // The admin TCP listener, when a predecessor handed it over.
     let admin_tcp = config
@@ -592,6 +596,27 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     proxy.controller().set_base(path, &text);
+    proxy.controller().set_resolved(resolved);
+    // Names are re-resolved while the process runs; with a control plane
+    // too, whose clusters may name hosts later.
+    let _dns = if proxy
+        .config()
+        .clusters
+        .iter()
+        .any(|c| !c.hostnames.is_empty())
+        || proxy.config().xds.is_some()
+    {
+        match pilotfish::dns::spawn(proxy.controller()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the DNS thread");
+                proxy.shutdown();
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     // The control-plane client runs until this function returns (after the
     // drain): a draining proxy still takes endpoint updates.
     let _xds_client = match proxy.config().xds.clone() {

@@ -191,3 +191,16 @@ pub const TRACE_SAMPLE_RATE_DEFAULT: f64 = 0.01;
 /// The largest rate a local rate limit may name (per second, whole
 /// process): beyond, a limit protects nothing a sidecar could serve.
 pub const RATE_LIMIT_PER_SECOND_MAX: u32 = 10_000_000;
+
+/// Name servers in `[dns] resolvers`: each is tried in turn when the one
+/// before does not answer, so more than a few only adds waiting.
+pub const DNS_RESOLVERS_MAX: usize = 8;
+/// How often names are resolved again by default (Envoy's default too).
+pub const DNS_REFRESH_DEFAULT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The shortest refresh: a round asks for every name, A and AAAA.
+pub const DNS_REFRESH_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+/// Host names resolved in all (every cluster's together): each is asked
+/// every refresh, so the count bounds the resolver thread's work.
+pub const DNS_NAMES_MAX: usize = 1024;
+/// How long one name server has to answer one query.
+pub const DNS_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

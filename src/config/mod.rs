@@ -61,6 +61,20 @@ pub struct Config {
     pub overload: Overload,
     /// The control plane, when listeners and clusters come over xDS too.
     pub xds: Option<xds::Xds>,
+    /// How endpoints named by host name are resolved.
+    pub dns: Dns,
+}
+
+/// The `[dns]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dns {
+    /// Name servers asked over UDP, in order; empty: the system's resolver
+    /// (getaddrinfo, /etc/resolv.conf and /etc/hosts).
+    pub resolvers: Vec<SocketAddr>,
+    /// How often every name is resolved again (and how soon after a
+    /// failure, a quarter of it).
+    #[serde(with = "humantime_serde_compat")]
+    pub refresh: Duration,
 }
 
 /// `[overload]`.
@@ -222,7 +236,12 @@ pub enum CopyMode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Cluster {
     pub name: String,
+    /// The addresses requests go to: those written as IP:port, then what
+    /// `hostnames` resolved to ([`crate::dns`]).
     pub endpoints: Vec<SocketAddr>,
+    /// Endpoints written as `name:port`, resolved off the data path and
+    /// re-resolved periodically; every address of each is an endpoint.
+    pub hostnames: Vec<(String, u16)>,
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
     pub connect_attempts: u32,
@@ -263,6 +282,15 @@ mod raw {
         #[serde(default)]
         pub overload: Overload,
         pub xds: Option<Spanned<super::xds::raw::Xds>>,
+        #[serde(default)]
+        pub dns: Dns,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Dns {
+        pub resolvers: Option<Vec<Spanned<String>>>,
+        pub refresh: Option<HumanDuration>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -608,7 +636,43 @@ impl Validator<'_> {
             intercept,
             tracing: self.tracing(raw.tracing.as_ref())?,
             xds: self.xds(raw.xds.as_ref())?,
+            dns: self.dns(&raw.dns)?,
         })
+    }
+
+    fn dns(&self, raw: &raw::Dns) -> Result<Dns, ConfigError> {
+        let mut resolvers = Vec::new();
+        for (i, r) in raw.resolvers.iter().flatten().enumerate() {
+            let addr = r.get_ref().parse::<SocketAddr>().map_err(|_| {
+                self.error(
+                    r,
+                    format!("dns.resolvers[{i}]"),
+                    format!("expected IP:port of a name server, found {:?}", r.get_ref()),
+                )
+            })?;
+            resolvers.push(addr);
+        }
+        if resolvers.len() > limits::DNS_RESOLVERS_MAX {
+            return Err(ConfigError::whole_file(
+                &self.file,
+                format!(
+                    "dns.resolvers: {} name servers; the limit is {}",
+                    resolvers.len(),
+                    limits::DNS_RESOLVERS_MAX
+                ),
+            ));
+        }
+        let refresh = raw.refresh.map_or(limits::DNS_REFRESH_DEFAULT, |d| d.0);
+        if refresh < limits::DNS_REFRESH_MIN {
+            return Err(ConfigError::whole_file(
+                &self.file,
+                format!(
+                    "dns.refresh: {refresh:?} is below the floor of {:?} (each round asks every name server)",
+                    limits::DNS_REFRESH_MIN
+                ),
+            ));
+        }
+        Ok(Dns { resolvers, refresh })
     }
 
     fn tracing(&self, raw: Option<&Spanned<raw::Tracing>>) -> Result<Option<Tracing>, ConfigError> {
@@ -741,15 +805,29 @@ impl Validator<'_> {
                 ));
             }
             let mut endpoints = Vec::with_capacity(list.len());
+            let mut hostnames = Vec::new();
             for (j, e) in list.iter().enumerate() {
-                let addr = e.get_ref().parse::<SocketAddr>().map_err(|_| {
-                    self.error(
-                        e,
-                        format!("clusters[{i}].endpoints[{j}]"),
-                        format!("expected IP:port, found {:?}", e.get_ref()),
-                    )
-                })?;
-                endpoints.push(addr);
+                if let Ok(addr) = e.get_ref().parse::<SocketAddr>() {
+                    endpoints.push(addr);
+                    continue;
+                }
+                let named = e
+                    .get_ref()
+                    .rsplit_once(':')
+                    .and_then(|(host, port)| {
+                        let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+                        crate::dns::valid_name(host).then(|| (host.to_ascii_lowercase(), port))
+                    })
+                    .ok_or_else(|| {
+                        self.error(
+                            e,
+                            format!("clusters[{i}].endpoints[{j}]"),
+                            format!("expected IP:port or hostname:port, found {:?}", e.get_ref()),
+                        )
+                    })?;
+                if !hostnames.contains(&named) {
+                    hostnames.push(named);
+                }
             }
             let connect_attempts = match &c.connect_attempts {
                 None => limits::CONNECT_ATTEMPTS_DEFAULT,
@@ -765,6 +843,7 @@ impl Validator<'_> {
             out.push(Cluster {
                 name: c.name.get_ref().clone(),
                 endpoints,
+                hostnames,
                 connect_timeout: c
                     .connect_timeout
                     .map_or(limits::CONNECT_TIMEOUT_DEFAULT, |d| d.0),

@@ -481,7 +481,7 @@ impl State {
             }
             EDS => {
                 let la: ClusterLoadAssignment = decode(any, EDS, field)?;
-                let list = translate::endpoints(&la, "")
+                let list = translate::endpoints(&la, "", false)
                     .map_err(|r| named("ClusterLoadAssignment", &la.cluster_name, r))?;
                 self.endpoints.insert(la.cluster_name.clone(), list);
                 la.cluster_name

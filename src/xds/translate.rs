@@ -102,7 +102,9 @@ pub fn unpack<M: Message + Default>(any: &Any, url: &str, field: &str) -> Result
 
 /// `IP:port` of a socket address (host names are refused until DNS
 /// endpoints land).
-fn socket(addr: Option<&Address>, field: &str) -> Result<String> {
+/// `IP:port` of a socket address; `name:port` too where `names` (a
+/// STRICT_DNS cluster's endpoints, resolved by [`crate::dns`]).
+fn socket(addr: Option<&Address>, field: &str, names: bool) -> Result<String> {
     let Some(Address {
         address: Some(address::Address::SocketAddress(s)),
     }) = addr
@@ -116,19 +118,24 @@ fn socket(addr: Option<&Address>, field: &str) -> Result<String> {
         Some(socket_address::PortSpecifier::PortValue(p)) if p <= u32::from(u16::MAX) => p,
         _ => return refuse(format!("{field}.port_value"), "a numeric port is required"),
     };
-    let ip: std::net::IpAddr = s.address.parse().map_err(|_| Refusal {
-        field: format!("{field}.address"),
-        why: format!(
-            "{:?} is not an IP address (DNS names are not supported over xDS yet)",
-            s.address
-        ),
-    })?;
     let mut rest = s.clone();
     rest.address.clear();
     rest.port_specifier = None;
     rest.ipv4_compat = false;
     nothing_left(&format!("{field}."), &rest)?;
-    Ok(std::net::SocketAddr::new(ip, port as u16).to_string())
+    match s.address.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(std::net::SocketAddr::new(ip, port as u16).to_string()),
+        Err(_) if names && crate::dns::valid_name(&s.address) => {
+            Ok(format!("{}:{port}", s.address))
+        }
+        Err(_) => refuse(
+            format!("{field}.address"),
+            format!(
+                "{:?} is not an IP address (host names are for STRICT_DNS clusters)",
+                s.address
+            ),
+        ),
+    }
 }
 
 /// A cluster, and the EDS resource name it waits for (None: static).
@@ -168,11 +175,24 @@ pub fn cluster(c: &Cluster) -> Result<ClusterOut> {
     let eds_name = match kind {
         cluster::DiscoveryType::Static => {
             let endpoints = match &c.load_assignment {
-                Some(la) => endpoints(la, "load_assignment.")?,
+                Some(la) => endpoints(la, "load_assignment.", false)?,
                 None => Vec::new(),
             };
             t.insert("endpoints".into(), Value::Array(endpoints));
             rest.load_assignment = None;
+            None
+        }
+        cluster::DiscoveryType::StrictDns => {
+            // Every address of every name is an endpoint, re-resolved
+            // every `[dns] refresh` (the cluster's own rate is not kept).
+            let endpoints = match &c.load_assignment {
+                Some(la) => endpoints(la, "load_assignment.", true)?,
+                None => Vec::new(),
+            };
+            t.insert("endpoints".into(), Value::Array(endpoints));
+            rest.load_assignment = None;
+            rest.dns_refresh_rate = None;
+            rest.respect_dns_ttl = false;
             None
         }
         cluster::DiscoveryType::Eds => {
@@ -193,7 +213,7 @@ pub fn cluster(c: &Cluster) -> Result<ClusterOut> {
             return refuse(
                 "type",
                 format!(
-                    "{} clusters are not supported (STATIC and EDS are)",
+                    "{} clusters are not supported (STATIC, EDS and STRICT_DNS are)",
                     other.as_str_name()
                 ),
             )
@@ -393,7 +413,7 @@ pub fn cluster(c: &Cluster) -> Result<ClusterOut> {
 }
 
 /// The endpoints of a ClusterLoadAssignment, as `IP:port` strings.
-pub fn endpoints(la: &ClusterLoadAssignment, prefix: &str) -> Result<Vec<Value>> {
+pub fn endpoints(la: &ClusterLoadAssignment, prefix: &str, names: bool) -> Result<Vec<Value>> {
     use envoy_types::pb::envoy::config::{core::v3::HealthStatus, endpoint::v3::lb_endpoint};
     let mut out = Vec::new();
     let mut weight = None;
@@ -434,7 +454,7 @@ pub fn endpoints(la: &ClusterLoadAssignment, prefix: &str) -> Result<Vec<Value>>
                     "an endpoint is required (named endpoints are not supported)",
                 );
             };
-            let addr = socket(e.address.as_ref(), &format!("{ef}.endpoint.address"))?;
+            let addr = socket(e.address.as_ref(), &format!("{ef}.endpoint.address"), names)?;
             let mut e_rest = e.clone();
             e_rest.address = None;
             e_rest.health_check_config = None;
@@ -467,7 +487,7 @@ pub fn listener(l: &Listener) -> Result<ListenerOut> {
     t.insert("name".into(), Value::String(l.name.clone()));
     t.insert(
         "bind".into(),
-        Value::String(socket(l.address.as_ref(), "address")?),
+        Value::String(socket(l.address.as_ref(), "address", false)?),
     );
     let mut rest = l.clone();
     rest.name.clear();
@@ -951,4 +971,71 @@ pub fn by_name(list: impl IntoIterator<Item = Table>) -> BTreeMap<String, Table>
             (name, t)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::{
+        core::v3::SocketAddress,
+        endpoint::v3::{lb_endpoint, Endpoint, LbEndpoint, LocalityLbEndpoints},
+    };
+
+    fn at(host: &str, port: u32) -> Address {
+        Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: host.into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                ..SocketAddress::default()
+            })),
+        }
+    }
+
+    fn assignment(host: &str) -> ClusterLoadAssignment {
+        ClusterLoadAssignment {
+            cluster_name: "orders".into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(at(host, 8080)),
+                        ..Endpoint::default()
+                    })),
+                    ..LbEndpoint::default()
+                }],
+                ..LocalityLbEndpoints::default()
+            }],
+            ..ClusterLoadAssignment::default()
+        }
+    }
+
+    #[test]
+    fn host_names_only_in_strict_dns_clusters() {
+        let mut c = Cluster {
+            name: "orders".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::StrictDns as i32,
+            )),
+            load_assignment: Some(assignment("orders.svc.local")),
+            ..Cluster::default()
+        };
+        let out = cluster(&c).unwrap();
+        assert_eq!(
+            out.table["endpoints"],
+            Value::Array(vec![Value::String("orders.svc.local:8080".into())])
+        );
+        c.cluster_discovery_type = None;
+        let e = cluster(&c).unwrap_err();
+        assert!(e.field.ends_with("endpoint.address.address"), "{e}");
+        assert!(endpoints(&assignment("orders.svc.local"), "", false).is_err());
+    }
+
+    #[test]
+    fn an_unknown_field_is_named() {
+        let c = Cluster {
+            name: "orders".into(),
+            upstream_bind_config: Some(Default::default()),
+            ..Cluster::default()
+        };
+        assert_eq!(cluster(&c).unwrap_err().field, "upstream_bind_config");
+    }
 }
