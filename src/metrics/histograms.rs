@@ -149,15 +149,20 @@ pub fn record(h: &Cell, d: Duration) {
 /// is ~220 KB).
 #[derive(Debug, Default)]
 pub struct Store {
+    /// In the order first named (what `/histograms` lists).
     cells: RefCell<Vec<(Key, Cell)>>,
+    /// Where each key is in `cells`: a control plane's thousand clusters
+    /// made a linear search the largest cost of a swap.
+    index: RefCell<std::collections::HashMap<Key, usize>>,
 }
 
 impl Store {
     /// The histogram for `key`, created empty the first time.
     pub fn cell(&self, key: Key) -> Cell {
         let mut cells = self.cells.borrow_mut();
-        if let Some((_, c)) = cells.iter().find(|(k, _)| *k == key) {
-            return Rc::clone(c);
+        let mut index = self.index.borrow_mut();
+        if let Some(&i) = index.get(&key) {
+            return Rc::clone(&cells[i].1);
         }
         let sigfig = if key.route.is_some() || key.cluster.is_some() {
             SIGFIG_DETAIL
@@ -165,6 +170,7 @@ impl Store {
             SIGFIG
         };
         let c = Rc::new(RefCell::new(Series::new(sigfig)));
+        index.insert(key.clone(), cells.len());
         cells.push((key, Rc::clone(&c)));
         c
     }
@@ -213,9 +219,11 @@ impl Store {
     /// route or cluster left the config and every connection that recorded
     /// into them has ended.
     pub fn prune(&self) {
-        self.cells
-            .borrow_mut()
-            .retain(|(_, h)| Rc::strong_count(h) > 1);
+        let mut cells = self.cells.borrow_mut();
+        cells.retain(|(_, h)| Rc::strong_count(h) > 1);
+        let mut index = self.index.borrow_mut();
+        index.clear();
+        index.extend(cells.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)));
     }
 }
 

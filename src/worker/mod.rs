@@ -344,18 +344,19 @@ impl Worker {
     /// every endpoint that stays in a cluster whose endpoints alone changed.
     fn next(&self, generation: u64, config: Arc<Config>, binds: Arc<Vec<SocketAddr>>) -> Self {
         let now = Instant::now();
+        // By name: with a control plane's thousand clusters, a pairwise
+        // search was most of a swap's cost on each worker.
+        let by_name: std::collections::HashMap<&str, &Rc<ClusterState>> =
+            self.clusters.iter().map(|c| (c.name.as_str(), c)).collect();
         let clusters = config
             .clusters
             .iter()
             .map(|c| {
-                let same_name = || self.clusters.iter().find(|old| old.name == c.name);
-                self.clusters
-                    .iter()
-                    .find(|old| old.source == *c)
-                    .map(Rc::clone)
+                let old = by_name.get(c.name.as_str());
+                old.filter(|old| old.source == *c)
+                    .map(|old| Rc::clone(old))
                     .or_else(|| {
-                        let carried =
-                            same_name()?.carry(c, self.id, config.workers, now, &self.store)?;
+                        let carried = old?.carry(c, self.id, config.workers, now, &self.store)?;
                         Some(Rc::new(carried))
                     })
                     .unwrap_or_else(|| {

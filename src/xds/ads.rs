@@ -181,6 +181,55 @@ impl State {
         }
     }
 
+    /// Puts `self` (a candidate grown from `before`) into effect. When only
+    /// endpoints changed (an EDS push: the usual churn), the running config
+    /// is copied with those clusters' endpoints replaced, skipping the
+    /// compose and parse of every resource; otherwise the whole layer is
+    /// composed and validated.
+    pub(super) fn put_into_effect(
+        &self,
+        before: &State,
+        controller: &Controller,
+    ) -> Result<(), String> {
+        let only_endpoints = self.clusters == before.clusters
+            && self.listeners == before.listeners
+            && self.routes == before.routes;
+        if only_endpoints {
+            let mut changed = BTreeMap::new();
+            for c in self.clusters.values() {
+                let Some(eds) = &c.eds_name else { continue };
+                let (new, old) = (self.endpoints.get(eds), before.endpoints.get(eds));
+                if new == old {
+                    continue;
+                }
+                let parsed: Option<Vec<std::net::SocketAddr>> = new
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v.as_str()?.parse().ok())
+                    .collect();
+                let name = c.table.get("name").and_then(Value::as_str);
+                match (name, parsed) {
+                    (Some(name), Some(list)) => {
+                        changed.insert(name.to_string(), list);
+                    }
+                    _ => return self.put_whole(controller),
+                }
+            }
+            return controller
+                .apply_endpoints(self.dynamic(), &changed)
+                .map(drop)
+                .map_err(|e| e.to_string());
+        }
+        self.put_whole(controller)
+    }
+
+    fn put_whole(&self, controller: &Controller) -> Result<(), String> {
+        controller
+            .apply_dynamic(self.dynamic())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
     pub(super) fn wanted_eds(&self) -> BTreeSet<String> {
         self.clusters
             .values()
@@ -393,11 +442,8 @@ fn handle(
 ) -> Vec<DiscoveryRequest> {
     let kind = kind_name(type_url);
     let mut candidate = state.clone();
-    let outcome = take(type_url, &resp, &mut candidate).and_then(|()| {
-        controller
-            .apply_dynamic(candidate.dynamic())
-            .map_err(|e| e.to_string())
-    });
+    let outcome = take(type_url, &resp, &mut candidate)
+        .and_then(|()| candidate.put_into_effect(state, controller));
     let sub = state.subs.entry(type_url).or_default();
     sub.nonce = resp.nonce.clone();
     match outcome {
@@ -505,6 +551,21 @@ impl State {
             EDS => drop(self.endpoints.remove(name)),
             RDS => drop(self.routes.remove(name)),
             _ => {}
+        }
+    }
+
+    /// Takes in what `scratch` translated for `type_url` (and its versions),
+    /// and removes `removed`.
+    pub(super) fn absorb(&mut self, type_url: &'static str, scratch: State, removed: &[String]) {
+        self.clusters.extend(scratch.clusters);
+        self.endpoints.extend(scratch.endpoints);
+        self.listeners.extend(scratch.listeners);
+        self.routes.extend(scratch.routes);
+        for name in removed {
+            self.remove(type_url, name);
+        }
+        if let Some(v) = scratch.versions.get(type_url) {
+            self.versions.insert(type_url, v.clone());
         }
     }
 

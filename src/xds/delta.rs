@@ -93,7 +93,8 @@ pub(super) async fn session(
         };
         got_any = true;
         // Deltas do not supersede each other: every response that queued
-        // is applied, in order, each answered by its nonce.
+        // is folded in, in order, and the lot applied in one swap; each is
+        // answered by its nonce.
         let mut queued = vec![first];
         for _ in 0..COALESCE_MAX {
             match inbound.message().now_or_never() {
@@ -101,13 +102,100 @@ pub(super) async fn session(
                 Some(Ok(None)) | Some(Err(_)) | None => break,
             }
         }
-        for resp in queued {
-            for req in handle(resp, &node, controller, status, state) {
-                if subscribed_url(config, &req.type_url) {
-                    let _ = tx.send(req).await;
-                }
+        for req in handle_batch(queued, &node, controller, status, state) {
+            if subscribed_url(config, &req.type_url) {
+                let _ = tx.send(req).await;
             }
         }
+    }
+}
+
+/// Applies responses that queued together in one swap: each is folded
+/// in (one that does not translate is NACKed and left out), then the
+/// result is applied once and every folded response ACKed. If that swap
+/// is refused, each is applied on its own instead, so that the one at
+/// fault is the one NACKed.
+fn handle_batch(
+    batch: Vec<DeltaDiscoveryResponse>,
+    node: &Node,
+    controller: &Controller,
+    status: &Status,
+    state: &mut State,
+) -> Vec<DeltaDiscoveryRequest> {
+    if batch.len() == 1 {
+        let resp = batch.into_iter().next().expect("one");
+        return handle(resp, node, controller, status, state);
+    }
+    let mut candidate = state.clone();
+    let mut out = Vec::new();
+    let mut folded = Vec::new();
+    for resp in batch {
+        let Some(type_url) = known(&resp.type_url) else {
+            out.extend(handle(resp, node, controller, status, state));
+            continue;
+        };
+        // Translated apart first, so a refused response leaves nothing.
+        let mut scratch = State::default();
+        scratch.versions = candidate.versions.clone();
+        match fold(type_url, &resp, &mut scratch) {
+            Ok(()) => {
+                candidate.absorb(type_url, scratch, &resp.removed_resources);
+                folded.push(resp);
+            }
+            Err(why) => {
+                let kind = kind_name(type_url);
+                tracing::warn!(kind, error = %why, "xds: delta push refused; the last good config keeps serving");
+                status.rejected(kind, &why);
+                let mut nack = request(node, type_url);
+                nack.response_nonce = resp.nonce;
+                nack.error_detail = Some(status_of(why));
+                out.push(nack);
+            }
+        }
+    }
+    if folded.is_empty() {
+        return out;
+    }
+    if candidate.put_into_effect(state, controller).is_err() {
+        for resp in folded {
+            out.extend(handle(resp, node, controller, status, state));
+        }
+        return out;
+    }
+    let subs = std::mem::take(&mut state.subs);
+    *state = candidate;
+    state.subs = subs;
+    for resp in folded {
+        let type_url = known(&resp.type_url).expect("folded above");
+        status.accepted(
+            kind_name(type_url),
+            &resp.system_version_info,
+            state.count(type_url),
+        );
+        let mut ack = request(node, type_url);
+        ack.response_nonce = resp.nonce;
+        out.push(ack);
+    }
+    tracing::info!(
+        responses = out.len(),
+        "xds: delta pushes applied in one swap"
+    );
+    for (url, added, removed) in state.resubscribe() {
+        let mut req = request(node, url);
+        req.resource_names_subscribe = added;
+        req.resource_names_unsubscribe = removed;
+        out.push(req);
+    }
+    out
+}
+
+fn known(type_url: &str) -> Option<&'static str> {
+    match type_url {
+        CDS => Some(CDS),
+        EDS => Some(EDS),
+        LDS => Some(LDS),
+        RDS => Some(RDS),
+        _ => None,
     }
 }
 
@@ -120,25 +208,17 @@ fn handle(
     status: &Status,
     state: &mut State,
 ) -> Vec<DeltaDiscoveryRequest> {
-    let type_url: &'static str = match resp.type_url.as_str() {
-        CDS => CDS,
-        EDS => EDS,
-        LDS => LDS,
-        RDS => RDS,
-        other => {
-            let mut nack = request(node, other);
-            nack.response_nonce = resp.nonce;
-            nack.error_detail = Some(status_of(format!("type {other} was not subscribed to")));
-            return vec![nack];
-        }
+    let Some(type_url) = known(&resp.type_url) else {
+        let other = resp.type_url.as_str();
+        let mut nack = request(node, other);
+        nack.response_nonce = resp.nonce.clone();
+        nack.error_detail = Some(status_of(format!("type {other} was not subscribed to")));
+        return vec![nack];
     };
     let kind = kind_name(type_url);
     let mut candidate = state.clone();
-    let outcome = fold(type_url, &resp, &mut candidate).and_then(|()| {
-        controller
-            .apply_dynamic(candidate.dynamic())
-            .map_err(|e| e.to_string())
-    });
+    let outcome = fold(type_url, &resp, &mut candidate)
+        .and_then(|()| candidate.put_into_effect(state, controller));
     let mut answer = request(node, type_url);
     answer.response_nonce = resp.nonce.clone();
     match outcome {

@@ -13,6 +13,8 @@ where each resource is the proto3 JSON form of the type's message
 "endpoints", Listener for "listeners", RouteConfiguration for "routes").
 A set replaces the type's snapshot and pushes it to every stream
 subscribed to it (EDS and RDS: only the names the stream asked for).
+{"op": "put", ...} does the same but replaces only the resources given,
+by name, keeping the rest of the snapshot (cheap churn for benchmarks).
 With "node": ID, the snapshot is that node's alone (as control planes
 keep one per proxy); a node without its own gets the shared one.
 
@@ -94,9 +96,12 @@ class Snapshots:
         with self.lock:
             return self.by_kind.get((node, kind)) or self.by_kind.get(("", kind))
 
-    def set(self, kind, version, resources, node=""):
+    def set(self, kind, version, resources, node="", merge=False):
         url, cls, key = TYPES[kind]
         packed = {}
+        if merge:
+            with self.lock:
+                packed = dict((self.by_kind.get((node, kind)) or ("", {}))[1])
         for r in resources:
             msg = json_format.ParseDict(r, cls())
             a = any_pb2.Any()
@@ -316,8 +321,9 @@ def main():
             continue
         try:
             cmd = json.loads(line)
-            if cmd["op"] == "set":
-                snaps.set(cmd["type"], cmd["version"], cmd["resources"], cmd.get("node", ""))
+            if cmd["op"] in ("set", "put"):
+                snaps.set(cmd["type"], cmd["version"], cmd["resources"], cmd.get("node", ""),
+                          merge=cmd["op"] == "put")
                 emit(event="set", type=cmd["type"], version=cmd["version"])
         except Exception as e:
             emit(event="script_error", error=str(e), line=line)
