@@ -41,13 +41,26 @@ impl NameServer {
         }
         let hosts = dir.join("hosts");
         std::fs::write(&hosts, "127.0.0.1 orders.test\n").unwrap();
-        // A free UDP port (dnsmasq also listens on TCP at the same one).
+        // A port free for UDP may be taken for TCP (dnsmasq wants both):
+        // a few tries, each told apart by whether dnsmasq stays up.
+        let mut why = String::new();
+        for _ in 0..5 {
+            match Self::try_start(dir, &hosts) {
+                Ok(server) => return Some(server),
+                Err(e) => why = e,
+            }
+        }
+        panic!("dnsmasq did not start: {why}");
+    }
+
+    fn try_start(dir: &Path, hosts: &Path) -> Result<Self, String> {
         let port = UdpSocket::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new("dnsmasq")
+        let log = dir.join(format!("dnsmasq-{port}.log"));
+        let mut child = Command::new("dnsmasq")
             .args([
                 "--keep-in-foreground",
                 "--conf-file=/dev/null",
@@ -62,22 +75,37 @@ impl NameServer {
                 &format!("--addn-hosts={}", hosts.display()),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start dnsmasq");
-        let server = NameServer { child, port, hosts };
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        support::eventually("dnsmasq to answer", || {
-            pilotfish::dns::stub::ask(
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("port {port}: exited {status}: {said}"));
+            }
+            let answered = pilotfish::dns::stub::ask(
                 addr,
                 "orders.test",
                 pilotfish::dns::stub::TYPE_A,
                 1,
                 Duration::from_millis(200),
-            )
-            .is_ok()
-        });
-        Some(server)
+            );
+            if answered.is_ok() {
+                return Ok(NameServer {
+                    child,
+                    port,
+                    hosts: hosts.to_path_buf(),
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("port {port}: no answer ({answered:?}): {said}"));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Points `orders.test` at `ip` (dnsmasq re-reads its hosts files on
