@@ -74,8 +74,13 @@ struct Mgmt {
 
 impl Mgmt {
     fn start(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> Self {
         let mut child = Command::new("python3")
             .args([PEER, "--port", &port.to_string()])
+            .args(extra)
             .env("PYTHONPATH", py_path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -727,4 +732,93 @@ fn grpcs_own_xds_client_consumes_the_same_snapshots() {
                 && e["version"] == version
         });
     }
+}
+
+/// The stream to the management server is mutual TLS with the sidecar's
+/// own SPIFFE certificate (`[xds] tls`): the server sees the identity, and
+/// the sidecar checks the server's name.
+#[test]
+fn the_stream_to_the_management_server_can_be_mutual_tls() {
+    if !have_peers() {
+        return;
+    }
+    use support::pki::{leaf, new_ca, tls_table, FRONTEND};
+    let dir = support::temp_dir("xds-mtls");
+    let ca = new_ca("mesh.local");
+    let sidecar_dir = dir.join("sidecar");
+    leaf(&ca, FRONTEND, |_| {}).write(&sidecar_dir, &ca.pem);
+    let server_dir = dir.join("server");
+    leaf(&ca, "spiffe://mesh.local/ns/istio-system/sa/istiod", |p| {
+        p.subject_alt_names.push(rcgen::SanType::DnsName(
+            "istiod.mesh.local".try_into().unwrap(),
+        ));
+    })
+    .write(&server_dir, &ca.pem);
+    let arg = |f: &str| server_dir.join(f).display().to_string();
+    let (cert, key, ca_file) = (arg("cert.pem"), arg("key.pem"), arg("ca.pem"));
+    let mut m = Mgmt::start_with(
+        0,
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--client-ca",
+            &ca_file,
+        ],
+    );
+    let text = format!(
+        r#"workers = 1
+{tls}
+[xds]
+server = "localhost:{port}"
+node_id = "mtls-node"
+tls = {{ server_name = "istiod.mesh.local" }}
+"#,
+        tls = tls_table(&sidecar_dir),
+        port = m.port
+    );
+    let config = pilotfish::Config::parse("bootstrap.toml", &text).unwrap();
+    let proxy = Proxy::start(config.clone()).unwrap();
+    proxy
+        .controller()
+        .set_base(Path::new("bootstrap.toml"), &text);
+    let _client =
+        pilotfish::xds::ads::spawn(config.xds.clone().unwrap(), proxy.controller()).unwrap();
+    let opened = m.wait("a TLS stream", |e| {
+        e["event"] == "stream" && e["open"] == true
+    });
+    let sans = opened["peer"]["x509_subject_alternative_name"].to_string();
+    assert!(
+        sans.contains(FRONTEND),
+        "the server saw the sidecar's identity: {opened}"
+    );
+    let a = HttpUpstream::start();
+    let addr = initial_push(&mut m, &proxy, a.addr);
+    assert_eq!(http_client::get(addr, "/over-mtls").status, 200);
+
+    // A server whose certificate does not carry the expected name is
+    // refused: nothing is taken from it.
+    let wrong = format!(
+        "{}tls = {{ server_name = \"other.mesh.local\" }}\n",
+        text.split("tls = {").next().unwrap()
+    );
+    let config = pilotfish::Config::parse("wrong.toml", &wrong).unwrap();
+    let other = Proxy::start(config.clone()).unwrap();
+    other.controller().set_base(Path::new("wrong.toml"), &wrong);
+    let _refused =
+        pilotfish::xds::ads::spawn(config.xds.clone().unwrap(), other.controller()).unwrap();
+    support::eventually("the client to give up on the wrong name", || {
+        other
+            .controller()
+            .xds_status()
+            .report()
+            .last_error
+            .is_some_and(|e| e.contains("connect") || e.contains("stream"))
+    });
+    assert!(!other.controller().xds_status().report().connected);
+    assert!(
+        other.listeners().is_empty(),
+        "nothing taken from the wrong server"
+    );
 }

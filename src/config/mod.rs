@@ -583,6 +583,7 @@ impl Validator<'_> {
                 ),
             ));
         }
+        let xds = self.xds(raw.xds.as_ref(), tls.as_ref())?;
         Ok(Config {
             workers,
             driver: raw.runtime.driver.unwrap_or(DriverChoice::Auto),
@@ -635,7 +636,7 @@ impl Validator<'_> {
             clusters,
             intercept,
             tracing: self.tracing(raw.tracing.as_ref())?,
-            xds: self.xds(raw.xds.as_ref())?,
+            xds,
             dns: self.dns(&raw.dns)?,
         })
     }

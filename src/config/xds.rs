@@ -49,6 +49,21 @@ pub struct Xds {
     /// The incremental (delta) protocol instead of state of the world:
     /// the server sends what changed, not every resource of a type.
     pub delta: bool,
+    /// Mutual TLS to the management server with the sidecar's own
+    /// identity (`[tls]`); None: plaintext (a server on the node, or
+    /// development).
+    pub tls: Option<XdsTls>,
+}
+
+/// `[xds] tls`: the sidecar's certificate, key and trust bundle (from
+/// `[tls]`, read again at every connect so rotation is picked up), and the
+/// DNS name the management server's certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct XdsTls {
+    pub server_name: String,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub trust_bundle: std::path::PathBuf,
 }
 
 pub(super) mod raw {
@@ -62,11 +77,22 @@ pub(super) mod raw {
         pub cluster: Option<Spanned<String>>,
         pub resources: Option<Spanned<Vec<ResourceType>>>,
         pub delta: Option<bool>,
+        pub tls: Option<Spanned<Tls>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tls {
+        pub server_name: Spanned<String>,
     }
 }
 
 impl Validator<'_> {
-    pub(super) fn xds(&self, raw: Option<&Spanned<raw::Xds>>) -> Result<Option<Xds>, ConfigError> {
+    pub(super) fn xds(
+        &self,
+        raw: Option<&Spanned<raw::Xds>>,
+        files: Option<&super::tls::TlsFiles>,
+    ) -> Result<Option<Xds>, ConfigError> {
         let Some(x) = raw.map(Spanned::get_ref) else {
             return Ok(None);
         };
@@ -116,7 +142,35 @@ impl Validator<'_> {
                 v
             }
         };
+        let tls = match (&x.tls, files) {
+            (None, _) => None,
+            (Some(t), None) => {
+                return Err(self.error(
+                    t,
+                    "xds.tls".into(),
+                    "uses the sidecar's identity: add a [tls] table (cert, key, trust_bundle)"
+                        .into(),
+                ))
+            }
+            (Some(t), Some(f)) => {
+                let name = t.get_ref().server_name.get_ref();
+                if !crate::dns::valid_name(name) {
+                    return Err(self.error(
+                        &t.get_ref().server_name,
+                        "xds.tls.server_name".into(),
+                        format!("expected the DNS name in the management server's certificate, found {name:?}"),
+                    ));
+                }
+                Some(XdsTls {
+                    server_name: name.clone(),
+                    cert: f.cert.clone(),
+                    key: f.key.clone(),
+                    trust_bundle: f.trust_bundle.clone(),
+                })
+            }
+        };
         Ok(Some(Xds {
+            tls,
             server: server.clone(),
             node_id: x.node_id.get_ref().clone(),
             cluster,

@@ -280,10 +280,30 @@ pub(super) fn failed(config: &Xds, status: &Status, got: bool, what: String) -> 
 pub(super) async fn connect(
     config: &Xds,
 ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", config.server))
-        .map_err(|e| format!("bad server address: {e}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", config.server))
+            .map_err(|e| format!("bad server address: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+    if let Some(tls) = &config.tls {
+        // Read at every connect: a rotated certificate is used from the
+        // next stream on.
+        let read =
+            |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let (cert, key, bundle) = (read(&tls.cert)?, read(&tls.key)?, read(&tls.trust_bundle)?);
+        let tls_config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(bundle))
+            .identity(tonic::transport::Identity::from_pem(cert, key))
+            .domain_name(tls.server_name.clone());
+        endpoint = endpoint
+            .tls_config(tls_config)
+            .map_err(|e| format!("TLS: {e}"))?;
+    }
     let channel = endpoint
         .connect()
         .await

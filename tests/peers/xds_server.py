@@ -22,6 +22,9 @@ Events are printed to stdout, one JSON object a line: {"event": "port"},
 "request" (every DiscoveryRequest: type, version, nonce, names, node),
 "ack" and "nack" (with the error_detail message). The first line is the
 port. `--port N` serves on a given port (a restart keeps the address).
+`--tls-cert C --tls-key K --client-ca CA` serves over TLS and requires a
+client certificate chaining to CA; each stream event then carries what
+gRPC saw of the client's certificate (its auth context).
 """
 
 import argparse
@@ -272,15 +275,16 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.snaps = snaps
 
     def DeltaAggregatedResources(self, request_iterator, context):
-        return self.serve(DeltaStream(self.snaps), request_iterator)
+        return self.serve(DeltaStream(self.snaps), request_iterator, context)
 
     def StreamAggregatedResources(self, request_iterator, context):
-        return self.serve(Stream(self.snaps), request_iterator)
+        return self.serve(Stream(self.snaps), request_iterator, context)
 
-    def serve(self, stream, request_iterator):
+    def serve(self, stream, request_iterator, context):
         with self.snaps.lock:
             self.snaps.streams.add(stream)
-        emit(event="stream", open=True)
+        peer = {k: [v.decode(errors="replace") for v in vs] for k, vs in context.auth_context().items()}
+        emit(event="stream", open=True, peer=peer)
 
         def read():
             try:
@@ -308,11 +312,23 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
+    ap.add_argument("--client-ca")
     args = ap.parse_args()
     snaps = Snapshots()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(Ads(snaps), server)
-    port = server.add_insecure_port(f"127.0.0.1:{args.port}")
+    if args.tls_cert:
+        read = lambda p: open(p, "rb").read()  # noqa: E731
+        creds = grpc.ssl_server_credentials(
+            [(read(args.tls_key), read(args.tls_cert))],
+            root_certificates=read(args.client_ca),
+            require_client_auth=True,
+        )
+        port = server.add_secure_port(f"127.0.0.1:{args.port}", creds)
+    else:
+        port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     emit(event="port", port=port)
     for line in sys.stdin:
