@@ -259,7 +259,8 @@ def main():
     print(json.dumps({
         "mode": mode, "clusters": n, "push_to_ack_ms": round(push_to_ack * 1000),
         "rss_before_kib": rss_before, "rss_after_kib": rss_after, "rss_after_churn_kib": rss_churn,
-        "updates_offered": updates, "updates_accepted": applied, "requests": sum(sent), "failed": sum(failed),
+        "updates_offered": updates, "updates_accepted": applied,
+        "last_ack_after_last_offer_ms": round(1000 * (acked_at - started - offered)), "requests": sum(sent), "failed": sum(failed),
     }))
     sys.exit(1 if sum(failed) else 0)
 
