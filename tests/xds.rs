@@ -490,6 +490,14 @@ fn hundred_pushes_under_load(delta: bool) {
     let mut m = Mgmt::start(0);
     let (proxy, _client) = sidecar(m.port, delta);
     let addr = initial_push(&mut m, &proxy, a.addr);
+    // A second cluster for the route pushes to split traffic with.
+    let w = HttpUpstream::start();
+    m.set(
+        "clusters",
+        "c2",
+        vec![eds_cluster("orders"), static_cluster("billing", w.addr)],
+    );
+    m.ack("clusters", "c2");
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let closes = Arc::new(AtomicUsize::new(0));
@@ -538,16 +546,17 @@ fn hundred_pushes_under_load(delta: bool) {
                 &version,
                 vec![assignment("orders", &[a.addr, b.addr])],
             ),
-            // Each route push differs (a delta server sends only changes).
+            // Weights move between the two clusters; each route push
+            // differs (a delta server sends only changes).
             2 => m.set(
                 "routes",
                 &version,
                 vec![route_config(
                     "r1",
-                    vec![
-                        prefix_route(&format!("/load/{i}/"), "orders"),
-                        prefix_route("/", "orders"),
-                    ],
+                    vec![json!({"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
+                        {"name": "orders", "weight": 1 + i % 7},
+                        {"name": "billing", "weight": 1 + (i / 4) % 5},
+                    ]}}})],
                 )],
             ),
             _ => m.set("endpoints", &version, vec![assignment("orders", &[a.addr])]),
@@ -564,6 +573,7 @@ fn hundred_pushes_under_load(delta: bool) {
     assert!(ok > 100, "the load ran ({ok} requests)");
     assert_eq!(failed, 0);
     assert!(a.requests() > 0 && b.requests() > 0);
+    assert!(w.requests() > 0, "the weighted routes split traffic");
     // Endpoint pushes keep the listener as it was: its keep-alive
     // connections move to the new generation. Route pushes change the
     // listener, and close each client's connection once (25 pushes, 2
