@@ -269,6 +269,26 @@ async fn run(config: Xds, controller: Arc<Controller>, status: Arc<Status>) {
     }
 }
 
+/// The next response and whatever else has arrived meanwhile (at most
+/// [`COALESCE_MAX`] more), for the caller to take together.
+pub(super) async fn next_batch<T>(
+    inbound: &mut tonic::codec::Streaming<T>,
+) -> Result<Vec<T>, String> {
+    let first = match inbound.message().await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err("the server closed the stream".into()),
+        Err(e) => return Err(format!("stream: {e}")),
+    };
+    let mut batch = vec![first];
+    for _ in 0..COALESCE_MAX {
+        match inbound.message().now_or_never() {
+            Some(Ok(Some(r))) => batch.push(r),
+            Some(Ok(None)) | Some(Err(_)) | None => break,
+        }
+    }
+    Ok(batch)
+}
+
 /// A stream that failed: logged, shown, and whether it had worked.
 pub(super) fn failed(config: &Xds, status: &Status, got: bool, what: String) -> (bool, ()) {
     tracing::warn!(server = %config.server, error = %what, "xds: stream failed");
@@ -373,13 +393,11 @@ async fn session(
     tracing::info!(server = %config.server, node = %config.node_id, "xds: stream open");
     let mut got_any = false;
     loop {
-        let first = match inbound.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(fail(got_any, "the server closed the stream".into())),
-            Err(e) => return Err(fail(got_any, format!("stream: {e}"))),
-        };
+        let batch = next_batch(&mut inbound)
+            .await
+            .map_err(|e| fail(got_any, e))?;
         got_any = true;
-        // Whatever else has arrived meanwhile: the newest of each type.
+        // Of what arrived together, the newest of each type.
         let mut newest: BTreeMap<&'static str, DiscoveryResponse> = BTreeMap::new();
         let mut take = |r: DiscoveryResponse| {
             let key = match r.type_url.as_str() {
@@ -391,13 +409,7 @@ async fn session(
             };
             newest.insert(key, r);
         };
-        take(first);
-        for _ in 0..COALESCE_MAX {
-            match inbound.message().now_or_never() {
-                Some(Ok(Some(r))) => take(r),
-                Some(Ok(None)) | Some(Err(_)) | None => break,
-            }
-        }
+        batch.into_iter().for_each(&mut take);
         // Clusters before endpoints before listeners before routes: what a
         // later type names is then already there.
         for (key, resp) in newest {

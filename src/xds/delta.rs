@@ -21,11 +21,10 @@ use envoy_types::pb::{
     },
     google::rpc,
 };
-use futures_util::FutureExt;
 
 use super::{
     ads::{
-        connect, failed, kind_name, node, subscribed_url, State, CDS, COALESCE_MAX, EDS, LDS,
+        connect, failed, kind_name, next_batch, node, subscribed_url, State, CDS, EDS, LDS,
         OUTBOUND_QUEUE, RDS, RESOURCES_PER_RESPONSE_MAX,
     },
     Status,
@@ -86,22 +85,13 @@ pub(super) async fn session(
     tracing::info!(server = %config.server, node = %config.node_id, "xds: delta stream open");
     let mut got_any = false;
     loop {
-        let first = match inbound.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(fail(got_any, "the server closed the stream".into())),
-            Err(e) => return Err(fail(got_any, format!("stream: {e}"))),
-        };
-        got_any = true;
         // Deltas do not supersede each other: every response that queued
         // is folded in, in order, and the lot applied in one swap; each is
         // answered by its nonce.
-        let mut queued = vec![first];
-        for _ in 0..COALESCE_MAX {
-            match inbound.message().now_or_never() {
-                Some(Ok(Some(r))) => queued.push(r),
-                Some(Ok(None)) | Some(Err(_)) | None => break,
-            }
-        }
+        let queued = next_batch(&mut inbound)
+            .await
+            .map_err(|e| fail(got_any, e))?;
+        got_any = true;
         for req in handle_batch(queued, &node, controller, status, state) {
             if subscribed_url(config, &req.type_url) {
                 let _ = tx.send(req).await;
