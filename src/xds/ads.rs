@@ -187,10 +187,11 @@ impl State {
     /// compose and parse of every resource; otherwise the whole layer is
     /// composed and validated.
     pub(super) fn put_into_effect(
-        &self,
+        &mut self,
         before: &State,
         controller: &Controller,
     ) -> Result<(), String> {
+        self.drop_unwanted();
         let only_endpoints = self.clusters == before.clusters
             && self.listeners == before.listeners
             && self.routes == before.routes;
@@ -228,6 +229,21 @@ impl State {
             .apply_dynamic(self.dynamic())
             .map(drop)
             .map_err(|e| e.to_string())
+    }
+
+    /// Drops endpoints and routes no accepted cluster or listener waits
+    /// for (and their delta versions). A server may send names never
+    /// asked for; kept, they would pile up without bound, since only the
+    /// clusters and listeners are capped by the config's validation.
+    pub(super) fn drop_unwanted(&mut self) {
+        let (eds, rds) = (self.wanted_eds(), self.wanted_rds());
+        self.endpoints.retain(|k, _| eds.contains(k));
+        self.routes.retain(|k, _| rds.contains(k));
+        for (url, keep) in [(EDS, &eds), (RDS, &rds)] {
+            if let Some(v) = self.versions.get_mut(url) {
+                v.retain(|k, _| keep.contains(k));
+            }
+        }
     }
 
     pub(super) fn wanted_eds(&self) -> BTreeSet<String> {
@@ -655,5 +671,36 @@ impl Jitter {
         let r = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
         let ms = cap.as_millis().max(1) as u64;
         Duration::from_millis(r % ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_and_routes_nobody_waits_for_are_not_kept() {
+        let mut s = State::default();
+        let mut t = toml::Table::new();
+        t.insert("name".into(), Value::String("orders".into()));
+        s.clusters.insert(
+            "orders".into(),
+            ClusterOut {
+                table: t,
+                eds_name: Some("orders".into()),
+            },
+        );
+        for name in ["orders", "junk-1", "junk-2"] {
+            s.endpoints.insert(name.into(), Vec::new());
+            s.routes.insert(name.into(), Vec::new());
+            s.versions
+                .entry(EDS)
+                .or_default()
+                .insert(name.into(), "v".into());
+        }
+        s.drop_unwanted();
+        assert_eq!(s.endpoints.keys().collect::<Vec<_>>(), ["orders"]);
+        assert!(s.routes.is_empty(), "no listener waits for routes");
+        assert_eq!(s.versions[EDS].keys().collect::<Vec<_>>(), ["orders"]);
     }
 }
