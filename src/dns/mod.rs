@@ -98,13 +98,17 @@ pub fn resolve(dns: &Dns, host: &str, port: u16) -> Result<Vec<SocketAddr>, Stri
     Err(last)
 }
 
+/// An unpredictable query id: any process in the pod can send datagrams
+/// to the resolver's port (the socket is connected, so a forged answer
+/// must also forge the source), and a guessable id would make a forged
+/// answer easy. SipHash keyed from the OS's randomness (std's
+/// `RandomState`) over a counter.
 fn query_id() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u64);
-    ((n.wrapping_mul(0x9e37_79b9) ^ t) & 0xFFFF) as u16
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    (h.finish() & 0xFFFF) as u16
 }
 
 /// One round: every name in `config`, each kept at its last good answer
