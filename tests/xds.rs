@@ -41,25 +41,10 @@ fn py_path() -> String {
 }
 
 fn have_peers() -> bool {
-    let found = Command::new("python3")
-        .args(["-c", "import grpc, envoy.service.discovery.v3.ads_pb2_grpc"])
-        .env("PYTHONPATH", py_path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "xds-protos must be installed in CI (pip install --target {})",
-            py_path()
-        );
-        eprintln!(
-            "xds-protos not installed: skipping (pip install --target {} xds-protos)",
-            py_path()
-        );
-    }
-    found
+    support::have_py_in(
+        "grpc, envoy.service.discovery.v3.ads_pb2_grpc",
+        Some(&py_path()),
+    )
 }
 
 /// The management server, killed on drop.

@@ -437,8 +437,15 @@ pub fn have(tool: &str) -> bool {
 /// Whether python3 can import `module` (the Python peers: grpcio, h2).
 /// Outside CI a missing one skips the test that asked; under CI it fails.
 pub fn have_py(module: &str) -> bool {
+    have_py_in(module, None)
+}
+
+/// [`have_py`] with `PYTHONPATH` set to `path` (peers installed with
+/// `pip install --target`).
+pub fn have_py_in(module: &str, path: Option<&str>) -> bool {
     let found = Command::new("python3")
         .args(["-c", &format!("import {module}")])
+        .envs(path.map(|p| ("PYTHONPATH", p)))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
