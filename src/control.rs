@@ -28,7 +28,7 @@ use crate::{
         tls::TlsFiles,
         Config, ConfigError,
     },
-    tls::material::{MaterialError, Workload},
+    tls::material::{MaterialError, Pushed, Workload},
     worker::{ask_all, listener, Command},
 };
 
@@ -150,6 +150,9 @@ struct Running {
 #[derive(Debug, Default)]
 struct TlsRunning {
     workload: Option<Arc<Workload>>,
+    /// What a control plane pushed (SDS), in place of the files' parts;
+    /// kept across swaps and file reloads until the next push.
+    pushed: Option<Pushed>,
     /// The files' stamps at the last load attempt (successful or not: a
     /// half-written file is retried when it changes again, not every tick).
     stamps: Vec<Stamp>,
@@ -188,6 +191,8 @@ pub struct TlsStatus {
     pub not_after: u64,
     pub seconds_to_expiry: i64,
     pub trust_anchors: usize,
+    /// "files", or "xds" when a control plane pushed any part of it.
+    pub source: &'static str,
     /// Successful loads after the first.
     pub reloads: u64,
     pub reload_failures: u64,
@@ -315,10 +320,18 @@ impl Controller {
     /// domain the material has a bundle for (else no server could ever
     /// be verified).
     pub fn load_tls(config: &Config) -> Result<Option<Arc<Workload>>, MaterialError> {
+        Self::load_tls_with(config, None)
+    }
+
+    /// [`Self::load_tls`] with the parts a control plane pushed.
+    fn load_tls_with(
+        config: &Config,
+        pushed: Option<&Pushed>,
+    ) -> Result<Option<Arc<Workload>>, MaterialError> {
         let Some(files) = config.tls.as_ref() else {
             return Ok(None);
         };
-        let workload = Workload::load(files)?;
+        let workload = Workload::load_with(files, pushed)?;
         let domains = &workload.material.domains;
         for c in &config.clusters {
             let Some(tls) = &c.tls else { continue };
@@ -347,6 +360,7 @@ impl Controller {
                 .map_or(0, |d| d.as_secs()),
             seconds_to_expiry: m.seconds_to_expiry(),
             trust_anchors: m.roots.len(),
+            source: if w.pushed { "xds" } else { "files" },
             reloads: r.tls.reloads,
             reload_failures: r.tls.reload_failures,
             last_error: r.tls.last_error.clone(),
@@ -359,7 +373,7 @@ impl Controller {
         &self,
         running: &mut std::sync::MutexGuard<'_, Running>,
     ) -> Result<Changes, ApplyError> {
-        let tls = Self::load_tls(&running.config)?;
+        let tls = Self::load_tls_with(&running.config, running.tls.pushed.as_ref())?;
         let stamps = running.config.tls.as_ref().map(stamps).unwrap_or_default();
         let serial = tls.as_ref().map(|w| w.material.serial.clone());
         self.install_tls(running, tls, stamps);
@@ -410,7 +424,7 @@ impl Controller {
             return Ok(None);
         }
         running.tls.stamps = now;
-        let workload = match Workload::load(&files) {
+        let workload = match Workload::load_with(&files, running.tls.pushed.as_ref()) {
             Ok(w) => Arc::new(w),
             Err(e) => {
                 running.tls.reload_failures += 1;
@@ -424,6 +438,25 @@ impl Controller {
         let stamps = running.tls.stamps.clone();
         self.install_tls(&mut running, Some(workload), stamps);
         Ok(Some(serial))
+    }
+
+    /// Puts material a control plane pushed (SDS) into use on every
+    /// worker, in place of the files' parts; Ok(serial) once every worker
+    /// has it. Material that does not load, or that leaves a cluster's
+    /// expected identity without a bundle, changes nothing.
+    pub fn push_tls(&self, pushed: Pushed) -> Result<String, MaterialError> {
+        let mut running = self.running();
+        let Some(workload) = Self::load_tls_with(&running.config, Some(&pushed))? else {
+            return Err(MaterialError::Domain(
+                "pushed TLS material needs [tls] in the config (its settings, and the bootstrap files)".into(),
+            ));
+        };
+        let serial = workload.material.serial.clone();
+        tracing::info!(identity = %workload.material.identity, %serial, "TLS material pushed by the control plane is in use");
+        let stamps = running.config.tls.as_ref().map(stamps).unwrap_or_default();
+        running.tls.pushed = Some(pushed);
+        self.install_tls(&mut running, Some(workload), stamps);
+        Ok(serial)
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, Running> {
@@ -629,7 +662,8 @@ impl Controller {
         // Every swap reads the TLS files afresh: SIGHUP and POST /config
         // are also how an operator says "the certificates changed".
         let tls_stamps = config.tls.as_ref().map(stamps).unwrap_or_default();
-        let tls = Self::load_tls(&config)?;
+        let pushed = running.tls.pushed.clone();
+        let tls = Self::load_tls_with(&config, pushed.as_ref())?;
         let config = Arc::new(config);
         let binds = Arc::new(binds);
         let generation = running.generation + 1;
@@ -687,6 +721,7 @@ impl Controller {
             generation,
             tls: TlsRunning {
                 workload: tls,
+                pushed,
                 stamps: tls_stamps,
                 reloads,
                 reload_failures,

@@ -606,7 +606,7 @@ fn reapplying_the_same_config_rotates_tls_without_closing_connections() {
     );
     for needle in [
         "pilotfish_tls_handshakes_total{core=\"0\",side=\"inbound\",kind=\"full\"}",
-        &format!("pilotfish_tls_certificate_expiry_seconds{{identity=\"{ORDERS}\",serial=\"{}\"}}", new_leaf.serial()),
+        &format!("pilotfish_tls_certificate_expiry_seconds{{identity=\"{ORDERS}\",serial=\"{}\",source=\"files\"}}", new_leaf.serial()),
         &format!("pilotfish_authorization_total{{core=\"0\",listener=\"inbound\",identity=\"{FRONTEND}\",decision=\"allow\"}} 2"),
     ] {
         assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");

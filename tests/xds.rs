@@ -817,3 +817,259 @@ tls = {{ server_name = "istiod.mesh.local" }}
         "nothing taken from the wrong server"
     );
 }
+
+/// An SDS secret holding a certificate chain and key, inline.
+fn certificate_secret(name: &str, leaf: &support::pki::Leaf) -> Value {
+    json!({"name": name, "tls_certificate": {
+        "certificate_chain": {"inline_string": leaf.cert_pem},
+        "private_key": {"inline_string": leaf.key_pem},
+    }})
+}
+
+/// An SDS secret holding a trust bundle, inline.
+fn bundle_secret(name: &str, pem: &str) -> Value {
+    json!({"name": name, "validation_context": {"trusted_ca": {"inline_string": pem}}})
+}
+
+/// One request over a new mTLS connection; Ok(the server's serial).
+fn tls_request(
+    addr: SocketAddr,
+    client: &Arc<rustls::ClientConfig>,
+    path: &str,
+) -> Result<String, String> {
+    use std::io::Read;
+    let mut s = support::pki::tls_connect(addr, Arc::clone(client))?;
+    let serial = support::pki::server_serial(&s);
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: o\r\nconnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    if answer.starts_with(b"HTTP/1.1 200") {
+        Ok(serial)
+    } else {
+        Err(format!("answered {:?}", String::from_utf8_lossy(&answer)))
+    }
+}
+
+#[test]
+fn pushed_certificates_rotate_the_identity_under_load() {
+    pushed_certificates(false);
+}
+
+#[test]
+fn delta_pushed_certificates_rotate_the_identity_under_load() {
+    pushed_certificates(true);
+}
+
+/// SDS: the workload certificate and trust bundle come from the control
+/// plane. A hundred certificate pushes under mTLS load fail no request, each
+/// new handshake after an ACK presents the pushed certificate, a bundle
+/// push changes whom the listener accepts, and a bad secret is NACKed
+/// naming the field while the material in use keeps serving.
+fn pushed_certificates(delta: bool) {
+    use support::pki::{client_config, leaf, new_ca, tls_table, FRONTEND, ORDERS};
+    if !have_peers() {
+        return;
+    }
+    let dir = support::temp_dir(if delta { "xds-sds-delta" } else { "xds-sds" });
+    let (ca1, ca2) = (new_ca("mesh.local one"), new_ca("mesh.local two"));
+    let bootstrap = leaf(&ca1, ORDERS, |_| {});
+    bootstrap.write(&dir, &ca1.pem);
+    let app = HttpUpstream::start();
+    let mut m = Mgmt::start(0);
+    let text = format!(
+        r#"workers = 1
+{tls}
+[[listeners]]
+name = "inbound"
+bind = "127.0.0.1:0"
+protocol = "http"
+cluster = "app"
+tls = {{ require_client_cert = true }}
+[[clusters]]
+name = "app"
+endpoints = ["{app}"]
+[xds]
+server = "127.0.0.1:{port}"
+node_id = "sds-node"
+delta = {delta}
+resources = ["secrets"]
+"#,
+        tls = tls_table(&dir),
+        app = app.addr,
+        port = m.port,
+    );
+    let config = pilotfish::Config::parse("bootstrap.toml", &text).unwrap();
+    let proxy = Proxy::start(config.clone()).unwrap();
+    proxy
+        .controller()
+        .set_base(Path::new("bootstrap.toml"), &text);
+    let _client =
+        pilotfish::xds::ads::spawn(config.xds.clone().unwrap(), proxy.controller()).unwrap();
+    let asked = m.wait("the SDS request", |e| {
+        e["event"] == "request" && e["type"] == "secrets"
+    });
+    assert_eq!(asked["names"], json!(["ROOTCA", "default"]), "{asked}");
+    let addr = listener_addr(&proxy, "inbound").unwrap();
+    let both = format!("{}{}", ca1.pem, ca2.pem);
+    let client1 = client_config(&both, Some(&leaf(&ca1, FRONTEND, |_| {})), ORDERS);
+    let client2 = client_config(&both, Some(&leaf(&ca2, FRONTEND, |_| {})), ORDERS);
+    assert_eq!(tls_request(addr, &client1, "/"), Ok(bootstrap.serial()));
+    assert!(
+        tls_request(addr, &client2, "/").is_err(),
+        "CA two is not trusted yet"
+    );
+    assert_eq!(proxy.controller().tls_status().unwrap().source, "files");
+
+    // Load: new mTLS connections, one request each, and one keep-alive
+    // connection opened before the first push.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        let (stop, ok, failed, client) = (
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            Arc::clone(&client1),
+        );
+        load.push(thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match tls_request(addr, &client, "/load") {
+                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                    Err(e) => {
+                        eprintln!("failed: {e}");
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+            }
+        }));
+    }
+    let mut long = support::pki::tls_connect(addr, Arc::clone(&client1)).unwrap();
+    let mut kept_alive = 0;
+    let mut keep_alive_request = |long: &mut support::pki::TlsConn| {
+        use std::io::Read;
+        long.write_all(b"GET /long HTTP/1.1\r\nHost: o\r\n\r\n")
+            .unwrap();
+        // HttpUpstream answers "ok <path>" with a content-length.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !got.ends_with(b"ok /long") {
+            let n = long.read(&mut buf).unwrap();
+            assert!(n > 0, "the keep-alive connection closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        kept_alive += 1;
+    };
+    keep_alive_request(&mut long);
+
+    let pushes = 100;
+    let mut serial = String::new();
+    for i in 1..=pushes {
+        let next = leaf(&ca1, ORDERS, |_| {});
+        let version = format!("s{i}");
+        m.set(
+            "secrets",
+            &version,
+            vec![
+                certificate_secret("default", &next),
+                bundle_secret("ROOTCA", &ca1.pem),
+            ],
+        );
+        m.ack("secrets", &version);
+        serial = next.serial();
+        assert_eq!(
+            tls_request(addr, &client1, "/after-push").as_deref(),
+            Ok(serial.as_str()),
+            "a handshake after the ACK presents push {i}"
+        );
+        keep_alive_request(&mut long);
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.join().unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    println!("{pushes} certificate pushes: {ok} mTLS requests ok, {failed} failed, {kept_alive} on one kept-alive connection");
+    assert!(ok > 0);
+    assert_eq!(failed, 0);
+    let status = proxy.controller().tls_status().unwrap();
+    assert_eq!(
+        (status.source, status.serial.as_str()),
+        ("xds", serial.as_str())
+    );
+
+    // A bad secret is refused, naming it and the field; the material in
+    // use keeps serving.
+    let other = leaf(&ca1, ORDERS, |_| {});
+    let mut mismatched = certificate_secret("default", &leaf(&ca1, ORDERS, |_| {}));
+    mismatched["tls_certificate"]["private_key"]["inline_string"] = json!(other.key_pem);
+    m.set(
+        "secrets",
+        "bad-key",
+        vec![mismatched, bundle_secret("ROOTCA", &ca1.pem)],
+    );
+    let detail = m.nack("secrets")["detail"].as_str().unwrap().to_string();
+    assert!(
+        detail.contains("Secret \"default\" tls_certificate.private_key")
+            && detail.contains("does not match"),
+        "{detail}"
+    );
+    let by_path = json!({"name": "default", "tls_certificate": {
+        "certificate_chain": {"filename": "/etc/certs/cert.pem"},
+        "private_key": {"inline_string": other.key_pem},
+    }});
+    m.set(
+        "secrets",
+        "by-path",
+        vec![by_path, bundle_secret("ROOTCA", &ca1.pem)],
+    );
+    let detail = m.nack("secrets")["detail"].as_str().unwrap().to_string();
+    assert!(
+        detail.contains("tls_certificate.certificate_chain.filename"),
+        "{detail}"
+    );
+    assert_eq!(
+        tls_request(addr, &client1, "/").as_deref(),
+        Ok(serial.as_str())
+    );
+
+    // The trust bundle follows its pushes: CA two added, then CA one
+    // dropped (with a certificate from CA two).
+    m.set(
+        "secrets",
+        "both-cas",
+        vec![
+            certificate_secret("default", &leaf(&ca1, ORDERS, |_| {})),
+            bundle_secret("ROOTCA", &both),
+        ],
+    );
+    m.ack("secrets", "both-cas");
+    assert!(
+        tls_request(addr, &client2, "/").is_ok(),
+        "CA two is trusted now"
+    );
+    let moved = leaf(&ca2, ORDERS, |_| {});
+    m.set(
+        "secrets",
+        "ca-two",
+        vec![
+            certificate_secret("default", &moved),
+            bundle_secret("ROOTCA", &ca2.pem),
+        ],
+    );
+    m.ack("secrets", "ca-two");
+    assert_eq!(
+        tls_request(addr, &client2, "/").as_deref(),
+        Ok(moved.serial().as_str())
+    );
+    assert!(
+        tls_request(addr, &client1, "/").is_err(),
+        "CA one is no longer trusted"
+    );
+    let report = proxy.controller().xds_status().report();
+    assert_eq!(report.types["secrets"].rejected, 2, "{report:?}");
+    drop(long);
+    proxy.shutdown();
+}

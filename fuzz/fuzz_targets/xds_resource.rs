@@ -1,18 +1,23 @@
 //! Attack defended: a control plane (or whoever speaks for it) pushing a
 //! resource built to break the sidecar: any bytes as a Cluster, Listener,
-//! RouteConfiguration or ClusterLoadAssignment. Decoding, translation and
-//! validation must never panic; a resource that translates must compose
-//! into a config that validates or is refused with an error, never
-//! anything in between.
+//! RouteConfiguration, ClusterLoadAssignment or Secret. Decoding,
+//! translation and validation must never panic; a resource that
+//! translates must compose into a config that validates or is refused
+//! with an error, never anything in between; a secret's bytes must load
+//! as TLS material or be refused.
 #![no_main]
 
-use envoy_types::pb::envoy::config::{
-    cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener,
-    route::v3::RouteConfiguration,
+use envoy_types::pb::envoy::{
+    config::{
+        cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener,
+        route::v3::RouteConfiguration,
+    },
+    extensions::transport_sockets::tls::v3::Secret,
 };
 use libfuzzer_sys::fuzz_target;
 use pilotfish::{
     config::compose::{compose, Dynamic},
+    tls::material,
     xds::translate,
 };
 use prost::Message;
@@ -24,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut dynamic = Dynamic::default();
-    match kind % 4 {
+    match kind % 5 {
         0 => {
             let Ok(c) = Cluster::decode(bytes) else { return };
             let Ok(out) = translate::cluster(&c) else { return };
@@ -48,6 +53,23 @@ fuzz_target!(|data: &[u8]| {
             t.insert("protocol".into(), "http".into());
             t.insert("routes".into(), toml::Value::Array(routes));
             dynamic.listeners.push(t);
+        }
+        3 => {
+            let Ok(sec) = Secret::decode(bytes) else { return };
+            let Ok(out) = translate::secret(&sec) else { return };
+            let part = |pem: &[u8]| material::Part {
+                pem: pem.to_vec(),
+                from: "fuzz".into(),
+            };
+            let _ = match out {
+                translate::SecretOut::Certificate { chain, key } => {
+                    material::Material::parse(&part(&chain), &part(&key), &part(&chain))
+                }
+                translate::SecretOut::TrustBundle(b) => {
+                    material::Material::parse(&part(&b), &part(&b), &part(&b))
+                }
+            };
+            return;
         }
         _ => {
             let Ok(la) = ClusterLoadAssignment::decode(bytes) else { return };

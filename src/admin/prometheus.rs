@@ -686,13 +686,14 @@ fn tls_families(
         out,
         "tls_certificate_expiry_seconds",
         "gauge",
-        "Seconds until the certificate new handshakes present expires.",
+        "Seconds until the certificate new handshakes present expires (source: files, or xds when a control plane pushed it).",
     );
     let _ = writeln!(
         out,
-        "pilotfish_tls_certificate_expiry_seconds{{identity=\"{}\",serial=\"{}\"}} {}",
+        "pilotfish_tls_certificate_expiry_seconds{{identity=\"{}\",serial=\"{}\",source=\"{}\"}} {}",
         label(&t.identity),
         label(&t.serial),
+        t.source,
         t.seconds_to_expiry
     );
     family(

@@ -14,7 +14,8 @@ use super::{ConfigError, Validator};
 /// What the ADS stream asks for. Endpoints come with clusters, routes with
 /// listeners: subscribing to one without the other is allowed (a static
 /// listener can route to dynamic clusters), but an EDS cluster without
-/// `endpoints` never gets any.
+/// `endpoints` never gets any. Secrets (SDS) are the workload certificate
+/// and trust bundle, in place of `[tls]`'s files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResourceType {
@@ -22,6 +23,7 @@ pub enum ResourceType {
     Routes,
     Clusters,
     Endpoints,
+    Secrets,
 }
 
 impl ResourceType {
@@ -32,6 +34,11 @@ impl ResourceType {
         ResourceType::Routes,
     ];
 }
+
+/// The SDS secret names Istio's agent serves: the workload's certificate,
+/// and the mesh's trust bundle.
+pub const CERTIFICATE_SECRET_DEFAULT: &str = "default";
+pub const TRUST_BUNDLE_SECRET_DEFAULT: &str = "ROOTCA";
 
 /// The control-plane bootstrap.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -49,6 +56,10 @@ pub struct Xds {
     /// The incremental (delta) protocol instead of state of the world:
     /// the server sends what changed, not every resource of a type.
     pub delta: bool,
+    /// The SDS secret holding this workload's certificate and key, and
+    /// the one holding the trust bundle (Istio's names by default).
+    pub certificate_secret: String,
+    pub trust_bundle_secret: String,
     /// Mutual TLS to the management server with the sidecar's own
     /// identity (`[tls]`); None: plaintext (a server on the node, or
     /// development).
@@ -77,6 +88,8 @@ pub(super) mod raw {
         pub cluster: Option<Spanned<String>>,
         pub resources: Option<Spanned<Vec<ResourceType>>>,
         pub delta: Option<bool>,
+        pub certificate_secret: Option<Spanned<String>>,
+        pub trust_bundle_secret: Option<Spanned<String>>,
         pub tls: Option<Spanned<Tls>>,
     }
 
@@ -127,6 +140,13 @@ impl Validator<'_> {
             Some(c) => c.get_ref().clone(),
         };
         let resources = match &x.resources {
+            // Secrets replace [tls]'s files, so they are asked for only
+            // where there is a [tls] to replace.
+            None if files.is_some() => {
+                let mut all = ResourceType::ALL.to_vec();
+                all.push(ResourceType::Secrets);
+                all
+            }
             None => ResourceType::ALL.to_vec(),
             Some(r) if r.get_ref().is_empty() => {
                 return Err(self.error(
@@ -139,9 +159,45 @@ impl Validator<'_> {
                 let mut v = r.get_ref().clone();
                 v.sort();
                 v.dedup();
+                if v.contains(&ResourceType::Secrets) && files.is_none() {
+                    return Err(self.error(
+                        r,
+                        "xds.resources".into(),
+                        "\"secrets\" replace [tls]'s certificate and trust bundle: add a [tls] table (its files are the bootstrap material, used until the first push)".into(),
+                    ));
+                }
                 v
             }
         };
+        let secret_name = |raw: &Option<Spanned<String>>, key: &str, default: &str| match raw {
+            None => Ok(default.to_string()),
+            Some(n) if printable(n.get_ref()) => Ok(n.get_ref().clone()),
+            Some(n) => Err(self.error(
+                n,
+                format!("xds.{key}"),
+                "must be a non-empty string without control characters".into(),
+            )),
+        };
+        let certificate_secret = secret_name(
+            &x.certificate_secret,
+            "certificate_secret",
+            CERTIFICATE_SECRET_DEFAULT,
+        )?;
+        let trust_bundle_secret = secret_name(
+            &x.trust_bundle_secret,
+            "trust_bundle_secret",
+            TRUST_BUNDLE_SECRET_DEFAULT,
+        )?;
+        if certificate_secret == trust_bundle_secret {
+            return Err(self.error(
+                x.trust_bundle_secret
+                    .as_ref()
+                    .or(x.certificate_secret.as_ref())
+                    .unwrap_or(&x.server),
+                "xds.trust_bundle_secret".into(),
+                "names the same secret as xds.certificate_secret".into(),
+            ));
+        }
         let tls = match (&x.tls, files) {
             (None, _) => None,
             (Some(t), None) => {
@@ -176,6 +232,54 @@ impl Validator<'_> {
             cluster,
             resources,
             delta: x.delta.unwrap_or(false),
+            certificate_secret,
+            trust_bundle_secret,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const BOOT: &str = "workers = 1\n[xds]\nserver = \"127.0.0.1:15010\"\nnode_id = \"n\"\n";
+    const TLS: &str = "[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\ntrust_bundle = \"/ca.pem\"\n";
+
+    #[test]
+    fn secrets_are_asked_for_where_there_is_a_tls_table_to_replace() {
+        let plain = Config::parse("a.toml", BOOT).unwrap().xds.unwrap();
+        assert_eq!(plain.resources, ResourceType::ALL);
+        let with_tls = Config::parse("a.toml", &format!("{BOOT}{TLS}"))
+            .unwrap()
+            .xds
+            .unwrap();
+        assert!(with_tls.resources.contains(&ResourceType::Secrets));
+        assert_eq!(
+            (
+                with_tls.certificate_secret.as_str(),
+                with_tls.trust_bundle_secret.as_str()
+            ),
+            ("default", "ROOTCA")
+        );
+    }
+
+    #[test]
+    fn secrets_without_tls_or_with_one_name_for_both_are_refused() {
+        let e = Config::parse("a.toml", &format!("{BOOT}resources = [\"secrets\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xds.resources") && e.contains("[tls]"), "{e}");
+        let e = Config::parse(
+            "a.toml",
+            &format!("{BOOT}certificate_secret = \"x\"\ntrust_bundle_secret = \"x\"\n{TLS}"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("xds.trust_bundle_secret"), "{e}");
+        let e = Config::parse("a.toml", &format!("{BOOT}certificate_secret = \"\"\n{TLS}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xds.certificate_secret"), "{e}");
     }
 }

@@ -1,6 +1,7 @@
-//! A workload's TLS material from PEM files: its certificate chain (leaf
-//! first), its private key, and the trust bundle; and the rustls configs
-//! built from them.
+//! A workload's TLS material from PEM files (or parts of it a control
+//! plane pushed over SDS, [`Pushed`]): its certificate chain (leaf first),
+//! its private key, and the trust bundle; and the rustls configs built
+//! from them.
 //!
 //! What must hold: material is loaded whole or not at all (a rotation that
 //! finds a half-written file keeps the old material); the leaf itself must
@@ -10,7 +11,7 @@
 //! change.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -36,8 +37,9 @@ pub const SESSION_CACHE_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MaterialError {
-    #[error("{path}: {what}")]
-    File { path: PathBuf, what: String },
+    /// A file, or a part a control plane pushed (named as such).
+    #[error("{from}: {what}")]
+    File { from: String, what: String },
     #[error("the workload certificate is not a usable SVID: {0}")]
     Leaf(svid::SvidError),
     #[error("TLS setup: {0}")]
@@ -46,36 +48,41 @@ pub enum MaterialError {
     Domain(String),
 }
 
-fn file_error(path: &Path, what: impl Into<String>) -> MaterialError {
+fn file_error(from: &dyn std::fmt::Display, what: impl Into<String>) -> MaterialError {
     MaterialError::File {
-        path: path.to_path_buf(),
+        from: from.to_string(),
         what: what.into(),
     }
 }
 
 /// A PEM file of CA certificates as a root store; at least one must parse.
 fn read_bundle(path: &Path) -> Result<RootCertStore, MaterialError> {
-    let anchors: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&read_bounded(path)?)
-            .collect::<Result<_, _>>()
-            .map_err(|e| file_error(path, format!("not PEM certificates: {e}")))?;
+    parse_bundle(&read_bounded(path)?, &path.display())
+}
+
+/// PEM CA certificates as a root store; at least one must parse.
+fn parse_bundle(pem: &[u8], from: &dyn std::fmt::Display) -> Result<RootCertStore, MaterialError> {
+    let anchors: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(from, format!("not PEM certificates: {e}")))?;
     let mut roots = RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(anchors);
     if added == 0 {
-        return Err(file_error(path, "no usable CA certificate"));
+        return Err(file_error(from, "no usable CA certificate"));
     }
     Ok(roots)
 }
 
 fn read_bounded(path: &Path) -> Result<Vec<u8>, MaterialError> {
-    let meta = std::fs::metadata(path).map_err(|e| file_error(path, e.to_string()))?;
+    let from = &path.display();
+    let meta = std::fs::metadata(path).map_err(|e| file_error(from, e.to_string()))?;
     if meta.len() > PEM_BYTES_MAX {
         return Err(file_error(
-            path,
+            from,
             format!("{} bytes; the limit is {PEM_BYTES_MAX}", meta.len()),
         ));
     }
-    std::fs::read(path).map_err(|e| file_error(path, e.to_string()))
+    std::fs::read(path).map_err(|e| file_error(from, e.to_string()))
 }
 
 /// One workload's certificate, key and trust bundle.
@@ -100,24 +107,41 @@ pub struct Material {
 impl Material {
     /// Reads and checks the three files.
     pub fn load(cert: &Path, key: &Path, trust_bundle: &Path) -> Result<Self, MaterialError> {
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(&read_bounded(cert)?)
-                .collect::<Result<_, _>>()
-                .map_err(|e| file_error(cert, format!("not PEM certificates: {e}")))?;
+        let certificate = Part {
+            pem: read_bounded(cert)?,
+            from: cert.display().to_string(),
+        };
+        let key = Part {
+            pem: read_bounded(key)?,
+            from: key.display().to_string(),
+        };
+        let bundle = Part {
+            pem: read_bounded(trust_bundle)?,
+            from: trust_bundle.display().to_string(),
+        };
+        Self::parse(&certificate, &key, &bundle)
+    }
+
+    /// Checks a certificate chain, its key and a trust bundle, in PEM.
+    pub fn parse(certificate: &Part, key: &Part, bundle: &Part) -> Result<Self, MaterialError> {
+        let (cert, key_from) = (&certificate.from, &key.from);
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&certificate.pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_error(cert, format!("not PEM certificates: {e}")))?;
         if chain.is_empty() {
-            return Err(file_error(cert, "no certificate in the file"));
+            return Err(file_error(cert, "no certificate in it"));
         }
-        let key_der = PrivateKeyDer::from_pem_slice(&read_bounded(key)?)
-            .map_err(|e| file_error(key, format!("no PEM private key: {e}")))?;
-        let roots = Arc::new(read_bundle(trust_bundle)?);
+        let key_der = PrivateKeyDer::from_pem_slice(&key.pem)
+            .map_err(|e| file_error(key_from, format!("no PEM private key: {e}")))?;
+        let roots = Arc::new(parse_bundle(&bundle.pem, &bundle.from)?);
         // The key must be the leaf's: a set caught halfway through a
         // rotation (new certificate, old key) would load here and then
         // fail every handshake.
         rustls::sign::CertifiedKey::from_der(chain.clone(), key_der.clone_key(), &provider())
             .map_err(|e| {
                 file_error(
-                    key,
-                    format!("does not match the certificate in {}: {e}", cert.display()),
+                    key_from,
+                    format!("does not match the certificate in {cert}: {e}"),
                 )
             })?;
         // The leaf must be an SVID we could present in either role.
@@ -140,12 +164,36 @@ impl Material {
 
     /// Reads the files a config's `[tls]` names, with its settings.
     pub fn from_files(files: &crate::config::tls::TlsFiles) -> Result<Self, MaterialError> {
-        let mut m = Self::load(&files.cert, &files.key, &files.trust_bundle)?;
+        Self::from_parts(files, None)
+    }
+
+    /// The material `[tls]` names, with the parts a control plane pushed
+    /// in place of those files, and `[tls]`'s settings.
+    pub fn from_parts(
+        files: &crate::config::tls::TlsFiles,
+        pushed: Option<&Pushed>,
+    ) -> Result<Self, MaterialError> {
+        let file = |p: &Path| -> Result<Part, MaterialError> {
+            Ok(Part {
+                pem: read_bounded(p)?,
+                from: p.display().to_string(),
+            })
+        };
+        let pushed = pushed.cloned().unwrap_or_default();
+        let (certificate, key) = match pushed.certificate {
+            Some((c, k)) => (c, k),
+            None => (file(&files.cert)?, file(&files.key)?),
+        };
+        let bundle = match pushed.trust_bundle {
+            Some(b) => b,
+            None => file(&files.trust_bundle)?,
+        };
+        let mut m = Self::parse(&certificate, &key, &bundle)?;
         m.session_lifetime = files.session_lifetime;
         let own = m.identity.trust_domain().to_string();
         if let Some(want) = files.trust_domain.as_deref().filter(|d| *d != own) {
             return Err(file_error(
-                &files.cert,
+                &certificate.from,
                 format!(
                     "the certificate is {} but tls.trust_domain is {want:?}",
                     m.identity
@@ -156,7 +204,7 @@ impl Material {
         for (domain, bundle) in &files.federation {
             if *domain == own {
                 return Err(file_error(
-                    bundle,
+                    &bundle.display(),
                     format!("{domain:?} is this workload's own trust domain; its bundle is tls.trust_bundle"),
                 ));
             }
@@ -317,15 +365,48 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub struct Workload {
     pub material: Material,
     pub files: crate::config::tls::TlsFiles,
+    /// Whether a control plane pushed any of it (else all came from files).
+    pub pushed: bool,
 }
 
 impl Workload {
     pub fn load(files: &crate::config::tls::TlsFiles) -> Result<Self, MaterialError> {
+        Self::load_with(files, None)
+    }
+
+    /// [`Self::load`] with the parts a control plane pushed.
+    pub fn load_with(
+        files: &crate::config::tls::TlsFiles,
+        pushed: Option<&Pushed>,
+    ) -> Result<Self, MaterialError> {
         Ok(Self {
-            material: Material::from_files(files)?,
+            material: Material::from_parts(files, pushed)?,
             files: files.clone(),
+            pushed: pushed.is_some_and(|p| p.certificate.is_some() || p.trust_bundle.is_some()),
         })
     }
+}
+
+/// One part of the material in PEM, and where it came from (for errors).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Part {
+    pub pem: Vec<u8>,
+    pub from: String,
+}
+
+impl std::fmt::Debug for Part {
+    // A key's bytes are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Part({}, {} bytes)", self.from, self.pem.len())
+    }
+}
+
+/// Material a control plane pushed (SDS): the certificate chain with its
+/// key, and the trust bundle. A part not pushed comes from `[tls]`'s files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pushed {
+    pub certificate: Option<(Part, Part)>,
+    pub trust_bundle: Option<Part>,
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //!
 //! What must hold: one stream at a time to the management server; CDS and
 //! LDS are wildcard subscriptions, EDS and RDS name exactly what the
-//! accepted clusters and listeners wait for; a response is ACKed (its
+//! accepted clusters and listeners wait for, SDS the two secrets `[xds]`
+//! names (the workload certificate and the trust bundle); a response is ACKed (its
 //! version and nonce echoed) only after the config it makes is running on
 //! every worker, and NACKed (the last accepted version, its nonce, and an
 //! `error_detail` naming the resource and field) otherwise; state survives
@@ -26,6 +27,7 @@ use envoy_types::pb::{
             cluster::v3::Cluster, core::v3::Node, endpoint::v3::ClusterLoadAssignment,
             listener::v3::Listener, route::v3::RouteConfiguration,
         },
+        extensions::transport_sockets::tls::v3::Secret,
         service::discovery::v3::{
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
             DiscoveryRequest, DiscoveryResponse,
@@ -38,7 +40,7 @@ use prost::Message;
 use toml::Value;
 
 use super::{
-    translate::{self, ClusterOut, ListenerOut, Refusal},
+    translate::{self, ClusterOut, ListenerOut, Refusal, SecretOut},
     Status,
 };
 use crate::{
@@ -47,12 +49,14 @@ use crate::{
         xds::{ResourceType, Xds},
     },
     control::Controller,
+    tls::material::{Part, Pushed},
 };
 
 pub const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// The largest response decoded: 1,000 clusters of 10 endpoints are about
 /// 1 MiB; past this a server is broken or hostile, and the stream fails.
@@ -122,6 +126,7 @@ pub(super) fn kind_name(type_url: &str) -> &'static str {
         EDS => "endpoints",
         LDS => "listeners",
         RDS => "routes",
+        SDS => "secrets",
         _ => "unknown",
     }
 }
@@ -141,6 +146,9 @@ pub(super) struct State {
     endpoints: BTreeMap<String, Vec<Value>>,
     listeners: BTreeMap<String, ListenerOut>,
     routes: BTreeMap<String, Vec<Value>>,
+    secrets: BTreeMap<String, SecretOut>,
+    /// The certificate's and the trust bundle's secret names (`[xds]`).
+    pub(super) secret_names: (String, String),
     pub(super) subs: BTreeMap<&'static str, Sub>,
     /// Delta only: each resource's version, by type and name (sent back
     /// as `initial_resource_versions` when a stream resumes).
@@ -192,6 +200,20 @@ impl State {
         controller: &Controller,
     ) -> Result<(), String> {
         self.drop_unwanted();
+        let config_same = self.clusters == before.clusters
+            && self.listeners == before.listeners
+            && self.routes == before.routes
+            && self.endpoints == before.endpoints;
+        if self.secrets != before.secrets {
+            // Before any config change it came with: a cluster pushed with
+            // the identity of a new trust domain needs the new bundle.
+            let pushed = self.pushed()?;
+            let serial = controller.push_tls(pushed).map_err(|e| e.to_string())?;
+            tracing::info!(%serial, "xds: pushed TLS material in use");
+            if config_same {
+                return Ok(());
+            }
+        }
         let only_endpoints = self.clusters == before.clusters
             && self.listeners == before.listeners
             && self.routes == before.routes;
@@ -224,6 +246,43 @@ impl State {
         self.put_whole(controller)
     }
 
+    /// The material the secrets held make, checked against the names
+    /// `[xds]` gave them.
+    fn pushed(&self) -> Result<Pushed, String> {
+        let (cert_name, bundle_name) = &self.secret_names;
+        let part = |name: &str, field: &str, pem: &[u8]| Part {
+            pem: pem.to_vec(),
+            from: format!("Secret {name:?} {field}"),
+        };
+        let mut pushed = Pushed::default();
+        match self.secrets.get(cert_name) {
+            None => {}
+            Some(SecretOut::Certificate { chain, key }) => {
+                pushed.certificate = Some((
+                    part(cert_name, "tls_certificate.certificate_chain", chain),
+                    part(cert_name, "tls_certificate.private_key", key),
+                ));
+            }
+            Some(SecretOut::TrustBundle(_)) => {
+                return Err(format!(
+                    "Secret {cert_name:?}: validation_context: xds.certificate_secret names this secret, so it must hold a tls_certificate"
+                ))
+            }
+        }
+        match self.secrets.get(bundle_name) {
+            None => {}
+            Some(SecretOut::TrustBundle(pem)) => {
+                pushed.trust_bundle = Some(part(bundle_name, "validation_context.trusted_ca", pem));
+            }
+            Some(SecretOut::Certificate { .. }) => {
+                return Err(format!(
+                    "Secret {bundle_name:?}: tls_certificate: xds.trust_bundle_secret names this secret, so it must hold a validation_context"
+                ))
+            }
+        }
+        Ok(pushed)
+    }
+
     fn put_whole(&self, controller: &Controller) -> Result<(), String> {
         controller
             .apply_dynamic(self.dynamic())
@@ -239,7 +298,9 @@ impl State {
         let (eds, rds) = (self.wanted_eds(), self.wanted_rds());
         self.endpoints.retain(|k, _| eds.contains(k));
         self.routes.retain(|k, _| rds.contains(k));
-        for (url, keep) in [(EDS, &eds), (RDS, &rds)] {
+        let sds = self.wanted_sds();
+        self.secrets.retain(|k, _| sds.contains(k));
+        for (url, keep) in [(EDS, &eds), (RDS, &rds), (SDS, &sds)] {
             if let Some(v) = self.versions.get_mut(url) {
                 v.retain(|k, _| keep.contains(k));
             }
@@ -253,6 +314,11 @@ impl State {
             .collect()
     }
 
+    pub(super) fn wanted_sds(&self) -> BTreeSet<String> {
+        let (cert, bundle) = &self.secret_names;
+        [cert.clone(), bundle.clone()].into()
+    }
+
     pub(super) fn wanted_rds(&self) -> BTreeSet<String> {
         self.listeners
             .values()
@@ -262,7 +328,13 @@ impl State {
 }
 
 async fn run(config: Xds, controller: Arc<Controller>, status: Arc<Status>) {
-    let mut state = State::default();
+    let mut state = State {
+        secret_names: (
+            config.certificate_secret.clone(),
+            config.trust_bundle_secret.clone(),
+        ),
+        ..State::default()
+    };
     let mut failures: u32 = 0;
     let mut rng = Jitter::seeded();
     loop {
@@ -393,6 +465,9 @@ async fn session(
     if subscribed(ResourceType::Routes) && !state.wanted_rds().is_empty() {
         first.push((RDS, state.wanted_rds()));
     }
+    if subscribed(ResourceType::Secrets) {
+        first.push((SDS, state.wanted_sds()));
+    }
     for (type_url, names) in first {
         let sub = state.subs.entry(type_url).or_default();
         sub.nonce.clear();
@@ -421,13 +496,16 @@ async fn session(
                 EDS => EDS,
                 LDS => LDS,
                 RDS => RDS,
+                SDS => SDS,
                 _ => "",
             };
             newest.insert(key, r);
         };
         batch.into_iter().for_each(&mut take);
         // Clusters before endpoints before listeners before routes: what a
-        // later type names is then already there.
+        // later type names is then already there. (Secrets sort last: a
+        // cluster expecting a new trust domain's identity is refused until
+        // the bundle arrives, then pushed again by a server that retries.)
         for (key, resp) in newest {
             if key.is_empty() {
                 // A type never asked for: NACK so the server knows.
@@ -456,6 +534,7 @@ pub(super) fn subscribed_url(config: &Xds, type_url: &str) -> bool {
         EDS => ResourceType::Endpoints,
         LDS => ResourceType::Listeners,
         RDS => ResourceType::Routes,
+        SDS => ResourceType::Secrets,
         _ => return false,
     };
     config.resources.contains(&t)
@@ -587,6 +666,12 @@ impl State {
                 self.routes.insert(rc.name.clone(), list);
                 rc.name
             }
+            SDS => {
+                let sec: Secret = decode(any, SDS, field)?;
+                let out = translate::secret(&sec).map_err(|r| named("Secret", &sec.name, r))?;
+                self.secrets.insert(sec.name.clone(), out);
+                sec.name
+            }
             _ => return Err(format!("type {type_url} is not supported")),
         })
     }
@@ -598,6 +683,13 @@ impl State {
             LDS => drop(self.listeners.remove(name)),
             EDS => drop(self.endpoints.remove(name)),
             RDS => drop(self.routes.remove(name)),
+            // A withdrawn secret stays in use until another replaces it:
+            // falling back to the bootstrap files (or to nothing) would
+            // trade a working identity for an older one.
+            SDS => tracing::info!(
+                secret = name,
+                "xds: secret withdrawn; the material in use stays"
+            ),
             _ => {}
         }
     }
@@ -609,6 +701,7 @@ impl State {
         self.endpoints.extend(scratch.endpoints);
         self.listeners.extend(scratch.listeners);
         self.routes.extend(scratch.routes);
+        self.secrets.extend(scratch.secrets);
         for name in removed {
             self.remove(type_url, name);
         }
@@ -623,6 +716,7 @@ impl State {
             CDS => self.clusters.len(),
             EDS => self.endpoints.len(),
             LDS => self.listeners.len(),
+            SDS => self.secrets.len(),
             _ => self.routes.len(),
         }
     }

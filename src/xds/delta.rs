@@ -4,7 +4,7 @@
 //! What must hold: the same state, translation and swap as the state of
 //! the world stream ([`super::ads`]); CDS and LDS are wildcard
 //! subscriptions, EDS and RDS subscribe and unsubscribe by name as the
-//! accepted clusters and listeners change; a response is ACKed (its nonce
+//! accepted clusters and listeners change, SDS names the two secrets; a response is ACKed (its nonce
 //! echoed) only after the config it makes runs on every worker, NACKed
 //! with an `error_detail` naming the resource and field otherwise, and a
 //! NACKed response changes nothing (not even the resources of it that
@@ -25,7 +25,7 @@ use envoy_types::pb::{
 use super::{
     ads::{
         connect, failed, kind_name, next_batch, node, subscribed_url, State, CDS, EDS, LDS,
-        OUTBOUND_QUEUE, RDS, RESOURCES_PER_RESPONSE_MAX,
+        OUTBOUND_QUEUE, RDS, RESOURCES_PER_RESPONSE_MAX, SDS,
     },
     Status,
 };
@@ -58,8 +58,9 @@ pub(super) async fn session(
         (EDS, state.wanted_eds()),
         (LDS, BTreeSet::new()),
         (RDS, state.wanted_rds()),
+        (SDS, state.wanted_sds()),
     ] {
-        let named = url == EDS || url == RDS;
+        let named = url == EDS || url == RDS || url == SDS;
         if !subscribed_url(config, url) || (named && names.is_empty()) {
             continue;
         }
@@ -185,6 +186,7 @@ fn known(type_url: &str) -> Option<&'static str> {
         EDS => Some(EDS),
         LDS => Some(LDS),
         RDS => Some(RDS),
+        SDS => Some(SDS),
         _ => None,
     }
 }

@@ -1,5 +1,6 @@
-//! The control plane: listeners, routes, clusters and endpoints pushed over
-//! Envoy's aggregated discovery service (ADS), beside the static TOML.
+//! The control plane: listeners, routes, clusters, endpoints and the
+//! workload's certificates (SDS) pushed over Envoy's aggregated discovery
+//! service (ADS), beside the static TOML.
 //!
 //! Layout: [`ads`] owns the client (its thread, reconnects, the state of
 //! the world protocol: versions and nonces, ACK and NACK), `delta` the
@@ -12,7 +13,9 @@
 //! small tokio runtime and never on a data worker; every accepted push
 //! goes through [`crate::control::Controller::apply_dynamic`] (validate,
 //! prepare everywhere, commit everywhere or nowhere) and is ACKed only
-//! after the commit; a refused push is NACKed with the reason and the last
+//! after the commit (pushed certificates through
+//! [`crate::control::Controller::push_tls`], ACKed once every worker has
+//! them); a refused push is NACKed with the reason and the last
 //! good config keeps serving; so does an unreachable control plane, for
 //! as long as it stays unreachable.
 

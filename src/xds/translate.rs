@@ -1,4 +1,5 @@
-//! Envoy's resources (CDS, EDS, LDS, RDS) into Pilotfish's config tables.
+//! Envoy's resources (CDS, EDS, LDS, RDS) into Pilotfish's config tables,
+//! and SDS secrets into TLS material.
 //!
 //! What must hold: each resource becomes tables in the config file's own
 //! shape, so the one validator that checks files checks pushes too; every
@@ -30,6 +31,7 @@ use envoy_types::pb::{
                 http_connection_manager::v3::{http_connection_manager, HttpConnectionManager},
                 tcp_proxy::v3::{tcp_proxy, TcpProxy},
             },
+            transport_sockets::tls::v3::{secret, Secret},
             upstreams::http::v3::{http_protocol_options, HttpProtocolOptions},
         },
         r#type::matcher::v3::string_matcher,
@@ -100,8 +102,6 @@ pub fn unpack<M: Message + Default>(any: &Any, url: &str, field: &str) -> Result
     })
 }
 
-/// `IP:port` of a socket address (host names are refused until DNS
-/// endpoints land).
 /// `IP:port` of a socket address; `name:port` too where `names` (a
 /// STRICT_DNS cluster's endpoints, resolved by [`crate::dns`]).
 fn socket(addr: Option<&Address>, field: &str, names: bool) -> Result<String> {
@@ -960,6 +960,102 @@ fn retry(p: &RetryPolicy, field: &str) -> Result<Table> {
 }
 
 /// A table keyed by name, for sorting outputs stably.
+/// What one SDS secret holds, in PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretOut {
+    /// A workload certificate chain (leaf first) and its private key.
+    Certificate { chain: Vec<u8>, key: Vec<u8> },
+    /// CA certificates (a trust bundle).
+    TrustBundle(Vec<u8>),
+}
+
+impl std::fmt::Debug for SecretOut {
+    // A private key is never printed, not even in a debug log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Certificate { chain, .. } => write!(f, "Certificate({} bytes)", chain.len()),
+            Self::TrustBundle(b) => write!(f, "TrustBundle({} bytes)", b.len()),
+        }
+    }
+}
+
+/// An SDS secret: a TLS certificate with its key, or a validation
+/// context's trusted CAs, inline. Bytes named by file or environment
+/// variable are refused: the point of SDS is that the control plane
+/// hands over the material, and a path it names need not exist here.
+pub fn secret(sec: &Secret) -> Result<SecretOut> {
+    use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, DataSource};
+    fn inline(d: Option<&DataSource>, field: &str) -> Result<Vec<u8>> {
+        let Some(d) = d else {
+            return refuse(field, "required");
+        };
+        let pem = match &d.specifier {
+            Some(Specifier::InlineBytes(b)) => b.clone(),
+            Some(Specifier::InlineString(s)) => s.clone().into_bytes(),
+            Some(Specifier::Filename(_)) => {
+                return refuse(
+                    format!("{field}.filename"),
+                    "material named by path is not read; push it inline (inline_bytes or inline_string)",
+                )
+            }
+            Some(Specifier::EnvironmentVariable(_)) => {
+                return refuse(
+                    format!("{field}.environment_variable"),
+                    "material named by environment variable is not read; push it inline",
+                )
+            }
+            None => return refuse(field, "empty"),
+        };
+        if d.watched_directory.is_some() {
+            return refuse(
+                format!("{field}.watched_directory"),
+                "set, and only inline material is read",
+            );
+        }
+        if pem.len() as u64 > crate::tls::material::PEM_BYTES_MAX {
+            return refuse(
+                field,
+                format!(
+                    "{} bytes; the limit is {}",
+                    pem.len(),
+                    crate::tls::material::PEM_BYTES_MAX
+                ),
+            );
+        }
+        Ok(pem)
+    }
+    match &sec.r#type {
+        Some(secret::Type::TlsCertificate(c)) => {
+            let chain = inline(
+                c.certificate_chain.as_ref(),
+                "tls_certificate.certificate_chain",
+            )?;
+            let key = inline(c.private_key.as_ref(), "tls_certificate.private_key")?;
+            let mut rest = c.clone();
+            rest.certificate_chain = None;
+            rest.private_key = None;
+            nothing_left("tls_certificate.", &rest)?;
+            Ok(SecretOut::Certificate { chain, key })
+        }
+        Some(secret::Type::ValidationContext(v)) => {
+            let bundle = inline(v.trusted_ca.as_ref(), "validation_context.trusted_ca")?;
+            let mut rest = v.clone();
+            rest.trusted_ca = None;
+            nothing_left("validation_context.", &rest)?;
+            Ok(SecretOut::TrustBundle(bundle))
+        }
+        Some(secret::Type::SessionTicketKeys(_)) => refuse(
+            "session_ticket_keys",
+            "not supported (each worker keeps its own resumption state)",
+        ),
+        Some(secret::Type::GenericSecret(_)) => refuse(
+            "generic_secret",
+            "not supported (only a TLS certificate or a trust bundle)",
+        ),
+        None => refuse("type", "the secret holds nothing"),
+    }
+}
+
 pub fn by_name(list: impl IntoIterator<Item = Table>) -> BTreeMap<String, Table> {
     list.into_iter()
         .map(|t| {
@@ -1006,6 +1102,71 @@ mod tests {
             }],
             ..ClusterLoadAssignment::default()
         }
+    }
+
+    #[test]
+    fn secrets_are_taken_inline_and_anything_else_is_refused_by_field() {
+        use envoy_types::pb::envoy::{
+            config::core::v3::{data_source::Specifier, DataSource},
+            extensions::transport_sockets::tls::v3::{
+                CertificateValidationContext, TlsCertificate,
+            },
+        };
+        let inline = |s: &str| {
+            Some(DataSource {
+                specifier: Some(Specifier::InlineString(s.into())),
+                ..DataSource::default()
+            })
+        };
+        let mut cert = TlsCertificate {
+            certificate_chain: inline("CHAIN"),
+            private_key: inline("KEY"),
+            ..TlsCertificate::default()
+        };
+        let sec = |t| Secret {
+            name: "default".into(),
+            r#type: Some(t),
+        };
+        assert_eq!(
+            secret(&sec(secret::Type::TlsCertificate(cert.clone()))),
+            Ok(SecretOut::Certificate {
+                chain: b"CHAIN".to_vec(),
+                key: b"KEY".to_vec()
+            })
+        );
+        cert.password = inline("hunter2");
+        assert_eq!(
+            secret(&sec(secret::Type::TlsCertificate(cert.clone())))
+                .unwrap_err()
+                .field,
+            "tls_certificate.password"
+        );
+        cert.password = None;
+        cert.private_key = Some(DataSource {
+            specifier: Some(Specifier::Filename("/etc/key.pem".into())),
+            ..DataSource::default()
+        });
+        assert_eq!(
+            secret(&sec(secret::Type::TlsCertificate(cert)))
+                .unwrap_err()
+                .field,
+            "tls_certificate.private_key.filename"
+        );
+        let mut v = CertificateValidationContext {
+            trusted_ca: inline("CA"),
+            ..CertificateValidationContext::default()
+        };
+        assert_eq!(
+            secret(&sec(secret::Type::ValidationContext(v.clone()))),
+            Ok(SecretOut::TrustBundle(b"CA".to_vec()))
+        );
+        v.allow_expired_certificate = true;
+        assert_eq!(
+            secret(&sec(secret::Type::ValidationContext(v)))
+                .unwrap_err()
+                .field,
+            "validation_context.allow_expired_certificate"
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@ one JSON object a line:
 
 where each resource is the proto3 JSON form of the type's message
 (envoy.config.cluster.v3.Cluster for "clusters", ClusterLoadAssignment for
-"endpoints", Listener for "listeners", RouteConfiguration for "routes").
+"endpoints", Listener for "listeners", RouteConfiguration for "routes",
+envoy.extensions.transport_sockets.tls.v3.Secret for "secrets").
 A set replaces the type's snapshot and pushes it to every stream
 subscribed to it (EDS and RDS: only the names the stream asked for).
 {"op": "put", ...} does the same but replaces only the resources given,
@@ -42,6 +43,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 # Imported for their descriptors: typed_config Anys inside listeners and
@@ -65,6 +67,11 @@ TYPES = {
     "routes": (
         PREFIX + "envoy.config.route.v3.RouteConfiguration",
         route_pb2.RouteConfiguration,
+        "name",
+    ),
+    "secrets": (
+        PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret",
+        secret_pb2.Secret,
         "name",
     ),
 }
