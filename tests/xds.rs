@@ -102,6 +102,13 @@ impl Mgmt {
         self.stdin.flush().unwrap();
     }
 
+    /// [`Self::set`] for one node's own snapshot.
+    fn set_for(&mut self, node: &str, kind: &str, version: &str, resources: Vec<Value>) {
+        let line = json!({"op": "set", "node": node, "type": kind, "version": version, "resources": resources});
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
     /// Takes the first event, received before or after this call, that
     /// `pred` accepts and no earlier wait took (the client answers types
     /// in its own order); fails on a script error.
@@ -643,20 +650,13 @@ fn grpcs_own_xds_client_consumes_the_same_snapshots() {
     );
     // Each node's own front: a sidecar listener for Pilotfish, an API
     // listener (a client-side HttpConnectionManager) for gRPC.
-    let set_for = |m: &mut Mgmt, node: &str, kind: &str, version: &str, resources: Vec<Value>| {
-        let line = json!({"op": "set", "node": node, "type": kind, "version": version, "resources": resources});
-        writeln!(m.stdin, "{line}").unwrap();
-        m.stdin.flush().unwrap();
-    };
-    set_for(
-        &mut m,
+    m.set_for(
         SIDECAR_NODE,
         "listeners",
         "pf-l1",
         vec![http_listener("inbound", "pf-routes")],
     );
-    set_for(
-        &mut m,
+    m.set_for(
         SIDECAR_NODE,
         "routes",
         "pf-r1",
@@ -666,8 +666,7 @@ fn grpcs_own_xds_client_consumes_the_same_snapshots() {
         )],
     );
     let router = json!({"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}});
-    set_for(
-        &mut m,
+    m.set_for(
         "grpc-client",
         "listeners",
         "g-l1",
@@ -677,8 +676,7 @@ fn grpcs_own_xds_client_consumes_the_same_snapshots() {
             "http_filters": [router],
         }}})],
     );
-    set_for(
-        &mut m,
+    m.set_for(
         "grpc-client",
         "routes",
         "g-r1",
@@ -1072,4 +1070,157 @@ resources = ["secrets"]
     assert_eq!(report.types["secrets"].rejected, 2, "{report:?}");
     drop(long);
     proxy.shutdown();
+}
+
+/// A TLS transport socket that presents the workload's certificate
+/// (`default`), verifies with its bundle (`ROOTCA`), and matches peer SANs.
+fn tls_socket(context: &str, sans: Vec<Value>, extra: Value) -> Value {
+    let mut typed = json!({
+        "@type": format!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{context}"),
+        "common_tls_context": {
+            "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": {"ads": {}}}],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": sans},
+                "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": {"ads": {}}},
+            },
+        },
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        typed[k] = v.clone();
+    }
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": typed})
+}
+
+fn uri_san(exact: Option<&str>, prefix: Option<&str>) -> Value {
+    let matcher = match (exact, prefix) {
+        (Some(e), _) => json!({"exact": e}),
+        (_, Some(p)) => json!({"prefix": p}),
+        _ => unreachable!(),
+    };
+    json!({"san_type": "URI", "matcher": matcher})
+}
+
+/// A sidecar pair driven only by the control plane: B's inbound listener
+/// terminates mTLS (a DownstreamTlsContext with SAN matchers), A's cluster
+/// originates it (an UpstreamTlsContext expecting B's SPIFFE ID). Traffic
+/// flows with the caller's identity; pushing another expected identity to
+/// A, or another allow-list to B, stops it.
+#[test]
+fn a_sidecar_pair_is_wired_for_mtls_by_the_control_plane() {
+    use support::pki::{leaf, new_ca, tls_table, FRONTEND, ORDERS};
+    if !have_peers() {
+        return;
+    }
+    let dir = support::temp_dir("xds-pair");
+    let ca = new_ca("mesh.local");
+    leaf(&ca, FRONTEND, |_| {}).write(&dir.join("a"), &ca.pem);
+    leaf(&ca, ORDERS, |_| {}).write(&dir.join("b"), &ca.pem);
+    let app = HttpUpstream::start();
+    let mut m = Mgmt::start(0);
+    let start = |node: &str| {
+        let text = format!(
+            "workers = 1\n{tls}[xds]\nserver = \"127.0.0.1:{port}\"\nnode_id = \"{node}\"\n",
+            tls = tls_table(&dir.join(node)),
+            port = m.port
+        );
+        let config = pilotfish::Config::parse("bootstrap.toml", &text).unwrap();
+        let proxy = Proxy::start(config.clone()).unwrap();
+        proxy
+            .controller()
+            .set_base(Path::new("bootstrap.toml"), &text);
+        let client =
+            pilotfish::xds::ads::spawn(config.xds.clone().unwrap(), proxy.controller()).unwrap();
+        (proxy, client)
+    };
+    let (b, _b_client) = start("b");
+    let (a, _a_client) = start("a");
+    let routes = |name: &str, cluster: &str| route_config(name, vec![prefix_route("/", cluster)]);
+
+    // B: an inbound listener that requires a client certificate from
+    // spiffe://mesh.local/ns/prod/..., in front of the app.
+    let mut inbound = http_listener("inbound", "b-routes");
+    let b_socket = |prefix: &str| {
+        tls_socket(
+            "DownstreamTlsContext",
+            vec![uri_san(None, Some(prefix))],
+            json!({"require_client_certificate": true}),
+        )
+    };
+    inbound["filter_chains"][0]["transport_socket"] = b_socket("spiffe://mesh.local/ns/prod/");
+    m.set_for(
+        "b",
+        "clusters",
+        "b-c1",
+        vec![static_cluster("app", app.addr)],
+    );
+    m.set_for("b", "listeners", "b-l1", vec![inbound.clone()]);
+    m.set_for("b", "routes", "b-r1", vec![routes("b-routes", "app")]);
+    for (kind, version) in [
+        ("clusters", "b-c1"),
+        ("listeners", "b-l1"),
+        ("routes", "b-r1"),
+    ] {
+        m.ack(kind, version);
+    }
+    let b_in = listener_addr(&b, "inbound").expect("B's pushed listener serves");
+
+    // A: an outbound listener to B's inbound, over mTLS expecting orders.
+    let a_cluster = |expect: &str| {
+        let mut c = static_cluster("orders", b_in);
+        c["transport_socket"] = tls_socket(
+            "UpstreamTlsContext",
+            vec![uri_san(Some(expect), None)],
+            json!({"sni": "outbound_.8080_._.orders.prod.svc.cluster.local"}),
+        );
+        c
+    };
+    m.set_for("a", "clusters", "a-c1", vec![a_cluster(ORDERS)]);
+    m.set_for(
+        "a",
+        "listeners",
+        "a-l1",
+        vec![http_listener("out", "a-routes")],
+    );
+    m.set_for("a", "routes", "a-r1", vec![routes("a-routes", "orders")]);
+    for (kind, version) in [
+        ("clusters", "a-c1"),
+        ("listeners", "a-l1"),
+        ("routes", "a-r1"),
+    ] {
+        m.ack(kind, version);
+    }
+    let a_out = listener_addr(&a, "out").expect("A's pushed listener serves");
+    let r = http_client::get(a_out, "/echo");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text()
+            .to_ascii_lowercase()
+            .contains(&format!("x-pilotfish-peer-identity: {FRONTEND}")),
+        "the app sees the caller's identity: {}",
+        r.text()
+    );
+
+    // A now expects another identity: B's certificate no longer passes.
+    m.set_for(
+        "a",
+        "clusters",
+        "a-c2",
+        vec![a_cluster("spiffe://mesh.local/ns/prod/sa/billing")],
+    );
+    m.ack("clusters", "a-c2");
+    let r = http_client::get(a_out, "/echo");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("wrong_identity"), "{}", r.text());
+    m.set_for("a", "clusters", "a-c3", vec![a_cluster(ORDERS)]);
+    m.ack("clusters", "a-c3");
+    assert_eq!(http_client::get(a_out, "/echo").status, 200);
+
+    // B now allows only another namespace: A's calls are refused there.
+    inbound["filter_chains"][0]["transport_socket"] = b_socket("spiffe://mesh.local/ns/ops/");
+    m.set_for("b", "listeners", "b-l2", vec![inbound]);
+    m.ack("listeners", "b-l2");
+    let r = http_client::get(a_out, "/echo");
+    assert_eq!(r.status, 403, "{}", r.text());
+    a.shutdown();
+    b.shutdown();
 }

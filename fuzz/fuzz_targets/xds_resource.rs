@@ -22,22 +22,27 @@ use pilotfish::{
 };
 use prost::Message;
 
-const BASE: &str = "workers = 1\n[admin]\nsocket = \"/tmp/fuzz.sock\"\n";
+// With [tls], so pushed TLS contexts are checked all the way.
+const BASE: &str = "workers = 1\n[admin]\nsocket = \"/tmp/fuzz.sock\"\n[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\ntrust_bundle = \"/ca.pem\"\n";
 
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, bytes)) = data.split_first() else {
         return;
     };
     let mut dynamic = Dynamic::default();
+    let names = translate::SecretNames {
+        certificate: "default".into(),
+        trust_bundle: "ROOTCA".into(),
+    };
     match kind % 5 {
         0 => {
             let Ok(c) = Cluster::decode(bytes) else { return };
-            let Ok(out) = translate::cluster(&c) else { return };
+            let Ok(out) = translate::cluster(&c, &names) else { return };
             dynamic.clusters.push(out.table);
         }
         1 => {
             let Ok(l) = Listener::decode(bytes) else { return };
-            let Ok(out) = translate::listener(&l) else { return };
+            let Ok(out) = translate::listener(&l, &names) else { return };
             let mut t = out.table;
             if out.rds_name.is_some() {
                 t.insert("routes".into(), toml::Value::Array(Vec::new()));

@@ -72,6 +72,10 @@ pub struct ListenerTls {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClusterTls {
     pub server_identity: SpiffeId,
+    /// The name sent in SNI (None: a fixed one; the server's identity is
+    /// what is verified either way). A control plane sets it where the
+    /// peer routes on it (Istio's `outbound_.8080_._.orders...`).
+    pub sni: Option<String>,
 }
 
 pub(super) mod raw {
@@ -100,6 +104,7 @@ pub(super) mod raw {
     #[serde(deny_unknown_fields)]
     pub struct ClusterTls {
         pub server_identity: Spanned<String>,
+        pub sni: Option<Spanned<String>>,
     }
 }
 
@@ -246,7 +251,26 @@ impl Validator<'_> {
         let id = &spanned.get_ref().server_identity;
         let server_identity = SpiffeId::parse(id.get_ref())
             .map_err(|e| self.error(id, format!("{key}.server_identity"), e.to_string()))?;
-        Ok(Some(ClusterTls { server_identity }))
+        let sni = match &spanned.get_ref().sni {
+            None => None,
+            Some(s) => {
+                rustls::pki_types::ServerName::try_from(s.get_ref().as_str())
+                    .ok()
+                    .filter(|n| matches!(n, rustls::pki_types::ServerName::DnsName(_)))
+                    .ok_or_else(|| {
+                        self.error(
+                            s,
+                            format!("{key}.sni"),
+                            format!("{:?} is not a DNS name", s.get_ref()),
+                        )
+                    })?;
+                Some(s.get_ref().clone())
+            }
+        };
+        Ok(Some(ClusterTls {
+            server_identity,
+            sni,
+        }))
     }
 
     /// An allow-list, where `tls` says a client certificate is required.

@@ -330,8 +330,9 @@ impl rustls::server::StoresServerSessions for BoundedSessions {
     }
 }
 
-/// The name a client puts in SNI: sidecars are addressed by SPIFFE ID, not
-/// DNS name, and the verifier ignores it, so any fixed valid name will do.
+/// The name a client puts in SNI unless the cluster names one: sidecars
+/// are addressed by SPIFFE ID, not DNS name, and the verifier ignores it,
+/// so any fixed valid name will do.
 pub fn sni() -> ServerName<'static> {
     ServerName::try_from("pilotfish.mesh").expect("a valid DNS name")
 }

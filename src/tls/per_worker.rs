@@ -213,7 +213,13 @@ impl WorkerTls {
             .inspect_err(|_| {
                 counters.failure(Side::Outbound, "no_material");
             })?;
-        match stream::connect(tcp, client.config, client.timeout.min(timeout_cap)).await {
+        // Checked by the config's validation, so the fallback never runs.
+        let sni = settings
+            .sni
+            .as_deref()
+            .and_then(|s| rustls::pki_types::ServerName::try_from(s.to_string()).ok())
+            .unwrap_or_else(super::material::sni);
+        match stream::connect(tcp, client.config, sni, client.timeout.min(timeout_cap)).await {
             Ok((stream, resumed, h2)) => {
                 counters.handshake(Side::Outbound, resumed);
                 Ok((stream, h2))

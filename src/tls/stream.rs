@@ -204,9 +204,10 @@ pub async fn accept(
 pub async fn connect(
     mut io: TcpStream,
     config: Arc<ClientConfig>,
+    sni: rustls::pki_types::ServerName<'static>,
     timeout: Duration,
 ) -> Result<(Stream, bool, bool), HandshakeError> {
-    let mut conn = ClientConnection::new(config, super::material::sni())?;
+    let mut conn = ClientConnection::new(config, sni)?;
     with_deadline(timeout, handshake(&mut io, &mut conn)).await?;
     let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
     let h2 = conn.alpn_protocol() == Some(b"h2");

@@ -40,7 +40,7 @@ use prost::Message;
 use toml::Value;
 
 use super::{
-    translate::{self, ClusterOut, ListenerOut, Refusal, SecretOut},
+    translate::{self, ClusterOut, ListenerOut, Refusal, SecretNames, SecretOut},
     Status,
 };
 use crate::{
@@ -148,7 +148,7 @@ pub(super) struct State {
     routes: BTreeMap<String, Vec<Value>>,
     secrets: BTreeMap<String, SecretOut>,
     /// The certificate's and the trust bundle's secret names (`[xds]`).
-    pub(super) secret_names: (String, String),
+    pub(super) secret_names: SecretNames,
     pub(super) subs: BTreeMap<&'static str, Sub>,
     /// Delta only: each resource's version, by type and name (sent back
     /// as `initial_resource_versions` when a stream resumes).
@@ -249,7 +249,10 @@ impl State {
     /// The material the secrets held make, checked against the names
     /// `[xds]` gave them.
     fn pushed(&self) -> Result<Pushed, String> {
-        let (cert_name, bundle_name) = &self.secret_names;
+        let SecretNames {
+            certificate: cert_name,
+            trust_bundle: bundle_name,
+        } = &self.secret_names;
         let part = |name: &str, field: &str, pem: &[u8]| Part {
             pem: pem.to_vec(),
             from: format!("Secret {name:?} {field}"),
@@ -315,8 +318,8 @@ impl State {
     }
 
     pub(super) fn wanted_sds(&self) -> BTreeSet<String> {
-        let (cert, bundle) = &self.secret_names;
-        [cert.clone(), bundle.clone()].into()
+        let n = &self.secret_names;
+        [n.certificate.clone(), n.trust_bundle.clone()].into()
     }
 
     pub(super) fn wanted_rds(&self) -> BTreeSet<String> {
@@ -329,10 +332,7 @@ impl State {
 
 async fn run(config: Xds, controller: Arc<Controller>, status: Arc<Status>) {
     let mut state = State {
-        secret_names: (
-            config.certificate_secret.clone(),
-            config.trust_bundle_secret.clone(),
-        ),
+        secret_names: SecretNames::of(&config),
         ..State::default()
     };
     let mut failures: u32 = 0;
@@ -642,13 +642,15 @@ impl State {
         Ok(match type_url {
             CDS => {
                 let c: Cluster = decode(any, CDS, field)?;
-                let t = translate::cluster(&c).map_err(|r| named("Cluster", &c.name, r))?;
+                let t = translate::cluster(&c, &self.secret_names)
+                    .map_err(|r| named("Cluster", &c.name, r))?;
                 self.clusters.insert(c.name.clone(), t);
                 c.name
             }
             LDS => {
                 let l: Listener = decode(any, LDS, field)?;
-                let t = translate::listener(&l).map_err(|r| named("Listener", &l.name, r))?;
+                let t = translate::listener(&l, &self.secret_names)
+                    .map_err(|r| named("Listener", &l.name, r))?;
                 self.listeners.insert(l.name.clone(), t);
                 l.name
             }

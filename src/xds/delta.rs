@@ -128,6 +128,7 @@ fn handle_batch(
         // Translated apart first, so a refused response leaves nothing.
         let mut scratch = State::default();
         scratch.versions = candidate.versions.clone();
+        scratch.secret_names = candidate.secret_names.clone();
         match fold(type_url, &resp, &mut scratch) {
             Ok(()) => {
                 candidate.absorb(type_url, scratch, &resp.removed_resources);

@@ -31,10 +31,13 @@ use envoy_types::pb::{
                 http_connection_manager::v3::{http_connection_manager, HttpConnectionManager},
                 tcp_proxy::v3::{tcp_proxy, TcpProxy},
             },
-            transport_sockets::tls::v3::{secret, Secret},
+            transport_sockets::tls::v3::{
+                common_tls_context, secret, CommonTlsContext, DownstreamTlsContext, Secret,
+                UpstreamTlsContext,
+            },
             upstreams::http::v3::{http_protocol_options, HttpProtocolOptions},
         },
-        r#type::matcher::v3::string_matcher,
+        r#type::matcher::v3::{string_matcher, StringMatcher},
     },
     google::protobuf::{Any, Duration},
 };
@@ -51,6 +54,31 @@ pub const HTTP_OPTIONS: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+pub const UPSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+pub const DOWNSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+/// Plaintext, spelled as a transport socket.
+const RAW_BUFFER: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
+
+/// The SDS names the workload's material is known by (`[xds]`): a TLS
+/// context must name these, since the workload's material is the only
+/// material Pilotfish presents and verifies with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretNames {
+    pub certificate: String,
+    pub trust_bundle: String,
+}
+
+impl SecretNames {
+    pub fn of(x: &crate::config::xds::Xds) -> Self {
+        Self {
+            certificate: x.certificate_secret.clone(),
+            trust_bundle: x.trust_bundle_secret.clone(),
+        }
+    }
+}
 
 /// Why a resource was refused: the field (a path from the resource's
 /// root) and what about it.
@@ -145,9 +173,15 @@ pub struct ClusterOut {
     pub eds_name: Option<String>,
 }
 
-pub fn cluster(c: &Cluster) -> Result<ClusterOut> {
+pub fn cluster(c: &Cluster, names: &SecretNames) -> Result<ClusterOut> {
     let mut t = Table::new();
     let mut rest = c.clone();
+    if let Some(ts) = &c.transport_socket {
+        if let Some(tls) = upstream_tls(ts, names)? {
+            t.insert("tls".into(), Value::Table(tls));
+        }
+        rest.transport_socket = None;
+    }
     t.insert("name".into(), Value::String(c.name.clone()));
     rest.name.clear();
     // Names for stats and hints that do not change where traffic goes.
@@ -482,7 +516,7 @@ pub struct ListenerOut {
     pub rds_name: Option<String>,
 }
 
-pub fn listener(l: &Listener) -> Result<ListenerOut> {
+pub fn listener(l: &Listener, names: &SecretNames) -> Result<ListenerOut> {
     let mut t = Table::new();
     t.insert("name".into(), Value::String(l.name.clone()));
     t.insert(
@@ -529,6 +563,10 @@ pub fn listener(l: &Listener) -> Result<ListenerOut> {
     chain_rest.name.clear();
     chain_rest.metadata = None;
     chain_rest.filters.clear();
+    if let Some(ts) = &chain.transport_socket {
+        downstream_tls(ts, names, &mut t)?;
+        chain_rest.transport_socket = None;
+    }
     nothing_left("filter_chains[0].", &chain_rest)?;
     let [filter] = chain.filters.as_slice() else {
         return refuse(
@@ -960,6 +998,272 @@ fn retry(p: &RetryPolicy, field: &str) -> Result<Table> {
 }
 
 /// A table keyed by name, for sorting outputs stably.
+/// A transport socket's typed config: Ok(None) for plaintext (raw buffer).
+fn transport_socket<M: Message + Default>(
+    ts: &envoy_types::pb::envoy::config::core::v3::TransportSocket,
+    url: &str,
+    field: &str,
+) -> Result<Option<M>> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    let Some(ConfigType::TypedConfig(any)) = &ts.config_type else {
+        return refuse(format!("{field}.typed_config"), "required");
+    };
+    if any.type_url == RAW_BUFFER {
+        return Ok(None);
+    }
+    unpack(any, url, &format!("{field}.typed_config")).map(Some)
+}
+
+/// Checks that a TLS context presents the workload's certificate and
+/// verifies peers with its trust bundle (the only material Pilotfish has),
+/// and returns its peer SAN matchers, each with its field.
+fn common_tls(
+    c: &CommonTlsContext,
+    names: &SecretNames,
+    field: &str,
+) -> Result<Vec<(String, StringMatcher)>> {
+    use common_tls_context::ValidationContextType as V;
+    let mut rest = c.clone();
+    let cf = format!("{field}.tls_certificate_sds_secret_configs");
+    match c.tls_certificate_sds_secret_configs.as_slice() {
+        [s] if s.name == names.certificate => {}
+        [s] => {
+            return refuse(
+                format!("{cf}[0].name"),
+                format!(
+                    "{:?} is not the workload's certificate (xds.certificate_secret is {:?})",
+                    s.name, names.certificate
+                ),
+            )
+        }
+        [] => {
+            return refuse(
+                cf,
+                format!(
+                    "required: Pilotfish presents the workload's certificate, the secret {:?}",
+                    names.certificate
+                ),
+            )
+        }
+        _ => return refuse(cf, "one certificate only (the workload's)"),
+    }
+    rest.tls_certificate_sds_secret_configs.clear();
+    for (i, p) in c.alpn_protocols.iter().enumerate() {
+        if !matches!(p.as_str(), "h2" | "http/1.1") {
+            return refuse(
+                format!("{field}.alpn_protocols[{i}]"),
+                format!("{p:?}: Pilotfish offers h2 and http/1.1, as each protocol needs"),
+            );
+        }
+    }
+    rest.alpn_protocols.clear();
+    if let Some(p) = &c.tls_params {
+        // 0 is "auto", 3 TLS 1.2, 4 TLS 1.3. Pilotfish speaks TLS 1.3 (and
+        // 1.2 where [tls] allows it): a range without 1.3 is not honoured.
+        let (min, max) = (
+            p.tls_minimum_protocol_version,
+            p.tls_maximum_protocol_version,
+        );
+        if !(0..=4).contains(&min) || !matches!(max, 0 | 4) {
+            return refuse(
+                format!("{field}.tls_params"),
+                "a protocol range without TLS 1.3 cannot be honoured",
+            );
+        }
+        let mut p_rest = p.clone();
+        p_rest.tls_minimum_protocol_version = 0;
+        p_rest.tls_maximum_protocol_version = 0;
+        nothing_left(&format!("{field}.tls_params."), &p_rest)?;
+        rest.tls_params = None;
+    }
+    let vf = format!("{field}.combined_validation_context");
+    let (bundle, context, context_field) = match &c.validation_context_type {
+        Some(V::ValidationContextSdsSecretConfig(s)) => (Some(s), None, String::new()),
+        Some(V::CombinedValidationContext(cv)) => {
+            let mut cv_rest = cv.clone();
+            cv_rest.default_validation_context = None;
+            cv_rest.validation_context_sds_secret_config = None;
+            nothing_left(&format!("{vf}."), &cv_rest)?;
+            (
+                cv.validation_context_sds_secret_config.as_ref(),
+                cv.default_validation_context.as_ref(),
+                format!("{vf}.default_validation_context"),
+            )
+        }
+        Some(V::ValidationContext(_)) => {
+            return refuse(
+                format!("{field}.validation_context"),
+                "inline trust anchors are not supported: name the trust bundle's secret",
+            )
+        }
+        Some(_) => {
+            return refuse(
+                format!("{field}.validation_context_type"),
+                "certificate providers are not supported",
+            )
+        }
+        None => {
+            return refuse(
+                format!("{field}.validation_context_type"),
+                "required: peers are verified with the workload's trust bundle",
+            )
+        }
+    };
+    match bundle {
+        Some(s) if s.name == names.trust_bundle => {}
+        Some(s) => {
+            return refuse(
+                format!("{field}.validation_context_sds_secret_config.name"),
+                format!(
+                    "{:?} is not the workload's trust bundle (xds.trust_bundle_secret is {:?})",
+                    s.name, names.trust_bundle
+                ),
+            )
+        }
+        None => {
+            return refuse(
+                format!("{vf}.validation_context_sds_secret_config"),
+                format!(
+                "required: peers are verified with the workload's trust bundle, the secret {:?}",
+                names.trust_bundle
+            ),
+            )
+        }
+    }
+    rest.validation_context_type = None;
+    nothing_left(&format!("{field}."), &rest)?;
+    let mut sans = Vec::new();
+    if let Some(v) = context {
+        for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
+            let mf = format!("{context_field}.match_typed_subject_alt_names[{i}]");
+            // 3: URI, where a SPIFFE ID lives.
+            if m.san_type != 3 || !m.oid.is_empty() {
+                return refuse(
+                    format!("{mf}.san_type"),
+                    "only URI SANs (SPIFFE IDs) are matched",
+                );
+            }
+            let Some(matcher) = &m.matcher else {
+                return refuse(format!("{mf}.matcher"), "required");
+            };
+            sans.push((format!("{mf}.matcher"), matcher.clone()));
+        }
+        for (i, m) in v.match_subject_alt_names.iter().enumerate() {
+            let mf = format!("{context_field}.match_subject_alt_names[{i}]");
+            sans.push((mf, m.clone()));
+        }
+        let mut v_rest = v.clone();
+        v_rest.match_typed_subject_alt_names.clear();
+        v_rest.match_subject_alt_names.clear();
+        nothing_left(&format!("{context_field}."), &v_rest)?;
+    }
+    Ok(sans)
+}
+
+/// A cluster's UpstreamTlsContext as its `tls` table: the one SPIFFE ID
+/// its endpoints must prove, and the SNI to send. None: plaintext.
+fn upstream_tls(
+    ts: &envoy_types::pb::envoy::config::core::v3::TransportSocket,
+    names: &SecretNames,
+) -> Result<Option<Table>> {
+    let field = "transport_socket";
+    let Some(u) = transport_socket::<UpstreamTlsContext>(ts, UPSTREAM_TLS, field)? else {
+        return Ok(None);
+    };
+    let cf = format!("{field}.typed_config.common_tls_context");
+    let Some(common) = &u.common_tls_context else {
+        return refuse(cf, "required");
+    };
+    let sans = common_tls(common, names, &cf)?;
+    let identity = match sans.as_slice() {
+        [(f, m)] => match (&m.match_pattern, m.ignore_case) {
+            (Some(string_matcher::MatchPattern::Exact(id)), false) => id.clone(),
+            _ => {
+                return refuse(
+                    f.clone(),
+                    "an exact, case-sensitive SPIFFE ID is required (a cluster proves one identity)",
+                )
+            }
+        },
+        [] => {
+            return refuse(
+                format!("{cf}.combined_validation_context.default_validation_context.match_typed_subject_alt_names"),
+                "required: the SPIFFE ID the cluster's endpoints must prove",
+            )
+        }
+        [_, (f, _), ..] => {
+            return refuse(
+                f.clone(),
+                "one identity per cluster is supported",
+            )
+        }
+    };
+    let mut tls = Table::new();
+    tls.insert("server_identity".into(), Value::String(identity));
+    if !u.sni.is_empty() {
+        tls.insert("sni".into(), Value::String(u.sni.clone()));
+    }
+    let mut rest = u.clone();
+    rest.common_tls_context = None;
+    rest.sni.clear();
+    // A bound on remembered sessions: Pilotfish bounds its own cache.
+    rest.max_session_keys = None;
+    nothing_left(&format!("{field}.typed_config."), &rest)?;
+    Ok(Some(tls))
+}
+
+/// A filter chain's DownstreamTlsContext as the listener's `tls` table
+/// and `authorize` list (its SAN matchers: exact SPIFFE IDs, or prefixes
+/// ending in `/`).
+fn downstream_tls(
+    ts: &envoy_types::pb::envoy::config::core::v3::TransportSocket,
+    names: &SecretNames,
+    t: &mut Table,
+) -> Result<()> {
+    let field = "filter_chains[0].transport_socket";
+    let Some(d) = transport_socket::<DownstreamTlsContext>(ts, DOWNSTREAM_TLS, field)? else {
+        return Ok(());
+    };
+    let cf = format!("{field}.typed_config.common_tls_context");
+    let Some(common) = &d.common_tls_context else {
+        return refuse(cf, "required");
+    };
+    let sans = common_tls(common, names, &cf)?;
+    let require = d.require_client_certificate.is_some_and(|b| b.value);
+    let mut authorize = Vec::new();
+    for (f, m) in &sans {
+        let pattern =
+            match (&m.match_pattern, m.ignore_case) {
+                (Some(string_matcher::MatchPattern::Exact(id)), false) => id.clone(),
+                (Some(string_matcher::MatchPattern::Prefix(p)), false) if p.ends_with('/') => {
+                    format!("{p}*")
+                }
+                _ => return refuse(
+                    f.clone(),
+                    "only exact SPIFFE IDs and prefixes ending in / are matched (case-sensitive)",
+                ),
+            };
+        authorize.push(Value::String(pattern));
+    }
+    if !authorize.is_empty() && !require {
+        return refuse(
+            format!("{field}.typed_config.require_client_certificate"),
+            "SAN matchers need a client certificate to match",
+        );
+    }
+    let mut tls = Table::new();
+    tls.insert("require_client_cert".into(), Value::Boolean(require));
+    t.insert("tls".into(), Value::Table(tls));
+    if !authorize.is_empty() {
+        t.insert("authorize".into(), Value::Array(authorize));
+    }
+    let mut rest = d.clone();
+    rest.common_tls_context = None;
+    rest.require_client_certificate = None;
+    nothing_left(&format!("{field}.typed_config."), &rest)?;
+    Ok(())
+}
+
 /// What one SDS secret holds, in PEM.
 #[derive(Clone, PartialEq, Eq)]
 pub enum SecretOut {
@@ -1072,9 +1376,12 @@ pub fn by_name(list: impl IntoIterator<Item = Table>) -> BTreeMap<String, Table>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::config::{
-        core::v3::SocketAddress,
-        endpoint::v3::{lb_endpoint, Endpoint, LbEndpoint, LocalityLbEndpoints},
+    use envoy_types::pb::envoy::{
+        config::{
+            core::v3::{transport_socket, SocketAddress, TransportSocket},
+            endpoint::v3::{lb_endpoint, Endpoint, LbEndpoint, LocalityLbEndpoints},
+        },
+        extensions::transport_sockets::tls::v3::{CertificateValidationContext, SdsSecretConfig},
     };
 
     fn at(host: &str, port: u32) -> Address {
@@ -1102,6 +1409,171 @@ mod tests {
             }],
             ..ClusterLoadAssignment::default()
         }
+    }
+
+    fn tls_socket(url: &str, m: &impl Message) -> TransportSocket {
+        TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(Any {
+                type_url: url.into(),
+                value: m.encode_to_vec(),
+            })),
+        }
+    }
+
+    fn common(sans: Vec<StringMatcher>) -> CommonTlsContext {
+        CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
+                name: "default".into(),
+                ..SdsSecretConfig::default()
+            }],
+            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::CombinedValidationContext(
+                    common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(CertificateValidationContext {
+                            match_subject_alt_names: sans,
+                            ..CertificateValidationContext::default()
+                        }),
+                        validation_context_sds_secret_config: Some(SdsSecretConfig {
+                            name: "ROOTCA".into(),
+                            ..SdsSecretConfig::default()
+                        }),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..CommonTlsContext::default()
+        }
+    }
+
+    fn exact(s: &str) -> StringMatcher {
+        StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact(s.into())),
+            ..StringMatcher::default()
+        }
+    }
+
+    fn names() -> SecretNames {
+        SecretNames {
+            certificate: "default".into(),
+            trust_bundle: "ROOTCA".into(),
+        }
+    }
+
+    #[test]
+    fn an_upstream_tls_context_becomes_the_clusters_expected_identity() {
+        let orders = "spiffe://mesh.local/ns/prod/sa/orders";
+        let mut u = UpstreamTlsContext {
+            common_tls_context: Some(common(vec![exact(orders)])),
+            sni: "outbound_.8080_._.orders.prod.svc.cluster.local".into(),
+            ..UpstreamTlsContext::default()
+        };
+        let mut c = Cluster {
+            name: "orders".into(),
+            transport_socket: Some(tls_socket(UPSTREAM_TLS, &u)),
+            ..Cluster::default()
+        };
+        let out = cluster(&c, &names()).unwrap();
+        let tls = out.table["tls"].as_table().unwrap();
+        assert_eq!(tls["server_identity"].as_str(), Some(orders));
+        assert_eq!(tls["sni"].as_str(), Some(u.sni.as_str()));
+
+        // Another secret than the workload's, two identities, a prefix, or
+        // an ALPN Pilotfish does not speak: each refused by field.
+        let other = SecretNames {
+            certificate: "other".into(),
+            ..names()
+        };
+        let e = cluster(&c, &other).unwrap_err();
+        assert!(
+            e.field
+                .ends_with("tls_certificate_sds_secret_configs[0].name"),
+            "{e}"
+        );
+        u.common_tls_context = Some(common(vec![exact(orders), exact(orders)]));
+        c.transport_socket = Some(tls_socket(UPSTREAM_TLS, &u));
+        let e = cluster(&c, &names()).unwrap_err();
+        assert!(e.field.ends_with("match_subject_alt_names[1]"), "{e}");
+        let mut prefix = exact("");
+        prefix.match_pattern = Some(string_matcher::MatchPattern::Prefix(
+            "spiffe://mesh.local/".into(),
+        ));
+        u.common_tls_context = Some(common(vec![prefix]));
+        c.transport_socket = Some(tls_socket(UPSTREAM_TLS, &u));
+        let e = cluster(&c, &names()).unwrap_err();
+        assert!(e.field.ends_with("match_subject_alt_names[0]"), "{e}");
+        let mut ctx = common(vec![exact(orders)]);
+        ctx.alpn_protocols = vec!["istio-peer-exchange".into()];
+        u.common_tls_context = Some(ctx);
+        c.transport_socket = Some(tls_socket(UPSTREAM_TLS, &u));
+        let e = cluster(&c, &names()).unwrap_err();
+        assert!(e.field.ends_with("alpn_protocols[0]"), "{e}");
+    }
+
+    #[test]
+    fn a_downstream_tls_context_becomes_the_listeners_tls_and_authorize() {
+        use envoy_types::pb::{
+            envoy::config::listener::v3::{filter, Filter, FilterChain},
+            google::protobuf::BoolValue,
+        };
+        let mut prefix = exact("");
+        prefix.match_pattern = Some(string_matcher::MatchPattern::Prefix(
+            "spiffe://mesh.local/ns/prod/".into(),
+        ));
+        let d = DownstreamTlsContext {
+            common_tls_context: Some(common(vec![
+                exact("spiffe://mesh.local/ns/ops/sa/admin"),
+                prefix,
+            ])),
+            require_client_certificate: Some(BoolValue { value: true }),
+            ..DownstreamTlsContext::default()
+        };
+        let proxy = TcpProxy {
+            stat_prefix: "in".into(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster("app".into())),
+            ..TcpProxy::default()
+        };
+        let mut l = Listener {
+            name: "inbound".into(),
+            address: Some(at("127.0.0.1", 15006)),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(Any {
+                        type_url: TCP_PROXY.into(),
+                        value: proxy.encode_to_vec(),
+                    })),
+                }],
+                transport_socket: Some(tls_socket(DOWNSTREAM_TLS, &d)),
+                ..FilterChain::default()
+            }],
+            ..Listener::default()
+        };
+        let out = listener(&l, &names()).unwrap();
+        assert_eq!(
+            out.table["tls"]["require_client_cert"].as_bool(),
+            Some(true)
+        );
+        let authorize: Vec<_> = out.table["authorize"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            authorize,
+            [
+                "spiffe://mesh.local/ns/ops/sa/admin",
+                "spiffe://mesh.local/ns/prod/*"
+            ]
+        );
+        // Matchers without a client certificate to match are refused.
+        let mut optional = d.clone();
+        optional.require_client_certificate = None;
+        l.filter_chains[0].transport_socket = Some(tls_socket(DOWNSTREAM_TLS, &optional));
+        let e = listener(&l, &names()).unwrap_err();
+        assert!(e.field.ends_with("require_client_certificate"), "{e}");
     }
 
     #[test]
@@ -1179,13 +1651,13 @@ mod tests {
             load_assignment: Some(assignment("orders.svc.local")),
             ..Cluster::default()
         };
-        let out = cluster(&c).unwrap();
+        let out = cluster(&c, &SecretNames::default()).unwrap();
         assert_eq!(
             out.table["endpoints"],
             Value::Array(vec![Value::String("orders.svc.local:8080".into())])
         );
         c.cluster_discovery_type = None;
-        let e = cluster(&c).unwrap_err();
+        let e = cluster(&c, &SecretNames::default()).unwrap_err();
         assert!(e.field.ends_with("endpoint.address.address"), "{e}");
         assert!(endpoints(&assignment("orders.svc.local"), "", false).is_err());
     }
@@ -1197,6 +1669,9 @@ mod tests {
             upstream_bind_config: Some(Default::default()),
             ..Cluster::default()
         };
-        assert_eq!(cluster(&c).unwrap_err().field, "upstream_bind_config");
+        assert_eq!(
+            cluster(&c, &SecretNames::default()).unwrap_err().field,
+            "upstream_bind_config"
+        );
     }
 }
