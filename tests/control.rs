@@ -534,3 +534,91 @@ fn an_endpoint_only_swap_keeps_pools_and_keep_alive_connections() {
     assert_eq!(tag_of(&get(addr, "/echo")).as_deref(), Some("two"));
     proxy.shutdown();
 }
+
+/// HTTP/2 as HTTP/1.1 above: an endpoint-only swap moves an h2c
+/// connection to the new generation with no GOAWAY (its next streams are
+/// served there), and a swap that changes its listener sends GOAWAY.
+#[test]
+fn an_endpoint_only_swap_keeps_h2_connections_open() {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        process::{Command, Stdio},
+    };
+    if !have_py("h2") {
+        return;
+    }
+    let (a, b) = (HttpUpstream::start(), HttpUpstream::start());
+    let dir = temp_dir("swap-endpoints-h2");
+    let one_worker = |toml: String| toml.replace("workers = 2", "workers = 1");
+    let first = one_worker(tagged_config(
+        "127.0.0.1:0".parse().unwrap(),
+        "one",
+        a.addr,
+        "",
+    ));
+    let (proxy, _server, socket, addr) = start(&first, &dir);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/h2_raw.py");
+    let mut child = Command::new("timeout")
+        .args(["60", "python3", script, "steps", &addr.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to = child.stdin.take().unwrap();
+    let mut from = BufReader::new(child.stdout.take().unwrap());
+    let mut step = |line: &str| -> serde_json::Value {
+        writeln!(to, "{line}").unwrap();
+        to.flush().unwrap();
+        let mut out = String::new();
+        from.read_line(&mut out).unwrap();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    };
+    let tag = |r: &serde_json::Value| {
+        let body = r["body"].as_str().unwrap_or("").to_ascii_lowercase();
+        body.lines()
+            .find_map(|l| l.strip_prefix("x-config:").map(|v| v.trim().to_string()))
+    };
+    let r = step("GET /echo");
+    assert_eq!(
+        (r["status"].as_u64(), tag(&r).as_deref()),
+        (Some(200), Some("one")),
+        "{r}"
+    );
+
+    // Endpoints change, three times: no GOAWAY, and the connection's next
+    // streams reach the new endpoint.
+    let both = one_worker(tagged_config(addr, "one", a.addr, "")).replace(
+        &format!("endpoints = [\"{}\"]", a.addr),
+        &format!("endpoints = [\"{}\", \"{}\"]", a.addr, b.addr),
+    );
+    for config in [
+        &both,
+        &first.replace("127.0.0.1:0", &addr.to_string()),
+        &both,
+    ] {
+        let (status, body) = post_config(&socket, config);
+        assert_eq!(status, 200, "{body}");
+        let waited = step("WAIT 1");
+        assert_eq!(waited["goaway"], serde_json::Value::Null, "{waited}");
+        assert_eq!(waited["closed"], false, "{waited}");
+        for _ in 0..2 {
+            let r = step("GET /echo");
+            assert_eq!(r["status"].as_u64(), Some(200), "{r}");
+        }
+    }
+    assert!(b.requests() >= 1, "round robin reached the new endpoint");
+    assert_eq!(proxy.stats().total.http.h2_connections, 1);
+    assert!(proxy.stats().total.connections_carried >= 3);
+
+    // The route changes: GOAWAY (NO_ERROR), the graceful kind.
+    let (status, body) = post_config(
+        &socket,
+        &both.replace("\"x-config\" = \"one\"", "\"x-config\" = \"two\""),
+    );
+    assert_eq!(status, 200, "{body}");
+    let waited = step("WAIT 5");
+    assert_eq!(waited["goaway"], "NO_ERROR", "{waited}");
+    drop(to);
+    let _ = child.wait();
+    proxy.shutdown();
+}

@@ -5,11 +5,14 @@
 //!
 //! What must hold: the connection advertises and enforces the limits in
 //! [`super`] (streams, windows, header list, reset floods); a panic in a
-//! stream's task ends that stream, never the worker; a drain or a config
-//! swap ends the connection with a graceful GOAWAY (h2 sends the two
-//! phases: first with the last possible id, then with the last stream it
-//! took) and lets open streams finish; a connection with no stream for
-//! the listener's idle timeout is closed the same way.
+//! stream's task ends that stream, never the worker; a drain, or a config
+//! swap that changes this listener, ends the connection with a graceful
+//! GOAWAY (h2 sends the two phases: first with the last possible id, then
+//! with the last stream it took) and lets open streams finish; a swap that
+//! keeps the listener as it was (an endpoint push) moves the connection to
+//! the new generation instead ([`Worker::carried`]): its next streams are
+//! served there, and the ones open finish where they started; a connection
+//! with no stream for the listener's idle timeout is closed gracefully.
 
 use std::{
     cell::Cell,
@@ -53,8 +56,8 @@ pub struct Caller {
 /// Serves one HTTP/2 connection; `already` holds bytes read while
 /// detecting the protocol (the start of the preface).
 pub async fn serve(
-    worker: Rc<Worker>,
-    listener_index: usize,
+    mut worker: Rc<Worker>,
+    mut listener_index: usize,
     stream: Stream,
     already: Vec<u8>,
     caller: Caller,
@@ -96,14 +99,27 @@ pub async fn serve(
             conn.accept().await
         } else {
             let quiet = open.get() == 0;
-            monoio::select! {
-                n = conn.accept() => n,
-                _ = worker.retired.wait() => {
+            let woke = monoio::select! {
+                n = conn.accept() => Wake::Next(n),
+                _ = worker.retired.wait() => Wake::Retired,
+                _ = monoio::time::sleep(idle), if quiet => Wake::Idle,
+            };
+            match woke {
+                Wake::Next(n) => n,
+                Wake::Retired => {
+                    if let Some((next, index)) = worker.carried(listener_index) {
+                        // The listener lives on unchanged: so does this
+                        // connection, in the new generation.
+                        metrics::add(&next.counters.connections_carried, 1);
+                        worker = next;
+                        listener_index = index;
+                        continue;
+                    }
                     conn.graceful_shutdown();
                     closing = true;
                     continue;
                 }
-                _ = monoio::time::sleep(idle), if quiet => {
+                Wake::Idle => {
                     conn.graceful_shutdown();
                     closing = true;
                     continue;
@@ -177,6 +193,15 @@ pub async fn serve(
     }
     // Let h2 flush the GOAWAY (and whatever else it owes) before closing.
     let _ = monoio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
+}
+
+/// What woke a connection waiting for its next stream.
+enum Wake<T> {
+    Next(T),
+    /// Its config generation retired (a swap or a drain).
+    Retired,
+    /// No stream for the idle timeout.
+    Idle,
 }
 
 /// Streams a connection finished, and how many of them the client reset

@@ -6,6 +6,11 @@ frames a normal client never sends.
     h2_raw.py flood ADDR KIND     sends one abuse pattern; prints how the
                                   connection ended: {"closed": bool,
                                   "goaway": error code name or null, "secs": float}
+    h2_raw.py steps ADDR          one connection, driven from stdin, a line each:
+                                  "GET /path" sends a request and prints
+                                  {"status", "body", "goaway"} when it ends;
+                                  "WAIT S" reads for S seconds and prints
+                                  {"goaway": error code name or null, "closed"}
 """
 import json
 import socket
@@ -14,6 +19,8 @@ import time
 
 import h2.config
 import h2.connection
+import h2.errors
+import h2.exceptions
 import h2.events
 import h2.settings
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame, WindowUpdateFrame, DataFrame
@@ -63,6 +70,78 @@ def pump(s, conn, bodies, done):
         elif isinstance(ev, h2.events.StreamEnded):
             done.add(ev.stream_id)
     s.sendall(conn.data_to_send())
+
+
+def steps(addr):
+    s, conn, auth = connect(addr)
+    goaway = [None]
+    closed = [False]
+    # The server's bytes not yet scanned for frames; the client preface
+    # is ours, so the server's stream starts at a frame boundary.
+    raw = [b""]
+
+    def read_events(timeout):
+        s.settimeout(timeout)
+        try:
+            data = s.recv(65536)
+        except socket.timeout:
+            return []
+        if not data:
+            closed[0] = True
+            return []
+        # GOAWAY is read off the wire first: this library refuses frames
+        # that may follow it in the same read (h2's graceful shutdown
+        # sends a PING after it), losing the code with the exception.
+        raw[0] += data
+        while len(raw[0]) >= 9:
+            length = int.from_bytes(raw[0][:3], "big")
+            if len(raw[0]) < 9 + length:
+                break
+            if raw[0][3] == 0x7 and goaway[0] is None:
+                code = int.from_bytes(raw[0][9 + 4:9 + 8], "big")
+                goaway[0] = h2.errors.ErrorCodes(code).name
+            raw[0] = raw[0][9 + length:]
+        try:
+            events = conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            if goaway[0] is None:
+                raise
+            return []
+        for ev in events:
+            if isinstance(ev, h2.events.ConnectionTerminated):
+                goaway[0] = h2.errors.ErrorCodes(ev.error_code).name
+            elif isinstance(ev, h2.events.DataReceived):
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        s.sendall(conn.data_to_send())
+        return events
+
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd and cmd[0] == "GET":
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, req_headers(auth, cmd[1]), end_stream=True)
+            s.sendall(conn.data_to_send())
+            status, body, ended = None, b"", False
+            deadline = time.time() + 20
+            while not ended and not closed[0] and time.time() < deadline:
+                for ev in read_events(1):
+                    if getattr(ev, "stream_id", None) != sid:
+                        continue
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        status = int(dict(ev.headers)[":status"])
+                    elif isinstance(ev, h2.events.DataReceived):
+                        body += ev.data
+                    elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                        ended = True
+            out = {"status": status, "body": body.decode(errors="replace"), "goaway": goaway[0]}
+        elif cmd and cmd[0] == "WAIT":
+            deadline = time.time() + float(cmd[1])
+            while goaway[0] is None and not closed[0] and time.time() < deadline:
+                read_events(max(0.01, deadline - time.time()))
+            out = {"goaway": goaway[0], "closed": closed[0]}
+        else:
+            out = {"error": "unknown command %r" % line}
+        print(json.dumps(out), flush=True)
 
 
 def flood(addr, kind):
@@ -167,5 +246,7 @@ def flood(addr, kind):
 if __name__ == "__main__":
     if sys.argv[1] == "mux":
         mux(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "steps":
+        steps(sys.argv[2])
     else:
         flood(sys.argv[2], sys.argv[3])
