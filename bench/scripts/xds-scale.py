@@ -34,7 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SERVER = os.path.join(ROOT, "tests", "peers", "xds_server.py")
-BINARY = os.path.join(ROOT, "target", "release", "pilotfish")
+# PILOTFISH_BIN: another build to measure (a baseline kept aside).
+BINARY = os.environ.get("PILOTFISH_BIN", os.path.join(ROOT, "target", "release", "pilotfish"))
 
 
 class Ok(BaseHTTPRequestHandler):

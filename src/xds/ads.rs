@@ -139,13 +139,22 @@ pub(super) struct Sub {
     pub(super) names: BTreeSet<String>,
 }
 
-/// Everything accepted so far, by resource name.
+/// Everything accepted so far, by resource name. Translations are shared
+/// (`Arc`): a candidate state is a copy of the accepted one with a few
+/// entries replaced, and an entry that was not replaced is the same
+/// allocation in both, so copying and comparing them is cheap.
 #[derive(Debug, Default, Clone)]
 pub(super) struct State {
-    clusters: BTreeMap<String, ClusterOut>,
-    endpoints: BTreeMap<String, Vec<Value>>,
-    listeners: BTreeMap<String, ListenerOut>,
-    routes: BTreeMap<String, Vec<Value>>,
+    clusters: BTreeMap<String, Arc<ClusterOut>>,
+    endpoints: BTreeMap<String, Arc<Vec<Value>>>,
+    listeners: BTreeMap<String, Arc<ListenerOut>>,
+    routes: BTreeMap<String, Arc<Vec<Value>>>,
+    /// What each held resource's encoding hashed to, by type and name,
+    /// and the reverse: a state-of-the-world response resends every
+    /// resource, and one whose bytes did not change is neither decoded
+    /// nor translated again. Keyed with this process's random SipHash key,
+    /// so a server cannot make two resources collide on purpose.
+    digests: Digests,
     secrets: BTreeMap<String, SecretOut>,
     /// The certificate's and the trust bundle's secret names (`[xds]`).
     pub(super) secret_names: SecretNames,
@@ -166,7 +175,11 @@ impl State {
             .map(|c| {
                 let mut t = c.table.clone();
                 if let Some(eds) = &c.eds_name {
-                    let list = self.endpoints.get(eds).cloned().unwrap_or_default();
+                    let list = self
+                        .endpoints
+                        .get(eds)
+                        .map(|l| l.as_ref().clone())
+                        .unwrap_or_default();
                     t.insert("endpoints".into(), Value::Array(list));
                 }
                 t
@@ -178,7 +191,8 @@ impl State {
             .filter_map(|l| {
                 let mut t = l.table.clone();
                 if let Some(rds) = &l.rds_name {
-                    t.insert("routes".into(), Value::Array(self.routes.get(rds)?.clone()));
+                    let list = self.routes.get(rds)?.as_ref().clone();
+                    t.insert("routes".into(), Value::Array(list));
                 }
                 Some(t)
             })
@@ -200,10 +214,10 @@ impl State {
         controller: &Controller,
     ) -> Result<(), String> {
         self.drop_unwanted();
-        let config_same = self.clusters == before.clusters
-            && self.listeners == before.listeners
-            && self.routes == before.routes
-            && self.endpoints == before.endpoints;
+        let config_same = same(&self.clusters, &before.clusters)
+            && same(&self.listeners, &before.listeners)
+            && same(&self.routes, &before.routes)
+            && same(&self.endpoints, &before.endpoints);
         if self.secrets != before.secrets {
             // Before any config change it came with: a cluster pushed with
             // the identity of a new trust domain needs the new bundle.
@@ -214,20 +228,24 @@ impl State {
                 return Ok(());
             }
         }
-        let only_endpoints = self.clusters == before.clusters
-            && self.listeners == before.listeners
-            && self.routes == before.routes;
+        let only_endpoints = same(&self.clusters, &before.clusters)
+            && same(&self.listeners, &before.listeners)
+            && same(&self.routes, &before.routes);
         if only_endpoints {
             let mut changed = BTreeMap::new();
             for c in self.clusters.values() {
                 let Some(eds) = &c.eds_name else { continue };
                 let (new, old) = (self.endpoints.get(eds), before.endpoints.get(eds));
-                if new == old {
+                let unchanged = match (new, old) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                    (a, b) => a.is_none() && b.is_none(),
+                };
+                if unchanged {
                     continue;
                 }
                 let parsed: Option<Vec<std::net::SocketAddr>> = new
                     .into_iter()
-                    .flatten()
+                    .flat_map(|l| l.iter())
                     .map(|v| v.as_str()?.parse().ok())
                     .collect();
                 let name = c.table.get("name").and_then(Value::as_str);
@@ -303,6 +321,19 @@ impl State {
         self.routes.retain(|k, _| rds.contains(k));
         let sds = self.wanted_sds();
         self.secrets.retain(|k, _| sds.contains(k));
+        let held = |url: &str, name: &str| match url {
+            CDS => self.clusters.contains_key(name),
+            EDS => self.endpoints.contains_key(name),
+            LDS => self.listeners.contains_key(name),
+            RDS => self.routes.contains_key(name),
+            _ => false,
+        };
+        self.digests
+            .by_name
+            .retain(|(url, name), _| held(url, name));
+        self.digests
+            .by_digest
+            .retain(|(url, _), name| held(url, name));
         for (url, keep) in [(EDS, &eds), (RDS, &rds), (SDS, &sds)] {
             if let Some(v) = self.versions.get_mut(url) {
                 v.retain(|k, _| keep.contains(k));
@@ -608,17 +639,19 @@ fn take(type_url: &str, resp: &DiscoveryResponse, state: &mut State) -> Result<(
             resp.resources.len()
         ));
     }
-    match type_url {
-        CDS => state.clusters.clear(),
-        LDS => state.listeners.clear(),
-        _ => {}
-    }
     let mut seen = BTreeSet::new();
     for (i, any) in resp.resources.iter().enumerate() {
         let name = state.upsert(type_url, any, &format!("resources[{i}]"))?;
         if !seen.insert(name.clone()) {
             return Err(format!("resource {name:?} appears twice"));
         }
+    }
+    // CDS and LDS responses hold every resource: what is not in this one
+    // is gone.
+    match type_url {
+        CDS => state.clusters.retain(|k, _| seen.contains(k)),
+        LDS => state.listeners.retain(|k, _| seen.contains(k)),
+        _ => {}
     }
     Ok(())
 }
@@ -631,6 +664,40 @@ impl State {
         any: &envoy_types::pb::google::protobuf::Any,
         field: &str,
     ) -> Result<String, String> {
+        let named = |what: &str, name: &str, r: Refusal| format!("{what} {name:?}: {r}");
+        let Some(url) = [CDS, EDS, LDS, RDS, SDS]
+            .into_iter()
+            .find(|u| *u == type_url)
+        else {
+            return Err(format!("type {type_url} is not supported"));
+        };
+        let digest = self.digests.of(url, &any.value);
+        if let Some(name) = self.digests.by_digest.get(&(url, digest)) {
+            let held = match url {
+                CDS => self.clusters.contains_key(name),
+                EDS => self.endpoints.contains_key(name),
+                LDS => self.listeners.contains_key(name),
+                RDS => self.routes.contains_key(name),
+                _ => false,
+            };
+            if held {
+                return Ok(name.clone());
+            }
+        }
+        let name = self.translate(url, any, field, named)?;
+        if url != SDS {
+            self.digests.remember(url, &name, digest);
+        }
+        Ok(name)
+    }
+
+    fn translate(
+        &mut self,
+        type_url: &'static str,
+        any: &envoy_types::pb::google::protobuf::Any,
+        field: &str,
+        named: impl Fn(&str, &str, Refusal) -> String,
+    ) -> Result<String, String> {
         fn decode<M: Message + Default>(
             any: &envoy_types::pb::google::protobuf::Any,
             url: &str,
@@ -638,34 +705,34 @@ impl State {
         ) -> Result<M, String> {
             translate::unpack(any, url, field).map_err(|r| r.to_string())
         }
-        let named = |what: &str, name: &str, r: Refusal| format!("{what} {name:?}: {r}");
         Ok(match type_url {
             CDS => {
                 let c: Cluster = decode(any, CDS, field)?;
                 let t = translate::cluster(&c, &self.secret_names)
                     .map_err(|r| named("Cluster", &c.name, r))?;
-                self.clusters.insert(c.name.clone(), t);
+                self.clusters.insert(c.name.clone(), Arc::new(t));
                 c.name
             }
             LDS => {
                 let l: Listener = decode(any, LDS, field)?;
                 let t = translate::listener(&l, &self.secret_names)
                     .map_err(|r| named("Listener", &l.name, r))?;
-                self.listeners.insert(l.name.clone(), t);
+                self.listeners.insert(l.name.clone(), Arc::new(t));
                 l.name
             }
             EDS => {
                 let la: ClusterLoadAssignment = decode(any, EDS, field)?;
                 let list = translate::endpoints(&la, "", false)
                     .map_err(|r| named("ClusterLoadAssignment", &la.cluster_name, r))?;
-                self.endpoints.insert(la.cluster_name.clone(), list);
+                self.endpoints
+                    .insert(la.cluster_name.clone(), Arc::new(list));
                 la.cluster_name
             }
             RDS => {
                 let rc: RouteConfiguration = decode(any, RDS, field)?;
                 let list = translate::routes(&rc, "")
                     .map_err(|r| named("RouteConfiguration", &rc.name, r))?;
-                self.routes.insert(rc.name.clone(), list);
+                self.routes.insert(rc.name.clone(), Arc::new(list));
                 rc.name
             }
             SDS => {
@@ -699,6 +766,8 @@ impl State {
     /// Takes in what `scratch` translated for `type_url` (and its versions),
     /// and removes `removed`.
     pub(super) fn absorb(&mut self, type_url: &'static str, scratch: State, removed: &[String]) {
+        self.digests.by_name.extend(scratch.digests.by_name);
+        self.digests.by_digest.extend(scratch.digests.by_digest);
         self.clusters.extend(scratch.clusters);
         self.endpoints.extend(scratch.endpoints);
         self.listeners.extend(scratch.listeners);
@@ -748,6 +817,43 @@ impl State {
     }
 }
 
+/// Whether two maps hold the same entries, comparing a shared translation
+/// by address before by value.
+fn same<V: PartialEq>(a: &BTreeMap<String, Arc<V>>, b: &BTreeMap<String, Arc<V>>) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((ka, va), (kb, vb))| ka == kb && (Arc::ptr_eq(va, vb) || va == vb))
+}
+
+/// Digests of held resources' encodings (see [`State`]).
+#[derive(Debug, Default, Clone)]
+struct Digests {
+    by_name: std::collections::HashMap<(&'static str, String), u64>,
+    by_digest: std::collections::HashMap<(&'static str, u64), String>,
+}
+
+impl Digests {
+    /// One key for the process: states made apart (a delta's scratch)
+    /// must agree on digests.
+    fn of(&self, url: &'static str, bytes: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        static KEY: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+        KEY.get_or_init(std::hash::RandomState::new)
+            .hash_one((url, bytes))
+    }
+
+    /// Records `name`'s digest, forgetting the one it had.
+    fn remember(&mut self, url: &'static str, name: &str, digest: u64) {
+        if let Some(old) = self.by_name.insert((url, name.to_string()), digest) {
+            if self.by_digest.get(&(url, old)).is_some_and(|n| n == name) {
+                self.by_digest.remove(&(url, old));
+            }
+        }
+        self.by_digest.insert((url, digest), name.to_string());
+    }
+}
+
 /// xorshift64*, seeded from the clock: spreads reconnects of many sidecars.
 struct Jitter(u64);
 
@@ -774,6 +880,61 @@ impl Jitter {
 mod tests {
     use super::*;
 
+    /// A state-of-the-world response resends everything: resources whose
+    /// bytes are unchanged keep their translation (the same allocation),
+    /// changed ones are translated again, and the digests follow.
+    #[test]
+    fn unchanged_resources_are_not_translated_again() {
+        use envoy_types::pb::google::protobuf::Any;
+        let cla = |name: &str, port: u32| {
+            let la = ClusterLoadAssignment {
+                cluster_name: name.into(),
+                endpoints: vec![envoy_types::pb::envoy::config::endpoint::v3::LocalityLbEndpoints {
+                    lb_endpoints: vec![envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint {
+                        host_identifier: Some(
+                            envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(
+                                envoy_types::pb::envoy::config::endpoint::v3::Endpoint {
+                                    address: Some(envoy_types::pb::envoy::config::core::v3::Address {
+                                        address: Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(
+                                            envoy_types::pb::envoy::config::core::v3::SocketAddress {
+                                                address: "10.0.0.1".into(),
+                                                port_specifier: Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(port)),
+                                                ..Default::default()
+                                            },
+                                        )),
+                                    }),
+                                    ..Default::default()
+                                },
+                            ),
+                        ),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            Any {
+                type_url: EDS.into(),
+                value: la.encode_to_vec(),
+            }
+        };
+        let mut s = State::default();
+        s.upsert(EDS, &cla("a", 80), "r").unwrap();
+        s.upsert(EDS, &cla("b", 80), "r").unwrap();
+        let (a, b) = (Arc::clone(&s.endpoints["a"]), Arc::clone(&s.endpoints["b"]));
+        s.upsert(EDS, &cla("a", 80), "r").unwrap();
+        s.upsert(EDS, &cla("b", 81), "r").unwrap();
+        assert!(Arc::ptr_eq(&a, &s.endpoints["a"]), "unchanged: kept");
+        assert!(!Arc::ptr_eq(&b, &s.endpoints["b"]), "changed: translated");
+        assert_eq!(s.endpoints["b"][0].as_str(), Some("10.0.0.1:81"));
+        // Back to the first bytes: translated again (that digest was
+        // forgotten when b changed), and correct.
+        s.upsert(EDS, &cla("b", 80), "r").unwrap();
+        assert_eq!(s.endpoints["b"][0].as_str(), Some("10.0.0.1:80"));
+        assert_eq!(s.digests.by_name.len(), 2);
+        assert_eq!(s.digests.by_digest.len(), 2);
+    }
+
     #[test]
     fn endpoints_and_routes_nobody_waits_for_are_not_kept() {
         let mut s = State::default();
@@ -781,14 +942,14 @@ mod tests {
         t.insert("name".into(), Value::String("orders".into()));
         s.clusters.insert(
             "orders".into(),
-            ClusterOut {
+            Arc::new(ClusterOut {
                 table: t,
                 eds_name: Some("orders".into()),
-            },
+            }),
         );
         for name in ["orders", "junk-1", "junk-2"] {
-            s.endpoints.insert(name.into(), Vec::new());
-            s.routes.insert(name.into(), Vec::new());
+            s.endpoints.insert(name.into(), Arc::default());
+            s.routes.insert(name.into(), Arc::default());
             s.versions
                 .entry(EDS)
                 .or_default()
