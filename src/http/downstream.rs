@@ -19,7 +19,7 @@ use http::{HeaderMap, StatusCode};
 
 use super::{
     body::{BodyError, Side},
-    inbound::write_all_timed,
+    inbound::write_all_within,
     pipeline::{BodyKind, Downstream, H1Body},
     Client,
 };
@@ -82,7 +82,9 @@ impl<'a> H1Down<'a> {
     }
 
     async fn write(&mut self, out: Vec<u8>) -> io::Result<()> {
-        let (r, buf) = write_all_timed(&mut self.client.stream, out, self.idle).await;
+        let client = &mut *self.client;
+        let (r, buf) =
+            write_all_within(&mut client.writes, &mut client.stream, out, self.idle).await;
         self.worker.heads.give(buf);
         r
     }

@@ -22,7 +22,7 @@ use crate::tls::{per_worker::Alpn, stream::Stream};
 
 use super::{
     body::{self, BodyError, Side, Source},
-    inbound::{write_all_timed, Inbound},
+    inbound::{write_all_within, Inbound},
     Client, Next,
 };
 use crate::{
@@ -498,7 +498,7 @@ impl Attempt<'_> {
         client.note.connect = opened;
         let mut up = Upstream {
             stream,
-            inbound: Inbound::new(self.worker.buffers.take()),
+            inbound: self.worker.buffers.take_inbound(),
             token,
         };
         let kind = RequestKind::of(self.req);
@@ -543,12 +543,12 @@ impl Attempt<'_> {
                         max,
                     );
                 }
-                self.worker.buffers.give(inbound.into_buffer());
+                self.worker.buffers.give_inbound(inbound);
                 Ok(next)
             }
             Err(Exit::Tunnel) => Ok(Next::Tunnel(up)),
             Err(Exit::Failed(e)) => {
-                self.worker.buffers.give(up.inbound.into_buffer());
+                self.worker.buffers.give_inbound(up.inbound);
                 Err(e)
             }
         }
@@ -556,8 +556,10 @@ impl Attempt<'_> {
 
     /// Writes the re-serialized request head; returns when it was sent.
     async fn send_head(&self, head: &mut Vec<u8>, up: &mut Upstream) -> Result<Instant, Exit> {
-        let (written, back) =
-            write_all_timed(&mut up.stream, std::mem::take(head), self.idle).await;
+        let (written, back) = up
+            .inbound
+            .write_all_on_timer(&mut up.stream, std::mem::take(head), self.idle)
+            .await;
         *head = back;
         match written {
             Ok(()) => Ok(Instant::now()),
@@ -797,7 +799,8 @@ impl Attempt<'_> {
                 body_done = true;
             }
         }
-        let (written, out) = write_all_timed(&mut client.stream, out, self.idle).await;
+        let (written, out) =
+            write_all_within(&mut client.writes, &mut client.stream, out, self.idle).await;
         self.worker.heads.give(out);
         counters.response(resp.status);
         client.note.status = resp.status;
@@ -907,7 +910,8 @@ impl Attempt<'_> {
         }
         let mut out = self.worker.heads.take();
         out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-        let (written, out) = write_all_timed(&mut client.stream, out, self.idle).await;
+        let (written, out) =
+            write_all_within(&mut client.writes, &mut client.stream, out, self.idle).await;
         self.worker.heads.give(out);
         self.worker.counters.http.response(100);
         written.map_err(|e| {
@@ -924,7 +928,8 @@ impl Attempt<'_> {
         }
         let mut out = self.worker.heads.take();
         write::response(resp, OutBody::None, true, false, &mut out);
-        let (written, out) = write_all_timed(&mut client.stream, out, self.idle).await;
+        let (written, out) =
+            write_all_within(&mut client.writes, &mut client.stream, out, self.idle).await;
         self.worker.heads.give(out);
         self.worker.counters.http.response(resp.status);
         written.map_err(|e| {

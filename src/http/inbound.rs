@@ -3,9 +3,11 @@
 //!
 //! What must hold: bytes are consumed in order; unconsumed bytes (a
 //! pipelined request, the start of a body) stay for the next reader; the
-//! buffer never grows past the limit it is given.
+//! buffer never grows past the limit it is given; every read, and every
+//! write from the buffer, is bounded in time, by one timer per buffer
+//! that is reset for each operation rather than made anew ([`within`]).
 
-use std::{io, time::Duration};
+use std::{future::Future, io, pin::Pin, task::Poll, time::Duration};
 
 use monoio::{
     buf::{IoBuf, IoBufMut},
@@ -20,6 +22,39 @@ pub struct Inbound {
     /// The last read filled all the space it had: more is likely waiting
     /// (a streamed body), so a larger buffer would save reads.
     saturated: bool,
+    /// Bounds this buffer's reads and writes (made at the first one; an
+    /// operation at a time, since each takes `&mut self`).
+    timer: Timer,
+}
+
+/// One timer, reused: see [`within`].
+pub type Timer = Option<Pin<Box<monoio::time::Sleep>>>;
+
+/// Runs `f` for at most `limit`, on `timer` (made on first use, then reset
+/// for each operation). A timer reset to a later deadline keeps its place
+/// in the wheel (monoio moves it only when the old deadline comes round),
+/// so a busy connection pays about one wheel insert per idle period
+/// instead of an insert and a removal per operation, and no timer entry
+/// (128-byte aligned) is built into and copied with each operation's
+/// future. Err(()) when the time ran out; `f` is then dropped, as
+/// `monoio::time::timeout` would drop it.
+pub async fn within<F: Future>(timer: &mut Timer, limit: Duration, f: F) -> Result<F::Output, ()> {
+    let deadline = monoio::time::Instant::now() + limit;
+    let sleep = match timer {
+        Some(t) => {
+            t.as_mut().reset(deadline);
+            t
+        }
+        None => timer.insert(Box::pin(monoio::time::sleep_until(deadline))),
+    };
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = f.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        sleep.as_mut().poll(cx).map(|()| Err(()))
+    })
+    .await
 }
 
 /// The error a cancelled monoio operation ends with.
@@ -38,6 +73,7 @@ impl Inbound {
             buf,
             start: 0,
             saturated: false,
+            timer: None,
         }
     }
 
@@ -75,6 +111,22 @@ impl Inbound {
         }
     }
 
+    /// A buffer with a timer to reuse (see [`within`]).
+    pub fn with_timer(buf: Vec<u8>, timer: Timer) -> Self {
+        Self {
+            timer,
+            ..Self::new(buf)
+        }
+    }
+
+    /// The buffer (empty) and the timer, for the worker's pool.
+    pub fn into_parts(self) -> (Vec<u8>, Timer) {
+        let timer = self.timer;
+        let mut buf = self.buf;
+        buf.clear();
+        (buf, timer)
+    }
+
     /// Gives the buffer back (for the worker's pool), empty.
     pub fn into_buffer(mut self) -> Vec<u8> {
         self.buf.clear();
@@ -93,9 +145,9 @@ impl Inbound {
         let len = self.buf.len();
         let space = self.buf.capacity() - len;
         let buf = std::mem::take(&mut self.buf);
-        let (read, slice) = monoio::time::timeout(idle, r.read(buf.slice_mut(len..)))
+        let (read, slice) = within(&mut self.timer, idle, r.read(buf.slice_mut(len..)))
             .await
-            .map_err(|_| timed_out())?;
+            .map_err(|()| timed_out())?;
         self.buf = slice.into_inner();
         self.saturated = matches!(read, Ok(n) if n == space);
         read
@@ -140,7 +192,7 @@ impl Inbound {
         let buf = std::mem::take(&mut self.buf);
         let Some(canceller) = canceller else {
             let Ok((read, slice)) =
-                monoio::time::timeout(park_after, tcp.read(buf.slice_mut(len..))).await
+                within(&mut self.timer, park_after, tcp.read(buf.slice_mut(len..))).await
             else {
                 return Ok(None);
             };
@@ -150,7 +202,7 @@ impl Inbound {
         };
         let read = tcp.cancelable_read(buf.slice_mut(len..), canceller.handle());
         let mut read = std::pin::pin!(read);
-        let (read, slice) = match monoio::time::timeout(park_after, read.as_mut()).await {
+        let (read, slice) = match within(&mut self.timer, park_after, read.as_mut()).await {
             Ok(done) => done,
             Err(_) => {
                 // A canceller serves once; the next burst makes a new one.
@@ -168,6 +220,19 @@ impl Inbound {
         }
     }
 
+    /// Writes all of `out` to `w`, bounded by this buffer's timer: for a
+    /// write on the stream this buffer reads, while no read of it is in
+    /// flight (`&mut self` holds that), such as a request head sent
+    /// before its response is read.
+    pub async fn write_all_on_timer<W: AsyncWriteRent>(
+        &mut self,
+        w: &mut W,
+        out: Vec<u8>,
+        idle: Duration,
+    ) -> (io::Result<()>, Vec<u8>) {
+        write_all_within(&mut self.timer, w, out, idle).await
+    }
+
     /// Writes the first `n` unconsumed bytes to `w` straight from this
     /// buffer (no copy), then consumes them.
     pub async fn write_to<W: AsyncWriteRent>(
@@ -178,13 +243,26 @@ impl Inbound {
     ) -> io::Result<()> {
         let (start, end) = (self.start, self.start + n);
         let buf = std::mem::take(&mut self.buf);
-        let (written, slice) = monoio::time::timeout(idle, w.write_all(buf.slice(start..end)))
+        let (written, slice) = within(&mut self.timer, idle, w.write_all(buf.slice(start..end)))
             .await
-            .map_err(|_| timed_out())?;
+            .map_err(|()| timed_out())?;
         self.buf = slice.into_inner();
         written?;
         self.consume(n);
         Ok(())
+    }
+}
+
+/// [`write_all_timed`] on a reused timer (see [`within`]).
+pub async fn write_all_within<W: AsyncWriteRent>(
+    timer: &mut Timer,
+    w: &mut W,
+    out: Vec<u8>,
+    idle: Duration,
+) -> (io::Result<()>, Vec<u8>) {
+    match within(timer, idle, w.write_all(out)).await {
+        Ok((r, buf)) => (r.map(|_| ()), buf),
+        Err(()) => (Err(timed_out()), Vec::new()),
     }
 }
 
@@ -234,4 +312,48 @@ pub async fn linger<S: AsyncReadRent + AsyncWriteRent>(
     monoio::time::timeout(time, discard)
         .await
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One timer serves operation after operation: a later deadline, an
+    /// earlier one, after it fired, and after a pool's no-op poll.
+    #[test]
+    fn a_reused_timer_bounds_each_operation_afresh() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut timer: Timer = None;
+            let pending = std::future::pending::<()>;
+            assert_eq!(
+                within(&mut timer, Duration::from_millis(20), async { 7 }).await,
+                Ok(7)
+            );
+            assert!(timer.is_some(), "made at the first use");
+            // Earlier than the deadline it had, and it fires.
+            assert_eq!(
+                within(&mut timer, Duration::from_millis(5), pending()).await,
+                Err(())
+            );
+            // After firing: a later deadline, and what finishes first wins.
+            let quick = monoio::time::sleep(Duration::from_millis(5));
+            assert_eq!(
+                within(&mut timer, Duration::from_secs(60), quick).await,
+                Ok(())
+            );
+            let mut t = timer.take().unwrap();
+            let _ = t
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+            timer = Some(t);
+            assert_eq!(
+                within(&mut timer, Duration::from_millis(5), pending()).await,
+                Err(())
+            );
+        });
+    }
 }

@@ -85,6 +85,9 @@ pub struct Client {
     pub note: Note,
     /// Overrides the listener's `cluster` (see [`Accepted::cluster`]).
     pub cluster: Option<usize>,
+    /// Bounds writes of responses to this client (reads have the
+    /// inbound's); dropped while the connection is parked.
+    pub writes: inbound::Timer,
 }
 
 /// What one request came to: the final status sent (0: none), the
@@ -239,6 +242,7 @@ pub async fn serve_accepted(
         decisions: Default::default(),
         note: Note::default(),
         cluster: conn.cluster,
+        writes: None,
     };
     let mut first = true;
     loop {
@@ -272,6 +276,7 @@ pub async fn serve_accepted(
         // no read is in flight: the read buffer goes back too, and the
         // next read allocates one.
         client.inbound = Inbound::new(Vec::new());
+        client.writes = None;
         if !park(&worker, &client.stream, idle.saturating_sub(PARK_AFTER)).await {
             return;
         }
@@ -987,7 +992,7 @@ async fn tunnel(worker: &Worker, mut client: Client, mut up: exchange::Upstream,
     if flushed.await.is_err() {
         return;
     }
-    worker.buffers.give(up.inbound.into_buffer());
+    worker.buffers.give_inbound(up.inbound);
     let tally = l4::copy::Tally::default();
     let copied = l4::copy::both_ways(worker, CopyMode::Buffered, client.stream, up.stream, &tally);
     monoio::select! {

@@ -811,7 +811,7 @@ impl Ctx<'_> {
         let worker = self.worker;
         let mut up = super::exchange::Upstream {
             stream,
-            inbound: Inbound::new(worker.buffers.take()),
+            inbound: worker.buffers.take_inbound(),
             token,
         };
         let out_body = match req.body {
@@ -826,7 +826,10 @@ impl Ctx<'_> {
             reason: ErrorReason::UpstreamReset,
             detail,
         };
-        let (written, head) = write_all_timed(&mut up.stream, head, self.idle).await;
+        let (written, head) = up
+            .inbound
+            .write_all_on_timer(&mut up.stream, head, self.idle)
+            .await;
         worker.heads.give(head);
         written.map_err(|e| reset(format!("sending the request head: {e}")))?;
         let sent_at = Instant::now();
@@ -940,7 +943,7 @@ impl Ctx<'_> {
             inbound,
             token,
         } = up;
-        worker.buffers.give(inbound.into_buffer());
+        worker.buffers.give_inbound(inbound);
         if reusable {
             self.cluster.endpoints[ep].pool.checkin(
                 stream,

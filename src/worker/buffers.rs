@@ -1,16 +1,27 @@
 //! A worker's pool of copy buffers, reused across connections.
 //!
+//! Also the timers that bound an upstream response's reads, which go with
+//! those buffers ([`crate::http::inbound::within`]).
+//!
 //! What must hold: every buffer handed out has capacity
-//! [`COPY_BUFFER_BYTES`]; at most [`COPY_BUFFER_POOL_MAX`] idle buffers are
-//! kept, so a burst of connections does not pin memory forever.
+//! [`COPY_BUFFER_BYTES`]; at most [`COPY_BUFFER_POOL_MAX`] idle buffers
+//! (and as many timers) are kept, so a burst of connections does not pin
+//! memory forever.
 
-use std::cell::RefCell;
+use std::{cell::RefCell, future::Future, pin::Pin};
 
-use crate::config::limits::{COPY_BUFFER_BYTES, COPY_BUFFER_POOL_MAX};
+use crate::{
+    config::limits::{COPY_BUFFER_BYTES, COPY_BUFFER_POOL_MAX},
+    http::inbound::Inbound,
+};
 
 #[derive(Debug, Default)]
 pub struct BufferPool {
     idle: RefCell<Vec<Vec<u8>>>,
+    /// Timers of read buffers given back: an upstream exchange borrows a
+    /// buffer for one response, and making its timer anew each time would
+    /// cost an allocation and a wheel insert and removal per request.
+    timers: RefCell<Vec<Pin<Box<monoio::time::Sleep>>>>,
 }
 
 impl BufferPool {
@@ -31,6 +42,27 @@ impl BufferPool {
         let mut idle = self.idle.borrow_mut();
         if idle.len() < COPY_BUFFER_POOL_MAX {
             idle.push(buf);
+        }
+    }
+
+    /// A read buffer from the pool, with a pooled timer if there is one.
+    pub fn take_inbound(&self) -> Inbound {
+        Inbound::with_timer(self.take(), self.timers.borrow_mut().pop())
+    }
+
+    /// Returns a read buffer and its timer for reuse.
+    pub fn give_inbound(&self, inbound: Inbound) {
+        let (buf, timer) = inbound.into_parts();
+        self.give(buf);
+        let mut timers = self.timers.borrow_mut();
+        if let Some(mut t) = timer.filter(|_| timers.len() < COPY_BUFFER_POOL_MAX) {
+            // A timer keeps the waker it was last polled with, and a waker
+            // keeps its task's allocation: polled once with a waker that
+            // does nothing, the pooled timer pins no finished task.
+            let _ = t
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+            timers.push(t);
         }
     }
 
