@@ -451,6 +451,16 @@ impl Controller {
                 "pushed TLS material needs [tls] in the config (its settings, and the bootstrap files)".into(),
             ));
         };
+        // A control plane rotates this workload's certificate; it does not
+        // make the sidecar someone else (that takes a new bootstrap).
+        if let Some(current) = &running.tls.workload {
+            let (now, new) = (&current.material.identity, &workload.material.identity);
+            if now != new {
+                return Err(MaterialError::Domain(format!(
+                    "the pushed certificate is {new}, but this workload is {now}"
+                )));
+            }
+        }
         let serial = workload.material.serial.clone();
         tracing::info!(identity = %workload.material.identity, %serial, "TLS material pushed by the control plane is in use");
         let stamps = running.config.tls.as_ref().map(stamps).unwrap_or_default();

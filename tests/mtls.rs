@@ -1183,3 +1183,51 @@ fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A cluster's `tls.sni` is the name its ClientHello carries (a peer may
+/// route on it); without one, the fixed name is sent. Read off the wire by
+/// a bare TCP listener that answers nothing.
+#[test]
+fn a_clusters_sni_is_what_the_client_hello_carries() {
+    use std::io::Read;
+    let dir = support::temp_dir("mtls-sni");
+    let ca = new_ca("mesh.local");
+    leaf(&ca, FRONTEND, |_| {}).write(&dir, &ca.pem);
+    for driver in support::drivers() {
+        for (sni, want) in [
+            (
+                Some("outbound_.8080_._.orders.prod.svc.cluster.local"),
+                "outbound_.8080_._.orders.prod.svc.cluster.local",
+            ),
+            (None, "pilotfish.mesh"),
+        ] {
+            let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let key = sni.map_or(String::new(), |s| format!(", sni = \"{s}\""));
+            let toml = format!(
+                "workers = 1\n[runtime]\ndriver = \"{driver}\"\n{tls}[[listeners]]\nname = \"out\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\ncluster = \"orders\"\n[[clusters]]\nname = \"orders\"\nendpoints = [\"{peer}\"]\nconnect_attempts = 1\ntls = {{ server_identity = \"{ORDERS}\"{key} }}\n",
+                tls = tls_table(&dir),
+                peer = peer.local_addr().unwrap(),
+            );
+            let proxy = Proxy::start(pilotfish::Config::parse("a.toml", &toml).unwrap()).unwrap();
+            let out = proxy.listener_addr("out").unwrap();
+            let client = thread::spawn(move || http_client::get(out, "/"));
+            let (mut s, _) = peer.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut hello = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !hello.windows(want.len()).any(|w| w == want.as_bytes()) && hello.len() < 16384 {
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => hello.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            assert!(
+                hello.windows(want.len()).any(|w| w == want.as_bytes()),
+                "{driver}: the ClientHello names {want}"
+            );
+            drop(s);
+            assert_eq!(client.join().unwrap().status, 503, "{driver}");
+            proxy.shutdown();
+        }
+    }
+}

@@ -235,6 +235,44 @@ delta = {delta}
     (proxy, client)
 }
 
+/// An in-process sidecar from a config `text` with `[xds]`, and its
+/// control-plane client.
+fn start_with_xds(text: &str) -> (Proxy, pilotfish::xds::ads::Client) {
+    let config = pilotfish::Config::parse("bootstrap.toml", text).unwrap();
+    let proxy = Proxy::start(config.clone()).unwrap();
+    proxy
+        .controller()
+        .set_base(Path::new("bootstrap.toml"), text);
+    let client =
+        pilotfish::xds::ads::spawn(config.xds.clone().unwrap(), proxy.controller()).unwrap();
+    (proxy, client)
+}
+
+/// A management server over TLS, requiring a client certificate from
+/// `ca`, its own certificate (from `ca`) naming `istiod.mesh.local`.
+fn tls_mgmt(ca: &support::pki::TestCa, dir: &Path) -> Mgmt {
+    let server_dir = dir.join("server");
+    support::pki::leaf(ca, "spiffe://mesh.local/ns/istio-system/sa/istiod", |p| {
+        p.subject_alt_names.push(rcgen::SanType::DnsName(
+            "istiod.mesh.local".try_into().unwrap(),
+        ));
+    })
+    .write(&server_dir, &ca.pem);
+    let arg = |f: &str| server_dir.join(f).display().to_string();
+    let (cert, key, ca_file) = (arg("cert.pem"), arg("key.pem"), arg("ca.pem"));
+    Mgmt::start_with(
+        0,
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--client-ca",
+            &ca_file,
+        ],
+    )
+}
+
 fn listener_addr(proxy: &Proxy, name: &str) -> Option<SocketAddr> {
     proxy
         .listeners()
@@ -740,26 +778,7 @@ fn the_stream_to_the_management_server_can_be_mutual_tls() {
     let ca = new_ca("mesh.local");
     let sidecar_dir = dir.join("sidecar");
     leaf(&ca, FRONTEND, |_| {}).write(&sidecar_dir, &ca.pem);
-    let server_dir = dir.join("server");
-    leaf(&ca, "spiffe://mesh.local/ns/istio-system/sa/istiod", |p| {
-        p.subject_alt_names.push(rcgen::SanType::DnsName(
-            "istiod.mesh.local".try_into().unwrap(),
-        ));
-    })
-    .write(&server_dir, &ca.pem);
-    let arg = |f: &str| server_dir.join(f).display().to_string();
-    let (cert, key, ca_file) = (arg("cert.pem"), arg("key.pem"), arg("ca.pem"));
-    let mut m = Mgmt::start_with(
-        0,
-        &[
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-            "--client-ca",
-            &ca_file,
-        ],
-    );
+    let mut m = tls_mgmt(&ca, &dir);
     let text = format!(
         r#"workers = 1
 {tls}
@@ -771,13 +790,7 @@ tls = {{ server_name = "istiod.mesh.local" }}
         tls = tls_table(&sidecar_dir),
         port = m.port
     );
-    let config = pilotfish::Config::parse("bootstrap.toml", &text).unwrap();
-    let proxy = Proxy::start(config.clone()).unwrap();
-    proxy
-        .controller()
-        .set_base(Path::new("bootstrap.toml"), &text);
-    let _client =
-        pilotfish::xds::ads::spawn(config.xds.clone().unwrap(), proxy.controller()).unwrap();
+    let (proxy, _client) = start_with_xds(&text);
     let opened = m.wait("a TLS stream", |e| {
         e["event"] == "stream" && e["open"] == true
     });
@@ -874,7 +887,8 @@ fn pushed_certificates(delta: bool) {
     let bootstrap = leaf(&ca1, ORDERS, |_| {});
     bootstrap.write(&dir, &ca1.pem);
     let app = HttpUpstream::start();
-    let mut m = Mgmt::start(0);
+    // Secrets are taken only from a server that proved who it is.
+    let mut m = tls_mgmt(&ca1, &dir);
     let text = format!(
         r#"workers = 1
 {tls}
@@ -888,22 +902,17 @@ tls = {{ require_client_cert = true }}
 name = "app"
 endpoints = ["{app}"]
 [xds]
-server = "127.0.0.1:{port}"
+server = "localhost:{port}"
 node_id = "sds-node"
 delta = {delta}
 resources = ["secrets"]
+tls = {{ server_name = "istiod.mesh.local" }}
 "#,
         tls = tls_table(&dir),
         app = app.addr,
         port = m.port,
     );
-    let config = pilotfish::Config::parse("bootstrap.toml", &text).unwrap();
-    let proxy = Proxy::start(config.clone()).unwrap();
-    proxy
-        .controller()
-        .set_base(Path::new("bootstrap.toml"), &text);
-    let _client =
-        pilotfish::xds::ads::spawn(config.xds.clone().unwrap(), proxy.controller()).unwrap();
+    let (proxy, _client) = start_with_xds(&text);
     let asked = m.wait("the SDS request", |e| {
         e["event"] == "request" && e["type"] == "secrets"
     });
@@ -1032,6 +1041,22 @@ resources = ["secrets"]
         tls_request(addr, &client1, "/").as_deref(),
         Ok(serial.as_str())
     );
+    // Another workload's certificate, however well signed, is refused: a
+    // control plane rotates this identity, it does not change it.
+    m.set(
+        "secrets",
+        "other-identity",
+        vec![
+            certificate_secret("default", &leaf(&ca1, FRONTEND, |_| {})),
+            bundle_secret("ROOTCA", &ca1.pem),
+        ],
+    );
+    let detail = m.nack("secrets")["detail"].as_str().unwrap().to_string();
+    assert!(detail.contains("but this workload is"), "{detail}");
+    assert_eq!(
+        tls_request(addr, &client1, "/").as_deref(),
+        Ok(serial.as_str())
+    );
 
     // The trust bundle follows its pushes: CA two added, then CA one
     // dropped (with a certificate from CA two).
@@ -1067,7 +1092,7 @@ resources = ["secrets"]
         "CA one is no longer trusted"
     );
     let report = proxy.controller().xds_status().report();
-    assert_eq!(report.types["secrets"].rejected, 2, "{report:?}");
+    assert_eq!(report.types["secrets"].rejected, 3, "{report:?}");
     drop(long);
     proxy.shutdown();
 }
@@ -1123,14 +1148,7 @@ fn a_sidecar_pair_is_wired_for_mtls_by_the_control_plane() {
             tls = tls_table(&dir.join(node)),
             port = m.port
         );
-        let config = pilotfish::Config::parse("bootstrap.toml", &text).unwrap();
-        let proxy = Proxy::start(config.clone()).unwrap();
-        proxy
-            .controller()
-            .set_base(Path::new("bootstrap.toml"), &text);
-        let client =
-            pilotfish::xds::ads::spawn(config.xds.clone().unwrap(), proxy.controller()).unwrap();
-        (proxy, client)
+        start_with_xds(&text)
     };
     let (b, _b_client) = start("b");
     let (a, _a_client) = start("a");

@@ -139,10 +139,14 @@ impl Validator<'_> {
             }
             Some(c) => c.get_ref().clone(),
         };
+        // Secrets replace [tls]'s files, trust bundle included, so they are
+        // taken only where there is a [tls] to replace and only from a
+        // management server that proved who it is (`xds.tls`): in a pod
+        // every process shares loopback, and whoever answered a plaintext
+        // stream could make the sidecar trust a CA of its own.
+        let secrets_ok = files.is_some() && x.tls.is_some();
         let resources = match &x.resources {
-            // Secrets replace [tls]'s files, so they are asked for only
-            // where there is a [tls] to replace.
-            None if files.is_some() => {
+            None if secrets_ok => {
                 let mut all = ResourceType::ALL.to_vec();
                 all.push(ResourceType::Secrets);
                 all
@@ -164,6 +168,13 @@ impl Validator<'_> {
                         r,
                         "xds.resources".into(),
                         "\"secrets\" replace [tls]'s certificate and trust bundle: add a [tls] table (its files are the bootstrap material, used until the first push)".into(),
+                    ));
+                }
+                if v.contains(&ResourceType::Secrets) && x.tls.is_none() {
+                    return Err(self.error(
+                        r,
+                        "xds.resources".into(),
+                        "\"secrets\" need an authenticated management server: set xds.tls (over plaintext, any process that can take the server's address could replace the trust bundle)".into(),
                     ));
                 }
                 v
@@ -246,11 +257,20 @@ mod tests {
     const BOOT: &str = "workers = 1\n[xds]\nserver = \"127.0.0.1:15010\"\nnode_id = \"n\"\n";
     const TLS: &str = "[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\ntrust_bundle = \"/ca.pem\"\n";
 
+    /// `tls = { server_name }` inside [xds].
+    const XDS_TLS: &str = "tls = { server_name = \"istiod.mesh.local\" }\n";
+
     #[test]
-    fn secrets_are_asked_for_where_there_is_a_tls_table_to_replace() {
+    fn secrets_are_asked_for_where_there_is_a_tls_table_and_an_authenticated_server() {
         let plain = Config::parse("a.toml", BOOT).unwrap().xds.unwrap();
         assert_eq!(plain.resources, ResourceType::ALL);
-        let with_tls = Config::parse("a.toml", &format!("{BOOT}{TLS}"))
+        // [tls], but a plaintext stream: no secrets by default.
+        let unauthenticated = Config::parse("a.toml", &format!("{BOOT}{TLS}"))
+            .unwrap()
+            .xds
+            .unwrap();
+        assert_eq!(unauthenticated.resources, ResourceType::ALL);
+        let with_tls = Config::parse("a.toml", &format!("{BOOT}{XDS_TLS}{TLS}"))
             .unwrap()
             .xds
             .unwrap();
@@ -270,16 +290,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("xds.resources") && e.contains("[tls]"), "{e}");
+        let e = Config::parse("a.toml", &format!("{BOOT}resources = [\"secrets\"]\n{TLS}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xds.resources") && e.contains("xds.tls"), "{e}");
         let e = Config::parse(
             "a.toml",
-            &format!("{BOOT}certificate_secret = \"x\"\ntrust_bundle_secret = \"x\"\n{TLS}"),
+            &format!(
+                "{BOOT}certificate_secret = \"x\"\ntrust_bundle_secret = \"x\"\n{XDS_TLS}{TLS}"
+            ),
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("xds.trust_bundle_secret"), "{e}");
-        let e = Config::parse("a.toml", &format!("{BOOT}certificate_secret = \"\"\n{TLS}"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            "a.toml",
+            &format!("{BOOT}certificate_secret = \"\"\n{XDS_TLS}{TLS}"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("xds.certificate_secret"), "{e}");
     }
 }

@@ -120,6 +120,13 @@ pub fn spawn(config: Xds, controller: Arc<Controller>) -> std::io::Result<Client
     })
 }
 
+/// A type this client knows, as its constant.
+pub(super) fn known(type_url: &str) -> Option<&'static str> {
+    [CDS, EDS, LDS, RDS, SDS]
+        .into_iter()
+        .find(|u| *u == type_url)
+}
+
 pub(super) fn kind_name(type_url: &str) -> &'static str {
     match type_url {
         CDS => "clusters",
@@ -321,23 +328,30 @@ impl State {
         self.routes.retain(|k, _| rds.contains(k));
         let sds = self.wanted_sds();
         self.secrets.retain(|k, _| sds.contains(k));
-        let held = |url: &str, name: &str| match url {
+        let mut digests = std::mem::take(&mut self.digests);
+        digests
+            .by_name
+            .retain(|(url, name), _| self.holds(url, name));
+        digests
+            .by_digest
+            .retain(|(url, _), name| self.holds(url, name));
+        self.digests = digests;
+        for (url, keep) in [(EDS, &eds), (RDS, &rds), (SDS, &sds)] {
+            if let Some(v) = self.versions.get_mut(url) {
+                v.retain(|k, _| keep.contains(k));
+            }
+        }
+    }
+
+    /// Whether a translated resource of this type and name is held (the
+    /// types whose translations are kept by digest).
+    fn holds(&self, url: &str, name: &str) -> bool {
+        match url {
             CDS => self.clusters.contains_key(name),
             EDS => self.endpoints.contains_key(name),
             LDS => self.listeners.contains_key(name),
             RDS => self.routes.contains_key(name),
             _ => false,
-        };
-        self.digests
-            .by_name
-            .retain(|(url, name), _| held(url, name));
-        self.digests
-            .by_digest
-            .retain(|(url, _), name| held(url, name));
-        for (url, keep) in [(EDS, &eds), (RDS, &rds), (SDS, &sds)] {
-            if let Some(v) = self.versions.get_mut(url) {
-                v.retain(|k, _| keep.contains(k));
-            }
         }
     }
 
@@ -522,15 +536,7 @@ async fn session(
         // Of what arrived together, the newest of each type.
         let mut newest: BTreeMap<&'static str, DiscoveryResponse> = BTreeMap::new();
         let mut take = |r: DiscoveryResponse| {
-            let key = match r.type_url.as_str() {
-                CDS => CDS,
-                EDS => EDS,
-                LDS => LDS,
-                RDS => RDS,
-                SDS => SDS,
-                _ => "",
-            };
-            newest.insert(key, r);
+            newest.insert(known(&r.type_url).unwrap_or(""), r);
         };
         batch.into_iter().for_each(&mut take);
         // Clusters before endpoints before listeners before routes: what a
@@ -665,22 +671,12 @@ impl State {
         field: &str,
     ) -> Result<String, String> {
         let named = |what: &str, name: &str, r: Refusal| format!("{what} {name:?}: {r}");
-        let Some(url) = [CDS, EDS, LDS, RDS, SDS]
-            .into_iter()
-            .find(|u| *u == type_url)
-        else {
+        let Some(url) = known(type_url) else {
             return Err(format!("type {type_url} is not supported"));
         };
         let digest = self.digests.of(url, &any.value);
         if let Some(name) = self.digests.by_digest.get(&(url, digest)) {
-            let held = match url {
-                CDS => self.clusters.contains_key(name),
-                EDS => self.endpoints.contains_key(name),
-                LDS => self.listeners.contains_key(name),
-                RDS => self.routes.contains_key(name),
-                _ => false,
-            };
-            if held {
+            if self.holds(url, name) {
                 return Ok(name.clone());
             }
         }

@@ -24,7 +24,7 @@ use envoy_types::pb::{
 
 use super::{
     ads::{
-        connect, failed, kind_name, next_batch, node, subscribed_url, State, CDS, EDS, LDS,
+        connect, failed, kind_name, known, next_batch, node, subscribed_url, State, CDS, EDS, LDS,
         OUTBOUND_QUEUE, RDS, RESOURCES_PER_RESPONSE_MAX, SDS,
     },
     Status,
@@ -179,17 +179,6 @@ fn handle_batch(
         out.push(req);
     }
     out
-}
-
-fn known(type_url: &str) -> Option<&'static str> {
-    match type_url {
-        CDS => Some(CDS),
-        EDS => Some(EDS),
-        LDS => Some(LDS),
-        RDS => Some(RDS),
-        SDS => Some(SDS),
-        _ => None,
-    }
 }
 
 /// Applies one delta response; returns the ACK or NACK, and any change of
