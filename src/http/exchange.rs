@@ -44,10 +44,17 @@ use crate::{
 /// body anyway (curl waits 1 s too; RFC 9110 §10.1.1 lets a client send).
 const EXPECT_CONTINUE_WAIT: Duration = Duration::from_secs(1);
 
-/// Response bodies up to this size that arrived with the head are copied
-/// behind the head and sent in one write: a copy of a few KiB costs less
-/// than the second syscall it saves.
+/// Over TLS, response bodies up to this size that arrived with the head
+/// are copied behind the head and sent in one write (one record, one
+/// syscall): the TLS stream writes one buffer per call, so a vectored
+/// write would cost a record and a syscall per part.
 const INLINE_BODY_BYTES_MAX: usize = 16 * 1024;
+
+/// Body bytes that arrived with the head, up to this many, are copied
+/// behind the head (a small copy costs less than a vectored write's boxed
+/// iovecs); more go out from the read buffer in one vectored write with
+/// the head, uncopied.
+const INLINE_COPY_BYTES_MAX: usize = 2 * 1024;
 
 /// Interim (1xx) responses accepted before the final one. Real upstreams
 /// send one or two (100, 103); without a cap, one that streams them would
@@ -789,18 +796,33 @@ impl Attempt<'_> {
             && self.worker.keep_alive_ok();
         let mut out = self.worker.heads.take();
         write::response(&resp, out_body, client_keep, tunnel, &mut out);
-        // A small body already read goes out with the head: one write.
-        let mut body_done = false;
-        if let ResponseBody::Length(n) = resp.body {
-            let n = usize::try_from(n).unwrap_or(usize::MAX);
-            if n <= INLINE_BODY_BYTES_MAX && n <= up.inbound.data().len() {
-                out.extend_from_slice(&up.inbound.data()[..n]);
-                up.inbound.consume(n);
-                body_done = true;
-            }
-        }
+        // Body bytes already read go out with the head, in one write:
+        // copied behind it when few (or over TLS, where a vectored write
+        // would cost a record and a syscall per part), else straight from
+        // the read buffer in a vectored write.
+        let mut body_left = match resp.body {
+            ResponseBody::Length(n) => n,
+            _ => 0,
+        };
+        let mut with_head = usize::try_from(body_left)
+            .unwrap_or(usize::MAX)
+            .min(up.inbound.data().len());
+        let tls = client.stream.is_tls();
         let (written, out) =
-            write_all_within(&mut client.writes, &mut client.stream, out, self.idle).await;
+            if with_head <= INLINE_COPY_BYTES_MAX || (tls && with_head <= INLINE_BODY_BYTES_MAX) {
+                out.extend_from_slice(&up.inbound.data()[..with_head]);
+                up.inbound.consume(with_head);
+                write_all_within(&mut client.writes, &mut client.stream, out, self.idle).await
+            } else if tls {
+                with_head = 0;
+                write_all_within(&mut client.writes, &mut client.stream, out, self.idle).await
+            } else {
+                let (timer, stream) = (&mut client.writes, &mut client.stream);
+                up.inbound
+                    .write_after(timer, stream, out, with_head, self.idle)
+                    .await
+            };
+        body_left -= with_head as u64;
         self.worker.heads.give(out);
         counters.response(resp.status);
         client.note.status = resp.status;
@@ -827,10 +849,9 @@ impl Attempt<'_> {
         };
         let mut scratch = Vec::new();
         let relayed = match resp.body {
-            _ if body_done => Ok(()),
             ResponseBody::None | ResponseBody::Tunnel => Ok(()),
-            ResponseBody::Length(n) => {
-                body::copy_length(&mut src, &mut client.stream, n, idle).await
+            ResponseBody::Length(_) => {
+                body::copy_length(&mut src, &mut client.stream, body_left, idle).await
             }
             ResponseBody::Chunked => {
                 let policy = (None, Trailers::Response);
