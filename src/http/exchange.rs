@@ -509,7 +509,8 @@ impl Attempt<'_> {
             token,
         };
         let kind = RequestKind::of(self.req);
-        let mut parser = ResponseParser::new(HeadLimits::default());
+        let spare = self.worker.heads.take_parsed();
+        let mut parser = ResponseParser::with_spare(HeadLimits::default(), spare);
         let bodiless = matches!(self.req.body, RequestBody::Empty | RequestBody::Length(0));
         let result = match self.send_head(head, &mut up).await {
             Err(e) => Err(e),
@@ -531,6 +532,7 @@ impl Attempt<'_> {
                 }
             }
         };
+        self.worker.heads.give_parsed(parser.take_spare());
         match result {
             Ok((next, reusable)) => {
                 let Upstream {
@@ -889,6 +891,7 @@ impl Attempt<'_> {
         } else {
             Next::Close
         };
+        parser.recycle(resp.head);
         Ok((next, reusable))
     }
 

@@ -328,7 +328,7 @@ async fn burst(
         )
         .await;
         may_park = true;
-        let req = match head {
+        let mut req = match head {
             Ok(Head::Request(req)) => req,
             Ok(Head::Closed) => return None,
             Ok(Head::Parked) => return Some((client, None)),
@@ -438,12 +438,13 @@ async fn burst(
             listener_index,
             http,
             &mut client,
-            req,
+            &mut req,
             idle,
             conn_id,
             &mut route,
         )
         .await;
+        parser.recycle(std::mem::take(&mut req.head));
         let ended = Instant::now();
         let took = ended - started;
         worker.histograms.listener(listener_index, took);
@@ -713,7 +714,7 @@ async fn handle(
     listener_index: usize,
     http: &HttpListener,
     client: &mut Client,
-    mut req: RequestHead,
+    req: &mut RequestHead,
     idle: Duration,
     conn_id: u64,
     route_out: &mut Option<usize>,
@@ -732,7 +733,7 @@ async fn handle(
             return refuse(
                 worker,
                 client,
-                &req,
+                req,
                 ErrorReason::BadPath,
                 &e.to_string(),
                 idle,
@@ -755,16 +756,16 @@ async fn handle(
             return Next::Close;
         }
     }
-    let view = exchange::View(&req);
+    let view = exchange::View(req);
     let route_index = crate::route::select(&http.routes, &view);
     *route_out = route_index;
     let route = route_index.map(|i| &http.routes[i]);
     if let Some(why) = worker.refuse_for_memory() {
-        return refuse(worker, client, &req, ErrorReason::Overload, why, idle).await;
+        return refuse(worker, client, req, ErrorReason::Overload, why, idle).await;
     }
     let caller = client.identity.as_ref();
     if let Some(denied) = authorize(worker, listener, route, caller, &client.decisions) {
-        return refuse(worker, client, &req, ErrorReason::Forbidden, &denied, idle).await;
+        return refuse(worker, client, req, ErrorReason::Forbidden, &denied, idle).await;
     }
     let id = caller.map(|i| i.as_str());
     if let Err(limited) = worker
@@ -778,7 +779,7 @@ async fn handle(
             retry_after: Some(limited.retry_after),
             ..Answer::of(reason, &detail)
         };
-        return refuse_with(worker, client, &req, answer, idle).await;
+        return refuse_with(worker, client, req, answer, idle).await;
     }
     if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
         if let Some(status) = inject(worker, fault, |h| req.head.get(h).is_some()).await {
@@ -790,7 +791,7 @@ async fn handle(
                 retry_after: None,
                 blame: None,
             };
-            return refuse_with(worker, client, &req, answer, idle).await;
+            return refuse_with(worker, client, req, answer, idle).await;
         }
     }
     let cluster = match (route, client.cluster.or(http.default_cluster)) {
@@ -798,11 +799,11 @@ async fn handle(
         (None, Some(c)) => c,
         (None, None) => {
             let why = "no route matches this request";
-            return refuse(worker, client, &req, ErrorReason::NoRoute, why, idle).await;
+            return refuse(worker, client, req, ErrorReason::NoRoute, why, idle).await;
         }
     };
     client.note.cluster = Some(cluster);
-    let result = exchange::forward(worker, http, route, cluster, client, &req, idle).await;
+    let result = exchange::forward(worker, http, route, cluster, client, req, idle).await;
     match result {
         Ok(next) => next,
         Err(exchange::Failure::Generated {

@@ -135,7 +135,40 @@ pub struct Head {
     pub fields: Vec<Field>,
 }
 
+/// A recycled head whose buffers grew past these is freed rather than kept
+/// for the next parse: a spare is for the typical head (a few hundred
+/// bytes, a dozen fields), not for the rare huge one, which would stay
+/// resident for the life of the connection.
+const SPARE_HEAD_BYTES_MAX: usize = 4 * 1024;
+const SPARE_HEAD_FIELDS_MAX: usize = 32;
+
 impl Head {
+    /// This head's buffers, emptied, to parse the next head into (no
+    /// allocation while they are large enough); None when they grew past
+    /// what a spare keeps.
+    pub fn into_spare(mut self) -> Option<Head> {
+        if self.bytes.capacity() > SPARE_HEAD_BYTES_MAX
+            || self.fields.capacity() > SPARE_HEAD_FIELDS_MAX
+        {
+            return None;
+        }
+        self.bytes.clear();
+        self.fields.clear();
+        Some(self)
+    }
+
+    /// Fills this (spare) head with `bytes` and the fields httparse found
+    /// in them.
+    fn fill(&mut self, bytes: &[u8], headers: &[httparse::Header<'_>]) {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(bytes);
+        self.fields.clear();
+        self.fields.extend(headers.iter().map(|h| Field {
+            name: offset(bytes, h.name.as_bytes()),
+            value: offset(bytes, h.value),
+        }));
+    }
+
     pub fn name(&self, f: &Field) -> &[u8] {
         &self.bytes[f.name.clone()]
     }
@@ -354,6 +387,8 @@ impl RequestKind {
 pub struct ResponseParser {
     scanner: HeadScanner,
     limits: HeadLimits,
+    /// Buffers of a finished head, parsed into next (see [`Head::into_spare`]).
+    spare: Head,
 }
 
 impl ResponseParser {
@@ -361,7 +396,29 @@ impl ResponseParser {
         Self {
             scanner: HeadScanner::new(),
             limits,
+            spare: Head::default(),
         }
+    }
+
+    /// Keeps a finished head's buffers for the next head to be parsed
+    /// into, if they are not oversized.
+    pub fn recycle(&mut self, head: Head) {
+        if let Some(spare) = head.into_spare() {
+            self.spare = spare;
+        }
+    }
+
+    /// A parser that parses into `spare`'s buffers (see [`Head::into_spare`]).
+    pub fn with_spare(limits: HeadLimits, spare: Head) -> Self {
+        Self {
+            spare,
+            ..Self::new(limits)
+        }
+    }
+
+    /// The buffers kept for the next head (empty if none).
+    pub fn take_spare(&mut self) -> Head {
+        std::mem::take(&mut self.spare)
     }
 
     /// Like [`RequestParser::parse`], for a response to a `request`.
@@ -383,7 +440,8 @@ impl ResponseParser {
         if end > self.limits.head_bytes {
             return Err(HeadError::HeadTooLarge);
         }
-        let head = parse_response(&buf[..end], &self.limits, request)?;
+        let into = std::mem::take(&mut self.spare);
+        let head = parse_response(&buf[..end], &self.limits, request, into)?;
         Ok(Some((head, end)))
     }
 }
@@ -392,6 +450,7 @@ fn parse_response(
     bytes: &[u8],
     limits: &HeadLimits,
     request: RequestKind,
+    mut head: Head,
 ) -> Result<ResponseHead, HeadError> {
     // Uninitialised slots: initialising 256 headers (8 KiB) per parse
     // cost more than parsing a typical head.
@@ -416,18 +475,7 @@ fn parse_response(
         return Err(HeadError::Syntax("status code out of range"));
     }
     let reason = offset(bytes, res.reason.unwrap_or_default().as_bytes());
-    let fields: Vec<Field> = res
-        .headers
-        .iter()
-        .map(|h| Field {
-            name: offset(bytes, h.name.as_bytes()),
-            value: offset(bytes, h.value),
-        })
-        .collect();
-    let head = Head {
-        bytes: bytes.to_vec(),
-        fields,
-    };
+    head.fill(bytes, res.headers);
     let semantics = Semantics::read(&head)?;
     let (body, codings) = semantics.response_body(status, request, version, &head)?;
     let hop = semantics.hop(version, &head);
@@ -447,6 +495,8 @@ fn parse_response(
 pub struct RequestParser {
     scanner: HeadScanner,
     limits: HeadLimits,
+    /// Buffers of a finished head, parsed into next (see [`Head::into_spare`]).
+    spare: Head,
 }
 
 impl RequestParser {
@@ -454,6 +504,15 @@ impl RequestParser {
         Self {
             scanner: HeadScanner::new(),
             limits,
+            spare: Head::default(),
+        }
+    }
+
+    /// Keeps a finished head's buffers for the next head to be parsed
+    /// into, if they are not oversized.
+    pub fn recycle(&mut self, head: Head) {
+        if let Some(spare) = head.into_spare() {
+            self.spare = spare;
         }
     }
 
@@ -474,12 +533,17 @@ impl RequestParser {
         if end - start > self.limits.head_bytes {
             return Err(HeadError::HeadTooLarge);
         }
-        let head = parse_request(&buf[start..end], &self.limits)?;
+        let into = std::mem::take(&mut self.spare);
+        let head = parse_request(&buf[start..end], &self.limits, into)?;
         Ok(Some((head, end)))
     }
 }
 
-fn parse_request(bytes: &[u8], limits: &HeadLimits) -> Result<RequestHead, HeadError> {
+fn parse_request(
+    bytes: &[u8],
+    limits: &HeadLimits,
+    mut head: Head,
+) -> Result<RequestHead, HeadError> {
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; HTTP1_HEADERS_MAX];
     let slots = &mut slots[..limits.headers.min(HTTP1_HEADERS_MAX)];
@@ -500,20 +564,9 @@ fn parse_request(bytes: &[u8], limits: &HeadLimits) -> Result<RequestHead, HeadE
         return Err(HeadError::UriTooLong);
     }
     let target = offset(bytes, target_str.as_bytes());
-    let fields: Vec<Field> = req
-        .headers
-        .iter()
-        .map(|h| Field {
-            name: offset(bytes, h.name.as_bytes()),
-            value: offset(bytes, h.value),
-        })
-        .collect();
     let method_bytes = &bytes[method.clone()];
     check_target(method_bytes, &bytes[target.clone()])?;
-    let head = Head {
-        bytes: bytes.to_vec(),
-        fields,
-    };
+    head.fill(bytes, req.headers);
     let semantics = Semantics::read(&head)?;
     let host = match (version, semantics.hosts.as_slice()) {
         (_, []) if version == Version::Http11 => return Err(HeadError::Host("missing")),
@@ -888,6 +941,48 @@ mod tests {
             Some((head, _)) => Ok(head),
             None => Err(HeadError::Syntax("incomplete (test)")),
         }
+    }
+
+    /// A recycled head's buffers are parsed into again, hold nothing of
+    /// the previous head, and are not kept once oversized.
+    #[test]
+    fn recycled_heads_are_reused_whole_and_bounded() {
+        let mut p = RequestParser::new(HeadLimits::default());
+        let first = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nX-Old: 1\r\n\r\n";
+        let (head, _) = p.parse(first).unwrap().unwrap();
+        let bytes = head.head.bytes.as_ptr();
+        p.recycle(head.head);
+        let second = b"GET /b HTTP/1.1\r\nHost: b\r\n\r\n";
+        let (head, _) = p.parse(second).unwrap().unwrap();
+        assert_eq!(head.head.bytes.as_ptr(), bytes, "the same buffer, reused");
+        assert_eq!(head.head.bytes, second.to_vec());
+        assert_eq!(head.head.fields.len(), 1, "no field of the first head");
+        assert_eq!(head.head.get("host"), Some(&b"b"[..]));
+        assert_eq!(head.body, RequestBody::Empty);
+        assert_eq!(head.target(), b"/b");
+        // A head that grew past the spare's bound is freed, not kept.
+        let mut big = head.head;
+        big.bytes.reserve(SPARE_HEAD_BYTES_MAX + 1);
+        p.recycle(big);
+        let (head, _) = p.parse(second).unwrap().unwrap();
+        assert!(
+            head.head.bytes.capacity() <= SPARE_HEAD_BYTES_MAX,
+            "oversized: not reused"
+        );
+        // Responses too, through a parser made with a spare.
+        let mut r = ResponseParser::with_spare(HeadLimits::default(), Head::default());
+        let a = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nX-B: 2\r\n\r\n";
+        let (resp, _) = r.parse(a, RequestKind::Other).unwrap().unwrap();
+        let fields = resp.head.fields.as_ptr();
+        r.recycle(resp.head);
+        let b = b"HTTP/1.1 204 No Content\r\n\r\n";
+        let (resp, _) = r.parse(b, RequestKind::Other).unwrap().unwrap();
+        assert_eq!((resp.status, resp.body), (204, ResponseBody::None));
+        assert!(resp.head.fields.is_empty());
+        r.recycle(resp.head);
+        let spare = r.take_spare();
+        assert_eq!(spare.fields.as_ptr(), fields, "handed on for the pool");
+        assert!(spare.bytes.is_empty() && spare.fields.is_empty());
     }
 
     #[test]
