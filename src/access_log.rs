@@ -49,6 +49,12 @@ pub const QUEUE_BATCHES: usize = 256;
 /// proxy's lines still reach the file promptly.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How long the flusher sleeps when nothing was buffered (a proxy with no
+/// traffic, or no access log): an idle worker wakes once a second instead
+/// of ten times, and a line written after a quiet spell reaches the
+/// writer within this.
+pub const FLUSH_IDLE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Lines for one log file, from one core; an empty path asks the writer
 /// to finish (see [`Writer::finish`]).
 #[derive(Debug)]
@@ -297,6 +303,11 @@ impl Buffers {
             drop(pending);
             self.hand_over(counters, path, buf, lines);
         }
+    }
+
+    /// Whether no line waits to be handed over.
+    pub fn is_empty(&self) -> bool {
+        self.pending.borrow().is_empty()
     }
 
     /// Hands every non-empty buffer to the writer.

@@ -19,7 +19,6 @@ use std::{
     time::Duration,
 };
 
-use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use crate::{
@@ -38,8 +37,8 @@ use crate::{
 type Lock<T> = std::sync::Mutex<T>;
 
 /// How long a swap waits for every worker to prepare and then to commit.
-/// A worker polls its mailbox every 10 ms and binding is immediate; a
-/// worker silent this long is wedged, and the swap is called off.
+/// A message wakes a worker at once and binding is immediate; a worker
+/// silent this long is wedged, and the swap is called off.
 pub const SWAP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a swap did not happen. Nothing changed on any worker.
@@ -179,7 +178,7 @@ fn stamps(files: &TlsFiles) -> Vec<Stamp> {
 }
 
 /// How often the TLS files' stamps are checked: new handshakes use new
-/// material within this plus a mailbox poll (10 ms) of the change.
+/// material within this of the change (the message wakes the workers).
 pub const TLS_WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The TLS material in use, for `/stats` and `/metrics`.
@@ -202,7 +201,7 @@ pub struct TlsStatus {
 /// The proxy's config as every worker runs it, and the way to change it.
 #[derive(Debug)]
 pub struct Controller {
-    mailboxes: Vec<Sender<Command>>,
+    mailboxes: Vec<crate::worker::Mailbox>,
     running: Lock<Running>,
     /// The access log writer's reopen and lost-line count.
     logs: crate::access_log::Control,
@@ -234,7 +233,7 @@ impl Controller {
     pub fn new(
         config: Arc<Config>,
         binds: Arc<Vec<SocketAddr>>,
-        mailboxes: Vec<Sender<Command>>,
+        mailboxes: Vec<crate::worker::Mailbox>,
         tls: Option<Arc<Workload>>,
         logs: crate::access_log::Control,
         lifelines: Vec<crate::worker::Lifeline>,
@@ -475,7 +474,7 @@ impl Controller {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn mailboxes(&self) -> &[Sender<Command>] {
+    pub fn mailboxes(&self) -> &[crate::worker::Mailbox] {
         &self.mailboxes
     }
 

@@ -232,7 +232,7 @@ impl Proxy {
     }
 
     /// Every worker's mailbox (for the admin server's thread).
-    pub fn mailboxes(&self) -> Vec<crossbeam_channel::Sender<Command>> {
+    pub fn mailboxes(&self) -> Vec<crate::worker::Mailbox> {
         self.handles.iter().map(|h| h.mailbox.clone()).collect()
     }
 
@@ -297,14 +297,24 @@ impl Proxy {
 
 /// Checks the TLS files every [`crate::control::TLS_WATCH_INTERVAL`] and
 /// rotates the material when they change, until the sender is dropped.
+/// While the config names no TLS files, it looks for them (a swap may add
+/// them) only every [`TLS_IDLE_WATCH_INTERVAL`], so an idle plaintext
+/// sidecar does not wake twice a second for nothing.
 fn spawn_tls_watch(control: &Arc<Controller>) -> std::io::Result<crossbeam_channel::Sender<()>> {
     let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
     let control = Arc::clone(control);
     std::thread::Builder::new()
         .name("pilotfish-tls-watch".into())
         .spawn(move || {
+            let watched = || {
+                if control.config().tls.is_some() {
+                    crate::control::TLS_WATCH_INTERVAL
+                } else {
+                    TLS_IDLE_WATCH_INTERVAL
+                }
+            };
             while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(crate::control::TLS_WATCH_INTERVAL)
+                stopped.recv_timeout(watched())
             {
                 // Errors are logged and counted by the controller.
                 let _ = control.reload_tls_if_changed();
@@ -312,6 +322,9 @@ fn spawn_tls_watch(control: &Arc<Controller>) -> std::io::Result<crossbeam_chann
         })?;
     Ok(stop)
 }
+
+/// See [`spawn_tls_watch`].
+const TLS_IDLE_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn stop_all(handles: Vec<WorkerHandle>) {
     for h in &handles {

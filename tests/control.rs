@@ -622,3 +622,48 @@ fn an_endpoint_only_swap_keeps_h2_connections_open() {
     let _ = child.wait();
     proxy.shutdown();
 }
+
+/// An idle worker sleeps: its mailbox loop wakes for a message, a ping
+/// or the once-a-second safety net, not on a timer of its own (it polled
+/// every 10 ms, a hundred wakes a second, before the mailbox had a bell).
+/// A message is still answered by every worker, both drivers.
+#[test]
+fn an_idle_worker_sleeps_until_its_mailbox_rings() {
+    for driver in ["io_uring", "epoll"] {
+        let upstream = HttpUpstream::start();
+        let toml = format!(
+            "runtime = {{ driver = \"{driver}\" }}\n{}",
+            tagged_config("127.0.0.1:0".parse().unwrap(), "a", upstream.addr, "")
+        );
+        let (proxy, _addr) = start_toml(&toml, "web");
+        let lifelines = proxy.lifelines();
+        assert_eq!(lifelines.len(), 2);
+        // Past start-up's own messages.
+        thread::sleep(Duration::from_millis(300));
+        let before: Vec<u64> = lifelines.iter().map(|l| l.beats()).collect();
+        thread::sleep(Duration::from_millis(800));
+        for (l, b) in lifelines.iter().zip(&before) {
+            // At most the safety net's one wake in 0.8 s (polling: ~80).
+            assert!(
+                l.beats() - b <= 1,
+                "{driver}: {} wakes while idle",
+                l.beats() - b
+            );
+        }
+        // A message wakes every worker, and each answers.
+        assert_eq!(
+            proxy.histograms(false).len(),
+            2,
+            "{driver}: every worker answered"
+        );
+        // A ping wakes a worker too (the watchdog's check).
+        let woken = lifelines[0].beats();
+        lifelines[0].ping();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lifelines[0].beats() == woken {
+            assert!(Instant::now() < deadline, "{driver}: a ping woke no one");
+            thread::sleep(Duration::from_millis(5));
+        }
+        proxy.shutdown();
+    }
+}

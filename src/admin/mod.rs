@@ -60,7 +60,7 @@ use crate::{
         histograms::{self, Key},
         Snapshot,
     },
-    worker::{self, Command},
+    worker,
 };
 
 /// Admin connections served at once (both listeners together); more get a
@@ -87,7 +87,7 @@ pub struct State {
 }
 
 impl State {
-    fn mailboxes(&self) -> &[crossbeam_channel::Sender<Command>] {
+    fn mailboxes(&self) -> &[crate::worker::Mailbox] {
         self.control.mailboxes()
     }
 }

@@ -39,6 +39,10 @@ use crate::control::Controller;
 /// How often resident memory is read: fast enough to act within a burst
 /// of allocation, and a read of /proc/self/statm costs microseconds.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the config is looked at for a ceiling while it sets none (a
+/// swap may add one): an idle sidecar without one wakes once a second
+/// for it, not ten times.
+pub const IDLE_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Share of `memory_max_mib` (percent) from which connections stop being
 /// kept alive: freeing idle connections' memory is the cheapest action.
 pub const KEEP_ALIVE_OFF_PERCENT: u64 = 80;
@@ -135,8 +139,9 @@ pub fn spawn(
             // A failing read is logged when it starts failing, not at
             // every sample (ten lines a second).
             let mut failing = false;
+            let mut wait = SAMPLE_INTERVAL;
             loop {
-                match stop.recv_timeout(SAMPLE_INTERVAL) {
+                match stop.recv_timeout(wait) {
                     Err(RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
@@ -145,6 +150,11 @@ pub fn spawn(
                     .overload
                     .memory_max_mib
                     .map(|mib| mib.saturating_mul(1024 * 1024));
+                wait = if max.is_some() {
+                    SAMPLE_INTERVAL
+                } else {
+                    IDLE_SAMPLE_INTERVAL
+                };
                 let (now, used) = match max {
                     None => (0, 0),
                     Some(max) => match used_bytes(seam.as_deref()) {

@@ -4,12 +4,14 @@
 //! the service (`WatchdogSec=` in the unit).
 //!
 //! Progress is each worker's heartbeat ([`crate::worker::Lifeline`]),
-//! bumped by its mailbox loop every 10 ms: a worker that runs its event
-//! loop at all bumps it. The check runs on a thread of its own at half the
+//! bumped by its mailbox loop each time it wakes: the check pings every
+//! worker (rings its mailbox bell), and a worker that runs its event loop
+//! at all wakes and bumps it within microseconds; one that does not by the
+//! next check is wedged. The check runs on a thread of its own at half the
 //! watchdog timeout, as sd_watchdog_enabled(3) suggests; a worker asked to
 //! drain or stop is not waited for (its loop may have ended). Without
 //! `WATCHDOG_USEC` (or with `WATCHDOG_PID` naming another process) nothing
-//! runs.
+//! runs, and an idle worker is not woken.
 
 use std::time::Duration;
 
@@ -18,9 +20,9 @@ use crossbeam_channel::{RecvTimeoutError, Sender};
 use super::notify::Notifier;
 use crate::worker::Lifeline;
 
-/// The shortest check interval: a worker's heartbeat comes every 10 ms,
-/// and a check must span several of them so that scheduling jitter on a
-/// busy machine is not taken for a wedge.
+/// The shortest check interval: a live worker answers a ping within
+/// microseconds, but a check must leave room for scheduling jitter on a
+/// busy machine, so that it is not taken for a wedge.
 const CHECK_INTERVAL_MIN: Duration = Duration::from_millis(50);
 
 /// The interval at which to check and ping, from the environment systemd
@@ -48,6 +50,7 @@ pub fn spawn(lifelines: Vec<Lifeline>, every: Duration) -> std::io::Result<Sende
         .spawn(move || {
             let notifier = Notifier::from_env();
             let mut last: Vec<u64> = lifelines.iter().map(Lifeline::beats).collect();
+            lifelines.iter().for_each(Lifeline::ping);
             let mut withholding = false;
             tracing::info!(every = ?every, "systemd watchdog: pinging while every worker makes progress");
             while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
@@ -59,6 +62,8 @@ pub fn spawn(lifelines: Vec<Lifeline>, every: Duration) -> std::io::Result<Sende
                     .map(|(i, _)| i)
                     .collect();
                 last = now;
+                // Answered by the next check, by every live worker.
+                lifelines.iter().for_each(Lifeline::ping);
                 if stuck.is_empty() {
                     notifier.send("WATCHDOG=1");
                     if withholding {

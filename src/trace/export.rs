@@ -206,6 +206,11 @@ impl Buffers {
         }
     }
 
+    /// Whether no span waits to be handed over.
+    pub fn is_empty(&self) -> bool {
+        self.pending.borrow().is_empty()
+    }
+
     /// Hands what is buffered to the exporter, or drops and counts it when
     /// the queue is full.
     pub fn flush(&self, counters: &Counters) {

@@ -3,8 +3,9 @@
 //!
 //! What must hold: nothing on the data path is shared between workers; a
 //! worker's state lives in `Rc`/`Cell` on its own thread. Other threads talk
-//! to a worker only through its mailbox (a bounded crossbeam channel, polled
-//! every [`MAILBOX_POLL_INTERVAL`] so the event loop never blocks on it).
+//! to a worker only through its mailbox (a bounded crossbeam channel and a
+//! bell that wakes the worker to read it: [`mailbox`]), so the event loop
+//! never blocks on it and an idle worker does not wake at all.
 //!
 //! Config generations: a [`Worker`] value is one config generation. Each
 //! connection holds the generation it was accepted under and finishes on
@@ -24,6 +25,7 @@ pub mod buffers;
 pub mod gate;
 pub mod isolate;
 pub mod listener;
+pub mod mailbox;
 pub mod runtime;
 
 use std::{
@@ -42,7 +44,7 @@ use crate::{
     access_log,
     balance::Rng,
     config::{
-        limits::{ACCEPT_ERROR_BACKOFF, MAILBOX_CAPACITY, MAILBOX_POLL_INTERVAL},
+        limits::{ACCEPT_ERROR_BACKOFF, MAILBOX_IDLE_WAKE, MAILBOX_POLL_INTERVAL},
         Config, ListenerKind,
     },
     http, l4,
@@ -56,6 +58,8 @@ use crate::{
 };
 use buffers::BufferPool;
 use gate::{Slots, Trigger};
+use mailbox::Bell;
+pub use mailbox::Mailbox;
 pub use runtime::Driver;
 
 /// What other threads may ask of a worker.
@@ -169,24 +173,26 @@ pub struct Started {
 #[derive(Debug)]
 pub struct WorkerHandle {
     pub id: usize,
-    pub mailbox: Sender<Command>,
+    pub mailbox: Mailbox,
     /// Drain and stop, outside the mailbox: see [`Lifeline`].
     pub lifeline: Lifeline,
     pub thread: JoinHandle<()>,
 }
 
 /// The link between a worker and its owner outside the mailbox, read and
-/// written only on the control path (the mailbox loop, every
-/// [`MAILBOX_POLL_INTERVAL`]), never on the data path:
+/// written only on the control path (the mailbox loop, woken by the
+/// mailbox's bell), never on the data path:
 /// - down: drain or stop, which nothing can refuse (a message could be
 ///   refused by a full mailbox, and the owner would then wait forever in
-///   `join`);
-/// - up: a heartbeat, bumped on every poll, that the systemd watchdog
-///   reads to know the worker's event loop is making progress.
-#[derive(Debug, Clone, Default)]
+///   `join`); both ring the bell;
+/// - up: a heartbeat, bumped on every wake of the mailbox loop, that the
+///   systemd watchdog reads to know the worker's event loop is making
+///   progress ([`Lifeline::ping`] wakes it for that).
+#[derive(Debug, Clone)]
 pub struct Lifeline {
     exit: Arc<std::sync::atomic::AtomicU8>,
     beats: Arc<std::sync::atomic::AtomicU64>,
+    bell: Arc<Bell>,
 }
 
 impl Lifeline {
@@ -194,14 +200,30 @@ impl Lifeline {
     const DRAIN: u8 = 1;
     const STOP: u8 = 2;
 
+    fn new(bell: Arc<Bell>) -> Self {
+        Self {
+            exit: Arc::default(),
+            beats: Arc::default(),
+            bell,
+        }
+    }
+
     pub fn drain(&self) {
         self.exit
             .fetch_max(Self::DRAIN, std::sync::atomic::Ordering::SeqCst);
+        self.bell.ring();
     }
 
     pub fn stop(&self) {
         self.exit
             .fetch_max(Self::STOP, std::sync::atomic::Ordering::SeqCst);
+        self.bell.ring();
+    }
+
+    /// Wakes the worker's mailbox loop, which beats when it runs: the
+    /// watchdog pings, then checks that the beats moved.
+    pub fn ping(&self) {
+        self.bell.ring();
     }
 
     /// Whether the worker was asked to drain or stop.
@@ -209,7 +231,7 @@ impl Lifeline {
         self.exit.load(std::sync::atomic::Ordering::SeqCst) != Self::RUN
     }
 
-    /// Polls of the worker's mailbox loop so far.
+    /// Wakes of the worker's mailbox loop so far.
     pub fn beats(&self) -> u64 {
         self.beats.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -504,8 +526,10 @@ pub fn spawn(
     started: Sender<Started>,
     alive: Sender<()>,
 ) -> std::io::Result<WorkerHandle> {
-    let (mailbox, inbox) = crossbeam_channel::bounded(MAILBOX_CAPACITY);
-    let lifeline = Lifeline::default();
+    let (bell, wake) = Bell::pair()?;
+    let bell = Arc::new(bell);
+    let (mailbox, inbox) = Mailbox::new(Arc::clone(&bell));
+    let lifeline = Lifeline::new(bell);
     let line = lifeline.clone();
     let thread = std::thread::Builder::new()
         .name(format!("pilotfish-w{id}"))
@@ -521,7 +545,14 @@ pub fn spawn(
             let choice = setup.config.driver;
             let uring_setup = setup.config.uring_setup;
             let ran = runtime::block_on(choice, uring_setup, |driver| {
-                worker_main(id, core, driver, setup, (inbox, line), started.clone())
+                worker_main(
+                    id,
+                    core,
+                    driver,
+                    setup,
+                    (inbox, wake, line),
+                    started.clone(),
+                )
             });
             if let Err(e) = ran {
                 let _ = started.send(Started {
@@ -565,7 +596,7 @@ async fn worker_main(
     core: Option<usize>,
     driver: Driver,
     setup: Setup,
-    (inbox, lifeline): (Receiver<Command>, Lifeline),
+    (inbox, wake, lifeline): (Receiver<Command>, std::os::unix::net::UnixStream, Lifeline),
     started: Sender<Started>,
 ) {
     let Setup {
@@ -627,26 +658,43 @@ async fn worker_main(
         result: Ok(driver),
     });
     drop(started);
-    serve_mailbox(&mut control, &inbox, &lifeline).await;
+    serve_mailbox(&mut control, &inbox, wake, &lifeline).await;
     let worker = control.worker();
     worker.access_log.flush(&worker.counters);
     worker.spans.flush(&worker.counters);
 }
 
 /// Hands partly filled access log buffers to the writer every
-/// [`access_log::FLUSH_INTERVAL`], for the worker's whole life.
+/// [`access_log::FLUSH_INTERVAL`] (spans every
+/// [`crate::trace::export::FLUSH_INTERVAL`]), for the worker's whole life;
+/// after a flush that found nothing, [`access_log::FLUSH_IDLE_INTERVAL`]
+/// until the next one, so that an idle worker sleeps.
 fn spawn_access_log_flusher(worker: &Rc<Worker>) {
+    let idle = access_log::FLUSH_IDLE_INTERVAL;
     let (buffers, counters) = (Rc::clone(&worker.access_log), Rc::clone(&worker.counters));
     monoio::spawn(async move {
+        let mut wait = idle;
         loop {
-            monoio::time::sleep(access_log::FLUSH_INTERVAL).await;
+            monoio::time::sleep(wait).await;
+            // Lines came since the last flush: more are likely.
+            wait = if buffers.is_empty() {
+                idle
+            } else {
+                access_log::FLUSH_INTERVAL
+            };
             buffers.flush(&counters);
         }
     });
     let (spans, counters) = (Rc::clone(&worker.spans), Rc::clone(&worker.counters));
     monoio::spawn(async move {
+        let mut wait = idle;
         loop {
-            monoio::time::sleep(crate::trace::export::FLUSH_INTERVAL).await;
+            monoio::time::sleep(wait).await;
+            wait = if spans.is_empty() {
+                idle
+            } else {
+                crate::trace::export::FLUSH_INTERVAL
+            };
             spans.flush(&counters);
         }
     });
@@ -798,12 +846,34 @@ impl Control {
     }
 }
 
-/// Polls the mailbox until the worker should exit.
-async fn serve_mailbox(control: &mut Control, inbox: &Receiver<Command>, lifeline: &Lifeline) {
+/// Serves the mailbox until the worker should exit: sleeps until the bell
+/// rings (or [`MAILBOX_IDLE_WAKE`] passes), then empties it; while
+/// draining, also looks every [`MAILBOX_POLL_INTERVAL`] whether the
+/// connections are done.
+async fn serve_mailbox(
+    control: &mut Control,
+    inbox: &Receiver<Command>,
+    wake: std::os::unix::net::UnixStream,
+    lifeline: &Lifeline,
+) {
     let mut drain_deadline: Option<Instant> = None;
     let started = Instant::now();
+    let mut buf = Vec::new();
+    let uring = control.worker().driver == Driver::IoUring;
+    let mut wake = match monoio::net::UnixStream::from_std(wake) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "mailbox bell unusable: polling the mailbox instead");
+            None
+        }
+    };
     loop {
-        monoio::time::sleep(MAILBOX_POLL_INTERVAL).await;
+        let wait = if drain_deadline.is_some() {
+            MAILBOX_POLL_INTERVAL
+        } else {
+            MAILBOX_IDLE_WAKE
+        };
+        mailbox::wait_for_bell(&mut wake, &mut buf, wait, uring).await;
         lifeline.beat();
         fault::wedge_if_due(control.worker().id, started);
         // The lifeline first: it is how a stop gets through a full mailbox.
@@ -1184,13 +1254,13 @@ pub mod fault {
     }
 }
 
-/// How long [`collect_reports`] waits for a worker's answer. A worker polls
-/// its mailbox every 10 ms; a second means it is wedged.
+/// How long [`collect_reports`] waits for a worker's answer. A message
+/// wakes a worker at once; a second means it is wedged.
 pub const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Asks every worker for a report; workers that do not answer in time are
 /// left out (and named in the log).
-pub fn collect_reports(mailboxes: &[Sender<Command>]) -> Vec<WorkerReport> {
+pub fn collect_reports(mailboxes: &[Mailbox]) -> Vec<WorkerReport> {
     let mut reports = ask_all(mailboxes, REPORT_TIMEOUT, Command::Snapshot);
     reports.sort_by_key(|r| r.worker);
     reports
@@ -1199,7 +1269,7 @@ pub fn collect_reports(mailboxes: &[Sender<Command>]) -> Vec<WorkerReport> {
 /// Sends each worker the command `ask` builds around a reply channel and
 /// gathers the answers that arrive within [`REPORT_TIMEOUT`].
 pub(crate) fn ask_all<T>(
-    mailboxes: &[Sender<Command>],
+    mailboxes: &[Mailbox],
     timeout: Duration,
     ask: impl Fn(Sender<T>) -> Command,
 ) -> Vec<T> {
@@ -1230,14 +1300,14 @@ pub(crate) fn ask_all<T>(
 }
 
 /// Asks every worker for its view of the clusters.
-pub fn collect_clusters(mailboxes: &[Sender<Command>]) -> Vec<ClustersReport> {
+pub fn collect_clusters(mailboxes: &[Mailbox]) -> Vec<ClustersReport> {
     let mut reports = ask_all(mailboxes, REPORT_TIMEOUT, Command::Clusters);
     reports.sort_by_key(|r| r.worker);
     reports
 }
 
 /// Asks every worker for its histograms (and to reset them if `reset`).
-pub fn collect_histograms(mailboxes: &[Sender<Command>], reset: bool) -> Vec<HistogramReport> {
+pub fn collect_histograms(mailboxes: &[Mailbox], reset: bool) -> Vec<HistogramReport> {
     let mut reports = ask_all(mailboxes, REPORT_TIMEOUT, |reply| Command::Histograms {
         reset,
         reply,
