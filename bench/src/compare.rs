@@ -341,6 +341,9 @@ pub struct Row {
     /// connection (idle), added p99 µs (fixed rate).
     pub cost: f64,
     pub cost_unit: &'static str,
+    /// Each round's cost, in the order they ran: the spread behind the
+    /// median (one value where the scenario runs once).
+    pub cost_rounds: Vec<f64>,
     pub user_us: Option<f64>,
     /// p50, p90, p99 (µs): from wrk, or the fixed-rate run.
     pub latency_us: Option<[f64; 3]>,
@@ -354,6 +357,17 @@ pub struct ScenarioResult {
     pub direct: Option<Row>,
     pub rows: Vec<Row>,
     pub notes: Vec<String>,
+}
+
+/// A median with the range of the rounds behind it: "11.38 (11.20–11.52)".
+fn with_spread(median: f64, rounds: &[f64]) -> String {
+    let lo = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if rounds.len() > 1 {
+        format!("{median:.2} ({lo:.2}–{hi:.2})")
+    } else {
+        format!("{median:.2}")
+    }
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
@@ -638,6 +652,7 @@ fn http_scenario(
             unit: "req/s",
             cost: median(v.iter().map(|x| x.1).collect()),
             cost_unit: "CPU µs/req",
+            cost_rounds: v.iter().map(|x| x.1).collect(),
             user_us: Some(median(v.iter().map(|x| x.2).collect())),
             latency_us: Some(std::array::from_fn(|k| {
                 median(v.iter().map(|x| x.0.latency_us[k]).collect())
@@ -730,6 +745,7 @@ fn l4_scenario(s: &Setup, mib: usize) -> anyhow::Result<ScenarioResult> {
             unit: "Gbit/s",
             cost: median(v.iter().map(|x| x.1).collect()),
             cost_unit: "CPU s/GiB",
+            cost_rounds: v.iter().map(|x| x.1).collect(),
             rss_kib: rss_kib(&c.pids),
             ..Row::default()
         })
@@ -797,6 +813,8 @@ fn fixed_rate_scenario(s: &Setup, rate: f64) -> anyhow::Result<ScenarioResult> {
                 unit: "req/s",
                 cost: m[2] - d[2],
                 cost_unit: "added p99 µs",
+                // Each round against the direct run of the same round.
+                cost_rounds: v.iter().zip(&direct).map(|(x, d)| x[2] - d[2]).collect(),
                 latency_us: Some(m),
                 rss_kib: rss_kib(&c.pids),
                 ..Row::default()
@@ -857,6 +875,7 @@ fn idle_scenario(s: &Setup, wanted: usize) -> anyhow::Result<ScenarioResult> {
             unit: "connections",
             cost: (after.saturating_sub(before)) as f64 / n as f64,
             cost_unit: "KiB RSS/conn",
+            cost_rounds: vec![(after.saturating_sub(before)) as f64 / n as f64],
             rss_kib: after,
             ..Row::default()
         });
@@ -995,7 +1014,7 @@ fn write_results(
     }
     md += &format!("\n{summary}\n");
     for r in results {
-        md += &format!("\n## {}\n\n{}\n\n| proxy | throughput | {} | user µs/req | p50/p90/p99 µs | RSS MiB |\n|---|---|---|---|---|---|\n", r.name, r.description, r.rows.first().map_or("cost", |x| x.cost_unit));
+        md += &format!("\n## {}\n\n{}\n\n| proxy | throughput | {}, median (range of rounds) | user µs/req | p50/p90/p99 µs | RSS MiB |\n|---|---|---|---|---|---|\n", r.name, r.description, r.rows.first().map_or("cost", |x| x.cost_unit));
         for row in r.direct.iter().chain(&r.rows) {
             md += &format!(
                 "| {} | {:.2} {} | {} | {} | {} | {} |\n",
@@ -1005,7 +1024,7 @@ fn write_results(
                 if row.proxy == "direct" {
                     "-".into()
                 } else {
-                    format!("{:.2}", row.cost)
+                    with_spread(row.cost, &row.cost_rounds)
                 },
                 row.user_us.map_or("-".into(), |u| format!("{u:.1}")),
                 row.latency_us.map_or("-".into(), |l| format!(
@@ -1093,6 +1112,15 @@ mod tests {
         assert_eq!(parse_wrk_time("1.50ms"), 1500.0);
         assert_eq!(parse_wrk_time("2.00s"), 2e6);
         assert!(parse_wrk_time("x").is_nan());
+    }
+
+    #[test]
+    fn a_median_shows_the_range_of_its_rounds() {
+        assert_eq!(
+            with_spread(11.4, &[11.9, 11.2, 11.4]),
+            "11.40 (11.20–11.90)"
+        );
+        assert_eq!(with_spread(3.5, &[3.5]), "3.50", "one round: no range");
     }
 
     #[test]
