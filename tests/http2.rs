@@ -191,15 +191,21 @@ fn an_early_answer_to_an_h2_upload_reaches_the_client_whole() {
         thread::sleep(Duration::from_secs(5));
     });
     let file = temp_dir("h2-early").join("up.bin");
-    std::fs::write(&file, vec![b'x'; 64 * 1024]).unwrap();
+    // More than curl sends at once (its first burst is one 64 KiB flow
+    // control window), so the body cannot all be in before the answer,
+    // however the machine schedules the two: with 64 KiB at 64K/s, curl
+    // could send it all in its first burst, the proxy then forwarded all
+    // of it into the upstream's socket buffer, and under load the body
+    // was sometimes "sent" before the answer was read (seen in CI).
+    std::fs::write(&file, vec![b'x'; 256 * 1024]).unwrap();
     for driver in drivers() {
         let (proxy, addr) = start_to(driver, upstream);
         let stats = || proxy.stats().total.http;
-        // Sent slowly (about a second): the answer comes before the body
-        // is in.
+        // The rest comes over about a second, within the proxy's
+        // lingering time (2 s), which reads and discards it.
         let (out, err) = curl_h2(&[
             "--limit-rate",
-            "64K",
+            "192K",
             "--data-binary",
             &format!("@{}", file.display()),
             "-w",
