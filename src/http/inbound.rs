@@ -147,10 +147,19 @@ impl Inbound {
         let buf = std::mem::take(&mut self.buf);
         let (read, slice) = within(&mut self.timer, idle, r.read(buf.slice_mut(len..)))
             .await
-            .map_err(|()| timed_out())?;
+            .map_err(|()| self.lost())?;
         self.buf = slice.into_inner();
         self.saturated = matches!(read, Ok(n) if n == space);
         read
+    }
+
+    /// The buffer went with an operation that timed out (dropped in
+    /// flight): nothing unconsumed is left, and `start` must not point
+    /// past the empty buffer that replaced it.
+    fn lost(&mut self) -> io::Error {
+        self.start = 0;
+        self.saturated = false;
+        timed_out()
     }
 
     /// Makes room to read into, growing the buffer up to `max` in all.
@@ -245,7 +254,7 @@ impl Inbound {
         let buf = std::mem::take(&mut self.buf);
         let (written, slice) = within(&mut self.timer, idle, w.write_all(buf.slice(start..end)))
             .await
-            .map_err(|()| timed_out())?;
+            .map_err(|()| self.lost())?;
         self.buf = slice.into_inner();
         written?;
         self.consume(n);
@@ -283,7 +292,7 @@ impl Inbound {
         })
         .await;
         let Ok((r, parts)) = written else {
-            return (Err(timed_out()), Vec::new());
+            return (Err(self.lost()), Vec::new());
         };
         let (head, buf) = parts.into_parts();
         self.buf = buf;
@@ -475,6 +484,33 @@ mod tests {
                 within(&mut timer, Duration::from_millis(5), pending()).await,
                 Err(())
             );
+        });
+    }
+
+    /// A read that times out takes the buffer with it; what is left is
+    /// an empty buffer with nothing unconsumed, not an offset past its end.
+    #[test]
+    fn a_timed_out_read_leaves_a_consistent_empty_buffer() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::with_capacity(64);
+            buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\nGE");
+            let mut inbound = Inbound::new(buf);
+            inbound.consume(18);
+            assert_eq!(inbound.data(), b"GE");
+            let e = inbound
+                .fill(&mut conn, 1024, Duration::from_millis(10))
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+            assert!(inbound.is_empty() && inbound.data().is_empty());
+            drop(peer);
         });
     }
 
