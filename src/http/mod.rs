@@ -304,7 +304,13 @@ async fn burst(
         unreachable!("only http and intercept listeners come here");
     };
     let idle = listener.idle_timeout;
-    let mut parser = RequestParser::new(http.limits);
+    // Parses into pooled buffers, given back when the burst ends (a new
+    // connection allocates no head; a parked one keeps none).
+    let spare = worker.heads.take_parsed();
+    let mut parser = crate::worker::buffers::PooledParser::new(
+        RequestParser::with_spare(http.limits, spare),
+        &worker.heads,
+    );
     // Made at the first wait that may park (one per burst). A burst's
     // first read does not park: on a new connection the request is
     // usually there already, and after a park the socket just became

@@ -516,6 +516,19 @@ impl RequestParser {
         }
     }
 
+    /// A parser that parses into `spare`'s buffers (see [`Head::into_spare`]).
+    pub fn with_spare(limits: HeadLimits, spare: Head) -> Self {
+        Self {
+            spare,
+            ..Self::new(limits)
+        }
+    }
+
+    /// The buffers kept for the next head (empty if none).
+    pub fn take_spare(&mut self) -> Head {
+        std::mem::take(&mut self.spare)
+    }
+
     /// Feeds the buffered input (always from the same start). Returns the
     /// head and the bytes it used once complete; then the parser is reset
     /// for the next request on the connection.

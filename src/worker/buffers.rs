@@ -134,6 +134,38 @@ impl HeadBuffers {
     }
 }
 
+/// A request parser whose spare head goes back to the worker's pool when
+/// it is dropped, wherever its connection's burst of requests ends.
+pub struct PooledParser<'a> {
+    parser: crate::http1::RequestParser,
+    heads: &'a HeadBuffers,
+}
+
+impl<'a> PooledParser<'a> {
+    pub fn new(parser: crate::http1::RequestParser, heads: &'a HeadBuffers) -> Self {
+        Self { parser, heads }
+    }
+}
+
+impl std::ops::Deref for PooledParser<'_> {
+    type Target = crate::http1::RequestParser;
+    fn deref(&self) -> &Self::Target {
+        &self.parser
+    }
+}
+
+impl std::ops::DerefMut for PooledParser<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.parser
+    }
+}
+
+impl Drop for PooledParser<'_> {
+    fn drop(&mut self) {
+        self.heads.give_parsed(self.parser.take_spare());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
