@@ -5,6 +5,7 @@
 #
 #   bench/scripts/ab-cpu.sh OLD_BINARY NEW_BINARY [mode] [rounds]
 #   mode: http (keep-alive) or http-close (a connection per request; default)
+#   BODY_SIZE=16384 bench/scripts/ab-cpu.sh OLD NEW http   (response body bytes; default the upstream's)
 #
 # CPU: utime+stime of the proxy process over the measured window (clock
 # ticks, 10 ms), divided by the requests the load counted.
@@ -14,7 +15,7 @@ source "$(dirname "$0")/lib.sh"
 bench_bin="$root/target/release/pilotfish-bench"
 [ -x "$bench_bin" ] || cargo build --release -q --manifest-path "$root/Cargo.toml" -p pilotfish-bench
 up=$(port); px=$(port)
-"$bench_bin" upstream --listen "127.0.0.1:$up" >/dev/null 2>&1 &
+"$bench_bin" upstream --listen "127.0.0.1:$up" ${BODY_SIZE:+--body-size "$BODY_SIZE"} >/dev/null 2>&1 &
 pids+=("$!")
 wait_port "$up"
 cat > "$dir/ab.toml" <<TOML
