@@ -815,20 +815,20 @@ impl Attempt<'_> {
             .unwrap_or(usize::MAX)
             .min(up.inbound.data().len());
         let tls = client.stream.is_tls();
-        let (written, out) =
-            if with_head <= INLINE_COPY_BYTES_MAX || (tls && with_head <= INLINE_BODY_BYTES_MAX) {
-                out.extend_from_slice(&up.inbound.data()[..with_head]);
-                up.inbound.consume(with_head);
-                write_all_within(&mut client.writes, &mut client.stream, out, self.idle).await
-            } else if tls {
+        let (written, out) = if tls || with_head <= INLINE_COPY_BYTES_MAX {
+            if with_head > INLINE_BODY_BYTES_MAX {
+                // TLS, a large body: the head alone, the body streamed.
                 with_head = 0;
-                write_all_within(&mut client.writes, &mut client.stream, out, self.idle).await
-            } else {
-                let (timer, stream) = (&mut client.writes, &mut client.stream);
-                up.inbound
-                    .write_after(timer, stream, out, with_head, self.idle)
-                    .await
-            };
+            }
+            out.extend_from_slice(&up.inbound.data()[..with_head]);
+            up.inbound.consume(with_head);
+            write_all_within(&mut client.writes, &mut client.stream, out, self.idle).await
+        } else {
+            let (timer, stream) = (&mut client.writes, &mut client.stream);
+            up.inbound
+                .write_after(timer, stream, out, with_head, self.idle)
+                .await
+        };
         body_left -= with_head as u64;
         self.worker.heads.give(out);
         counters.response(resp.status);

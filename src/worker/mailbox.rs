@@ -81,8 +81,15 @@ impl Mailbox {
         command: Command,
         deadline: Instant,
     ) -> Result<(), SendTimeoutError<Command>> {
-        // Ring first too: a full mailbox makes room only as the worker
-        // reads it.
+        let command = match self.try_send(command) {
+            Err(TrySendError::Full(command)) => command,
+            Err(TrySendError::Disconnected(command)) => {
+                return Err(SendTimeoutError::Disconnected(command))
+            }
+            Ok(()) => return Ok(()),
+        };
+        // Full: the worker makes room only as it reads, so make sure it
+        // is awake, then wait for room.
         self.bell.ring();
         self.tx.send_deadline(command, deadline)?;
         self.bell.ring();
@@ -181,5 +188,20 @@ mod tests {
         assert!(mailbox
             .send_timeout(Command::Drain, Duration::from_millis(10))
             .is_err());
+        // Room made while a sender waits: the send goes through, rung.
+        while rx.read(&mut buf).is_ok() {}
+        // A plain thread (not a worker), so it may block and sleep.
+        #[allow(clippy::disallowed_methods)]
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            inbox.recv().unwrap();
+            inbox
+        });
+        mailbox
+            .send_timeout(Command::Stop, Duration::from_secs(10))
+            .unwrap();
+        assert!(rx.read(&mut buf).unwrap() >= 1, "a waiting send rang");
+        let inbox = reader.join().unwrap();
+        assert_eq!(inbox.len(), MAILBOX_CAPACITY);
     }
 }
