@@ -514,8 +514,8 @@ impl Attempt<'_> {
             token,
         };
         let kind = RequestKind::of(self.req);
-        let spare = self.worker.heads.take_parsed();
-        let mut parser = ResponseParser::with_spare(HeadLimits::default(), spare);
+        let mut parser = ResponseParser::new(HeadLimits::default());
+        parser.spare = crate::http1::head::Spare::of(self.worker.heads.take_parsed());
         let bodiless = matches!(self.req.body, RequestBody::Empty | RequestBody::Length(0));
         let result = match self.send_head(head, &mut up).await {
             Err(e) => Err(e),
@@ -537,7 +537,7 @@ impl Attempt<'_> {
                 }
             }
         };
-        self.worker.heads.give_parsed(parser.take_spare());
+        self.worker.heads.give_parsed(parser.spare.take());
         match result {
             Ok((next, reusable)) => {
                 let Upstream {
@@ -896,7 +896,7 @@ impl Attempt<'_> {
         } else {
             Next::Close
         };
-        parser.recycle(resp.head);
+        parser.spare.recycle(resp.head);
         Ok((next, reusable))
     }
 

@@ -306,11 +306,7 @@ async fn burst(
     let idle = listener.idle_timeout;
     // Parses into pooled buffers, given back when the burst ends (a new
     // connection allocates no head; a parked one keeps none).
-    let spare = worker.heads.take_parsed();
-    let mut parser = crate::worker::buffers::PooledParser::new(
-        RequestParser::with_spare(http.limits, spare),
-        &worker.heads,
-    );
+    let mut parser = crate::worker::buffers::PooledParser::new(http.limits, &worker.heads);
     // Made at the first wait that may park (one per burst). A burst's
     // first read does not park: on a new connection the request is
     // usually there already, and after a park the socket just became
@@ -450,7 +446,7 @@ async fn burst(
             &mut route,
         )
         .await;
-        parser.recycle(std::mem::take(&mut req.head));
+        parser.spare.recycle(std::mem::take(&mut req.head));
         let ended = Instant::now();
         let took = ended - started;
         worker.histograms.listener(listener_index, took);

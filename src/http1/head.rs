@@ -142,6 +142,30 @@ pub struct Head {
 const SPARE_HEAD_BYTES_MAX: usize = 4 * 1024;
 const SPARE_HEAD_FIELDS_MAX: usize = 32;
 
+/// A finished head's buffers, kept by a parser to parse its next head
+/// into (see [`Head::into_spare`]).
+#[derive(Debug, Clone, Default)]
+pub struct Spare(Head);
+
+impl Spare {
+    /// `head`'s buffers as a spare (none if they are oversized).
+    pub fn of(head: Head) -> Self {
+        Self(head.into_spare().unwrap_or_default())
+    }
+
+    /// Keeps `head`'s buffers instead, unless they are oversized.
+    pub fn recycle(&mut self, head: Head) {
+        if let Some(spare) = head.into_spare() {
+            self.0 = spare;
+        }
+    }
+
+    /// The buffers kept (empty if none), leaving none.
+    pub fn take(&mut self) -> Head {
+        std::mem::take(&mut self.0)
+    }
+}
+
 impl Head {
     /// This head's buffers, emptied, to parse the next head into (no
     /// allocation while they are large enough); None when they grew past
@@ -387,8 +411,8 @@ impl RequestKind {
 pub struct ResponseParser {
     scanner: HeadScanner,
     limits: HeadLimits,
-    /// Buffers of a finished head, parsed into next (see [`Head::into_spare`]).
-    spare: Head,
+    /// Buffers of a finished head, parsed into next.
+    pub spare: Spare,
 }
 
 impl ResponseParser {
@@ -396,29 +420,8 @@ impl ResponseParser {
         Self {
             scanner: HeadScanner::new(),
             limits,
-            spare: Head::default(),
+            spare: Spare::default(),
         }
-    }
-
-    /// Keeps a finished head's buffers for the next head to be parsed
-    /// into, if they are not oversized.
-    pub fn recycle(&mut self, head: Head) {
-        if let Some(spare) = head.into_spare() {
-            self.spare = spare;
-        }
-    }
-
-    /// A parser that parses into `spare`'s buffers (see [`Head::into_spare`]).
-    pub fn with_spare(limits: HeadLimits, spare: Head) -> Self {
-        Self {
-            spare,
-            ..Self::new(limits)
-        }
-    }
-
-    /// The buffers kept for the next head (empty if none).
-    pub fn take_spare(&mut self) -> Head {
-        std::mem::take(&mut self.spare)
     }
 
     /// Like [`RequestParser::parse`], for a response to a `request`.
@@ -440,7 +443,7 @@ impl ResponseParser {
         if end > self.limits.head_bytes {
             return Err(HeadError::HeadTooLarge);
         }
-        let into = std::mem::take(&mut self.spare);
+        let into = self.spare.take();
         let head = parse_response(&buf[..end], &self.limits, request, into)?;
         Ok(Some((head, end)))
     }
@@ -495,8 +498,8 @@ fn parse_response(
 pub struct RequestParser {
     scanner: HeadScanner,
     limits: HeadLimits,
-    /// Buffers of a finished head, parsed into next (see [`Head::into_spare`]).
-    spare: Head,
+    /// Buffers of a finished head, parsed into next.
+    pub spare: Spare,
 }
 
 impl RequestParser {
@@ -504,29 +507,8 @@ impl RequestParser {
         Self {
             scanner: HeadScanner::new(),
             limits,
-            spare: Head::default(),
+            spare: Spare::default(),
         }
-    }
-
-    /// Keeps a finished head's buffers for the next head to be parsed
-    /// into, if they are not oversized.
-    pub fn recycle(&mut self, head: Head) {
-        if let Some(spare) = head.into_spare() {
-            self.spare = spare;
-        }
-    }
-
-    /// A parser that parses into `spare`'s buffers (see [`Head::into_spare`]).
-    pub fn with_spare(limits: HeadLimits, spare: Head) -> Self {
-        Self {
-            spare,
-            ..Self::new(limits)
-        }
-    }
-
-    /// The buffers kept for the next head (empty if none).
-    pub fn take_spare(&mut self) -> Head {
-        std::mem::take(&mut self.spare)
     }
 
     /// Feeds the buffered input (always from the same start). Returns the
@@ -546,7 +528,7 @@ impl RequestParser {
         if end - start > self.limits.head_bytes {
             return Err(HeadError::HeadTooLarge);
         }
-        let into = std::mem::take(&mut self.spare);
+        let into = self.spare.take();
         let head = parse_request(&buf[start..end], &self.limits, into)?;
         Ok(Some((head, end)))
     }
@@ -964,7 +946,7 @@ mod tests {
         let first = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nX-Old: 1\r\n\r\n";
         let (head, _) = p.parse(first).unwrap().unwrap();
         let bytes = head.head.bytes.as_ptr();
-        p.recycle(head.head);
+        p.spare.recycle(head.head);
         let second = b"GET /b HTTP/1.1\r\nHost: b\r\n\r\n";
         let (head, _) = p.parse(second).unwrap().unwrap();
         assert_eq!(head.head.bytes.as_ptr(), bytes, "the same buffer, reused");
@@ -976,24 +958,24 @@ mod tests {
         // A head that grew past the spare's bound is freed, not kept.
         let mut big = head.head;
         big.bytes.reserve(SPARE_HEAD_BYTES_MAX + 1);
-        p.recycle(big);
+        p.spare.recycle(big);
         let (head, _) = p.parse(second).unwrap().unwrap();
         assert!(
             head.head.bytes.capacity() <= SPARE_HEAD_BYTES_MAX,
             "oversized: not reused"
         );
         // Responses too, through a parser made with a spare.
-        let mut r = ResponseParser::with_spare(HeadLimits::default(), Head::default());
+        let mut r = ResponseParser::new(HeadLimits::default());
         let a = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nX-B: 2\r\n\r\n";
         let (resp, _) = r.parse(a, RequestKind::Other).unwrap().unwrap();
         let fields = resp.head.fields.as_ptr();
-        r.recycle(resp.head);
+        r.spare.recycle(resp.head);
         let b = b"HTTP/1.1 204 No Content\r\n\r\n";
         let (resp, _) = r.parse(b, RequestKind::Other).unwrap().unwrap();
         assert_eq!((resp.status, resp.body), (204, ResponseBody::None));
         assert!(resp.head.fields.is_empty());
-        r.recycle(resp.head);
-        let spare = r.take_spare();
+        r.spare.recycle(resp.head);
+        let spare = r.spare.take();
         assert_eq!(spare.fields.as_ptr(), fields, "handed on for the pool");
         assert!(spare.bytes.is_empty() && spare.fields.is_empty());
     }

@@ -142,7 +142,9 @@ pub struct PooledParser<'a> {
 }
 
 impl<'a> PooledParser<'a> {
-    pub fn new(parser: crate::http1::RequestParser, heads: &'a HeadBuffers) -> Self {
+    pub fn new(limits: crate::http1::HeadLimits, heads: &'a HeadBuffers) -> Self {
+        let mut parser = crate::http1::RequestParser::new(limits);
+        parser.spare = crate::http1::head::Spare::of(heads.take_parsed());
         Self { parser, heads }
     }
 }
@@ -162,7 +164,7 @@ impl std::ops::DerefMut for PooledParser<'_> {
 
 impl Drop for PooledParser<'_> {
     fn drop(&mut self) {
-        self.heads.give_parsed(self.parser.take_spare());
+        self.heads.give_parsed(self.parser.spare.take());
     }
 }
 
