@@ -899,7 +899,9 @@ pub(crate) async fn inject(
     let roll = |per_10k: u32| per_10k > 0 && worker.rng.below(10_000) < u64::from(per_10k);
     if roll(fault.delay_per_10k) {
         metrics::add(&worker.counters.http.faults_delayed, 1);
-        monoio::time::sleep(fault.delay).await;
+        // Boxed: rare, and inline its timer would make every request's
+        // future 128-byte aligned (a slow allocation wherever it is boxed).
+        Box::pin(monoio::time::sleep(fault.delay)).await;
     }
     roll(fault.abort_per_10k).then_some(fault.abort_status)
 }
