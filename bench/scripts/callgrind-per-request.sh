@@ -7,6 +7,7 @@
 #   CLIENT=h2 bench/scripts/callgrind-per-request.sh [seconds]   (h2load, h2c in; needs h2load)
 #   TAP='route=web&rate=100' bench/scripts/callgrind-per-request.sh   (a live tap attached for the run)
 #   TRACE_RATE=1.0 bench/scripts/callgrind-per-request.sh   ([tracing] on, spans to an OTLP receiver)
+#   CLOSE=1 bench/scripts/callgrind-per-request.sh   (wrk sends `connection: close`: a connection per request)
 #
 # TAP attaches `pilotfish admin tap` with those filters (a query string)
 # for the whole run, its output thrown away: the cost per request of a tap
@@ -46,6 +47,8 @@ if [ -n "${TRACE_RATE:-}" ]; then
   otlp=$(awk '/^port/{print $2; exit}' "$dir/otlp.out")
   printf '[tracing]\ncollector = "127.0.0.1:%s"\nsample_rate = %s\n' "$otlp" "$TRACE_RATE" >> "$dir/pilotfish.toml"
 fi
+close=()
+if [ -n "${CLOSE:-}" ]; then close=(-H "Connection: close"); fi
 callgrind_start "$dir/cg.out" "$dir/pilotfish.toml"
 wait_port "$px"
 if [ -n "${TAP:-}" ]; then
@@ -57,14 +60,14 @@ fi
 if [ "${CLIENT:-http1}" = h2 ]; then
   h2load -c8 -m1 -D1 "http://127.0.0.1:$px/" >/dev/null
 else
-  wrk -t1 -c8 -d1s "http://127.0.0.1:$px/" >/dev/null
+  wrk -t1 -c8 -d1s "${close[@]}" "http://127.0.0.1:$px/" >/dev/null
 fi
 callgrind_control -z "$vg" >/dev/null
 if [ "${CLIENT:-http1}" = h2 ]; then
   # 8 connections, 1 stream each: the same concurrency as wrk's.
   n=$(h2load -c8 -m1 -D"$secs" "http://127.0.0.1:$px/" | awk '/^requests:/{print $8}')
 else
-  n=$(wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$px/" | awk '/requests in/{print $1}')
+  n=$(wrk -t1 -c8 -d"${secs}s" "${close[@]}" "http://127.0.0.1:$px/" | awk '/requests in/{print $1}')
 fi
 kill -TERM $vg; wait $vg || true
 total=$(callgrind_total "$dir/cg.out")

@@ -418,7 +418,8 @@ unsafe impl monoio::buf::IoVecBuf for HeadAndBody {
     }
 }
 
-/// [`write_all_timed`] on a reused timer (see [`within`]).
+/// Writes all of `out` within `idle`, on a reused timer (see
+/// [`within`]), handing the buffer back (empty after a timeout).
 pub async fn write_all_within<W: AsyncWriteRent>(
     timer: &mut Timer,
     w: &mut W,
@@ -428,18 +429,6 @@ pub async fn write_all_within<W: AsyncWriteRent>(
     match within(timer, idle, w.write_all(out)).await {
         Ok((r, buf)) => (r.map(|_| ()), buf),
         Err(()) => (Err(timed_out()), Vec::new()),
-    }
-}
-
-/// Writes all of `out` with a timeout, handing the buffer back.
-pub async fn write_all_timed<W: AsyncWriteRent>(
-    w: &mut W,
-    out: Vec<u8>,
-    idle: Duration,
-) -> (io::Result<()>, Vec<u8>) {
-    match monoio::time::timeout(idle, w.write_all(out)).await {
-        Ok((r, buf)) => (r.map(|_| ()), buf),
-        Err(_) => (Err(timed_out()), Vec::new()),
     }
 }
 
@@ -474,9 +463,10 @@ pub async fn linger<S: AsyncReadRent + AsyncWriteRent>(
         }
         buf
     };
-    monoio::time::timeout(time, discard)
-        .await
-        .unwrap_or_default()
+    // A timer made for the occasion (a lingering close is rare): inline,
+    // it would make every future that may linger 128-byte aligned.
+    let mut timer: Timer = None;
+    within(&mut timer, time, discard).await.unwrap_or_default()
 }
 
 #[cfg(test)]
