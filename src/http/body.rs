@@ -12,7 +12,7 @@ use std::{io, time::Duration};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
-use super::inbound::Inbound;
+use super::inbound::{write_all_timed, Inbound};
 use crate::http1::chunked::{write_chunk_size, ChunkError, ChunkedDecoder, CHUNK_END, LAST_CHUNK};
 
 /// Which peer a failure came from.
@@ -191,10 +191,7 @@ pub async fn copy_chunked<S: AsyncReadRent, D: AsyncWriteRent>(
             crate::http1::chunked::write_last_chunk(decoder.trailers(), trailers, out);
         }
         if !out.is_empty() {
-            let (r, buf) = src
-                .inbound
-                .write_all_on_timer(dst, std::mem::take(out), idle)
-                .await;
+            let (r, buf) = write_all_timed(dst, std::mem::take(out), idle).await;
             *out = buf;
             r.map_err(|e| BodyError::Io(src.other(), e))?;
         }
@@ -221,10 +218,7 @@ pub async fn copy_until_close<S: AsyncReadRent, D: AsyncWriteRent>(
             out.extend_from_slice(src.inbound.data());
             out.extend_from_slice(CHUNK_END);
             src.inbound.consume(n);
-            let (r, buf) = src
-                .inbound
-                .write_all_on_timer(dst, std::mem::take(out), idle)
-                .await;
+            let (r, buf) = write_all_timed(dst, std::mem::take(out), idle).await;
             *out = buf;
             r.map_err(|e| BodyError::Io(src.other(), e))?;
         } else {
@@ -235,10 +229,7 @@ pub async fn copy_until_close<S: AsyncReadRent, D: AsyncWriteRent>(
         }
     }
     if rechunk {
-        let (r, buf) = src
-            .inbound
-            .write_all_on_timer(dst, LAST_CHUNK.to_vec(), idle)
-            .await;
+        let (r, buf) = write_all_timed(dst, LAST_CHUNK.to_vec(), idle).await;
         drop(buf);
         r.map_err(|e| BodyError::Io(src.other(), e))?;
     }

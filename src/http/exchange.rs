@@ -22,7 +22,7 @@ use crate::tls::{per_worker::Alpn, stream::Stream};
 
 use super::{
     body::{self, BodyError, Side, Source},
-    inbound::{within, write_all_within, Inbound, Timer},
+    inbound::{write_all_within, Inbound},
     Client, Next,
 };
 use crate::{
@@ -480,17 +480,7 @@ impl Attempt<'_> {
             detail,
         };
         let started = Instant::now();
-        // Pooled timers here and below: an inline one would make the
-        // burst's future 128-byte aligned (see `inbound::boxed`).
-        let mut timer = self.worker.buffers.lend_timer();
-        let connected = within(
-            &mut timer.timer,
-            limit,
-            TcpStream::connect_addr(endpoint.addr),
-        )
-        .await;
-        drop(timer);
-        match connected {
+        match monoio::time::timeout(limit, TcpStream::connect_addr(endpoint.addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 let s = match &self.cluster.source.tls {
@@ -682,11 +672,9 @@ impl Attempt<'_> {
         let body = async {
             if self.req.hop.expect_continue {
                 let wait = EXPECT_CONTINUE_WAIT.min(self.until_deadline());
-                // Made only for a request that expects 100-continue.
-                let mut timer: Timer = None;
                 let continued = monoio::select! {
                     _ = go_ahead.wait() => true,
-                    _ = within(&mut timer, wait, std::future::pending::<()>()) => false,
+                    _ = monoio::time::sleep(wait) => false,
                 };
                 if continued {
                     self.relay_continue(client).await?;
@@ -726,8 +714,7 @@ impl Attempt<'_> {
             Either::Right((Ok(()), heads)) => {
                 // The request is forwarded in full: the route timeout
                 // starts now (a long upload is not a slow upstream).
-                let mut timer = self.worker.buffers.lend_timer();
-                match within(&mut timer.timer, self.timeout, heads).await {
+                match monoio::time::timeout(self.timeout, heads).await {
                     Ok(Ok((resp, interims))) => Ok(Raced {
                         response: resp,
                         interims,

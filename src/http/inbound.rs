@@ -57,41 +57,6 @@ pub async fn within<F: Future>(timer: &mut Timer, limit: Duration, f: F) -> Resu
     .await
 }
 
-/// Boxes a future that must not hold a monoio timer inline: such a future
-/// is 128-byte aligned (monoio pads its timer entries to a cache line),
-/// and glibc serves its box through the slow aligned path (~1,000
-/// instructions, against ~100 for a plain allocation). Checked in debug
-/// builds, which the test suites run: a timeout written inline again fails
-/// them. Use [`within`] on a pooled timer instead.
-pub fn boxed<F: Future>(f: F) -> Pin<Box<F>> {
-    debug_assert!(
-        std::mem::align_of::<F>() <= 16,
-        "{} is {}-byte aligned: a monoio timer inline?",
-        std::any::type_name::<F>(),
-        std::mem::align_of::<F>()
-    );
-    Box::pin(f)
-}
-
-/// [`within`] on a timer kept in a cell, for futures that share one
-/// through `&self` (a request's context): taken out for the operation
-/// (from `pool` when the cell is empty, as it is for an operation nested
-/// in another), put back after; a second one meanwhile goes to the pool.
-/// Dropped mid-way, the operation drops the timer with it.
-pub async fn within_cell<F: Future>(
-    cell: &std::cell::Cell<Timer>,
-    pool: &crate::worker::buffers::BufferPool,
-    limit: Duration,
-    f: F,
-) -> Result<F::Output, ()> {
-    let mut timer = cell.take().or_else(|| pool.take_timer());
-    let done = within(&mut timer, limit, f).await;
-    if let Some(other) = cell.replace(timer) {
-        pool.give_timer(Some(other));
-    }
-    done
-}
-
 /// The error a cancelled monoio operation ends with.
 fn libc_ecanceled() -> i32 {
     rustix::io::Errno::CANCELED.raw_os_error()
@@ -418,8 +383,7 @@ unsafe impl monoio::buf::IoVecBuf for HeadAndBody {
     }
 }
 
-/// Writes all of `out` within `idle`, on a reused timer (see
-/// [`within`]), handing the buffer back (empty after a timeout).
+/// [`write_all_timed`] on a reused timer (see [`within`]).
 pub async fn write_all_within<W: AsyncWriteRent>(
     timer: &mut Timer,
     w: &mut W,
@@ -429,6 +393,18 @@ pub async fn write_all_within<W: AsyncWriteRent>(
     match within(timer, idle, w.write_all(out)).await {
         Ok((r, buf)) => (r.map(|_| ()), buf),
         Err(()) => (Err(timed_out()), Vec::new()),
+    }
+}
+
+/// Writes all of `out` with a timeout, handing the buffer back.
+pub async fn write_all_timed<W: AsyncWriteRent>(
+    w: &mut W,
+    out: Vec<u8>,
+    idle: Duration,
+) -> (io::Result<()>, Vec<u8>) {
+    match monoio::time::timeout(idle, w.write_all(out)).await {
+        Ok((r, buf)) => (r.map(|_| ()), buf),
+        Err(_) => (Err(timed_out()), Vec::new()),
     }
 }
 
@@ -463,10 +439,9 @@ pub async fn linger<S: AsyncReadRent + AsyncWriteRent>(
         }
         buf
     };
-    // A timer made for the occasion (a lingering close is rare): inline,
-    // it would make every future that may linger 128-byte aligned.
-    let mut timer: Timer = None;
-    within(&mut timer, time, discard).await.unwrap_or_default()
+    monoio::time::timeout(time, discard)
+        .await
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

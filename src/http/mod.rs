@@ -35,7 +35,7 @@ use crate::{
     worker::{gate::Slot, Worker},
 };
 use body::Source;
-use inbound::Inbound;
+use inbound::{write_all_timed, Inbound};
 
 /// After answering a request whose body was not read in full (an early
 /// upstream answer, a refusal), the client may still be sending it; a
@@ -250,7 +250,7 @@ pub async fn serve_accepted(
         // holds 8.5 KiB of state, most of it the exchange, which a parked
         // connection gives back; a busy connection allocates it once per
         // burst, not per request.
-        let served = inbound::boxed(burst(
+        let served = Box::pin(burst(
             &worker,
             listener_index,
             client,
@@ -636,13 +636,9 @@ async fn read_head(
             // client's next request), and a new connection that needs this
             // one's slot closes it now (this one idle longest).
             let idle_here = worker.slots.register_idle();
-            // Its timer is made only if the process drains (inline, it
-            // would make the burst's future 128-byte aligned).
-            let mut grace: inbound::Timer = None;
             let drained = async {
                 worker.draining.wait().await;
-                let _ = inbound::within(&mut grace, DRAIN_IDLE_GRACE, std::future::pending::<()>())
-                    .await;
+                monoio::time::sleep(DRAIN_IDLE_GRACE).await;
             };
             let Client {
                 stream, inbound, ..
@@ -700,12 +696,7 @@ async fn park(worker: &Worker, stream: &Stream, left: Duration) -> bool {
     };
     let idle_here = worker.slots.register_idle();
     // One timer at a time (a monoio timer is 640 bytes of this future):
-    // the keep-alive wait, then, if the process drains, the grace. Inline,
-    // it makes the connection's future 128-byte aligned, a slow aligned
-    // allocation per connection (~1,000 instructions, see
-    // [`inbound::boxed`]); a pooled timer instead (tried) cost 0.4 KiB more
-    // per parked connection (`bench/scripts/idle-rss.sh 5000 paced`:
-    // 3.25 -> 3.63 KiB), and idle memory is the scarcer resource.
+    // the keep-alive wait, then, if the process drains, the grace.
     monoio::select! {
         ready = monoio::time::timeout(left, tcp.readable(false)) => return matches!(ready, Ok(Ok(()))),
         _ = idle_here.evicted() => return false,
@@ -908,9 +899,7 @@ pub(crate) async fn inject(
     let roll = |per_10k: u32| per_10k > 0 && worker.rng.below(10_000) < u64::from(per_10k);
     if roll(fault.delay_per_10k) {
         metrics::add(&worker.counters.http.faults_delayed, 1);
-        // Boxed: rare, and inline its timer would make every request's
-        // future 128-byte aligned (a slow allocation wherever it is boxed).
-        Box::pin(monoio::time::sleep(fault.delay)).await;
+        monoio::time::sleep(fault.delay).await;
     }
     roll(fault.abort_per_10k).then_some(fault.abort_status)
 }
@@ -990,8 +979,7 @@ async fn write_generated(
         answer.retry_after,
         &mut out,
     );
-    let (_, out) =
-        inbound::write_all_within(&mut client.writes, &mut client.stream, out, idle).await;
+    let (_, out) = write_all_timed(&mut client.stream, out, idle).await;
     worker.heads.give(out);
 }
 

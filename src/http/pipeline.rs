@@ -42,7 +42,7 @@ use monoio::net::TcpStream;
 use super::{
     body::{BodyError, Side},
     exchange::{head_failure, AttemptError, Condition, Failure, HeadRead},
-    inbound::{boxed, within_cell, write_all_within, Inbound, Timer},
+    inbound::{write_all_timed, Inbound},
 };
 use crate::{
     config::http::{HttpListener, RetryPolicy, Route, UpstreamProtocol},
@@ -174,7 +174,6 @@ pub async fn forward<D: Downstream>(
         idle,
         body_bytes_max: http.body_bytes_max,
         opened: std::cell::Cell::new(None),
-        timer: std::cell::Cell::new(None),
     };
     ctx.attempts(&req, down).await
 }
@@ -196,15 +195,6 @@ struct Ctx<'a> {
     /// How long the current attempt's new connection took to open (taken
     /// into the note when the attempt sends its request).
     opened: std::cell::Cell<Option<Duration>>,
-    /// Bounds the request's waits ([`Ctx::timed`]): one pooled timer
-    /// reused, not one inline in each wait's future.
-    timer: std::cell::Cell<Timer>,
-}
-
-impl Drop for Ctx<'_> {
-    fn drop(&mut self) {
-        self.worker.buffers.give_timer(self.timer.take());
-    }
 }
 
 /// Notes an upstream's response head.
@@ -232,14 +222,6 @@ enum UpConn {
 }
 
 impl Ctx<'_> {
-    /// Runs `f` for at most `limit` on the request's timer; Err(()) when
-    /// the time ran out. (An inline `monoio::time::timeout` would make the
-    /// request's future, and each boxed exchange, 128-byte aligned: a slow
-    /// aligned allocation for each box.)
-    async fn timed<F: std::future::Future>(&self, limit: Duration, f: F) -> Result<F::Output, ()> {
-        within_cell(&self.timer, &self.worker.buffers, limit, f).await
-    }
-
     fn generated(&self, reason: ErrorReason, detail: String) -> Failure {
         Failure::Generated {
             reason,
@@ -395,7 +377,10 @@ impl Ctx<'_> {
                     // Another request is connecting: its connection will
                     // likely have room for this one too.
                     Some(done) => {
-                        if self.timed(self.left(), done.wait()).await.is_err() {
+                        if monoio::time::timeout(self.left(), done.wait())
+                            .await
+                            .is_err()
+                        {
                             return Err(self.timeout_failure());
                         }
                     }
@@ -489,12 +474,10 @@ impl Ctx<'_> {
     ) -> Result<(), AttemptError> {
         // Each exchange is boxed: the request's own future (copied into
         // its task when spawned) stays small whichever version goes up.
-        // No timer inline in either ([`boxed`]): their waits go through
-        // the request's pooled timer ([`Ctx::timed`]).
         let conn = self.connect(ep).await?;
         down.note().connect = self.opened.take();
         match conn {
-            UpConn::H2(lease) => boxed(self.over_h2(ep, lease, req, down, may_retry)).await,
+            UpConn::H2(lease) => Box::pin(self.over_h2(ep, lease, req, down, may_retry)).await,
             UpConn::H1(stream, token) => {
                 if req.grpc {
                     // gRPC needs trailers and streaming both ways.
@@ -506,7 +489,7 @@ impl Ctx<'_> {
                         ),
                     )));
                 }
-                boxed(self.over_h1(ep, stream, token, req, down, may_retry)).await
+                Box::pin(self.over_h1(ep, stream, token, req, down, may_retry)).await
             }
         }
     }
@@ -602,7 +585,7 @@ impl Ctx<'_> {
             detail: format!("HTTP/2 upstream: {e}"),
         };
         let left = self.left();
-        send = match self.timed(left, send.ready()).await {
+        send = match monoio::time::timeout(left, send.ready()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(reset(e)),
             Err(_) => return Err(self.timeout_failure()),
@@ -614,19 +597,13 @@ impl Ctx<'_> {
         // The request body goes up while the response comes down (gRPC
         // streams both ways at once).
         let response = if end {
-            match race_cancel(down, self.timed(left, response)).await {
+            match race_cancel(down, monoio::time::timeout(left, response)).await {
                 Err(why) => return Err(AttemptError::Final(Failure::Cut(why))),
                 Ok(r) => r,
             }
         } else if let Some(mut h2_body) = down.take_h2_body() {
-            let pump = pump_h2(
-                &mut h2_body,
-                &mut up_body,
-                self.trailers,
-                self.idle,
-                &self.worker.buffers,
-            );
-            let head = self.timed(left, response);
+            let pump = pump_h2(&mut h2_body, &mut up_body, self.trailers, self.idle);
+            let head = monoio::time::timeout(left, response);
             futures_util::pin_mut!(pump, head);
             match futures_util::future::select(head, pump).await {
                 futures_util::future::Either::Left((r, pump)) => {
@@ -662,7 +639,7 @@ impl Ctx<'_> {
                 return Err(AttemptError::Final(Failure::from_request_body(e)));
             }
             self.body_sent();
-            self.timed(self.left(), response).await
+            monoio::time::timeout(self.left(), response).await
         };
         let resp = match response {
             Ok(Ok(resp)) => resp,
@@ -689,14 +666,13 @@ impl Ctx<'_> {
         up: &mut h2::SendStream<Bytes>,
     ) -> Result<(), BodyError> {
         let mut total = 0u64;
-        let mut timer = self.worker.buffers.lend_timer();
         while let Some(chunk) = down.body_chunk(self.idle).await? {
             total += chunk.len() as u64;
             if self.body_bytes_max.is_some_and(|max| total > max) {
                 return Err(BodyError::TooLarge);
             }
             let n = chunk.len();
-            send_h2_data(up, chunk, false, self.idle, &mut timer.timer)
+            send_h2_data(up, chunk, false, self.idle)
                 .await
                 .map_err(|e| BodyError::Io(Side::Upstream, e))?;
             down.release(n);
@@ -705,7 +681,7 @@ impl Ctx<'_> {
             Some(t) => up
                 .send_trailers(t)
                 .map_err(|e| BodyError::Io(Side::Upstream, io::Error::other(e))),
-            None => send_h2_data(up, Bytes::new(), true, self.idle, &mut timer.timer)
+            None => send_h2_data(up, Bytes::new(), true, self.idle)
                 .await
                 .map_err(|e| BodyError::Io(Side::Upstream, e)),
         }
@@ -763,7 +739,7 @@ impl Ctx<'_> {
             let mut flow = body.flow_control().clone();
             loop {
                 let next = monoio::select! {
-                    d = self.timed(self.idle, body.data()) => d,
+                    d = monoio::time::timeout(self.idle, body.data()) => d,
                     reason = down.cancelled() => {
                         return Err(format!("client reset the stream ({reason:?})"));
                     }
@@ -785,7 +761,7 @@ impl Ctx<'_> {
                     }
                 }
             }
-            let trailers = match self.timed(self.idle, body.trailers()).await {
+            let trailers = match monoio::time::timeout(self.idle, body.trailers()).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     down.reset(e.reason().unwrap_or(h2::Reason::INTERNAL_ERROR));
@@ -1058,7 +1034,7 @@ impl Ctx<'_> {
                 }
                 Either::Right((Ok(()), heads)) => {
                     self.body_sent();
-                    match self.timed(self.left(), heads).await {
+                    match monoio::time::timeout(self.left(), heads).await {
                         Ok(Ok((r, interims))) => Ok((r, interims, false)),
                         Ok(Err(e)) => Err(head_failure(self.worker, self.cluster, ep, e, true)),
                         Err(_) => Err(self.timeout_failure()),
@@ -1087,7 +1063,6 @@ impl Ctx<'_> {
     ) -> Result<(), BodyError> {
         let mut total = 0u64;
         let mut buf = self.worker.heads.take();
-        let mut timer = self.worker.buffers.lend_timer();
         let result = async {
             while let Some(chunk) = down.body_chunk(self.idle).await? {
                 if chunk.is_empty() {
@@ -1107,9 +1082,7 @@ impl Ctx<'_> {
                 } else {
                     buf.extend_from_slice(&chunk);
                 }
-                let (r, back) =
-                    write_all_within(&mut timer.timer, up, std::mem::take(&mut buf), self.idle)
-                        .await;
+                let (r, back) = write_all_timed(up, std::mem::take(&mut buf), self.idle).await;
                 buf = back;
                 r.map_err(|e| BodyError::Io(Side::Upstream, e))?;
                 down.release(chunk.len());
@@ -1118,9 +1091,7 @@ impl Ctx<'_> {
                 buf.clear();
                 let trailers = self.request_trailers(down).await?;
                 headers::write_last_chunk(trailers.as_ref(), self.trailers, &mut buf);
-                let (r, back) =
-                    write_all_within(&mut timer.timer, up, std::mem::take(&mut buf), self.idle)
-                        .await;
+                let (r, back) = write_all_timed(up, std::mem::take(&mut buf), self.idle).await;
                 buf = back;
                 r.map_err(|e| BodyError::Io(Side::Upstream, e))?;
             }
@@ -1197,7 +1168,6 @@ pub async fn send_h2_data(
     mut data: Bytes,
     end: bool,
     idle: Duration,
-    timer: &mut Timer,
 ) -> io::Result<()> {
     let to_io = |e: h2::Error| io::Error::other(e.to_string());
     if data.is_empty() {
@@ -1209,7 +1179,7 @@ pub async fn send_h2_data(
     }
     while !data.is_empty() {
         send.reserve_capacity(data.len());
-        let cap = super::inbound::within(timer, idle, poll_fn(|cx| send.poll_capacity(cx)))
+        let cap = monoio::time::timeout(idle, poll_fn(|cx| send.poll_capacity(cx)))
             .await
             .map_err(|_| super::inbound::timed_out())?;
         let cap = match cap {
@@ -1232,10 +1202,8 @@ async fn pump_h2(
     to: &mut h2::SendStream<Bytes>,
     policy: Trailers<'_>,
     idle: Duration,
-    buffers: &crate::worker::buffers::BufferPool,
 ) -> Result<(), BodyError> {
     let mut flow = from.flow_control().clone();
-    let mut timer = buffers.lend_timer();
     loop {
         // No idle bound while the client streams: gRPC streams may be
         // quiet for long; the client's own deadline and the route
@@ -1252,7 +1220,7 @@ async fn pump_h2(
             }
             Some(Ok(data)) => {
                 let n = data.len();
-                send_h2_data(to, data, false, idle, &mut timer.timer)
+                send_h2_data(to, data, false, idle)
                     .await
                     .map_err(|e| BodyError::Io(Side::Upstream, e))?;
                 let _ = flow.release_capacity(n);

@@ -34,7 +34,6 @@ use crate::{
     http::{
         body::{BodyError, Side},
         exchange::Failure,
-        inbound::{boxed, within, Timer},
         pipeline::{self, BodyKind, Downstream, Origin, Request},
     },
     metrics::{self, ErrorReason},
@@ -173,9 +172,7 @@ pub async fn serve(
                 // Boxed where it is made: the stream's future is several
                 // KiB (the whole request pipeline), and unboxed it was
                 // copied into the spawned block and again into the task.
-                // Its waits use pooled timers, so the box is a plain
-                // allocation, not an aligned one ([`boxed`]).
-                let task = boxed(stream_task(
+                let task = Box::pin(stream_task(
                     Rc::clone(&worker),
                     listener_index,
                     Rc::clone(&caller),
@@ -271,10 +268,6 @@ struct H2Down {
     note: Note,
     /// A `retry-after` for the generated answer (rate limits).
     retry_after: Option<u64>,
-    /// Bounds the stream's waits: pooled, given back when the stream
-    /// ends (inline timeouts would make the stream's future 128-byte
-    /// aligned, a slow allocation when it is boxed).
-    timer: Timer,
 }
 
 impl Downstream for H2Down {
@@ -287,7 +280,7 @@ impl Downstream for H2Down {
             return Ok(None);
         };
         loop {
-            return match within(&mut self.timer, idle, body.data()).await {
+            return match monoio::time::timeout(idle, body.data()).await {
                 Err(_) => Err(BodyError::Io(
                     Side::Downstream,
                     crate::http::inbound::timed_out(),
@@ -312,7 +305,7 @@ impl Downstream for H2Down {
         let Some(body) = self.body.as_mut() else {
             return Ok(None);
         };
-        match within(&mut self.timer, idle, body.trailers()).await {
+        match monoio::time::timeout(idle, body.trailers()).await {
             Err(_) => Err(BodyError::Io(
                 Side::Downstream,
                 crate::http::inbound::timed_out(),
@@ -368,7 +361,7 @@ impl Downstream for H2Down {
             // A body where the head said none (HEAD): dropped.
             return Ok(());
         }
-        pipeline::send_h2_data(send, data, false, self.idle, &mut self.timer).await
+        pipeline::send_h2_data(send, data, false, self.idle).await
     }
 
     async fn finish(&mut self, trailers: Option<HeaderMap>) -> io::Result<()> {
@@ -435,7 +428,6 @@ async fn stream_task(
         idle: listener.idle_timeout,
         note: Note::default(),
         retry_after: None,
-        timer: worker.buffers.take_timer(),
     };
     let target = parts
         .uri
@@ -472,7 +464,6 @@ async fn stream_task(
         &mut route,
     )
     .await;
-    worker.buffers.give_timer(down.timer.take());
     if let Some(code) = down.note.grpc_status {
         worker.counters.http.grpc_response(code);
     }
@@ -652,7 +643,7 @@ async fn handle(
     };
     if answered && !down.reset_by_client {
         if let Some(body) = down.body.as_mut() {
-            linger(body, &mut down.timer).await;
+            linger(body).await;
         }
     }
 }
@@ -664,12 +655,12 @@ async fn handle(
 /// expects. Dropped unread, h2 resets it (RST_STREAM NO_ERROR, which RFC
 /// 9113 §8.1 allows but curl 7.88 reports as an error): the HTTP/2 form of
 /// the lingering close HTTP/1.1 connections get.
-async fn linger(body: &mut RecvStream, timer: &mut Timer) {
+async fn linger(body: &mut RecvStream) {
     let deadline = Instant::now() + crate::http::LINGER_TIME;
     let mut left = crate::http::LINGER_BYTES_MAX;
     while !body.is_end_stream() {
         let wait = deadline.saturating_duration_since(Instant::now());
-        match within(timer, wait, body.data()).await {
+        match monoio::time::timeout(wait, body.data()).await {
             Ok(Some(Ok(data))) if data.len() <= left => {
                 left -= data.len();
                 let _ = body.flow_control().release_capacity(data.len());

@@ -220,12 +220,9 @@ async fn with_deadline<F>(timeout: Duration, f: F) -> Result<(), HandshakeError>
 where
     F: std::future::Future<Output = Result<(), HandshakeError>>,
 {
-    // Made per handshake (inline, it would make every future that
-    // handshakes 128-byte aligned; a handshake costs far more anyway).
-    let mut timer: crate::http::inbound::Timer = None;
-    match crate::http::inbound::within(&mut timer, timeout, f).await {
+    match monoio::time::timeout(timeout, f).await {
         Ok(r) => r,
-        Err(()) => Err(HandshakeError::Timeout(timeout)),
+        Err(_) => Err(HandshakeError::Timeout(timeout)),
     }
 }
 

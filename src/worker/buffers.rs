@@ -1,11 +1,7 @@
 //! A worker's pool of copy buffers, reused across connections.
 //!
-//! Also timers ([`crate::http::inbound::within`]): those that bound an
-//! upstream response's reads, which go with those buffers, and those that
-//! bound an HTTP/2 stream's waits. A timer kept inline in a future makes
-//! that future 128-byte aligned (monoio pads its entries to a cache line),
-//! and boxing or spawning it then takes glibc's slow aligned-allocation
-//! path; a pooled timer is a pointer.
+//! Also the timers that bound an upstream response's reads, which go with
+//! those buffers ([`crate::http::inbound::within`]).
 //!
 //! What must hold: every buffer handed out has capacity
 //! [`COPY_BUFFER_BYTES`]; at most [`COPY_BUFFER_POOL_MAX`] idle buffers
@@ -16,7 +12,7 @@ use std::{cell::RefCell, future::Future, pin::Pin};
 
 use crate::{
     config::limits::{COPY_BUFFER_BYTES, COPY_BUFFER_POOL_MAX},
-    http::inbound::{Inbound, Timer},
+    http::inbound::Inbound,
     http1::head::Head,
 };
 
@@ -59,17 +55,6 @@ impl BufferPool {
     pub fn give_inbound(&self, inbound: Inbound) {
         let (buf, timer) = inbound.into_parts();
         self.give(buf);
-        self.give_timer(timer);
-    }
-
-    /// A pooled timer, if there is one (else [`crate::http::inbound::within`]
-    /// makes one at its first use).
-    pub fn take_timer(&self) -> Timer {
-        self.timers.borrow_mut().pop()
-    }
-
-    /// Returns a timer for reuse (dropped if the pool is full).
-    pub fn give_timer(&self, timer: Timer) {
         let mut timers = self.timers.borrow_mut();
         if let Some(mut t) = timer.filter(|_| timers.len() < COPY_BUFFER_POOL_MAX) {
             // A timer keeps the waker it was last polled with, and a waker
@@ -82,29 +67,8 @@ impl BufferPool {
         }
     }
 
-    /// A pooled timer for a future that takes one by `&mut`, given back
-    /// when the guard is dropped (the future's end, or its cancellation).
-    pub fn lend_timer(&self) -> LentTimer<'_> {
-        LentTimer {
-            timer: self.take_timer(),
-            pool: self,
-        }
-    }
-
     pub fn idle_count(&self) -> usize {
         self.idle.borrow().len()
-    }
-}
-
-/// A timer lent by a [`BufferPool`]: see [`BufferPool::lend_timer`].
-pub struct LentTimer<'a> {
-    pub timer: Timer,
-    pool: &'a BufferPool,
-}
-
-impl Drop for LentTimer<'_> {
-    fn drop(&mut self) {
-        self.pool.give_timer(self.timer.take());
     }
 }
 
