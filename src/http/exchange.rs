@@ -515,7 +515,7 @@ impl Attempt<'_> {
         };
         let kind = RequestKind::of(self.req);
         let mut parser = ResponseParser::new(HeadLimits::default());
-        parser.spare = crate::http1::head::Spare::of(self.worker.heads.take_parsed());
+        parser.spare = self.worker.heads.take_parsed();
         let bodiless = matches!(self.req.body, RequestBody::Empty | RequestBody::Length(0));
         let result = match self.send_head(head, &mut up).await {
             Err(e) => Err(e),
@@ -537,7 +537,9 @@ impl Attempt<'_> {
                 }
             }
         };
-        self.worker.heads.give_parsed(parser.spare.take());
+        self.worker
+            .heads
+            .give_parsed(std::mem::take(&mut parser.spare));
         match result {
             Ok((next, reusable)) => {
                 let Upstream {

@@ -148,11 +148,6 @@ const SPARE_HEAD_FIELDS_MAX: usize = 32;
 pub struct Spare(Head);
 
 impl Spare {
-    /// `head`'s buffers as a spare (none if they are oversized).
-    pub fn of(head: Head) -> Self {
-        Self(head.into_spare().unwrap_or_default())
-    }
-
     /// Keeps `head`'s buffers instead, unless they are oversized.
     pub fn recycle(&mut self, head: Head) {
         if let Some(spare) = head.into_spare() {
@@ -163,6 +158,11 @@ impl Spare {
     /// The buffers kept (empty if none), leaving none.
     pub fn take(&mut self) -> Head {
         std::mem::take(&mut self.0)
+    }
+
+    /// Whether it keeps any buffer worth pooling.
+    pub fn holds_buffers(&self) -> bool {
+        self.0.bytes.capacity() > 0 || self.0.fields.capacity() > 0
     }
 }
 

@@ -13,7 +13,7 @@ use std::{cell::RefCell, future::Future, pin::Pin};
 use crate::{
     config::limits::{COPY_BUFFER_BYTES, COPY_BUFFER_POOL_MAX},
     http::inbound::Inbound,
-    http1::head::Head,
+    http1::head::Spare,
 };
 
 #[derive(Debug, Default)]
@@ -88,11 +88,11 @@ pub struct HeadBuffers {
     idle: RefCell<Vec<Vec<u8>>>,
     /// Buffers of parsed response heads, lent per exchange: parsing into
     /// them saves two allocations and two frees per response.
-    parsed: RefCell<Vec<Head>>,
+    parsed: RefCell<Vec<Spare>>,
 }
 
 /// Idle parsed-head buffers a worker keeps (each at most a few KiB, see
-/// [`Head::into_spare`]): as many as exchanges run at once on a busy core.
+/// [`crate::http1::head::Head::into_spare`]): as many as exchanges run at once on a busy core.
 pub const PARSED_HEAD_POOL_MAX: usize = 256;
 
 impl HeadBuffers {
@@ -117,19 +117,17 @@ impl HeadBuffers {
         }
     }
 
-    /// Empty buffers to parse a head into.
-    pub fn take_parsed(&self) -> Head {
+    /// Empty buffers to parse a head into (none if the pool is empty).
+    pub fn take_parsed(&self) -> Spare {
         self.parsed.borrow_mut().pop().unwrap_or_default()
     }
 
-    /// Returns a parsed head's buffers (dropped if oversized or the pool
-    /// is full).
-    pub fn give_parsed(&self, head: Head) {
+    /// Returns a parser's spare buffers (a spare is bounded already; one
+    /// that holds none, or one past a full pool, is dropped).
+    pub fn give_parsed(&self, spare: Spare) {
         let mut parsed = self.parsed.borrow_mut();
-        if parsed.len() < PARSED_HEAD_POOL_MAX {
-            if let Some(spare) = head.into_spare() {
-                parsed.push(spare);
-            }
+        if parsed.len() < PARSED_HEAD_POOL_MAX && spare.holds_buffers() {
+            parsed.push(spare);
         }
     }
 }
@@ -144,7 +142,7 @@ pub struct PooledParser<'a> {
 impl<'a> PooledParser<'a> {
     pub fn new(limits: crate::http1::HeadLimits, heads: &'a HeadBuffers) -> Self {
         let mut parser = crate::http1::RequestParser::new(limits);
-        parser.spare = crate::http1::head::Spare::of(heads.take_parsed());
+        parser.spare = heads.take_parsed();
         Self { parser, heads }
     }
 }
@@ -164,7 +162,8 @@ impl std::ops::DerefMut for PooledParser<'_> {
 
 impl Drop for PooledParser<'_> {
     fn drop(&mut self) {
-        self.heads.give_parsed(self.parser.spare.take());
+        self.heads
+            .give_parsed(std::mem::take(&mut self.parser.spare));
     }
 }
 
